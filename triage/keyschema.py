@@ -1,0 +1,88 @@
+"""The Redis load-store contract between sidecars and routers: the one owner of key names.
+
+Documented in ``redis/SCHEMA.md``. (The folder ``redis/`` holds the config, the doc and the Lua
+scripts; this module lives in ``triage/`` because a Python package named ``redis`` would shadow
+redis-py.)
+
+Keys, all under a prefix (default ``triage:``):
+
+* ``replica:{id}`` hash, written by the replica's sidecar every poll, ``PEXPIRE`` 4 × interval;
+  fields are those of ``ReplicaState``. Missing or expired means "unknown".
+* ``model:{name}:replicas`` set of replica ids serving the model (membership).
+* ``inflight:{id}`` integer: requests reserved on the replica by all proxies, not yet finished.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+DEFAULT_PREFIX = "triage:"
+TTL_POLLS = 4  # replica hash lives for this many poll intervals
+
+
+@dataclass(frozen=True)
+class KeySchema:
+    prefix: str = DEFAULT_PREFIX
+
+    def replica(self, replica_id: str) -> str:
+        return f"{self.prefix}replica:{replica_id}"
+
+    def model_replicas(self, model: str) -> str:
+        return f"{self.prefix}model:{model}:replicas"
+
+    def inflight(self, replica_id: str) -> str:
+        return f"{self.prefix}inflight:{replica_id}"
+
+
+HealthState = Literal["healthy", "suspect", "unhealthy"]
+
+
+class ReplicaState(BaseModel):
+    """One replica's published load: the fields of the ``replica:{id}`` hash.
+
+    No prompt text or user data ever goes here: only counts, rates and identities.
+    """
+
+    replica_id: str
+    model: str
+    api_base: str
+    waiting: int = Field(ge=0, description="queued, not executing (engine queue + Triton queue)")
+    active: int = Field(ge=0, description="sequences executing in the engine's batch")
+    max_active: int = Field(ge=1, description="engine batch slots (C_i)")
+    kv_fraction: float = Field(ge=0.0, le=1.0, description="KV-cache blocks used / max")
+    service_ms: float | None = Field(
+        default=None, ge=0.0, description="mean request service time over the window (s_i)"
+    )
+    drain_rps: float | None = Field(default=None, ge=0.0, description="completions per second")
+    healthy: bool
+    state: HealthState
+    source: Literal["trtllm", "triton"] = Field(
+        description="trtllm: nv_trt_llm_* gauges; triton: nv_inference_pending_request_count"
+    )
+    ts_ms: int = Field(description="publish time, ms since the epoch")
+    sample_ts_ms: int = Field(description="time of the last successful poll, ms since the epoch")
+
+    def to_redis(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for name, value in self.model_dump().items():
+            if value is None:
+                out[name] = ""
+            elif isinstance(value, bool):
+                out[name] = "1" if value else "0"
+            else:
+                out[name] = str(value)
+        return out
+
+    @classmethod
+    def from_redis(cls, raw: dict[bytes | str, bytes | str]) -> ReplicaState:
+        data = {
+            (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+            for k, v in raw.items()
+        }
+        cleaned: dict[str, object] = {k: (None if v == "" else v) for k, v in data.items()}
+        if "healthy" in cleaned:
+            cleaned["healthy"] = cleaned["healthy"] == "1"
+        return cls.model_validate(cleaned)
