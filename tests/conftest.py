@@ -25,3 +25,8 @@ def redis_server(workdir: Path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Integration tests (real processes) run after the fast unit tests."""
+    items.sort(key=lambda item: item.get_closest_marker("integration") is not None)

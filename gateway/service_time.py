@@ -1,0 +1,45 @@
+"""Mean service time and drain rate from cumulative counters over a sliding window."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ServiceTimeWindow:
+    """Feed (time, cumulative duration µs, cumulative completions); read the window's means.
+
+    ``service_ms`` = Δduration / Δcompleted over the last ``window_s`` seconds (kept from the
+    previous window while nothing completes, so an idle replica keeps its measured speed);
+    ``drain_rps`` = Δcompleted / Δt. A counter that goes down (server restart) resets the window.
+    """
+
+    window_s: float = 10.0
+    samples: deque[tuple[float, float, float]] = field(default_factory=deque)
+    last_service_ms: float | None = None
+
+    def add(self, t: float, duration_us: float, completed: float) -> None:
+        if self.samples and (
+            duration_us < self.samples[-1][1] or completed < self.samples[-1][2]
+        ):
+            self.samples.clear()
+        self.samples.append((t, duration_us, completed))
+        while len(self.samples) > 2 and self.samples[1][0] <= t - self.window_s:
+            self.samples.popleft()
+        first, last = self.samples[0], self.samples[-1]
+        done = last[2] - first[2]
+        if done > 0:
+            self.last_service_ms = (last[1] - first[1]) / done / 1000.0
+
+    @property
+    def service_ms(self) -> float | None:
+        return self.last_service_ms
+
+    @property
+    def drain_rps(self) -> float | None:
+        if len(self.samples) < 2:
+            return None
+        first, last = self.samples[0], self.samples[-1]
+        elapsed = last[0] - first[0]
+        return (last[2] - first[2]) / elapsed if elapsed > 0 else None

@@ -1,0 +1,265 @@
+"""The load sidecar: one per Triton replica; polls its metrics and publishes load to Redis.
+
+Run: ``triage sidecar --replica-id r1 --model standin --triton-url http://127.0.0.1:8000 ...``
+(every flag also reads ``TRIAGE_SIDECAR_<NAME>``). Serves ``/healthz`` and ``/metrics``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sys
+import time
+from collections.abc import AsyncIterator, Sequence
+
+import httpx
+import uvicorn
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_asgi_app
+from pydantic import ValidationError
+from pydantic_settings import CliApp
+from redis import asyncio as aioredis
+from redis.exceptions import RedisError
+
+from gateway.health import HealthDebounce
+from gateway.service_time import ServiceTimeWindow
+from gateway.sidecar_settings import SidecarSettings
+from gateway.triton_metrics import EngineSample, parse_engine_sample
+from triage.keyschema import KeySchema, ReplicaState
+
+log = logging.getLogger("triage.sidecar")
+
+
+class SidecarMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.poll_seconds = Histogram(
+            "triage_sidecar_poll_seconds",
+            "Time to poll Triton (metrics and readiness)",
+            registry=registry,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+        )
+        self.poll_failures = Counter(
+            "triage_sidecar_poll_failures", "Polls that failed", registry=registry
+        )
+        self.publish_failures = Counter(
+            "triage_sidecar_publish_failures", "Redis publishes that failed", registry=registry
+        )
+        self.last_publish = Gauge(
+            "triage_sidecar_last_publish_timestamp_seconds",
+            "Unix time of the last successful publish to Redis",
+            registry=registry,
+        )
+        self.published = Gauge(
+            "triage_sidecar_published",
+            "Last values published to Redis",
+            ["field"],
+            registry=registry,
+        )
+
+
+class Sidecar:
+    def __init__(
+        self,
+        settings: SidecarSettings,
+        redis_client: aioredis.Redis,
+        http: httpx.AsyncClient,
+        metrics: SidecarMetrics,
+    ) -> None:
+        self.settings = settings
+        self.redis = redis_client
+        self.http = http
+        self.metrics = metrics
+        self.keys = KeySchema(settings.key_prefix)
+        self.health = HealthDebounce(threshold=settings.unhealthy_after)
+        self.window = ServiceTimeWindow(window_s=settings.service_window_s)
+        self.last_sample: EngineSample | None = None
+        self.last_sample_ms = 0
+        self.last_publish_monotonic: float | None = None
+        self.last_state: ReplicaState | None = None
+        self._redis_error_logged_at = 0.0
+
+    async def sample(self) -> EngineSample:
+        s = self.settings
+        assert s.metrics_url is not None and s.engine_model is not None
+        ready, text = await asyncio.gather(
+            self.http.get(f"{s.triton_url}/v2/models/{s.model}/ready"),
+            self.http.get(s.metrics_url),
+        )
+        if ready.status_code != 200:
+            raise RuntimeError(f"model {s.model} not ready (HTTP {ready.status_code})")
+        text.raise_for_status()
+        return parse_engine_sample(text.text, s.model, s.engine_model, s.counter_pairs)
+
+    async def poll_once(self) -> ReplicaState:
+        s = self.settings
+        before = self.health.state
+        started = time.perf_counter()
+        try:
+            sample = await self.sample()
+        except (httpx.HTTPError, RuntimeError, ValueError) as exc:
+            self.metrics.poll_failures.inc()
+            state = self.health.observe(False)
+            level = logging.WARNING if state != before else logging.DEBUG
+            log.log(level, "replica %s poll failed (%s, %d in a row): %s", s.replica_id, state,
+                    self.health.consecutive_failures, exc)
+        else:
+            self.health.observe(True)
+            self.last_sample = sample
+            self.last_sample_ms = int(time.time() * 1000)
+            if sample.duration_us is not None and sample.completed is not None:
+                self.window.add(time.monotonic(), sample.duration_us, sample.completed)
+            if before != "healthy":
+                log.info("replica %s healthy (was %s)", s.replica_id, before)
+        finally:
+            self.metrics.poll_seconds.observe(time.perf_counter() - started)
+        state = self.current_state()
+        await self.publish(state)
+        return state
+
+    def current_state(self) -> ReplicaState:
+        s = self.settings
+        sample = self.last_sample
+        max_active = s.max_active or (sample.max_active if sample else None) or 1
+        return ReplicaState(
+            replica_id=s.replica_id,
+            model=s.model,
+            api_base=s.api_base or s.triton_url,
+            waiting=sample.waiting if sample else 0,
+            active=sample.active if sample else 0,
+            max_active=max_active,
+            kv_fraction=sample.kv_fraction if sample else 0.0,
+            service_ms=self.window.service_ms,
+            drain_rps=self.window.drain_rps,
+            healthy=self.health.healthy,
+            state=self.health.state,
+            source=sample.source if sample else "triton",
+            ts_ms=int(time.time() * 1000),
+            sample_ts_ms=self.last_sample_ms,
+        )
+
+    async def publish(self, state: ReplicaState) -> None:
+        s = self.settings
+        try:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                key = self.keys.replica(s.replica_id)
+                pipe.hset(key, mapping=state.to_redis())
+                pipe.pexpire(key, s.ttl_ms)
+                pipe.sadd(self.keys.model_replicas(s.model), s.replica_id)
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            self.metrics.publish_failures.inc()
+            now = time.monotonic()
+            if now - self._redis_error_logged_at > 5.0:  # once per interval, not per poll
+                self._redis_error_logged_at = now
+                log.warning("replica %s: publish to Redis failed: %s", s.replica_id, exc)
+            return
+        self.last_state = state
+        self.last_publish_monotonic = time.monotonic()
+        self.metrics.last_publish.set(time.time())
+        for name in ("waiting", "active", "max_active", "kv_fraction"):
+            self.metrics.published.labels(name).set(getattr(state, name))
+        self.metrics.published.labels("healthy").set(1 if state.healthy else 0)
+        if state.service_ms is not None:
+            self.metrics.published.labels("service_ms").set(state.service_ms)
+
+    async def run(self) -> None:
+        """Poll at a fixed rate (the next poll is due one interval after the last was due)."""
+        interval = self.settings.poll_interval_ms / 1000.0
+        next_due = time.monotonic()
+        while True:
+            await self.poll_once()
+            next_due += interval
+            delay = next_due - time.monotonic()
+            if delay < 0:  # fell behind: skip missed ticks instead of bursting
+                next_due = time.monotonic()
+                delay = 0
+            await asyncio.sleep(delay)
+
+    async def withdraw(self) -> None:
+        """On a clean stop: drop the hash at once so routers see "unknown", not stale load."""
+        try:
+            await self.redis.delete(self.keys.replica(self.settings.replica_id))
+        except (RedisError, OSError) as exc:
+            log.warning("replica %s: could not withdraw from Redis: %s",
+                        self.settings.replica_id, exc)
+
+    def publish_age_s(self) -> float | None:
+        if self.last_publish_monotonic is None:
+            return None
+        return time.monotonic() - self.last_publish_monotonic
+
+
+def create_app(settings: SidecarSettings) -> FastAPI:
+    registry = CollectorRegistry()
+    metrics = SidecarMetrics(registry)
+    holder: dict[str, Sidecar] = {}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        timeout = settings.poll_timeout_ms / 1000.0
+        redis_client = aioredis.Redis.from_url(
+            settings.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout
+        )
+        async with httpx.AsyncClient(timeout=timeout) as http:
+            sidecar = Sidecar(settings, redis_client, http, metrics)
+            holder["sidecar"] = sidecar
+            task = asyncio.create_task(sidecar.run(), name="sidecar-poll")
+            log.info("sidecar for replica %s polling %s every %d ms, publishing to %s",
+                     settings.replica_id, settings.metrics_url, settings.poll_interval_ms,
+                     settings.redis_url.split("@")[-1])
+            try:
+                yield
+            finally:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                await sidecar.withdraw()
+                await redis_client.aclose()
+
+    app = FastAPI(title="triage sidecar", lifespan=lifespan)
+    app.mount("/metrics", make_asgi_app(registry))
+
+    @app.get("/healthz")
+    async def healthz() -> JSONResponse:
+        sidecar = holder.get("sidecar")
+        age = sidecar.publish_age_s() if sidecar else None
+        fresh = age is not None and age * 1000 < settings.ttl_ms
+        body = {
+            "replica_id": settings.replica_id,
+            "publishing": fresh,
+            "publish_age_s": age,
+            "replica_state": sidecar.health.state if sidecar else "unhealthy",
+        }
+        return JSONResponse(body, status_code=200 if fresh else 503)
+
+    return app
+
+
+def load_settings(argv: Sequence[str]) -> SidecarSettings:
+    return CliApp.run(SidecarSettings, cli_args=list(argv))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        settings = load_settings(sys.argv[1:] if argv is None else argv)
+    except ValidationError as exc:
+        for err in exc.errors():
+            field = ".".join(str(p) for p in err["loc"]) or "settings"
+            print(f"triage sidecar: invalid setting {field}: {err['msg']}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    config = uvicorn.Config(
+        create_app(settings), host=settings.host, port=settings.port,
+        log_level=settings.log_level, access_log=False,
+    )
+    uvicorn.Server(config).run()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

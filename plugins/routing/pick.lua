@@ -1,0 +1,152 @@
+-- Atomic pick-and-reserve: the Redis mirror of plugins/routing/policy.py (`choose`).
+--
+-- KEYS[1..N]     replica:{id} hashes of the N candidates
+-- KEYS[N+1..2N]  inflight:{id} counters, same candidate order
+-- ARGV           N, tiebreak, stale_after_ms, kv_threshold, kv_weight, unknown_score,
+--                default_service_ms, then the N replica ids
+--
+-- Returns {chosen_index (1-based), new inflight value, score as a "%.17g" string},
+-- or {0} when no candidate is eligible (all unhealthy, or N = 0).
+--
+-- Every number is a double (Lua 5.1). The arithmetic follows policy.py step by step in the
+-- same order, so both compute bit-identical scores (see policy.py's docstring). The score is
+-- returned as a string because Redis truncates Lua numbers to integers in replies, and with
+-- %.17g because tostring() keeps only 14 significant digits.
+
+local n = tonumber(ARGV[1])
+local tiebreak = tonumber(ARGV[2])
+local stale_after_ms = tonumber(ARGV[3])
+local kv_threshold = tonumber(ARGV[4])
+local kv_weight = tonumber(ARGV[5])
+local unknown_score = tonumber(ARGV[6])
+local default_service_ms = tonumber(ARGV[7])
+
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+
+-- A number from a hash field; nil for missing (false), empty, garbage or nan.
+local function num(v)
+  if not v or v == '' then
+    return nil
+  end
+  local x = tonumber(v)
+  if x == nil or x ~= x then
+    return nil
+  end
+  return x
+end
+
+-- A finite whole number, else nil (the hash's integer fields).
+local function int(v)
+  local x = num(v)
+  if x == nil or x == math.huge or x == -math.huge or x ~= math.floor(x) then
+    return nil
+  end
+  return x
+end
+
+-- The replica's state, or nil when the hash is missing or invalid (= unknown). Mirrors the
+-- validation of ReplicaState for the fields read here.
+local function parse(h)
+  local waiting, active, max_active = int(h[1]), int(h[2]), int(h[3])
+  local kv, ts = num(h[4]), int(h[7])
+  if waiting == nil or active == nil or max_active == nil or kv == nil or ts == nil then
+    return nil
+  end
+  if h[6] == false then -- healthy missing (an empty value reads as unhealthy, as in Python)
+    return nil
+  end
+  if waiting < 0 or active < 0 or max_active < 1 or kv < 0 or kv > 1 then
+    return nil
+  end
+  local service = nil
+  if h[5] and h[5] ~= '' then
+    service = num(h[5])
+    if service == nil or service < 0 then
+      return nil
+    end
+  end
+  return {
+    waiting = waiting,
+    active = active,
+    max_active = max_active,
+    kv = kv,
+    service = service,
+    healthy = (h[6] == '1'),
+    ts = ts,
+  }
+end
+
+local states, fresh, inflight = {}, {}, {}
+for i = 1, n do
+  local s = parse(redis.call('HMGET', KEYS[i], 'waiting', 'active', 'max_active',
+    'kv_fraction', 'service_ms', 'healthy', 'ts_ms'))
+  states[i] = s
+  fresh[i] = (s ~= nil) and (s.ts >= now_ms - stale_after_ms)
+  inflight[i] = tonumber(redis.call('GET', KEYS[n + i])) or 0
+end
+
+-- Effective service time: own when known (fresh, present, > 0), else the mean of the known.
+local total, count = 0, 0
+for i = 1, n do
+  if fresh[i] and states[i].service ~= nil and states[i].service > 0 then
+    total = total + states[i].service
+    count = count + 1
+  end
+end
+local fallback = default_service_ms
+if count > 0 then
+  fallback = total / count
+end
+
+local best, best_inflight, tied = nil, nil, {}
+local scores = {}
+for i = 1, n do
+  local s = states[i]
+  local score
+  if not fresh[i] then
+    score = unknown_score + inflight[i]
+  elseif not s.healthy then
+    score = math.huge
+  else
+    local service = fallback
+    if s.service ~= nil and s.service > 0 then
+      service = s.service
+    end
+    local load = math.max(inflight[i], s.active + s.waiting)
+    local excess = math.max(0, s.kv - kv_threshold)
+    local kv_penalty = 1 + kv_weight * excess / (1 - kv_threshold)
+    score = (load + 1) * service / s.max_active * kv_penalty
+  end
+  scores[i] = score
+  if score < math.huge then
+    if best == nil or score < best or (score == best and inflight[i] < best_inflight) then
+      best, best_inflight, tied = score, inflight[i], { i }
+    elseif score == best and inflight[i] == best_inflight then
+      tied[#tied + 1] = i
+    end
+  end
+end
+
+if best == nil then
+  return { 0 }
+end
+
+-- Byte-wise order of the replica ids (Python sorts str by code point = UTF-8 byte order;
+-- Lua's `<` on strings uses strcoll, which depends on the server's locale).
+local function bytes_less(a, b)
+  local la, lb = #a, #b
+  for k = 1, math.min(la, lb) do
+    local ca, cb = string.byte(a, k), string.byte(b, k)
+    if ca ~= cb then
+      return ca < cb
+    end
+  end
+  return la < lb
+end
+table.sort(tied, function(x, y) return bytes_less(ARGV[7 + x], ARGV[7 + y]) end)
+
+-- fmod is exact for whole doubles (tiebreak < 2^53, checked by the caller).
+local chosen = tied[math.fmod(tiebreak, #tied) + 1]
+local now_inflight = redis.call('INCR', KEYS[n + chosen])
+return { chosen, now_inflight, string.format('%.17g', scores[chosen]) }

@@ -1,0 +1,165 @@
+"""The routing policy: one set of pure functions (no I/O), mirrored by ``pick.lua``.
+
+A replica's score estimates the **expected completion time** of one more request on it
+(shortest expected delay; lower is better)::
+
+    n          = max(inflight, active + waiting)        # reserved by proxies vs seen by the engine
+    C          = max_active                             # engine batch slots
+    s          = service_ms (or the candidates' mean, or default_service_ms)
+    kv_penalty = 1 + kv_weight * max(0, kv_fraction - kv_threshold) / (1 - kv_threshold)
+    score      = (n + 1) * s / C * kv_penalty
+
+* A replica with no state (missing or expired hash) or a stale one (``ts_ms`` older than
+  ``now_ms - stale_after_ms``) is *unknown*: ``score = unknown_score + inflight``. Unknowns stay
+  usable (spread among themselves by in-flight count) but lose to any known healthy replica
+  whose score is below ``unknown_score``. A stale hash is unknown even if it says unhealthy: the
+  health flag is as old as the counts.
+* A fresh, unhealthy replica scores ``math.inf`` and is never chosen.
+* ``choose`` takes the lowest score; among exactly equal scores the fewest in-flight; among those
+  still tied, the replica ids sorted by code point (= UTF-8 byte order) and index
+  ``tiebreak % len(tied)``, so a random ``tiebreak`` from the caller spreads ties.
+
+Bit-identical with Lua
+----------------------
+``pick.lua`` runs the same policy inside Redis (Lua 5.1, every number an IEEE double), and a
+property test asserts both choose the same replica with the same score, compared with ``==``.
+For that, the arithmetic here is written in one fixed order, each step a single double
+operation that Lua performs identically:
+
+* ``kv_penalty = 1.0 + ((kv_weight * excess) / (1.0 - kv_threshold))`` with
+  ``excess = max(0.0, kv_fraction - kv_threshold)``;
+* ``score = (((n + 1) * service_ms) / max_active) * kv_penalty`` (the integers ``n + 1`` and
+  ``max_active`` are exact as doubles);
+* unknown: ``unknown_score + inflight``;
+* the mean service time is a left-to-right running sum divided by the count (not ``sum()``,
+  whose float algorithm differs across Python versions, nor ``statistics.mean``);
+* floats travel as shortest round-trip decimal strings (``repr``; Redis parses them with
+  ``strtod``) and the score comes back as ``%.17g``, so no value is rounded on the way.
+
+Integer fields are compared as integers; ``now_ms`` is Redis ``TIME`` in whole milliseconds.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from triage.keyschema import ReplicaState
+
+Candidate = tuple[str, ReplicaState | None, int]
+"""(replica_id, published state or None when missing/invalid, in-flight reservations)."""
+
+
+@dataclass(frozen=True)
+class PolicyParams:
+    """Knobs of the policy. Defaults suit a sidecar polling every 250 ms."""
+
+    stale_after_ms: int = 1000
+    """A hash whose ``ts_ms`` is older than ``now_ms - stale_after_ms`` is unknown."""
+    kv_threshold: float = 0.8
+    """KV-cache fraction above which the penalty starts (0 <= threshold < 1)."""
+    kv_weight: float = 1.0
+    """Penalty added at a full KV cache: the score is multiplied by ``1 + kv_weight``."""
+    unknown_score: float = 1e9
+    """Base score of an unknown replica: usable, never preferred over a known healthy one."""
+    default_service_ms: float = 1.0
+    """Service time used when no candidate publishes one (then only counts matter)."""
+
+    def __post_init__(self) -> None:
+        if self.stale_after_ms < 0:
+            raise ValueError(f"stale_after_ms must be >= 0, got {self.stale_after_ms}")
+        if not 0.0 <= self.kv_threshold < 1.0:
+            raise ValueError(f"kv_threshold must be in [0, 1), got {self.kv_threshold}")
+        if not (math.isfinite(self.kv_weight) and self.kv_weight >= 0.0):
+            raise ValueError(f"kv_weight must be finite and >= 0, got {self.kv_weight}")
+        if not math.isfinite(self.unknown_score):
+            raise ValueError(f"unknown_score must be finite, got {self.unknown_score}")
+        if not (math.isfinite(self.default_service_ms) and self.default_service_ms > 0.0):
+            raise ValueError(
+                f"default_service_ms must be finite and > 0, got {self.default_service_ms}"
+            )
+
+
+def is_fresh(state: ReplicaState | None, params: PolicyParams, now_ms: int) -> bool:
+    """True when the state is present and not older than ``params.stale_after_ms``."""
+    return state is not None and state.ts_ms >= now_ms - params.stale_after_ms
+
+
+def score(
+    state: ReplicaState | None,
+    inflight: int,
+    service_ms: float,
+    params: PolicyParams,
+    now_ms: int,
+) -> float:
+    """Expected completion time of one more request on the replica; lower is better.
+
+    ``service_ms`` is the replica's effective service time (see ``effective_service_ms``).
+    Unknown (None or stale) → ``unknown_score + inflight``; unhealthy → ``math.inf``.
+    """
+    if state is None or not is_fresh(state, params, now_ms):
+        return params.unknown_score + inflight
+    if not state.healthy:
+        return math.inf
+    n = max(inflight, state.active + state.waiting)
+    excess = max(0.0, state.kv_fraction - params.kv_threshold)
+    kv_penalty = 1.0 + params.kv_weight * excess / (1.0 - params.kv_threshold)
+    return (n + 1) * service_ms / state.max_active * kv_penalty
+
+
+def _own_service_ms(state: ReplicaState | None, params: PolicyParams, now_ms: int) -> float | None:
+    """The replica's published service time when usable (fresh, present, > 0), else None."""
+    if state is None or not is_fresh(state, params, now_ms):
+        return None
+    if state.service_ms is None or not state.service_ms > 0.0:
+        return None
+    return state.service_ms
+
+
+def effective_service_ms(
+    states: Sequence[ReplicaState | None], params: PolicyParams, now_ms: int
+) -> list[float]:
+    """Per candidate: its own ``service_ms`` when known (fresh, not None, > 0), else the mean
+    of the known ones among the candidates, else ``params.default_service_ms``."""
+    own = [_own_service_ms(state, params, now_ms) for state in states]
+    total = 0.0
+    count = 0
+    for value in own:  # a plain running sum, in candidate order, as pick.lua does
+        if value is not None:
+            total = total + value
+            count = count + 1
+    fallback = total / count if count > 0 else params.default_service_ms
+    return [fallback if value is None else value for value in own]
+
+
+def scores(candidates: Sequence[Candidate], params: PolicyParams, now_ms: int) -> list[float]:
+    """The score of every candidate, in order (``math.inf`` = excluded)."""
+    service = effective_service_ms([state for _, state, _ in candidates], params, now_ms)
+    return [
+        score(state, inflight, s, params, now_ms)
+        for (_, state, inflight), s in zip(candidates, service, strict=True)
+    ]
+
+
+def choose(
+    candidates: Sequence[Candidate], params: PolicyParams, now_ms: int, tiebreak: int
+) -> str | None:
+    """The replica id to send the next request to, or None if no candidate is eligible.
+
+    Lowest score; among exactly equal scores the fewest in-flight; among those, the ids in
+    sorted order and index ``tiebreak % len(tied)``.
+    """
+    ranked = scores(candidates, params, now_ms)
+    eligible = [
+        (s, inflight, replica_id)
+        for (replica_id, _, inflight), s in zip(candidates, ranked, strict=True)
+        if s < math.inf  # excludes inf (unhealthy) and, defensively, nan
+    ]
+    if not eligible:
+        return None
+    best = min(s for s, _, _ in eligible)
+    tied = [(inflight, replica_id) for s, inflight, replica_id in eligible if s == best]
+    fewest = min(inflight for inflight, _ in tied)
+    names = sorted(replica_id for inflight, replica_id in tied if inflight == fewest)
+    return names[tiebreak % len(names)]

@@ -1,0 +1,177 @@
+"""The CPU stand-in on a real tritonserver: the wire format, LLM-like timing, overflow codes."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from google.protobuf import text_format
+
+from gateway.triton_launcher import (
+    StandinSettings,
+    TritonServer,
+    read_model_config,
+    start_standin_replica,
+    write_standin_repository,
+)
+from triage.paths import STANDIN_REPOSITORY
+
+pytestmark = pytest.mark.integration
+
+MODEL = "standin"
+
+
+def generate(server: TritonServer, max_tokens: int, text: str = "hello there", **extra: object):
+    return httpx.post(
+        f"{server.http_url}/v2/models/{MODEL}/generate",
+        json={"text_input": text, "max_tokens": max_tokens, **extra},
+        timeout=60,
+    )
+
+
+@pytest.fixture(scope="module")
+def fast(workdir: Path) -> Iterator[TritonServer]:
+    server = start_standin_replica("fast", StandinSettings(decode_ms_per_token=10), workdir)
+    yield server
+    server.stop()
+
+
+def test_repository_config_is_valid_triton_protobuf(tmp_path: Path) -> None:
+    config = read_model_config(STANDIN_REPOSITORY / MODEL / "config.pbtxt")
+    assert config.model_transaction_policy.decoupled
+    assert {i.name for i in config.input} >= {"text_input", "max_tokens", "stream"}
+    write_standin_repository(StandinSettings(speed=0.5, triton_queue_size=3), tmp_path)
+    written = text_format.Parse(
+        (tmp_path / MODEL / "config.pbtxt").read_text(), type(config)()
+    )
+    assert written.parameters["speed"].string_value == "0.5"
+    assert written.dynamic_batching.default_queue_policy.max_queue_size == 3
+
+
+def test_generate_returns_text_with_requested_length(fast: TritonServer) -> None:
+    response = generate(fast, 7)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model_name"] == MODEL
+    assert len(body["text_output"].split()) == 7
+    again = generate(fast, 7)
+    assert again.json()["text_output"] == body["text_output"]  # deterministic per prompt
+
+
+def test_optional_sampling_inputs_are_accepted(fast: TritonServer) -> None:
+    response = generate(
+        fast, 4, temperature=0.7, top_p=0.9, top_k=5, random_seed=42, stop_words=["zzz"]
+    )
+    assert response.status_code == 200, response.text
+
+
+def test_generate_stream_sends_one_event_per_token(fast: TritonServer) -> None:
+    events = []
+    with httpx.stream(
+        "POST",
+        f"{fast.http_url}/v2/models/{MODEL}/generate_stream",
+        json={"text_input": "hi", "max_tokens": 5, "stream": True},
+        timeout=30,
+    ) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[6:])
+    assert len(events) == 5
+    assert all('"text_output"' in e for e in events)
+
+
+def test_bad_request_is_400(fast: TritonServer) -> None:
+    response = generate(fast, 0)
+    assert response.status_code == 400
+    assert "max_tokens" in response.json()["error"]
+
+
+def test_trtllm_metrics_published(fast: TritonServer) -> None:
+    text = httpx.get(fast.metrics_url).text
+    assert 'nv_trt_llm_request_metrics{model="standin",request_type="max",version="1"} 4' in text
+    assert 'kv_cache_block_type="fraction"' in text
+    assert "triage_request_duration_us" in text
+
+
+def test_per_token_latency_grows_with_batch(fast: TritonServer) -> None:
+    start = time.perf_counter()
+    generate(fast, 40)
+    alone = time.perf_counter() - start
+    with cf.ThreadPoolExecutor(4) as pool:
+        start = time.perf_counter()
+        list(pool.map(lambda _: generate(fast, 40), range(4)))
+        batched = time.perf_counter() - start
+    # 4 sequences in one batch: 1 + 0.05 * 3 = 1.15x per step, far from 4x (no batching)
+    assert alone * 1.05 < batched < alone * 2.0, (alone, batched)
+
+
+def test_speed_factor_half_takes_about_twice_as_long(workdir: Path, fast: TritonServer) -> None:
+    slow = start_standin_replica(
+        "slow", StandinSettings(decode_ms_per_token=10, speed=0.5), workdir
+    )
+    try:
+        def timed(server: TritonServer) -> float:
+            start = time.perf_counter()
+            assert generate(server, 30).status_code == 200
+            return time.perf_counter() - start
+
+        fast_t = min(timed(fast) for _ in range(3))
+        slow_t = min(timed(slow) for _ in range(3))
+        assert 1.6 < slow_t / fast_t < 2.5, (fast_t, slow_t)
+    finally:
+        slow.stop()
+
+
+def _burst(server: TritonServer, n: int, max_tokens: int) -> list[httpx.Response]:
+    with cf.ThreadPoolExecutor(n) as pool:
+        return list(pool.map(lambda _: generate(server, max_tokens), range(n)))
+
+
+def test_engine_queue_overflow_carries_the_trtllm_executor_message(workdir: Path) -> None:
+    """The stand-in fails like TensorRT-LLM's executor (TRITONSERVER_ERROR_INTERNAL, same text).
+
+    On /generate, Triton 2.51's HTTP frontend answers every error that arrives in a response
+    with 400 whatever its code (checked with INTERNAL and UNAVAILABLE), as it does for
+    "Request timeout expired"; so the gateway must classify overflow by message, not status.
+    """
+    settings = StandinSettings(
+        max_active=1, engine_queue_size=2, engine_queue_full="reject", decode_ms_per_token=10
+    )
+    server = start_standin_replica("engine-full", settings, workdir)
+    try:
+        responses = _burst(server, 8, 50)
+    finally:
+        server.stop()
+    codes = sorted(r.status_code for r in responses)
+    assert codes.count(200) == 3, codes  # 1 running + 2 queued
+    rejected = [r for r in responses if r.status_code != 200]
+    assert {r.status_code for r in rejected} == {400}
+    assert all(
+        "Maximum queue size of 2 has been reached, please try again later" in r.json()["error"]
+        for r in rejected
+    )
+
+
+def test_triton_queue_overflow_is_503(workdir: Path) -> None:
+    settings = StandinSettings(
+        max_active=1,
+        engine_queue_size=1,
+        engine_queue_full="block",
+        triton_queue_size=2,
+        decode_ms_per_token=10,
+    )
+    server = start_standin_replica("triton-full", settings, workdir)
+    try:
+        responses = _burst(server, 10, 50)
+    finally:
+        server.stop()
+    rejected = [r for r in responses if r.status_code != 200]
+    assert rejected, [r.status_code for r in responses]
+    assert {r.status_code for r in rejected} == {503}
+    assert all("Exceeds maximum queue size" in r.json()["error"] for r in rejected)
+    assert all("retry-after" not in r.headers for r in rejected)  # Triton never sends it
