@@ -20,9 +20,7 @@ class ServiceTimeWindow:
     last_service_ms: float | None = None
 
     def add(self, t: float, duration_us: float, completed: float) -> None:
-        if self.samples and (
-            duration_us < self.samples[-1][1] or completed < self.samples[-1][2]
-        ):
+        if self.samples and (duration_us < self.samples[-1][1] or completed < self.samples[-1][2]):
             self.samples.clear()
         self.samples.append((t, duration_us, completed))
         while len(self.samples) > 2 and self.samples[1][0] <= t - self.window_s:

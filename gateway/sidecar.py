@@ -16,17 +16,24 @@ from collections.abc import AsyncIterator, Sequence
 import httpx
 import uvicorn
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_asgi_app
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from pydantic import ValidationError
 from pydantic_settings import CliApp
-from redis import asyncio as aioredis
 from redis.exceptions import RedisError
 
 from gateway.health import HealthDebounce
 from gateway.service_time import ServiceTimeWindow
 from gateway.sidecar_settings import SidecarSettings
 from gateway.triton_metrics import EngineSample, parse_engine_sample
+from redis import asyncio as aioredis
 from triage.keyschema import KeySchema, ReplicaState
 
 log = logging.getLogger("triage.sidecar")
@@ -102,8 +109,14 @@ class Sidecar:
             self.metrics.poll_failures.inc()
             state = self.health.observe(False)
             level = logging.WARNING if state != before else logging.DEBUG
-            log.log(level, "replica %s poll failed (%s, %d in a row): %s", s.replica_id, state,
-                    self.health.consecutive_failures, exc)
+            log.log(
+                level,
+                "replica %s poll failed (%s, %d in a row): %s",
+                s.replica_id,
+                state,
+                self.health.consecutive_failures,
+                exc,
+            )
         else:
             self.health.observe(True)
             self.last_sample = sample
@@ -182,8 +195,9 @@ class Sidecar:
         try:
             await self.redis.delete(self.keys.replica(self.settings.replica_id))
         except (RedisError, OSError) as exc:
-            log.warning("replica %s: could not withdraw from Redis: %s",
-                        self.settings.replica_id, exc)
+            log.warning(
+                "replica %s: could not withdraw from Redis: %s", self.settings.replica_id, exc
+            )
 
     def publish_age_s(self) -> float | None:
         if self.last_publish_monotonic is None:
@@ -206,9 +220,13 @@ def create_app(settings: SidecarSettings) -> FastAPI:
             sidecar = Sidecar(settings, redis_client, http, metrics)
             holder["sidecar"] = sidecar
             task = asyncio.create_task(sidecar.run(), name="sidecar-poll")
-            log.info("sidecar for replica %s polling %s every %d ms, publishing to %s",
-                     settings.replica_id, settings.metrics_url, settings.poll_interval_ms,
-                     settings.redis_url.split("@")[-1])
+            log.info(
+                "sidecar for replica %s polling %s every %d ms, publishing to %s",
+                settings.replica_id,
+                settings.metrics_url,
+                settings.poll_interval_ms,
+                settings.redis_url.split("@")[-1],
+            )
             try:
                 yield
             finally:
@@ -219,7 +237,10 @@ def create_app(settings: SidecarSettings) -> FastAPI:
                 await redis_client.aclose()
 
     app = FastAPI(title="triage sidecar", lifespan=lifespan)
-    app.mount("/metrics", make_asgi_app(registry))
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/healthz")
     async def healthz() -> JSONResponse:
@@ -254,8 +275,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     config = uvicorn.Config(
-        create_app(settings), host=settings.host, port=settings.port,
-        log_level=settings.log_level, access_log=False,
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=False,
     )
     uvicorn.Server(config).run()
     return 0

@@ -22,10 +22,12 @@ class EngineSample:
 
 
 def _values(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """Samples by family name (the parser renames counter samples to ``<name>_total``)."""
     out: dict[str, list[tuple[dict[str, str], float]]] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            out.setdefault(sample.name, []).append((sample.labels, sample.value))
+            if sample.name in (family.name, f"{family.name}_total"):
+                out.setdefault(family.name, []).append((sample.labels, sample.value))
     return out
 
 

@@ -45,9 +45,7 @@ def test_repository_config_is_valid_triton_protobuf(tmp_path: Path) -> None:
     assert config.model_transaction_policy.decoupled
     assert {i.name for i in config.input} >= {"text_input", "max_tokens", "stream"}
     write_standin_repository(StandinSettings(speed=0.5, triton_queue_size=3), tmp_path)
-    written = text_format.Parse(
-        (tmp_path / MODEL / "config.pbtxt").read_text(), type(config)()
-    )
+    written = text_format.Parse((tmp_path / MODEL / "config.pbtxt").read_text(), type(config)())
     assert written.parameters["speed"].string_value == "0.5"
     assert written.dynamic_batching.default_queue_policy.max_queue_size == 3
 
@@ -115,6 +113,7 @@ def test_speed_factor_half_takes_about_twice_as_long(workdir: Path, fast: Triton
         "slow", StandinSettings(decode_ms_per_token=10, speed=0.5), workdir
     )
     try:
+
         def timed(server: TritonServer) -> float:
             start = time.perf_counter()
             assert generate(server, 30).status_code == 200

@@ -36,12 +36,79 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 TOKEN_RE = re.compile(r"\w+|[^\w\s]")
-VOCAB = (
-    "the of and to in a is that for it as was with be by on not he this are or his from at "
-    "which but have an they you were her she there been one all we their has would when if "
-    "so no will more can said who about what some out up them into time only new other model "
-    "token fleet replica queue batch engine route serve load"
-).split()
+VOCAB = [
+    "the",
+    "of",
+    "and",
+    "to",
+    "in",
+    "a",
+    "is",
+    "that",
+    "for",
+    "it",
+    "as",
+    "was",
+    "with",
+    "be",
+    "by",
+    "on",
+    "not",
+    "he",
+    "this",
+    "are",
+    "or",
+    "his",
+    "from",
+    "at",
+    "which",
+    "but",
+    "have",
+    "an",
+    "they",
+    "you",
+    "were",
+    "her",
+    "she",
+    "there",
+    "been",
+    "one",
+    "all",
+    "we",
+    "their",
+    "has",
+    "would",
+    "when",
+    "if",
+    "so",
+    "no",
+    "will",
+    "more",
+    "can",
+    "said",
+    "who",
+    "about",
+    "what",
+    "some",
+    "out",
+    "up",
+    "them",
+    "into",
+    "time",
+    "only",
+    "new",
+    "other",
+    "model",
+    "token",
+    "fleet",
+    "replica",
+    "queue",
+    "batch",
+    "engine",
+    "route",
+    "serve",
+    "load",
+]
 
 
 def count_tokens(text: str) -> int:
@@ -60,6 +127,7 @@ class Sequence:
     rng: np.random.Generator
     generated: list[str] = field(default_factory=list)
     enqueued_at: float = field(default_factory=time.monotonic)
+    admitted_at: float = 0.0
 
     def cancelled(self) -> bool:
         probe = getattr(self.sender, "is_cancelled", None)
@@ -153,10 +221,11 @@ class TritonPythonModel:
             for kind in ("max", "free", "used", "tokens_per", "fraction")
         }
         # Triton's own nv_inference_request_duration_us stops at execute() return for a
-        # decoupled python model, so the stand-in also counts completions itself.
+        # decoupled python model, so the stand-in also counts completions itself. Service time
+        # starts at admission to the batch: queueing is already counted by the router as load.
         self.duration_family = pb_utils.MetricFamily(
             name="triage_request_duration_us",
-            description="Cumulative time from arrival to final response, microseconds",
+            description="Cumulative service time (engine admission to final response), µs",
             kind=pb_utils.MetricFamily.COUNTER,
         )
         self.success_family = pb_utils.MetricFamily(
@@ -238,7 +307,9 @@ class TritonPythonModel:
                     and not self.stopping
                 ):
                     self.cond.wait(0.05)
-            elif len(self.waiting) >= self.engine_queue_size and len(self.active) >= self.max_active:
+            elif (
+                len(self.waiting) >= self.engine_queue_size and len(self.active) >= self.max_active
+            ):
                 raise EngineFull
             self.waiting.append(seq)
             self._publish_metrics()
@@ -263,6 +334,7 @@ class TritonPythonModel:
                 admitted: list[Sequence] = []
                 while self.waiting and len(self.active) < self.max_active:
                     seq = self.waiting.popleft()
+                    seq.admitted_at = time.monotonic()
                     self.active.append(seq)
                     admitted.append(seq)
                 self.context_last_step = len(admitted)
@@ -279,7 +351,7 @@ class TritonPythonModel:
             now = time.monotonic()
             for seq, outcome in outcomes:
                 if outcome == "completed":
-                    self.duration_us.increment((now - seq.enqueued_at) * 1e6)
+                    self.duration_us.increment((now - seq.admitted_at) * 1e6)
                     self.success.increment(1)
             with self.cond:
                 for seq in finished:
