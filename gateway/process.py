@@ -1,7 +1,8 @@
-"""A child process the stack owns: started in its own session, logged to a file, stopped for sure."""
+"""A child process the stack owns: its own session, logged to a file, stopped for sure."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -89,10 +90,8 @@ class ManagedProcess:
     def signal(self, sig: int) -> None:
         if self.alive():
             assert self.proc is not None
-            try:
+            with contextlib.suppress(ProcessLookupError):  # exited since alive()
                 os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                pass
 
     def kill(self) -> None:
         """SIGKILL at once (for crash tests); ``stop`` still reaps it."""
@@ -113,7 +112,5 @@ class ManagedProcess:
                 self.signal(signal.SIGKILL)
                 self.proc.wait(timeout=10)
         # stragglers of the group (e.g. a python stub orphaned by the server)
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):  # none left: fine
             os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
