@@ -10,6 +10,8 @@ Keys, all under a prefix (default ``triage:``):
   fields are those of ``ReplicaState``. Missing or expired means "unknown".
 * ``model:{name}:replicas`` set of replica ids serving the model (membership).
 * ``inflight:{id}`` integer: requests reserved on the replica by all proxies, not yet finished.
+* ``apikey:{sha256}`` hash: one virtual key's record (offline key store); ``apikeys`` set of
+  the hashes. Keys themselves are never stored.
 """
 
 from __future__ import annotations
@@ -35,6 +37,14 @@ class KeySchema:
 
     def inflight(self, replica_id: str) -> str:
         return f"{self.prefix}inflight:{replica_id}"
+
+    def api_key(self, key_hash: str) -> str:
+        """Hash of one virtual key's record, by the SHA-256 hex of the key (never the key)."""
+        return f"{self.prefix}apikey:{key_hash}"
+
+    def api_keys(self) -> str:
+        """Set of the SHA-256 hex of every key (for listing)."""
+        return f"{self.prefix}apikeys"
 
 
 HealthState = Literal["healthy", "suspect", "unhealthy"]
