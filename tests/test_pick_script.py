@@ -1,0 +1,291 @@
+"""pick.lua / release.lua against a real redis-server: the Lua pick agrees with policy.choose."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+from collections import Counter
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from redis.asyncio import Redis
+
+from gateway.redis_launcher import RedisServer
+from plugins.routing.policy import PolicyParams, choose, scores
+from plugins.routing.store import RoutingStore
+from triage.keyschema import KeySchema, ReplicaState
+
+_prefixes = itertools.count()
+
+
+def fresh_keys() -> KeySchema:
+    return KeySchema(prefix=f"test-pick:{next(_prefixes)}:")
+
+
+@pytest.fixture(scope="module")
+async def client(redis_server: RedisServer) -> AsyncIterator[Redis]:
+    redis = Redis.from_url(redis_server.url)
+    try:
+        yield redis
+    finally:
+        await redis.aclose()
+
+
+async def redis_now_ms(client: Redis) -> int:
+    seconds, micros = await client.time()
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
+def state(replica_id: str, ts_ms: int, **fields: Any) -> ReplicaState:
+    base: dict[str, Any] = {
+        "replica_id": replica_id,
+        "model": "m",
+        "api_base": f"http://{replica_id}",
+        "waiting": 0,
+        "active": 0,
+        "max_active": 4,
+        "kv_fraction": 0.0,
+        "service_ms": 100.0,
+        "healthy": True,
+        "state": "healthy",
+        "source": "trtllm",
+        "ts_ms": ts_ms,
+        "sample_ts_ms": ts_ms,
+    }
+    base.update(fields)
+    return ReplicaState(**base)
+
+
+# --- (a) Lua pick == Python choose ---------------------------------------------------------
+
+# Small value sets make exact score ties (and so the tie rules) common; floats add variety.
+small_ints = st.integers(0, 6)  # in-flight reservations: often above the engine counts
+kv_fractions = st.one_of(
+    st.sampled_from([0.0, 0.5, 0.8, 0.9, 1.0]),
+    st.floats(0.0, 1.0, allow_nan=False),
+)
+service_times = st.one_of(
+    st.none(),
+    st.sampled_from([0.0, 50.0, 100.0, 200.0]),
+    st.floats(0.001, 1e5, allow_nan=False, allow_infinity=False),
+)
+
+
+@st.composite
+def replica_specs(draw: st.DrawFn) -> dict[str, Any]:
+    return {
+        "present": draw(st.sampled_from([True, True, False])),
+        "stale": draw(st.sampled_from([False, False, True])),  # ts now or now - 10 s
+        "waiting": draw(st.sampled_from([0, 0, 0, 1, 3])),
+        "active": draw(st.sampled_from([0, 0, 1, 2, 4])),
+        "max_active": draw(st.sampled_from([1, 2, 4, 8])),
+        "kv_fraction": draw(kv_fractions),
+        "service_ms": draw(service_times),
+        "healthy": draw(st.sampled_from([True, True, True, False])),
+        "inflight": draw(st.one_of(st.none(), small_ints)),  # None: no counter key
+    }
+
+
+param_sets = st.one_of(
+    st.just(PolicyParams()),
+    st.builds(
+        PolicyParams,
+        kv_threshold=st.sampled_from([0.0, 0.5, 0.8, 0.95]),
+        kv_weight=st.sampled_from([0.0, 0.5, 1.0, 3.0]),
+        unknown_score=st.sampled_from([1e9, 50.0]),
+        default_service_ms=st.sampled_from([1.0, 75.0]),
+    ),
+)
+
+
+@settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    specs=st.lists(replica_specs(), min_size=1, max_size=6),
+    uniform=st.booleans(),
+    params=param_sets,
+    tiebreak=st.integers(0, 2**32),
+    names=st.permutations(["r0", "r1", "r2", "r3", "r4", "r5", "alpha", "B", "é"]),
+)
+async def test_lua_pick_matches_python_choose(
+    client: Redis,
+    specs: list[dict[str, Any]],
+    params: PolicyParams,
+    tiebreak: int,
+    names: list[str],
+    uniform: bool,
+) -> None:
+    if uniform:  # an equal fleet: exact score ties, and so the tie rules, become common
+        same = ("present", "stale", "healthy", "max_active", "kv_fraction", "service_ms")
+        shared = {k: specs[0][k] for k in same}
+        specs = [{**spec, **shared} for spec in specs]
+    keys = fresh_keys()
+    store = RoutingStore(client, keys)
+    ids = names[: len(specs)]
+    now = await redis_now_ms(client)
+    async with client.pipeline(transaction=False) as pipe:
+        for replica_id, spec in zip(ids, specs, strict=True):
+            if spec["present"]:
+                ts = now - 10_000 if spec["stale"] else now
+                fields = {k: spec[k] for k in ("waiting", "active", "max_active", "kv_fraction")}
+                st_ = state(
+                    replica_id,
+                    ts,
+                    service_ms=spec["service_ms"],
+                    healthy=spec["healthy"],
+                    state="healthy" if spec["healthy"] else "unhealthy",
+                    **fields,
+                )
+                pipe.hset(keys.replica(replica_id), mapping=st_.to_redis())
+            if spec["inflight"] is not None:
+                pipe.set(keys.inflight(replica_id), spec["inflight"])
+        await pipe.execute()
+
+    snap = await store.snapshot(ids)
+    now = await redis_now_ms(client)
+    expected = choose(snap, params, now, tiebreak)
+    got = await store.pick(ids, params, tiebreak)
+
+    if expected is None:
+        assert got is None
+        after = await store.snapshot(ids)
+        assert [c[2] for c in after] == [c[2] for c in snap]  # nothing reserved
+    else:
+        assert got is not None
+        chosen, new_inflight, lua_score = got
+        assert chosen == expected
+        index = ids.index(chosen)
+        assert new_inflight == snap[index][2] + 1
+        assert lua_score == scores(snap, params, now)[index]  # bit-identical, not approx
+        after = await store.snapshot(ids)
+        assert [c[2] for c in after] == [c[2] + (1 if c[0] == chosen else 0) for c in snap]
+    await client.delete(*keys_of(keys, ids))
+
+
+def keys_of(keys: KeySchema, ids: list[str]) -> list[str]:
+    return [keys.replica(r) for r in ids] + [keys.inflight(r) for r in ids]
+
+
+async def test_equal_scores_prefer_fewer_inflight(client: Redis) -> None:
+    keys = fresh_keys()
+    store = RoutingStore(client, keys)
+    now = await redis_now_ms(client)
+    # a: n = max(2, 0) = 2 (reserved); b: n = max(0, 2) = 2 (engine) -> equal scores
+    await client.hset(keys.replica("a"), mapping=state("a", now).to_redis())
+    await client.hset(keys.replica("b"), mapping=state("b", now, active=2).to_redis())
+    await client.set(keys.inflight("a"), 2)
+    snap = await store.snapshot(["a", "b"])
+    assert len(set(scores(snap, PolicyParams(), now))) == 1
+    for tiebreak in range(2):
+        assert choose(snap, PolicyParams(), now, tiebreak) == "b"
+    got = await store.pick(["a", "b"], PolicyParams(), 0)
+    assert got is not None and got[:2] == ("b", 1)
+
+
+# Hashes the sidecar would never write: the script must treat them as unknown, like the mirror.
+CORRUPT = [
+    ("max_active 0", {"max_active": "0"}),
+    ("negative waiting", {"waiting": "-1"}),
+    ("fractional active", {"active": "1.5"}),
+    ("kv above 1", {"kv_fraction": "1.5"}),
+    ("garbage kv", {"kv_fraction": "lots"}),
+    ("negative service", {"service_ms": "-3"}),
+    ("empty ts", {"ts_ms": ""}),
+]
+
+
+@pytest.mark.parametrize("patch", [c[1] for c in CORRUPT], ids=[c[0] for c in CORRUPT])
+async def test_corrupt_hash_is_unknown_in_both(client: Redis, patch: dict[str, str]) -> None:
+    keys = fresh_keys()
+    store = RoutingStore(client, keys)
+    now = await redis_now_ms(client)
+    # "bad" would win by far if its hash were believed; "ok" is busy but known
+    await client.hset(keys.replica("bad"), mapping={**state("bad", now).to_redis(), **patch})
+    await client.hset(keys.replica("ok"), mapping=state("ok", now, active=30).to_redis())
+    snap = await store.snapshot(["bad", "ok"])
+    assert snap[0][1] is None
+    assert choose(snap, PolicyParams(), now, 0) == "ok"
+    got = await store.pick(["bad", "ok"], PolicyParams(), 0)
+    assert got is not None and got[0] == "ok"
+
+
+async def test_empty_healthy_reads_unhealthy_in_both(client: Redis) -> None:
+    keys = fresh_keys()
+    store = RoutingStore(client, keys)
+    now = await redis_now_ms(client)
+    await client.hset(keys.replica("a"), mapping={**state("a", now).to_redis(), "healthy": ""})
+    snap = await store.snapshot(["a"])
+    assert snap[0][1] is not None and not snap[0][1].healthy
+    assert choose(snap, PolicyParams(), now, 0) is None
+    assert await store.pick(["a"], PolicyParams(), 0) is None
+
+
+# --- (b) concurrency: reservations make every pick visible ---------------------------------
+
+
+@pytest.mark.parametrize("published", [True, False], ids=["idle-equal", "all-unknown"])
+async def test_concurrent_picks_spread_exactly(
+    client: Redis, redis_server: RedisServer, published: bool
+) -> None:
+    keys = fresh_keys()
+    # one connection per pick: all 200 scripts really are in flight together
+    wide = Redis.from_url(redis_server.url, max_connections=200)
+    try:
+        store = RoutingStore(wide, keys)
+        ids = ["w", "x", "y", "z"]
+        if published:
+            now = await redis_now_ms(client)
+            for replica_id in ids:
+                await client.hset(
+                    keys.replica(replica_id), mapping=state(replica_id, now).to_redis()
+                )
+        rng = random.Random(7)
+        results = await asyncio.gather(
+            *(store.pick(ids, PolicyParams(), rng.getrandbits(32)) for _ in range(200))
+        )
+        assert all(r is not None for r in results)
+        assert Counter(r[0] for r in results if r is not None) == dict.fromkeys(ids, 50)
+        # every reservation got its own counter value: 1..50 per replica
+        for replica_id in ids:
+            values = sorted(r[1] for r in results if r is not None and r[0] == replica_id)
+            assert values == list(range(1, 51))
+        assert [c[2] for c in await store.snapshot(ids)] == [50] * 4
+    finally:
+        await wide.aclose()
+
+
+# --- (c) release ---------------------------------------------------------------------------
+
+
+async def test_release_never_below_zero(client: Redis) -> None:
+    keys = fresh_keys()
+    store = RoutingStore(client, keys)
+    assert await store.release("never-picked") == 0
+    assert await client.get(keys.inflight("never-picked")) == b"0"
+    got = await store.pick(["a"], PolicyParams(), 0)
+    assert got is not None and got[:2] == ("a", 1)
+    assert await store.release("a") == 0
+    assert await store.release("a") == 0
+    await client.set(keys.inflight("b"), 2, px=60_000)
+    assert [await store.release("b") for _ in range(4)] == [1, 0, 0, 0]
+    assert await client.pttl(keys.inflight("b")) > 0  # a lease on the counter survives
+    results = await asyncio.gather(*(store.release("c") for _ in range(50)))
+    assert set(results) == {0}
+
+
+async def test_pick_argument_checks(client: Redis) -> None:
+    store = RoutingStore(client, fresh_keys())
+    assert await store.pick([], PolicyParams(), 0) is None
+    with pytest.raises(ValueError):
+        await store.pick(["a", "a"], PolicyParams(), 0)
+    with pytest.raises(ValueError):
+        await store.pick(["a"], PolicyParams(), -1)
+    with pytest.raises(ValueError):
+        await store.pick(["a"], PolicyParams(), 2**53)

@@ -1,0 +1,246 @@
+"""Table-driven unit tests of the routing policy (plugins/routing/policy.py): pure, no I/O."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from itertools import pairwise
+from typing import Any
+
+import pytest
+
+from plugins.routing.policy import (
+    PolicyParams,
+    choose,
+    effective_service_ms,
+    is_fresh,
+    score,
+    scores,
+)
+from triage.keyschema import ReplicaState
+
+NOW = 1_800_000_000_000
+P = PolicyParams()
+
+
+def rs(replica_id: str = "r", **overrides: Any) -> ReplicaState:
+    fields: dict[str, Any] = {
+        "replica_id": replica_id,
+        "model": "m",
+        "api_base": f"http://{replica_id}",
+        "waiting": 0,
+        "active": 0,
+        "max_active": 4,
+        "kv_fraction": 0.0,
+        "service_ms": 100.0,
+        "drain_rps": None,
+        "healthy": True,
+        "state": "healthy",
+        "source": "trtllm",
+        "ts_ms": NOW,
+        "sample_ts_ms": NOW,
+    }
+    fields.update(overrides)
+    return ReplicaState(**fields)
+
+
+def s(state: ReplicaState | None, inflight: int = 0, service_ms: float = 100.0) -> float:
+    return score(state, inflight, service_ms, P, NOW)
+
+
+# --- score -------------------------------------------------------------------------------
+
+# (case, lower-score side, higher-score side): each side is (state, inflight, service_ms)
+ORDERINGS = [
+    ("more engine load scores higher", (rs(active=1), 0, 100.0), (rs(active=2), 0, 100.0)),
+    ("waiting counts as load", (rs(active=1), 0, 100.0), (rs(active=1, waiting=1), 0, 100.0)),
+    ("more reservations score higher", (rs(), 1, 100.0), (rs(), 2, 100.0)),
+    ("slower replica loses at equal counts", (rs(), 1, 100.0), (rs(), 1, 200.0)),
+    ("more slots win at equal counts", (rs(max_active=8), 2, 100.0), (rs(), 2, 100.0)),
+    ("kv above threshold loses", (rs(kv_fraction=0.5), 0, 100.0), (rs(kv_fraction=0.9), 0, 100.0)),
+    ("fuller kv loses more", (rs(kv_fraction=0.9), 0, 100.0), (rs(kv_fraction=1.0), 0, 100.0)),
+    ("known healthy beats unknown", (rs(active=50, waiting=50), 9, 100.0), (None, 0, 100.0)),
+    ("known beats stale", (rs(active=4), 0, 100.0), (rs(ts_ms=NOW - 10_000), 0, 100.0)),
+    ("unknowns spread by inflight", (None, 1, 100.0), (None, 2, 100.0)),
+    ("anything beats unhealthy", (None, 100, 100.0), (rs(healthy=False), 0, 100.0)),
+    # speed-aware: a 2x-faster replica with 2 in flight beats a slow idle one? (3*50 < 1*200)
+    ("fast busy beats slow idle", (rs(), 2, 50.0), (rs(), 0, 200.0)),
+]
+
+
+@pytest.mark.parametrize(
+    ("lower", "higher"), [c[1:] for c in ORDERINGS], ids=[c[0] for c in ORDERINGS]
+)
+def test_score_orders(
+    lower: tuple[ReplicaState | None, int, float], higher: tuple[ReplicaState | None, int, float]
+) -> None:
+    assert s(*lower) < s(*higher)
+
+
+# (case, state, inflight, service_ms, expected score)
+VALUES = [
+    ("idle", rs(), 0, 100.0, 1 * 100.0 / 4),
+    ("n = inflight when it is larger", rs(active=1, waiting=1), 5, 100.0, 6 * 100.0 / 4),
+    ("n = active + waiting when larger", rs(active=3, waiting=4), 5, 100.0, 8 * 100.0 / 4),
+    ("kv below threshold: no penalty", rs(kv_fraction=0.5), 0, 100.0, 25.0),
+    ("kv at threshold: no penalty", rs(kv_fraction=0.8), 0, 100.0, 25.0),
+    ("kv full: 1 + kv_weight", rs(kv_fraction=1.0), 0, 100.0, 50.0),
+    ("unknown", None, 3, 100.0, 1e9 + 3),
+    ("stale", rs(ts_ms=NOW - 1001), 3, 100.0, 1e9 + 3),
+    ("stale wins over unhealthy", rs(ts_ms=NOW - 1001, healthy=False), 0, 100.0, 1e9),
+    ("exactly at the staleness edge is fresh", rs(ts_ms=NOW - 1000), 0, 100.0, 25.0),
+    ("future ts is fresh", rs(ts_ms=NOW + 5000), 0, 100.0, 25.0),
+    ("unhealthy", rs(healthy=False), 0, 100.0, math.inf),
+]
+
+
+@pytest.mark.parametrize(
+    ("state", "inflight", "service_ms", "expected"),
+    [c[1:] for c in VALUES],
+    ids=[c[0] for c in VALUES],
+)
+def test_score_values(
+    state: ReplicaState | None, inflight: int, service_ms: float, expected: float
+) -> None:
+    assert s(state, inflight, service_ms) == pytest.approx(expected)
+
+
+def test_kv_penalty_zero_below_threshold_and_growing_above() -> None:
+    below = [s(rs(kv_fraction=k)) for k in (0.0, 0.3, 0.6, 0.8)]
+    assert below == [below[0]] * 4
+    above = [s(rs(kv_fraction=k)) for k in (0.8, 0.85, 0.9, 0.95, 1.0)]
+    assert all(a < b for a, b in pairwise(above))
+    heavier = score(rs(kv_fraction=0.9), 0, 100.0, PolicyParams(kv_weight=3.0), NOW)
+    assert heavier > s(rs(kv_fraction=0.9))
+
+
+def test_is_fresh() -> None:
+    assert is_fresh(rs(), P, NOW)
+    assert not is_fresh(None, P, NOW)
+    assert not is_fresh(rs(ts_ms=NOW - 5000), P, NOW)
+    assert is_fresh(rs(ts_ms=NOW - 5000), PolicyParams(stale_after_ms=10_000), NOW)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"kv_threshold": 1.0},
+        {"kv_threshold": -0.1},
+        {"kv_weight": -1.0},
+        {"stale_after_ms": -1},
+        {"unknown_score": math.inf},
+        {"default_service_ms": 0.0},
+    ],
+)
+def test_params_are_validated(kwargs: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        PolicyParams(**kwargs)
+
+
+# --- effective_service_ms ----------------------------------------------------------------
+
+SERVICE = [
+    ("own when known", [rs(service_ms=10.0), rs(service_ms=30.0)], [10.0, 30.0]),
+    ("mean of the known for the rest", [rs(service_ms=10.0), rs(service_ms=None)], [10.0, 10.0]),
+    (
+        "zero, stale and missing are not known",
+        [
+            rs(service_ms=10.0),
+            rs(service_ms=30.0),
+            rs(service_ms=0.0),
+            rs(service_ms=1000.0, ts_ms=NOW - 10_000),
+            None,
+        ],
+        [10.0, 30.0, 20.0, 20.0, 20.0],
+    ),
+    ("default when none known", [rs(service_ms=None), None], [1.0, 1.0]),
+    ("unhealthy still informs the mean", [rs(service_ms=40.0, healthy=False), None], [40.0, 40.0]),
+]
+
+
+@pytest.mark.parametrize(
+    ("states", "expected"), [c[1:] for c in SERVICE], ids=[c[0] for c in SERVICE]
+)
+def test_effective_service_ms(states: list[ReplicaState | None], expected: list[float]) -> None:
+    assert effective_service_ms(states, P, NOW) == expected
+
+
+# --- choose ------------------------------------------------------------------------------
+
+CHOICES: list[tuple[str, list[tuple[str, ReplicaState | None, int]], str | None]] = [
+    ("empty", [], None),
+    ("least loaded", [("a", rs(active=3), 0), ("b", rs(active=1), 0), ("c", rs(active=2), 0)], "b"),
+    (
+        "n uses max(inflight, active + waiting)",
+        [("a", rs(active=0), 3), ("b", rs(active=2), 0)],
+        "b",
+    ),
+    (
+        "fast replica beats slow one at equal counts",
+        [("slow", rs(service_ms=200.0), 1), ("fast", rs(service_ms=100.0), 1)],
+        "fast",
+    ),
+    (
+        "slow idle replica beats a fast one with a long queue",
+        [("slow", rs(service_ms=200.0), 0), ("fast", rs(service_ms=100.0, waiting=8), 0)],
+        "slow",
+    ),
+    (
+        "missing service_ms takes the mean",
+        [
+            ("a", rs(service_ms=None), 0),
+            ("b", rs(service_ms=90.0), 1),
+            ("c", rs(service_ms=110.0), 0),
+        ],
+        "a",
+    ),
+    ("kv pressure loses", [("a", rs(kv_fraction=0.95), 0), ("b", rs(kv_fraction=0.2), 0)], "b"),
+    ("unhealthy excluded", [("a", rs(healthy=False), 0), ("b", rs(active=4, waiting=9), 5)], "b"),
+    ("all unhealthy: none", [("a", rs(healthy=False), 0), ("b", rs(healthy=False), 0)], None),
+    ("unknown not preferred", [("a", None, 0), ("b", rs(active=40), 7)], "b"),
+    ("stale not preferred", [("a", rs(ts_ms=NOW - 2000), 0), ("b", rs(active=40), 0)], "b"),
+    ("unknown chosen when nothing else", [("a", None, 0), ("b", rs(healthy=False), 0)], "a"),
+    ("unknowns spread by inflight", [("a", None, 2), ("b", None, 1), ("c", None, 3)], "b"),
+    (
+        "equal score: fewer inflight wins",
+        # a: n = max(0, 2) = 2; b: n = max(2, 0) = 2 -> equal scores, b has more reserved
+        [("b", rs(), 2), ("a", rs(active=2), 0)],
+        "a",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("candidates", "expected"), [c[1:] for c in CHOICES], ids=[c[0] for c in CHOICES]
+)
+def test_choose(
+    candidates: list[tuple[str, ReplicaState | None, int]], expected: str | None
+) -> None:
+    for tiebreak in range(4):
+        assert choose(candidates, P, NOW, tiebreak) == expected
+
+
+def test_ties_spread_by_tiebreak_in_sorted_id_order() -> None:
+    cands = [(name, rs(name), 0) for name in ("c", "a", "d", "b")]
+    picked = [choose(cands, P, NOW, t) for t in range(8)]
+    assert picked == ["a", "b", "c", "d", "a", "b", "c", "d"]
+    # order of the candidate list does not matter, only the ids
+    assert [choose(list(reversed(cands)), P, NOW, t) for t in range(8)] == picked
+    assert Counter(choose(cands, P, NOW, t) for t in range(400)) == dict.fromkeys("abcd", 100)
+
+
+def test_tiebreak_only_among_the_best() -> None:
+    cands = [("a", rs(), 0), ("b", rs(active=1), 0), ("c", rs(), 0), ("d", rs(), 1)]
+    assert {choose(cands, P, NOW, t) for t in range(10)} == {"a", "c"}
+
+
+def test_deterministic() -> None:
+    cands = [
+        ("a", rs(active=2, service_ms=None), 1),
+        ("b", rs(waiting=1, kv_fraction=0.9), 0),
+        ("c", None, 0),
+        ("d", rs(healthy=False), 0),
+    ]
+    first = [choose(cands, P, NOW, t) for t in range(20)]
+    assert all([choose(cands, P, NOW, t) for t in range(20)] == first for _ in range(5))
+    assert scores(cands, P, NOW) == scores(cands, P, NOW)
