@@ -1,0 +1,19 @@
+# The two commands a newcomer runs: `make up` (the whole stack) and `make test`.
+VENV ?= .venv
+export LITELLM_LOCAL_MODEL_COST_MAP := True
+
+.PHONY: bootstrap up test lint
+
+bootstrap:
+	@bash scripts/bootstrap.sh
+
+up: bootstrap
+	$(VENV)/bin/triage up $(ARGS)
+
+test: bootstrap
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/pytest $(ARGS)
+
+lint: bootstrap
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

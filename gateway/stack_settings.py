@@ -1,0 +1,42 @@
+"""Settings of the embedded stack (``triage up``): env ``TRIAGE_STACK_*`` or the same flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, ValidationInfo, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from triage.keyschema import DEFAULT_PREFIX
+
+
+class StackSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="TRIAGE_STACK_", cli_kebab_case=True, extra="forbid"
+    )
+
+    replicas: int = Field(default=2, ge=1, le=16, description="Triton stand-in replicas")
+    speeds: list[float] = Field(
+        default_factory=list,
+        description="speed factor per replica, e.g. [1.0,1.0,0.5]; default all 1.0",
+    )
+    model: str = Field(default="standin", pattern=r"^[A-Za-z0-9_.\-]+$")
+    max_active: int = Field(default=4, ge=1)
+    engine_queue_size: int = Field(default=8, ge=0)
+    decode_ms_per_token: float = Field(default=20.0, gt=0)
+    poll_interval_ms: int = Field(default=250, ge=20)
+    key_prefix: str = DEFAULT_PREFIX
+    workdir: Path | None = Field(default=None, description="logs and state; default a temp dir")
+    ready_timeout_s: float = Field(default=90.0, gt=0)
+
+    @field_validator("speeds")
+    @classmethod
+    def _speeds(cls, speeds: list[float], info: ValidationInfo) -> list[float]:
+        replicas = info.data.get("replicas", 2)
+        if not speeds:
+            return [1.0] * replicas
+        if len(speeds) != replicas:
+            raise ValueError(f"{len(speeds)} values for {replicas} replicas")
+        if any(s <= 0 for s in speeds):
+            raise ValueError("every speed must be > 0")
+        return speeds

@@ -1,0 +1,99 @@
+"""``triage``: one command for the project. ``triage <command> --help`` for each command."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from types import FrameType
+
+from pydantic import ValidationError
+from pydantic_settings import CliApp
+
+USAGE = """usage: triage <command> [options]
+
+commands:
+  up        start the embedded stack on free loopback ports; Ctrl-C stops it all
+  sidecar   run the load sidecar for one Triton replica
+  keys      manage offline virtual keys (create, list, revoke)
+"""
+
+
+def report_invalid(command: str, exc: ValidationError) -> int:
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "settings"
+        print(f"triage {command}: invalid setting {field}: {err['msg']}", file=sys.stderr)
+    return 2
+
+
+def cmd_up(argv: Sequence[str]) -> int:
+    from gateway.stack import Stack
+    from gateway.stack_settings import StackSettings
+
+    try:
+        settings = CliApp.run(StackSettings, cli_args=list(argv))
+    except ValidationError as exc:
+        return report_invalid("up", exc)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    stack = Stack(settings)
+    try:
+        stack.start()
+        info = stack.describe()
+        print("\ntriage stack ready", flush=True)
+        print(f"  redis     {info['redis_url']}")
+        for rid, replica in info["replicas"].items():
+            print(
+                f"  {rid}  triton {replica['triton_url']}  speed {replica['speed']}"
+                f"  sidecar {replica['sidecar_url']}"
+            )
+        print(f"  state     {stack.workdir / 'stack.json'}")
+        print("Ctrl-C stops everything.", flush=True)
+        stop.wait()
+    finally:
+        print("stopping...", flush=True)
+        stack.stop()
+    return 0
+
+
+def cmd_sidecar(argv: Sequence[str]) -> int:
+    from gateway.sidecar import main
+
+    return main(argv)
+
+
+def cmd_keys(argv: Sequence[str]) -> int:
+    from plugins.auth.cli import main
+
+    return main(list(argv))
+
+
+COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
+    "up": cmd_up,
+    "sidecar": cmd_sidecar,
+    "keys": cmd_keys,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if args else 2
+    command = COMMANDS.get(args[0])
+    if command is None:
+        print(f"triage: unknown command {args[0]!r}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    return command(args[1:])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
