@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import redis
+
 from gateway.process import ManagedProcess
 from triage.paths import REDIS_DIR, free_port, redis_server_binary
 

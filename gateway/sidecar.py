@@ -27,13 +27,13 @@ from prometheus_client import (
 )
 from pydantic import ValidationError
 from pydantic_settings import CliApp
+from redis import asyncio as aioredis
 from redis.exceptions import RedisError
 
 from gateway.health import HealthDebounce
 from gateway.service_time import ServiceTimeWindow
 from gateway.sidecar_settings import SidecarSettings
 from gateway.triton_metrics import EngineSample, parse_engine_sample
-from redis import asyncio as aioredis
 from triage.keyschema import KeySchema, ReplicaState
 
 log = logging.getLogger("triage.sidecar")

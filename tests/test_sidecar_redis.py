@@ -13,8 +13,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 import redis
+
 from gateway.redis_launcher import RedisServer
 from gateway.sidecar_launcher import SidecarProcess, start_sidecar
 from gateway.sidecar_settings import DEFAULT_COUNTER_PAIRS
