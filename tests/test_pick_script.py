@@ -40,6 +40,11 @@ async def redis_now_ms(client: Redis) -> int:
     return int(seconds) * 1000 + int(micros) // 1000
 
 
+def reservations(count: int) -> dict[str, int]:
+    """``count`` live reservations (leases far in the future) for ``ZADD inflight:{id}``."""
+    return {f"held-{i}": 2**50 for i in range(count)}
+
+
 def state(replica_id: str, ts_ms: int, **fields: Any) -> ReplicaState:
     base: dict[str, Any] = {
         "replica_id": replica_id,
@@ -144,8 +149,8 @@ async def test_lua_pick_matches_python_choose(
                     **fields,
                 )
                 pipe.hset(keys.replica(replica_id), mapping=st_.to_redis())
-            if spec["inflight"] is not None:
-                pipe.set(keys.inflight(replica_id), spec["inflight"])
+            if spec["inflight"]:
+                pipe.zadd(keys.inflight(replica_id), reservations(spec["inflight"]))
         await pipe.execute()
 
     snap = await store.snapshot(ids)
@@ -159,7 +164,7 @@ async def test_lua_pick_matches_python_choose(
         assert [c[2] for c in after] == [c[2] for c in snap]  # nothing reserved
     else:
         assert got is not None
-        chosen, new_inflight, lua_score = got
+        chosen, new_inflight, lua_score = got.replica_id, got.inflight, got.score
         assert chosen == expected
         index = ids.index(chosen)
         assert new_inflight == snap[index][2] + 1
@@ -180,13 +185,13 @@ async def test_equal_scores_prefer_fewer_inflight(client: Redis) -> None:
     # a: n = max(2, 0) = 2 (reserved); b: n = max(0, 2) = 2 (engine) -> equal scores
     await client.hset(keys.replica("a"), mapping=state("a", now).to_redis())
     await client.hset(keys.replica("b"), mapping=state("b", now, active=2).to_redis())
-    await client.set(keys.inflight("a"), 2)
+    await client.zadd(keys.inflight("a"), reservations(2))
     snap = await store.snapshot(["a", "b"])
     assert len(set(scores(snap, PolicyParams(), now))) == 1
     for tiebreak in range(2):
         assert choose(snap, PolicyParams(), now, tiebreak) == "b"
     got = await store.pick(["a", "b"], PolicyParams(), 0)
-    assert got is not None and got[:2] == ("b", 1)
+    assert got is not None and (got.replica_id, got.inflight) == ("b", 1)
 
 
 # Hashes the sidecar would never write: the script must treat them as unknown, like the mirror.
@@ -213,7 +218,7 @@ async def test_corrupt_hash_is_unknown_in_both(client: Redis, patch: dict[str, s
     assert snap[0][1] is None
     assert choose(snap, PolicyParams(), now, 0) == "ok"
     got = await store.pick(["bad", "ok"], PolicyParams(), 0)
-    assert got is not None and got[0] == "ok"
+    assert got is not None and got.replica_id == "ok"
 
 
 async def test_empty_healthy_reads_unhealthy_in_both(client: Redis) -> None:
@@ -251,33 +256,47 @@ async def test_concurrent_picks_spread_exactly(
             *(store.pick(ids, PolicyParams(), rng.getrandbits(32)) for _ in range(200))
         )
         assert all(r is not None for r in results)
-        assert Counter(r[0] for r in results if r is not None) == dict.fromkeys(ids, 50)
-        # every reservation got its own counter value: 1..50 per replica
+        picked = [r for r in results if r is not None]
+        assert Counter(r.replica_id for r in picked) == dict.fromkeys(ids, 50)
+        # every reservation saw its own count: 1..50 per replica
         for replica_id in ids:
-            values = sorted(r[1] for r in results if r is not None and r[0] == replica_id)
+            values = sorted(r.inflight for r in picked if r.replica_id == replica_id)
             assert values == list(range(1, 51))
         assert [c[2] for c in await store.snapshot(ids)] == [50] * 4
     finally:
         await wide.aclose()
 
 
-# --- (c) release ---------------------------------------------------------------------------
+# --- (c) release and leases ----------------------------------------------------------------
 
 
-async def test_release_never_below_zero(client: Redis) -> None:
+async def test_release_is_idempotent_and_never_negative(client: Redis) -> None:
     keys = fresh_keys()
     store = RoutingStore(client, keys)
-    assert await store.release("never-picked") == 0
-    assert await client.get(keys.inflight("never-picked")) == b"0"
-    got = await store.pick(["a"], PolicyParams(), 0)
-    assert got is not None and got[:2] == ("a", 1)
-    assert await store.release("a") == 0
-    assert await store.release("a") == 0
-    await client.set(keys.inflight("b"), 2, px=60_000)
-    assert [await store.release("b") for _ in range(4)] == [1, 0, 0, 0]
-    assert await client.pttl(keys.inflight("b")) > 0  # a lease on the counter survives
-    results = await asyncio.gather(*(store.release("c") for _ in range(50)))
+    assert await store.release("never-picked", "nope") == 0
+    first = await store.pick(["a"], PolicyParams(), 0, reservation_id="r1")
+    second = await store.pick(["a"], PolicyParams(), 0, reservation_id="r2")
+    assert first is not None and second is not None
+    assert (first.reservation_id, first.inflight, second.inflight) == ("r1", 1, 2)
+    assert await store.release("a", "r1") == 1
+    assert await store.release("a", "r1") == 1  # success and failure callbacks both fired
+    assert await store.release("a", "r2") == 0
+    assert await store.inflight(["a"]) == [0]
+    results = await asyncio.gather(*(store.release("a", "r2") for _ in range(50)))
     assert set(results) == {0}
+
+
+async def test_leaked_reservation_heals_when_its_lease_ends(client: Redis) -> None:
+    keys = fresh_keys()
+    store = RoutingStore(client, keys)
+    leaked = await store.pick(["a"], PolicyParams(), 0, lease_ms=150)
+    kept = await store.pick(["a"], PolicyParams(), 0, lease_ms=60_000)
+    assert leaked is not None and kept is not None and kept.inflight == 2
+    assert await store.inflight(["a"]) == [2]
+    await asyncio.sleep(0.3)
+    assert await store.inflight(["a"]) == [1]  # the lost release no longer counts
+    assert 0 < await client.pttl(keys.inflight("a")) <= 60_000  # the set dies with its last lease
+    assert await store.release("a", kept.reservation_id) == 0
 
 
 async def test_pick_argument_checks(client: Redis) -> None:
@@ -289,3 +308,5 @@ async def test_pick_argument_checks(client: Redis) -> None:
         await store.pick(["a"], PolicyParams(), -1)
     with pytest.raises(ValueError):
         await store.pick(["a"], PolicyParams(), 2**53)
+    with pytest.raises(ValueError):
+        await store.pick(["a"], PolicyParams(), 0, lease_ms=0)

@@ -9,7 +9,8 @@ Keys, all under a prefix (default ``triage:``):
 * ``replica:{id}`` hash, written by the replica's sidecar every poll, ``PEXPIRE`` 4 × interval;
   fields are those of ``ReplicaState``. Missing or expired means "unknown".
 * ``model:{name}:replicas`` set of replica ids serving the model (membership).
-* ``inflight:{id}`` integer: requests reserved on the replica by all proxies, not yet finished.
+* ``inflight:{id}`` sorted set: reservations on the replica by all proxies, not yet finished
+  (member = reservation id, score = lease expiry in ms); the count is the unexpired members.
 * ``apikey:{sha256}`` hash: one virtual key's record (offline key store); ``apikeys`` set of
   the hashes. Keys themselves are never stored.
 """

@@ -1,10 +1,13 @@
 -- Atomic pick-and-reserve: the Redis mirror of plugins/routing/policy.py (`choose`).
 --
 -- KEYS[1..N]     replica:{id} hashes of the N candidates
--- KEYS[N+1..2N]  inflight:{id} counters, same candidate order
+-- KEYS[N+1..2N]  inflight:{id} reservation sets (sorted sets: member = reservation id,
+--                score = lease expiry in ms since the epoch), same candidate order
 -- ARGV           N, tiebreak, stale_after_ms, kv_threshold, kv_weight, unknown_score,
---                default_service_ms, then the N replica ids
+--                default_service_ms, reservation id, lease_ms, then the N replica ids
 --
+-- A candidate's in-flight count is the number of unexpired reservations (expired ones are
+-- removed first: a reservation whose release was lost heals when its lease ends).
 -- Returns {chosen_index (1-based), new inflight value, score as a "%.17g" string},
 -- or {0} when no candidate is eligible (all unhealthy, or N = 0).
 --
@@ -20,6 +23,9 @@ local kv_threshold = tonumber(ARGV[4])
 local kv_weight = tonumber(ARGV[5])
 local unknown_score = tonumber(ARGV[6])
 local default_service_ms = tonumber(ARGV[7])
+local reservation = ARGV[8]
+local lease_ms = tonumber(ARGV[9])
+local FIRST_ID = 9 -- ARGV[FIRST_ID + i] is candidate i's replica id
 
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -83,7 +89,8 @@ for i = 1, n do
     'kv_fraction', 'service_ms', 'healthy', 'ts_ms'))
   states[i] = s
   fresh[i] = (s ~= nil) and (s.ts >= now_ms - stale_after_ms)
-  inflight[i] = tonumber(redis.call('GET', KEYS[n + i])) or 0
+  redis.call('ZREMRANGEBYSCORE', KEYS[n + i], '-inf', now_ms)
+  inflight[i] = redis.call('ZCARD', KEYS[n + i])
 end
 
 -- Effective service time: own when known (fresh, present, > 0), else the mean of the known.
@@ -144,9 +151,14 @@ local function bytes_less(a, b)
   end
   return la < lb
 end
-table.sort(tied, function(x, y) return bytes_less(ARGV[7 + x], ARGV[7 + y]) end)
+table.sort(tied, function(x, y) return bytes_less(ARGV[FIRST_ID + x], ARGV[FIRST_ID + y]) end)
 
 -- fmod is exact for whole doubles (tiebreak < 2^53, checked by the caller).
 local chosen = tied[math.fmod(tiebreak, #tied) + 1]
-local now_inflight = redis.call('INCR', KEYS[n + chosen])
+local key = KEYS[n + chosen]
+redis.call('ZADD', key, now_ms + lease_ms, reservation)
+if redis.call('PTTL', key) < lease_ms then
+  redis.call('PEXPIRE', key, lease_ms) -- the set lives as long as its longest lease
+end
+local now_inflight = redis.call('ZCARD', key)
 return { chosen, now_inflight, string.format('%.17g', scores[chosen]) }

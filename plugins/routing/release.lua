@@ -1,8 +1,8 @@
--- Release one reservation: DECR inflight:{id}, never below 0 (a double release heals to 0).
--- KEYS[1] = inflight:{id}. Returns the new value. KEEPTTL keeps any lease on the counter.
-local value = redis.call('DECR', KEYS[1])
-if value < 0 then
-  redis.call('SET', KEYS[1], 0, 'KEEPTTL')
-  value = 0
-end
-return value
+-- Release one reservation: ZREM the reservation id from inflight:{id} (idempotent: a second
+-- release of the same reservation, or one of an expired lease, changes nothing).
+-- KEYS[1] = inflight:{id}; ARGV[1] = reservation id. Returns the number of live reservations.
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now_ms)
+return redis.call('ZCARD', KEYS[1])
