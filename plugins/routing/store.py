@@ -116,9 +116,7 @@ class RoutingStore:
 
     async def release(self, replica_id: str, reservation_id: str) -> int:
         """Give back one reservation (idempotent); returns the replica's live reservations."""
-        value = await self._release(
-            keys=[self._keys.inflight(replica_id)], args=[reservation_id]
-        )
+        value = await self._release(keys=[self._keys.inflight(replica_id)], args=[reservation_id])
         return int(value)
 
     async def inflight(self, replica_ids: Sequence[str]) -> list[int]:

@@ -1,0 +1,135 @@
+"""LiteLLM callback that keeps the strategy installed and releases reservations.
+
+Registered in the proxy config (``litellm_settings.callbacks``). Why each hook:
+
+* ``async_pre_call_hook`` (every proxy request, before routing): re-installs the strategy when
+  the proxy's router was rebuilt or re-initialised (``routing_strategy_init`` drops custom
+  strategies), so the override survives config reloads.
+* ``async_post_call_success_deployment_hook`` / ``async_post_call_failure_deployment_hook``
+  (every attempt, retries included): release that attempt's reservation. A stream's attempt
+  "succeeds" when it starts, so streams are released at their end instead:
+* ``async_log_success_event`` / ``async_log_failure_event`` (once per request, a stream's at its
+  end) and ``async_post_call_streaming_iterator_hook`` (its ``finally`` runs when the client
+  disconnects mid-stream): release what the request still holds.
+
+Each reservation is given back once whatever the order of these (see ``ledger.py``); one that
+is never given back expires with its lease.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncGenerator, Mapping
+from typing import Any
+
+from litellm import Router
+from litellm.integrations.custom_logger import CustomLogger
+from litellm.litellm_core_utils.streaming_handler import CustomStreamWrapper
+from litellm.proxy._types import UserAPIKeyAuth
+
+from plugins.routing.settings import RoutingSettings
+from plugins.routing.strategy import LeastBusyStrategy
+
+log = logging.getLogger(__name__)
+
+
+def call_id_of(data: Mapping[str, Any]) -> str | None:
+    value = data.get("litellm_call_id")
+    return str(value) if value else None
+
+
+def replica_of(data: Mapping[str, Any]) -> str | None:
+    """The chosen deployment's ``model_info.id`` in an attempt's kwargs."""
+    for name in ("metadata", "litellm_metadata"):
+        metadata = data.get(name)
+        if isinstance(metadata, Mapping):
+            info = metadata.get("model_info")
+            if isinstance(info, Mapping) and info.get("id"):
+                return str(info["id"])
+    info = data.get("model_info")
+    if isinstance(info, Mapping) and info.get("id"):
+        return str(info["id"])
+    return None
+
+
+def proxy_router() -> Router | None:
+    """The LiteLLM proxy's current router (None outside the proxy)."""
+    from litellm.proxy import proxy_server
+
+    router = getattr(proxy_server, "llm_router", None)
+    return router if isinstance(router, Router) else None
+
+
+class RoutingHook(CustomLogger):
+    def __init__(self, settings: RoutingSettings) -> None:
+        super().__init__()
+        self.strategy = LeastBusyStrategy(settings)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def ensure_installed(self, router: Router | None) -> None:
+        if router is not None and not self.strategy.installed_on(router):
+            self.strategy.install(router)
+
+    async def async_pre_call_hook(
+        self,
+        user_api_key_dict: UserAPIKeyAuth,
+        cache: Any,
+        data: dict[str, Any],
+        call_type: Any,
+    ) -> None:
+        self.ensure_installed(proxy_router())
+        return None
+
+    async def async_post_call_success_deployment_hook(
+        self, request_data: dict[str, Any], response: Any, call_type: Any
+    ) -> None:
+        if request_data.get("stream") or isinstance(response, CustomStreamWrapper):
+            return None  # released when the stream ends
+        call_id = call_id_of(request_data)
+        if call_id is not None:
+            await self.strategy.release_attempt(call_id, replica_of(request_data))
+        return None
+
+    async def async_post_call_failure_deployment_hook(
+        self,
+        request_data: Mapping[str, Any],
+        exception: Exception,
+        call_type: Any,
+        fallback_depth: int | None = None,
+    ) -> None:
+        call_id = call_id_of(request_data)
+        if call_id is not None:
+            await self.strategy.release_attempt(call_id, replica_of(request_data))
+
+    async def async_log_success_event(
+        self, kwargs: dict[str, Any], response_obj: Any, start_time: Any, end_time: Any
+    ) -> None:
+        await self._release_request(kwargs)
+
+    async def async_log_failure_event(
+        self, kwargs: dict[str, Any], response_obj: Any, start_time: Any, end_time: Any
+    ) -> None:
+        await self._release_request(kwargs)
+
+    async def async_post_call_streaming_iterator_hook(
+        self, user_api_key_dict: UserAPIKeyAuth, response: Any, request_data: dict[str, Any]
+    ) -> AsyncGenerator[Any, None]:
+        try:
+            async for item in response:
+                yield item
+        finally:
+            # runs on normal end, on error and on client disconnect (GeneratorExit or
+            # cancellation): release in a task of its own, which cancellation cannot cut short
+            call_id = call_id_of(request_data)
+            if call_id is not None:
+                task = asyncio.get_running_loop().create_task(
+                    self.strategy.release_request(call_id)
+                )
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+    async def _release_request(self, kwargs: Mapping[str, Any]) -> None:
+        call_id = call_id_of(kwargs)
+        if call_id is not None:
+            await self.strategy.release_request(call_id)

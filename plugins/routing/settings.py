@@ -1,0 +1,37 @@
+"""Settings of the routing plugin: env ``TRIAGE_ROUTING_*`` (set by the proxy config generator)."""
+
+from __future__ import annotations
+
+from pydantic import Field, RedisDsn
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from plugins.routing.policy import PolicyParams
+from plugins.routing.store import DEFAULT_LEASE_MS
+from triage.keyschema import DEFAULT_PREFIX
+
+
+class RoutingSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TRIAGE_ROUTING_", extra="forbid")
+
+    redis_url: RedisDsn = Field(description="the load store, e.g. redis://127.0.0.1:6390/0")
+    key_prefix: str = DEFAULT_PREFIX
+    stale_after_ms: int = Field(default=1000, ge=0, description="older replica state = unknown")
+    kv_threshold: float = Field(default=0.8, ge=0.0, lt=1.0)
+    kv_weight: float = Field(default=1.0, ge=0.0)
+    unknown_score: float = Field(default=1e9, description="score of a replica with no state")
+    default_service_ms: float = Field(default=1.0, gt=0.0)
+    lease_ms: int = Field(default=DEFAULT_LEASE_MS, ge=1000, description="reservation lease")
+    redis_timeout_ms: int = Field(default=250, ge=1, description="connect/read timeout")
+    redis_retry_ms: int = Field(
+        default=1000, ge=0, description="after a Redis failure, per-process counts for this long"
+    )
+    log_interval_s: float = Field(default=10.0, gt=0, description="Redis-down log interval")
+
+    def policy(self) -> PolicyParams:
+        return PolicyParams(
+            stale_after_ms=self.stale_after_ms,
+            kv_threshold=self.kv_threshold,
+            kv_weight=self.kv_weight,
+            unknown_score=self.unknown_score,
+            default_service_ms=self.default_service_ms,
+        )

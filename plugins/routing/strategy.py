@@ -1,0 +1,254 @@
+"""The least-busy routing strategy installed on a LiteLLM ``Router``.
+
+Per request (never per client), ``async_get_available_deployment``:
+
+1. asks the router for the model's usable deployments (its own filters: aliases, teams, health
+   checks, cooldowns, ``async_filter_deployments`` callbacks);
+2. runs ``pick.lua`` over those replicas (``model_info.id`` = replica id) in one Redis round trip:
+   the policy of ``policy.py`` picks the lowest expected completion time and reserves a slot;
+3. records the reservation in the process's ledger under the request's ``litellm_call_id``, to be
+   released by ``RoutingHook`` when the attempt or the request ends.
+
+Redis unreachable → the same policy over per-process in-flight counts (see ``fallback.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+import uuid
+from typing import Any
+
+import litellm
+from litellm import Router
+from litellm.litellm_core_utils.core_helpers import get_parent_otel_span_from_kwargs
+from litellm.router_utils.handle_error import async_raise_no_deployment_exception
+from litellm.types.router import CustomRoutingStrategyBase
+from prometheus_client import Counter, Histogram
+from redis.asyncio import Redis
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+from redis.retry import Retry
+
+from plugins.routing.fallback import LocalCounts, RedisOutage
+from plugins.routing.ledger import Held, ReservationLedger
+from plugins.routing.policy import choose
+from plugins.routing.settings import RoutingSettings
+from plugins.routing.store import MAX_TIEBREAK, RoutingStore
+from triage.keyschema import KeySchema
+
+log = logging.getLogger(__name__)
+
+PICK_SECONDS = Histogram(
+    "triage_routing_pick_seconds",
+    "Time to choose and reserve a replica (Redis round trip included)",
+    buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25),
+)
+PICKS = Counter(
+    "triage_routing_picks", "Replicas chosen", ["model", "replica", "source"]
+)  # source: redis | local
+REDIS_ERRORS = Counter("triage_routing_redis_errors", "Redis calls that failed", ["op"])
+
+
+class NoEligibleReplica(litellm.ServiceUnavailableError):
+    """Every candidate replica is unhealthy (a transient state: retry later)."""
+
+
+def replica_id_of(deployment: dict[str, Any]) -> str:
+    """The replica id of a LiteLLM deployment: its ``model_info.id``."""
+    replica_id = (deployment.get("model_info") or {}).get("id")
+    if not replica_id:
+        raise ValueError(f"deployment without model_info.id: {deployment.get('model_name')!r}")
+    return str(replica_id)
+
+
+class LeastBusyStrategy(CustomRoutingStrategyBase):
+    def __init__(self, settings: RoutingSettings, router: Router | None = None) -> None:
+        self.settings = settings
+        self.params = settings.policy()
+        self._router = router
+        self._redis: Redis | None = None
+        self._store: RoutingStore | None = None
+        self.ledger = ReservationLedger(max_age_s=settings.lease_ms / 1000.0)
+        self.local = LocalCounts()
+        self.outage = RedisOutage(settings.redis_retry_ms, settings.log_interval_s)
+        self._next_expiry = 0.0
+
+    # -- installation ----------------------------------------------------------------------
+
+    def install(self, router: Router) -> None:
+        """Make this strategy ``router``'s deployment chooser (again, after a re-init)."""
+        self._router = router
+        router.set_custom_routing_strategy(self)
+        log.info("routing: least-busy strategy installed on router %#x", id(router))
+
+    def installed_on(self, router: Router) -> bool:
+        current = router.__dict__.get("async_get_available_deployment")
+        return current is not None and getattr(current, "__self__", None) is self
+
+    @property
+    def store(self) -> RoutingStore:
+        if self._store is None:
+            timeout = self.settings.redis_timeout_ms / 1000.0
+            self._redis = Redis.from_url(
+                str(self.settings.redis_url),
+                socket_timeout=timeout,
+                socket_connect_timeout=timeout,
+                retry=Retry(NoBackoff(), 0),
+                health_check_interval=0,
+            )
+            self._store = RoutingStore(self._redis, KeySchema(self.settings.key_prefix))
+        return self._store
+
+    async def aclose(self) -> None:
+        if self._redis is not None:
+            await self._redis.aclose()
+        self._redis, self._store = None, None
+
+    # -- CustomRoutingStrategyBase ---------------------------------------------------------
+
+    async def async_get_available_deployment(  # type: ignore[override]
+        self,
+        model: str,
+        messages: list[dict[str, str]] | None = None,
+        input: str | list[Any] | None = None,
+        specific_deployment: bool | None = False,
+        request_kwargs: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        router = self._router
+        if router is None:
+            raise RuntimeError("LeastBusyStrategy used before install(router)")
+        kwargs = request_kwargs if request_kwargs is not None else {}
+        span = get_parent_otel_span_from_kwargs(kwargs)
+        healthy = await router.async_get_healthy_deployments(
+            model=model,
+            request_kwargs=kwargs,
+            messages=messages,
+            input=input,
+            specific_deployment=specific_deployment,
+            parent_otel_span=span,
+        )
+        deployments = [healthy] if isinstance(healthy, dict) else list(healthy)
+        if not deployments:
+            raise await async_raise_no_deployment_exception(router, model, span)
+        call_id = kwargs.get("litellm_call_id")
+        if not call_id:
+            call_id = kwargs["litellm_call_id"] = str(uuid.uuid4())
+        return await self.choose_deployment(model, deployments, str(call_id))
+
+    def get_available_deployment(  # type: ignore[override]
+        self,
+        model: str,
+        messages: list[dict[str, str]] | None = None,
+        input: str | list[Any] | None = None,
+        specific_deployment: bool | None = False,
+        request_kwargs: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        raise NotImplementedError(
+            "the least-busy strategy is async only: use router.acompletion (the proxy does)"
+        )
+
+    # -- the decision ----------------------------------------------------------------------
+
+    async def choose_deployment(
+        self, model: str, deployments: list[dict[str, Any]], call_id: str
+    ) -> dict[str, Any]:
+        """Pick and reserve one of ``deployments`` for the request ``call_id``."""
+        started = time.perf_counter()
+        by_id = {replica_id_of(d): d for d in deployments}
+        ids = list(by_id)
+        self._expire_ledger()
+        if self.outage.should_try():
+            try:
+                reservation = await self.store.pick(
+                    ids,
+                    self.params,
+                    random.getrandbits(32),
+                    reservation_id=f"{call_id}:{uuid.uuid4().hex[:8]}",
+                    lease_ms=self.settings.lease_ms,
+                )
+            except RedisError as exc:
+                REDIS_ERRORS.labels("pick").inc()
+                self.outage.failed(exc, f"pick for model {model}")
+            else:
+                self.outage.succeeded()
+                PICK_SECONDS.observe(time.perf_counter() - started)
+                if reservation is None:
+                    raise NoEligibleReplica(
+                        message=(
+                            f"no healthy replica for model {model!r} among {ids}: all are "
+                            "reported unhealthy by their sidecars; retry later"
+                        ),
+                        model=model,
+                        llm_provider="triage",
+                    )
+                self.ledger.add(
+                    call_id, Held(reservation.replica_id, reservation.reservation_id, False)
+                )
+                PICKS.labels(model, reservation.replica_id, "redis").inc()
+                log.debug(
+                    "routing: %s -> %s (score %.3f, inflight %d)",
+                    model,
+                    reservation.replica_id,
+                    reservation.score,
+                    reservation.inflight,
+                )
+                return by_id[reservation.replica_id]
+        return self._choose_locally(model, ids, by_id, call_id, started)
+
+    def _choose_locally(
+        self,
+        model: str,
+        ids: list[str],
+        by_id: dict[str, dict[str, Any]],
+        call_id: str,
+        started: float,
+    ) -> dict[str, Any]:
+        candidates = [(r, None, self.local.get(r)) for r in ids]
+        chosen = choose(candidates, self.params, 0, random.randrange(MAX_TIEBREAK))
+        assert chosen is not None  # unknown replicas are always eligible
+        self.local.take(chosen)
+        self.outage.fallback_picks += 1
+        self.ledger.add(call_id, Held(chosen, "", True))
+        PICKS.labels(model, chosen, "local").inc()
+        PICK_SECONDS.observe(time.perf_counter() - started)
+        return by_id[chosen]
+
+    # -- releases --------------------------------------------------------------------------
+
+    async def release_attempt(self, call_id: str, replica_id: str | None) -> None:
+        """One attempt of ``call_id`` on ``replica_id`` ended (success or failure)."""
+        held = self.ledger.take_one(call_id, replica_id)
+        if held is not None:
+            await self._give_back(held)
+
+    async def release_request(self, call_id: str) -> None:
+        """The request ``call_id`` ended: give back whatever it still holds."""
+        for held in self.ledger.take_all(call_id):
+            await self._give_back(held)
+
+    async def _give_back(self, held: Held) -> None:
+        if held.local:
+            self.local.give_back(held.replica_id)
+            return
+        try:
+            await self.store.release(held.replica_id, held.reservation_id)
+        except RedisError as exc:
+            # the reservation's lease ends it in Redis; nothing else to undo here
+            REDIS_ERRORS.labels("release").inc()
+            self.outage.failed(exc, f"release on replica {held.replica_id}")
+
+    def _expire_ledger(self) -> None:
+        now = time.monotonic()
+        if now < self._next_expiry:
+            return
+        self._next_expiry = now + 1.0
+        for held in self.ledger.expire(now):
+            log.warning(
+                "routing: reservation %s on %s outlived its lease without a release",
+                held.reservation_id or "(local)",
+                held.replica_id,
+            )
+            if held.local:
+                self.local.give_back(held.replica_id)

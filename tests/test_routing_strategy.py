@@ -1,0 +1,294 @@
+"""The least-busy strategy inside a real LiteLLM ``Router``, against a real redis-server.
+
+The deployments here answer with LiteLLM's own ``mock_response`` (no upstream): these tests are
+about how the strategy plugs into LiteLLM (installation, re-initialisation, which hooks release
+reservations, fail-open), not about Triton. The end-to-end proof runs a real proxy in front of
+real Triton replicas (``test_proxy_routing.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import litellm
+import pytest
+from litellm import Router
+from redis.asyncio import Redis
+
+from gateway.redis_launcher import RedisServer
+from plugins.routing.hook import RoutingHook
+from plugins.routing.settings import RoutingSettings
+from plugins.routing.strategy import NoEligibleReplica
+from triage.keyschema import KeySchema, ReplicaState
+from triage.paths import free_port
+
+_prefixes = itertools.count()
+IDS = ["r-a", "r-b", "r-c"]
+
+
+def deployments(response: Any = "hello") -> list[dict[str, Any]]:
+    return [
+        {
+            "model_name": "m",
+            "litellm_params": {"model": "openai/m", "api_key": "x", "mock_response": response},
+            "model_info": {"id": rid},
+        }
+        for rid in IDS
+    ]
+
+
+def state(replica_id: str, **fields: Any) -> dict[str, str]:
+    now = int(time.time() * 1000)
+    base: dict[str, Any] = {
+        "replica_id": replica_id,
+        "model": "m",
+        "api_base": f"http://{replica_id}",
+        "waiting": 0,
+        "active": 0,
+        "max_active": 4,
+        "kv_fraction": 0.0,
+        "service_ms": 100.0,
+        "healthy": True,
+        "state": "healthy",
+        "source": "trtllm",
+        "ts_ms": now,
+        "sample_ts_ms": now,
+    }
+    base.update(fields)
+    return ReplicaState(**base).to_redis()
+
+
+def unregister(callback: RoutingHook) -> None:
+    """LiteLLM copies callbacks into several lists and keeps one instance per class: a test's
+    hook must leave all of them, or the next test's hook never hears of its requests."""
+    litellm.logging_callback_manager.remove_callback_from_all_lists(callback)
+    if callback in litellm.callbacks:
+        litellm.callbacks.remove(callback)
+
+
+@pytest.fixture
+async def hook(redis_server: RedisServer) -> AsyncIterator[RoutingHook]:
+    settings = RoutingSettings(
+        redis_url=redis_server.url, key_prefix=f"test-strategy:{next(_prefixes)}:"
+    )
+    routing_hook = RoutingHook(settings)
+    litellm.callbacks.append(routing_hook)
+    try:
+        yield routing_hook
+    finally:
+        unregister(routing_hook)
+        await routing_hook.strategy.aclose()
+
+
+@pytest.fixture
+async def client(redis_server: RedisServer) -> AsyncIterator[Redis]:
+    redis = Redis.from_url(redis_server.url)
+    try:
+        yield redis
+    finally:
+        await redis.aclose()
+
+
+def keys_of(hook: RoutingHook) -> KeySchema:
+    return KeySchema(hook.strategy.settings.key_prefix)
+
+
+async def publish(client: Redis, hook: RoutingHook, **per_replica: dict[str, Any]) -> None:
+    keys = keys_of(hook)
+    for rid in IDS:
+        await client.hset(keys.replica(rid), mapping=state(rid, **per_replica.get(rid, {})))
+
+
+async def inflight(hook: RoutingHook) -> list[int]:
+    return await hook.strategy.store.inflight(IDS)
+
+
+async def eventually(check: Any, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if await check():
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true after {timeout_s} s: {check}")
+        await asyncio.sleep(0.02)
+
+
+def chosen(response: Any) -> str:
+    return str(response._hidden_params["model_id"])
+
+
+async def test_picks_least_busy_and_releases_on_success(client: Redis, hook: RoutingHook) -> None:
+    router = Router(model_list=deployments())
+    hook.strategy.install(router)
+    await publish(
+        client, hook, **{"r-a": {"active": 4}, "r-b": {"active": 1}, "r-c": {"active": 3}}
+    )
+    response = await router.acompletion(model="m", messages=[{"role": "user", "content": "hi"}])
+    assert chosen(response) == "r-b"
+    await eventually(lambda: _zero(hook))
+    assert len(hook.strategy.ledger) == 0
+
+
+async def _zero(hook: RoutingHook) -> bool:
+    return await inflight(hook) == [0, 0, 0]
+
+
+async def test_speed_matters_not_only_counts(client: Redis, hook: RoutingHook) -> None:
+    router = Router(model_list=deployments())
+    hook.strategy.install(router)
+    # r-a has fewer requests but is 3x slower: (1+1)*300 = 600 > (2+1)*100 = 300
+    await publish(
+        client,
+        hook,
+        **{
+            "r-a": {"active": 1, "service_ms": 300.0},
+            "r-b": {"active": 2},
+            "r-c": {"active": 4},
+        },
+    )
+    response = await router.acompletion(model="m", messages=[{"role": "user", "content": "hi"}])
+    assert chosen(response) == "r-b"
+
+
+async def test_unhealthy_and_expired_are_excluded_unknown_not_preferred(
+    client: Redis, hook: RoutingHook
+) -> None:
+    router = Router(model_list=deployments())
+    hook.strategy.install(router)
+    keys = keys_of(hook)
+    await client.hset(keys.replica("r-a"), mapping=state("r-a", healthy=False, state="unhealthy"))
+    await client.hset(keys.replica("r-b"), mapping=state("r-b", active=4, waiting=6))
+    # r-c: no hash at all (sidecar down or expired) -> unknown, usable but not preferred
+    picks = Counter()
+    for _ in range(6):
+        response = await router.acompletion(model="m", messages=[{"role": "user", "content": "x"}])
+        picks[chosen(response)] += 1
+    assert picks == {"r-b": 6}
+    await client.delete(keys.replica("r-b"))
+    response = await router.acompletion(model="m", messages=[{"role": "user", "content": "x"}])
+    assert chosen(response) in {"r-b", "r-c"}  # both unknown now; r-a stays excluded
+    await client.hset(keys.replica("r-b"), mapping=state("r-b", healthy=False, state="unhealthy"))
+    await client.hset(keys.replica("r-c"), mapping=state("r-c", healthy=False, state="unhealthy"))
+    with pytest.raises(NoEligibleReplica):
+        await router.acompletion(
+            model="m", messages=[{"role": "user", "content": "x"}], num_retries=0
+        )
+
+
+async def test_failure_releases_every_attempt(client: Redis, hook: RoutingHook) -> None:
+    router = Router(
+        model_list=deployments(response="litellm.InternalServerError"),
+        num_retries=2,
+        retry_after=0,
+    )
+    hook.strategy.install(router)
+    await publish(client, hook)
+    with pytest.raises(litellm.InternalServerError):
+        await router.acompletion(model="m", messages=[{"role": "user", "content": "x"}])
+    await eventually(lambda: _zero(hook))
+    assert len(hook.strategy.ledger) == 0
+
+
+async def test_stream_released_at_end_not_at_start(client: Redis, hook: RoutingHook) -> None:
+    router = Router(model_list=deployments(response="one two three four"))
+    hook.strategy.install(router)
+    await publish(client, hook)
+    stream = await router.acompletion(
+        model="m", messages=[{"role": "user", "content": "x"}], stream=True
+    )
+    assert sum(await inflight(hook)) == 1  # held while the stream is open
+    text = "".join([chunk.choices[0].delta.content or "" async for chunk in stream])
+    assert text == "one two three four"
+    await eventually(lambda: _zero(hook))
+
+
+async def test_client_disconnect_mid_stream_releases(client: Redis, hook: RoutingHook) -> None:
+    """The proxy wraps streams with the iterator hook; closing it early is a disconnect."""
+    router = Router(model_list=deployments(response="one two three four five six"))
+    hook.strategy.install(router)
+    await publish(client, hook)
+    data: dict[str, Any] = {"litellm_call_id": "disconnect-1"}
+    stream = await router.acompletion(
+        model="m", messages=[{"role": "user", "content": "x"}], stream=True, **data
+    )
+    wrapped = hook.async_post_call_streaming_iterator_hook(None, stream, data)  # type: ignore[arg-type]
+    await wrapped.__anext__()
+    assert sum(await inflight(hook)) == 1
+    await wrapped.aclose()  # what the proxy does when the client goes away
+    await eventually(lambda: _zero(hook))
+
+
+async def test_survives_router_reinitialisation(client: Redis, hook: RoutingHook) -> None:
+    from litellm.proxy import proxy_server
+
+    router = Router(model_list=deployments())
+    hook.strategy.install(router)
+    router.routing_strategy_init("simple-shuffle", {})  # what a router_settings change does
+    assert not hook.strategy.installed_on(router)
+    await publish(client, hook, **{"r-a": {"active": 4}, "r-b": {"active": 4}})
+    saved = proxy_server.llm_router
+    proxy_server.llm_router = router
+    try:
+        # the proxy runs pre-call hooks before routing every request
+        await hook.async_pre_call_hook(None, None, {}, "acompletion")  # type: ignore[arg-type]
+    finally:
+        proxy_server.llm_router = saved
+    assert hook.strategy.installed_on(router)
+    for _ in range(3):
+        response = await router.acompletion(model="m", messages=[{"role": "user", "content": "x"}])
+        assert chosen(response) == "r-c"
+    # a brand-new router (config reload) is adopted the same way
+    fresh = Router(model_list=deployments())
+    hook.ensure_installed(fresh)
+    response = await fresh.acompletion(model="m", messages=[{"role": "user", "content": "x"}])
+    assert chosen(response) == "r-c"
+
+
+async def test_fails_open_without_redis_and_recovers(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    port = free_port()
+    settings = RoutingSettings(
+        redis_url=f"redis://127.0.0.1:{port}/0", redis_retry_ms=0, log_interval_s=60
+    )
+    routing_hook = RoutingHook(settings)
+    litellm.callbacks.append(routing_hook)
+    router = Router(model_list=deployments())
+    routing_hook.strategy.install(router)
+    server = RedisServer(tmp_path, port=port)
+    try:
+        with caplog.at_level(logging.WARNING, logger="plugins.routing.fallback"):
+            picks = Counter()
+            for _ in range(30):
+                response = await router.acompletion(
+                    model="m", messages=[{"role": "user", "content": "x"}]
+                )
+                picks[chosen(response)] += 1
+        assert set(picks) == set(IDS)  # spread by per-process counts, nobody starved
+        outage_logs = [r for r in caplog.records if "redis unreachable" in r.getMessage()]
+        assert len(outage_logs) == 1  # once per interval, not once per request
+        server.start()
+        hash_client = Redis.from_url(server.url)
+        try:
+            for rid in IDS:
+                busy = {"active": 0 if rid == "r-c" else 4}
+                await hash_client.hset(KeySchema().replica(rid), mapping=state(rid, **busy))
+            for _ in range(3):
+                response = await router.acompletion(
+                    model="m", messages=[{"role": "user", "content": "x"}]
+                )
+                assert chosen(response) == "r-c"  # Redis-based routing resumed by itself
+            assert not routing_hook.strategy.outage.down
+        finally:
+            await hash_client.aclose()
+    finally:
+        unregister(routing_hook)
+        await routing_hook.strategy.aclose()
+        server.stop()
