@@ -1,14 +1,26 @@
-"""The embedded stack on free loopback ports: Redis, Triton stand-in replicas, a sidecar each."""
+"""The embedded stack on free loopback ports: Redis, Triton stand-in replicas, a sidecar each,
+and the LiteLLM proxy (one or more processes) with the triage plugins and a fresh virtual key."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gateway.proxy_config import (
+    ProxyOptions,
+    ReplicaEndpoint,
+    build_proxy_config,
+    new_master_key,
+    proxy_env,
+    write_proxy_config,
+)
+from gateway.proxy_launcher import LiteLLMProxy, start_proxy
 from gateway.redis_launcher import RedisServer
 from gateway.sidecar_launcher import SidecarProcess, start_sidecar
 from gateway.stack_settings import StackSettings
@@ -24,6 +36,10 @@ class Stack:
     redis: RedisServer | None = None
     replicas: dict[str, TritonServer] = field(default_factory=dict)
     sidecars: dict[str, SidecarProcess] = field(default_factory=dict)
+    proxies: list[LiteLLMProxy] = field(default_factory=list)
+    master_key: str = field(default_factory=new_master_key)
+    api_key: str | None = None
+    """A virtual key created at start (alias ``triage-up``, every model)."""
 
     def __post_init__(self) -> None:
         self.workdir = self.settings.workdir or Path(tempfile.mkdtemp(prefix="triage-stack-"))
@@ -55,11 +71,50 @@ class Stack:
                     poll_interval_ms=s.poll_interval_ms,
                     key_prefix=s.key_prefix,
                 )
+            if s.proxies:
+                self.api_key = asyncio.run(self._create_key())
+                self._start_proxies()
         except BaseException:
             self.stop()
             raise
-        (self.workdir / "stack.json").write_text(json.dumps(self.describe(), indent=2))
+        state = self.workdir / "stack.json"
+        state.touch(mode=0o600)
+        os.chmod(state, 0o600)  # it holds the master key and a virtual key
+        state.write_text(json.dumps(self.describe(), indent=2))
         return self
+
+    async def _create_key(self) -> str:
+        from plugins.auth.keystore import KeyStore
+        from plugins.auth.settings import KeysSettings
+
+        assert self.redis is not None
+        store = KeyStore.from_settings(
+            KeysSettings(redis_url=self.redis.url, key_prefix=self.settings.key_prefix)
+        )
+        try:
+            key, _ = await store.create(alias=f"triage-up-{os.getpid()}")
+        finally:
+            await store.aclose()
+        return key
+
+    def _start_proxies(self) -> None:
+        s = self.settings
+        assert self.redis is not None
+        endpoints = [ReplicaEndpoint(rid, server.http_url) for rid, server in self.replicas.items()]
+        options = ProxyOptions(routing=s.routing, num_retries=s.num_retries)
+        config = build_proxy_config(s.model, s.model, endpoints, options)
+        path = write_proxy_config(config, self.workdir / "proxy.yaml")
+        env = proxy_env(self.redis.url, s.key_prefix, self.master_key)
+        for index in range(s.proxies):
+            self.proxies.append(
+                start_proxy(
+                    f"proxy-{index}",
+                    path,
+                    env,
+                    self.workdir,
+                    ready_timeout_s=s.proxy_ready_timeout_s,
+                )
+            )
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -67,6 +122,11 @@ class Stack:
             "redis_url": self.redis.url if self.redis else None,
             "key_prefix": self.settings.key_prefix,
             "model": self.settings.model,
+            "base_url": self.proxies[0].base_url if self.proxies else None,
+            "proxy_urls": [p.base_url for p in self.proxies],
+            "api_key": self.api_key,
+            "master_key": self.master_key if self.proxies else None,
+            "routing": self.settings.routing,
             "replicas": {
                 rid: {
                     "triton_url": server.http_url,
@@ -83,7 +143,12 @@ class Stack:
 
     def stop(self) -> None:
         """Stop in reverse order of start; every part is attempted even if one fails."""
-        parts: list[Any] = [*self.sidecars.values(), *self.replicas.values(), self.redis]
+        parts: list[Any] = [
+            *self.proxies,
+            *self.sidecars.values(),
+            *self.replicas.values(),
+            self.redis,
+        ]
         for part in parts:
             if part is None:
                 continue

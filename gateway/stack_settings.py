@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -28,6 +29,15 @@ class StackSettings(BaseSettings):
     key_prefix: str = DEFAULT_PREFIX
     workdir: Path | None = Field(default=None, description="logs and state; default a temp dir")
     ready_timeout_s: float = Field(default=90.0, gt=0)
+    proxies: int = Field(
+        default=1, ge=0, le=8, description="LiteLLM proxy processes sharing Redis (0: none)"
+    )
+    routing: Literal["triage", "simple-shuffle", "least-busy"] = Field(
+        default="triage",
+        description="triage = the least-busy plugin; or LiteLLM's own strategy, to compare",
+    )
+    num_retries: int = Field(default=2, ge=0, description="router retries on another replica")
+    proxy_ready_timeout_s: float = Field(default=120.0, gt=0)
 
     @field_validator("speeds")
     @classmethod

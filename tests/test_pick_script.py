@@ -101,8 +101,9 @@ param_sets = st.one_of(
         PolicyParams,
         kv_threshold=st.sampled_from([0.0, 0.5, 0.8, 0.95]),
         kv_weight=st.sampled_from([0.0, 0.5, 1.0, 3.0]),
-        unknown_score=st.sampled_from([1e9, 50.0]),
+        unknown_score=st.sampled_from([1e9, 50.0, -50.0]),
         default_service_ms=st.sampled_from([1.0, 75.0]),
+        tie_tolerance=st.sampled_from([0.0, 0.1, 0.5]),
     ),
 )
 

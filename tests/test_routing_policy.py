@@ -189,9 +189,19 @@ CHOICES: list[tuple[str, list[tuple[str, ReplicaState | None, int]], str | None]
         "missing service_ms takes the mean",
         [
             ("a", rs(service_ms=None), 0),
-            ("b", rs(service_ms=90.0), 1),
-            ("c", rs(service_ms=110.0), 0),
+            ("b", rs(service_ms=50.0), 1),
+            ("c", rs(service_ms=150.0), 0),
         ],
+        "a",  # a: 1 * 100 / 4 = 25 (the mean); b: 2 * 50 / 4 = 25, more in flight; c: 37.5
+    ),
+    (
+        "within tie_tolerance: fewer in-flight wins over a lower score",
+        [("a", rs(service_ms=100.0), 1), ("b", rs(service_ms=195.0), 0)],
+        "b",  # a: 2 * 100 / 4 = 50; b: 1 * 195 / 4 = 48.75: tied (within 10 %), b has fewer
+    ),
+    (
+        "outside tie_tolerance: the lower score wins",
+        [("a", rs(service_ms=100.0), 0), ("b", rs(service_ms=111.0), 0)],
         "a",
     ),
     ("kv pressure loses", [("a", rs(kv_fraction=0.95), 0), ("b", rs(kv_fraction=0.2), 0)], "b"),
@@ -218,6 +228,14 @@ def test_choose(
 ) -> None:
     for tiebreak in range(4):
         assert choose(candidates, P, NOW, tiebreak) == expected
+
+
+def test_near_equal_idle_replicas_share_the_load() -> None:
+    """Identical replicas whose measured service times differ by noise: ties, spread."""
+    candidates = [("a", rs(service_ms=101.0), 0), ("b", rs(service_ms=99.0), 0)]
+    assert {choose(candidates, P, NOW, t) for t in range(4)} == {"a", "b"}
+    strict = PolicyParams(tie_tolerance=0.0)
+    assert {choose(candidates, strict, NOW, t) for t in range(4)} == {"b"}
 
 
 def test_ties_spread_by_tiebreak_in_sorted_id_order() -> None:

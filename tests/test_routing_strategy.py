@@ -25,6 +25,7 @@ from redis.asyncio import Redis
 from gateway.redis_launcher import RedisServer
 from plugins.routing.hook import RoutingHook
 from plugins.routing.settings import RoutingSettings
+from plugins.routing.store import RoutingStore
 from plugins.routing.strategy import NoEligibleReplica
 from triage.keyschema import KeySchema, ReplicaState
 from triage.paths import free_port
@@ -107,7 +108,12 @@ async def publish(client: Redis, hook: RoutingHook, **per_replica: dict[str, Any
 
 
 async def inflight(hook: RoutingHook) -> list[int]:
-    return await hook.strategy.store.inflight(IDS)
+    # a client of its own: the measurement must not share the plugin's short timeouts
+    client = Redis.from_url(str(hook.strategy.settings.redis_url))
+    try:
+        return await RoutingStore(client, keys_of(hook)).inflight(IDS)
+    finally:
+        await client.aclose()
 
 
 async def eventually(check: Any, timeout_s: float = 5.0) -> None:

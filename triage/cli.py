@@ -49,6 +49,11 @@ def cmd_up(argv: Sequence[str]) -> int:
         stack.start()
         info = stack.describe()
         print("\ntriage stack ready", flush=True)
+        if info["base_url"]:
+            print(f"  base URL  {info['base_url']}/v1  (OpenAI API, model {info['model']!r})")
+            print(f"  API key   {info['api_key']}")
+            for url in info["proxy_urls"][1:]:
+                print(f"  proxy     {url}")
         print(f"  redis     {info['redis_url']}")
         for rid, replica in info["replicas"].items():
             print(

@@ -4,7 +4,8 @@
 -- KEYS[N+1..2N]  inflight:{id} reservation sets (sorted sets: member = reservation id,
 --                score = lease expiry in ms since the epoch), same candidate order
 -- ARGV           N, tiebreak, stale_after_ms, kv_threshold, kv_weight, unknown_score,
---                default_service_ms, reservation id, lease_ms, then the N replica ids
+--                default_service_ms, tie_tolerance, reservation id, lease_ms, then the N
+--                replica ids
 --
 -- A candidate's in-flight count is the number of unexpired reservations (expired ones are
 -- removed first: a reservation whose release was lost heals when its lease ends).
@@ -23,9 +24,10 @@ local kv_threshold = tonumber(ARGV[4])
 local kv_weight = tonumber(ARGV[5])
 local unknown_score = tonumber(ARGV[6])
 local default_service_ms = tonumber(ARGV[7])
-local reservation = ARGV[8]
-local lease_ms = tonumber(ARGV[9])
-local FIRST_ID = 9 -- ARGV[FIRST_ID + i] is candidate i's replica id
+local tie_tolerance = tonumber(ARGV[8])
+local reservation = ARGV[9]
+local lease_ms = tonumber(ARGV[10])
+local FIRST_ID = 10 -- ARGV[FIRST_ID + i] is candidate i's replica id
 
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -106,7 +108,7 @@ if count > 0 then
   fallback = total / count
 end
 
-local best, best_inflight, tied = nil, nil, {}
+local best = nil
 local scores = {}
 for i = 1, n do
   local s = states[i]
@@ -126,17 +128,26 @@ for i = 1, n do
     score = (load + 1) * service / s.max_active * kv_penalty
   end
   scores[i] = score
-  if score < math.huge then
-    if best == nil or score < best or (score == best and inflight[i] < best_inflight) then
-      best, best_inflight, tied = score, inflight[i], { i }
-    elseif score == best and inflight[i] == best_inflight then
-      tied[#tied + 1] = i
-    end
+  if score < math.huge and (best == nil or score < best) then
+    best = score
   end
 end
 
 if best == nil then
   return { 0 }
+end
+
+-- Tied: every score within tie_tolerance of the best; among them the fewest in-flight.
+local limit = best + math.abs(best) * tie_tolerance
+local fewest, tied = nil, {}
+for i = 1, n do
+  if scores[i] <= limit then
+    if fewest == nil or inflight[i] < fewest then
+      fewest, tied = inflight[i], { i }
+    elseif inflight[i] == fewest then
+      tied[#tied + 1] = i
+    end
+  end
 end
 
 -- Byte-wise order of the replica ids (Python sorts str by code point = UTF-8 byte order;

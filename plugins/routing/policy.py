@@ -15,9 +15,12 @@ A replica's score estimates the **expected completion time** of one more request
   whose score is below ``unknown_score``. A stale hash is unknown even if it says unhealthy: the
   health flag is as old as the counts.
 * A fresh, unhealthy replica scores ``math.inf`` and is never chosen.
-* ``choose`` takes the lowest score; among exactly equal scores the fewest in-flight; among those
-  still tied, the replica ids sorted by code point (= UTF-8 byte order) and index
-  ``tiebreak % len(tied)``, so a random ``tiebreak`` from the caller spreads ties.
+* ``choose`` treats every score within ``tie_tolerance`` of the lowest as tied
+  (``score <= best + |best| * tie_tolerance``): measured service times of identical replicas
+  differ by noise, and a strict minimum would send every request of an idle fleet to the same
+  replica. Among the tied, the fewest in-flight (the proxies' reservations: the freshest
+  signal); among those still tied, the replica ids sorted by code point (= UTF-8 byte order)
+  and index ``tiebreak % len(tied)``, so a random ``tiebreak`` from the caller spreads ties.
 
 Bit-identical with Lua
 ----------------------
@@ -65,6 +68,8 @@ class PolicyParams:
     """Base score of an unknown replica: usable, never preferred over a known healthy one."""
     default_service_ms: float = 1.0
     """Service time used when no candidate publishes one (then only counts matter)."""
+    tie_tolerance: float = 0.1
+    """Scores within this fraction of the lowest are tied (then fewest in-flight, then random)."""
 
     def __post_init__(self) -> None:
         if self.stale_after_ms < 0:
@@ -75,6 +80,8 @@ class PolicyParams:
             raise ValueError(f"kv_weight must be finite and >= 0, got {self.kv_weight}")
         if not math.isfinite(self.unknown_score):
             raise ValueError(f"unknown_score must be finite, got {self.unknown_score}")
+        if not (math.isfinite(self.tie_tolerance) and 0.0 <= self.tie_tolerance <= 1.0):
+            raise ValueError(f"tie_tolerance must be in [0, 1], got {self.tie_tolerance}")
         if not (math.isfinite(self.default_service_ms) and self.default_service_ms > 0.0):
             raise ValueError(
                 f"default_service_ms must be finite and > 0, got {self.default_service_ms}"
@@ -147,8 +154,8 @@ def choose(
 ) -> str | None:
     """The replica id to send the next request to, or None if no candidate is eligible.
 
-    Lowest score; among exactly equal scores the fewest in-flight; among those, the ids in
-    sorted order and index ``tiebreak % len(tied)``.
+    Lowest score; among the scores within ``tie_tolerance`` of it the fewest in-flight; among
+    those, the ids in sorted order and index ``tiebreak % len(tied)``.
     """
     ranked = scores(candidates, params, now_ms)
     eligible = [
@@ -159,7 +166,8 @@ def choose(
     if not eligible:
         return None
     best = min(s for s, _, _ in eligible)
-    tied = [(inflight, replica_id) for s, inflight, replica_id in eligible if s == best]
+    limit = best + abs(best) * params.tie_tolerance
+    tied = [(inflight, replica_id) for s, inflight, replica_id in eligible if s <= limit]
     fewest = min(inflight for inflight, _ in tied)
     names = sorted(replica_id for inflight, replica_id in tied if inflight == fewest)
     return names[tiebreak % len(names)]

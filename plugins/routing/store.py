@@ -104,6 +104,7 @@ class RoutingStore:
             _float_arg(params.kv_weight),
             _float_arg(params.unknown_score),
             _float_arg(params.default_service_ms),
+            _float_arg(params.tie_tolerance),
             reservation,
             str(int(lease_ms)),
             *ids,

@@ -1,0 +1,101 @@
+"""The LiteLLM proxy config, generated from the fleet: deployments, both plugins, keys.
+
+One deployment per Triton replica (``model_info.id`` = the replica id the sidecar publishes
+under, so the routing plugin can join LiteLLM's deployments with the Redis load store). The
+plugins get their settings through ``TRIAGE_*`` environment variables (``proxy_env``), never
+through the YAML, so one YAML works for N proxy processes and secrets stay out of files.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field
+
+from plugins.triton_provider.deployments import triton_deployment
+from triage.paths import REPO_ROOT
+
+ROUTING_CALLBACK = "plugins.routing.proxy_callback.routing"
+MODEL_ACCESS_CALLBACK = "plugins.auth.model_access.model_access"
+CUSTOM_AUTH = "plugins.auth.custom_auth.user_api_key_auth"
+TRITON_PROVIDER = "triage_triton"
+TRITON_HANDLER = "plugins.triton_provider.handler.triton_generate"
+
+
+@dataclass(frozen=True)
+class ReplicaEndpoint:
+    replica_id: str
+    api_base: str
+    """Triton's HTTP endpoint, e.g. http://127.0.0.1:8000"""
+
+
+class ProxyOptions(BaseModel):
+    """How the proxy routes: ``least-busy`` (the plugin) or LiteLLM's own strategies."""
+
+    routing: Literal["triage", "simple-shuffle", "least-busy"] = "triage"
+    num_retries: int = Field(default=2, ge=0)
+    request_timeout_s: float = Field(default=600.0, gt=0)
+    prometheus: bool = True
+
+
+def new_master_key() -> str:
+    return "sk-triage-master-" + secrets.token_urlsafe(24)
+
+
+def build_proxy_config(
+    model_name: str,
+    triton_model: str,
+    replicas: list[ReplicaEndpoint],
+    options: ProxyOptions | None = None,
+) -> dict[str, Any]:
+    opts = options or ProxyOptions()
+    callbacks: list[str] = [MODEL_ACCESS_CALLBACK]
+    if opts.routing == "triage":
+        callbacks.insert(0, ROUTING_CALLBACK)
+    if opts.prometheus:
+        callbacks.append("prometheus")
+    return {
+        "model_list": [
+            triton_deployment(model_name, r.replica_id, r.api_base, triton_model) for r in replicas
+        ],
+        "litellm_settings": {
+            "custom_provider_map": [
+                {"provider": TRITON_PROVIDER, "custom_handler": TRITON_HANDLER}
+            ],
+            "callbacks": callbacks,
+            "request_timeout": opts.request_timeout_s,
+        },
+        "router_settings": {
+            # with "triage" the plugin replaces the chooser; the router still filters
+            # (cooldowns, health) before it, with LiteLLM's defaults
+            "routing_strategy": "least-busy" if opts.routing == "least-busy" else "simple-shuffle",
+            "num_retries": opts.num_retries,
+        },
+        "general_settings": {
+            "master_key": "os.environ/LITELLM_MASTER_KEY",
+            "custom_auth": CUSTOM_AUTH,
+        },
+    }
+
+
+def proxy_env(redis_url: str, key_prefix: str, master_key: str) -> dict[str, str]:
+    """Environment of a proxy process: LiteLLM's own variables and the plugins' settings."""
+    return {
+        "LITELLM_MASTER_KEY": master_key,
+        "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+        "LITELLM_LOG": "ERROR",
+        "TRIAGE_ROUTING_REDIS_URL": redis_url,
+        "TRIAGE_ROUTING_KEY_PREFIX": key_prefix,
+        "TRIAGE_KEYS_REDIS_URL": redis_url,
+        "TRIAGE_KEYS_KEY_PREFIX": key_prefix,
+        "PYTHONPATH": str(REPO_ROOT),
+    }
+
+
+def write_proxy_config(config: dict[str, Any], path: Path) -> Path:
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path

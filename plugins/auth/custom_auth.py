@@ -1,0 +1,267 @@
+"""LiteLLM ``general_settings.custom_auth`` backed by the offline key store.
+
+Proxy config::
+
+    general_settings:
+      custom_auth: plugins.auth.custom_auth.user_api_key_auth
+
+LiteLLM calls ``user_api_key_auth(request, api_key)`` for every authenticated route, with the
+``Bearer`` prefix already removed. Outcomes:
+
+* ``LITELLM_MASTER_KEY`` → the proxy admin (no Redis round trip);
+* a live key → ``UserAPIKeyAuth`` with ``token``/``api_key`` = the key's SHA-256, ``key_alias``,
+  ``models``, ``max_parallel_requests`` and ``metadata`` ``{"priority", "key_id", "key_source"}``;
+* no key, an unknown or a revoked key → ``ProxyException`` 401 (``type: auth_error``), which
+  LiteLLM returns as is: ``{"error": {"message", "type", "param", "code": "401"}}``;
+* a live key on a route that is neither an LLM API route nor a model-info route (``/key/*``,
+  ``/config/*``, ``/model/new``...) → 403, unless ``restrict_routes`` is off: LiteLLM runs no
+  route checks of its own after a ``custom_auth`` (``custom_auth_run_common_checks`` would,
+  but its admin-route rejection needs the ``prisma`` package and answers 500 without it);
+* Redis unreachable → 503 (``type: service_unavailable``, ``Retry-After``), logged with the store's
+  address; a key is never accepted without a successful lookup within the cache TTL;
+* settings invalid (e.g. ``TRIAGE_KEYS_REDIS_URL`` unset) → 500, logged.
+
+Lookups are cached in-process by the key's hash for ``cache_ttl_s`` (found) or
+``negative_cache_ttl_s`` (unknown), so a revocation takes effect within ``cache_ttl_s``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+from fastapi import Request, status
+from litellm.constants import LITELLM_PROXY_ADMIN_NAME, LITELLM_PROXY_MASTER_KEY_ALIAS
+from litellm.proxy._types import (
+    LiteLLMRoutes,
+    LitellmUserRoles,
+    ProxyErrorTypes,
+    ProxyException,
+    UserAPIKeyAuth,
+)
+from litellm.proxy.auth.auth_utils import get_request_route
+from litellm.proxy.auth.route_checks import RouteChecks
+from pydantic import ValidationError
+from redis.exceptions import RedisError
+
+from plugins.auth.identity import KEY_SOURCE, MASTER
+from plugins.auth.keystore import (
+    CorruptRecordError,
+    KeyRecord,
+    KeyStore,
+    hash_key,
+    key_id_from_hash,
+)
+from plugins.auth.settings import KeysSettings
+
+log = logging.getLogger("triage.auth")
+
+ADMIN_KEY_ID = MASTER
+MASTER_KEY_ENV = "LITELLM_MASTER_KEY"
+RETRY_AFTER_S = 1
+
+
+def _unauthorized(message: str) -> ProxyException:
+    return ProxyException(
+        message=message,
+        type=ProxyErrorTypes.auth_error,
+        param="api_key",
+        code=status.HTTP_401_UNAUTHORIZED,
+    )
+
+
+def key_route_allowed(route: str) -> bool:
+    """Routes a non-admin key may call: LiteLLM's LLM API routes and the model-info routes."""
+    return RouteChecks.is_llm_api_route(route) or route in LiteLLMRoutes.model_info_routes.value
+
+
+def _bearer_stripped(api_key: str | None) -> str:
+    if not api_key:
+        return ""
+    key = api_key.strip()
+    scheme, _, rest = key.partition(" ")
+    if scheme.lower() == "bearer":
+        key = rest.strip()
+    return key
+
+
+class Authenticator:
+    """Key lookups through a small in-process TTL cache keyed by the key's hash."""
+
+    def __init__(
+        self,
+        store: KeyStore,
+        settings: KeysSettings,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self._clock = clock
+        self._cache: OrderedDict[str, tuple[float, KeyRecord | None]] = OrderedDict()
+
+    @classmethod
+    def from_settings(cls, settings: KeysSettings) -> Authenticator:
+        return cls(KeyStore.from_settings(settings), settings)
+
+    async def record_for(self, key_hash: str) -> KeyRecord | None:
+        """The live record, from the cache if fresh; raises on Redis errors (never allows)."""
+        now = self._clock()
+        cached = self._cache.get(key_hash)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        record = await self.store.get(key_hash)
+        ttl = (
+            self.settings.cache_ttl_s if record is not None else self.settings.negative_cache_ttl_s
+        )
+        if ttl > 0:
+            self._cache[key_hash] = (now + ttl, record)
+            self._cache.move_to_end(key_hash)
+            while len(self._cache) > self.settings.cache_max_entries:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.pop(key_hash, None)
+        return record
+
+    def forget(self, key_hash: str | None = None) -> None:
+        """Drop one cached lookup (or all): for tests and for an in-process revoke."""
+        if key_hash is None:
+            self._cache.clear()
+        else:
+            self._cache.pop(key_hash, None)
+
+    def admin(self) -> UserAPIKeyAuth:
+        return UserAPIKeyAuth(
+            api_key=LITELLM_PROXY_MASTER_KEY_ALIAS,
+            user_id=LITELLM_PROXY_ADMIN_NAME,
+            user_role=LitellmUserRoles.PROXY_ADMIN,
+            key_alias=ADMIN_KEY_ID,
+            metadata={
+                "priority": self.settings.admin_priority,
+                "key_id": ADMIN_KEY_ID,
+                "key_source": KEY_SOURCE,
+            },
+        )
+
+    @staticmethod
+    def to_user_api_key_auth(record: KeyRecord) -> UserAPIKeyAuth:
+        return UserAPIKeyAuth(
+            api_key=record.key_hash,  # not ``sk-``: LiteLLM keeps it as is, token = the same
+            key_alias=record.alias,
+            key_name=record.key_id,
+            user_role=LitellmUserRoles.INTERNAL_USER,
+            models=list(record.models),
+            max_parallel_requests=record.max_parallel_requests,
+            metadata={
+                "priority": record.priority,
+                "key_id": record.key_id,
+                "key_source": KEY_SOURCE,
+            },
+        )
+
+    async def aclose(self) -> None:
+        await self.store.aclose()
+
+
+_authenticator: Authenticator | None = None
+
+
+def get_authenticator() -> Authenticator:
+    """The process's authenticator, made from ``KeysSettings()`` (env) on first use."""
+    global _authenticator
+    if _authenticator is None:
+        settings = KeysSettings()  # type: ignore[call-arg]  # redis_url comes from the env
+        _authenticator = Authenticator.from_settings(settings)
+        log.info(
+            "offline key store: %s, cache ttl %.1f s (unknown keys %.1f s)",
+            _authenticator.store.describe(),
+            settings.cache_ttl_s,
+            settings.negative_cache_ttl_s,
+        )
+    return _authenticator
+
+
+def set_authenticator(authenticator: Authenticator | None) -> Authenticator | None:
+    """Replace the process's authenticator (None: make it again from the env on next use).
+
+    Returns the previous one; closing it is the caller's business.
+    """
+    global _authenticator
+    previous, _authenticator = _authenticator, authenticator
+    return previous
+
+
+async def user_api_key_auth(request: Request, api_key: str | None) -> UserAPIKeyAuth:
+    """LiteLLM ``custom_auth`` entry point; see the module docstring for the outcomes."""
+    route = get_request_route(request)
+    presented = _bearer_stripped(api_key)
+    if not presented:
+        log.info("rejected request without an API key on %s", route)
+        raise _unauthorized(
+            "No API key provided: send 'Authorization: Bearer <key>' (create one with "
+            "'triage keys create --alias NAME')."
+        )
+    try:
+        authenticator = get_authenticator()
+    except ValidationError as exc:
+        fields = ", ".join(
+            f"TRIAGE_KEYS_{'.'.join(str(p) for p in e['loc']).upper()}: {e['msg']}"
+            for e in exc.errors()
+        )
+        log.error("offline key store is not configured, every key is refused: %s", fields)
+        raise ProxyException(
+            message="The gateway's key store is not configured; see the gateway's log.",
+            type="internal_server_error",
+            param=None,
+            code=status.HTTP_500_INTERNAL_SERVER_ERROR,
+        ) from exc
+
+    master = os.environ.get(MASTER_KEY_ENV)
+    if master and hmac.compare_digest(presented.encode(), master.encode()):
+        return authenticator.admin()
+
+    key_hash = hash_key(presented)
+    key_id = key_id_from_hash(key_hash)
+    try:
+        record = await authenticator.record_for(key_hash)
+    except (RedisError, OSError) as exc:
+        log.error(
+            "key store unreachable (%s), refusing key %s on %s: %s: %s",
+            authenticator.store.describe(),
+            key_id,
+            route,
+            type(exc).__name__,
+            exc,
+        )
+        raise ProxyException(
+            message="The gateway cannot check API keys right now (key store unavailable); "
+            "retry shortly.",
+            type="service_unavailable",
+            param=None,
+            code=status.HTTP_503_SERVICE_UNAVAILABLE,
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        ) from exc
+    except CorruptRecordError as exc:
+        log.error("refusing key %s on %s: %s", key_id, route, exc)
+        raise ProxyException(
+            message=f"The record of API key {key_id} is invalid; ask the operator to reissue it.",
+            type="internal_server_error",
+            param=None,
+            code=status.HTTP_500_INTERNAL_SERVER_ERROR,
+        ) from exc
+    if record is None:
+        log.info("rejected unknown or revoked key %s on %s", key_id, route)
+        raise _unauthorized("Invalid API key: unknown or revoked.")
+    if authenticator.settings.restrict_routes and not key_route_allowed(route):
+        log.info("refused key %s (%s) on admin route %s", key_id, record.alias, route)
+        raise ProxyException(
+            message=f"API key '{record.alias}' may call model routes only; {route} needs the "
+            "master key.",
+            type=ProxyErrorTypes.auth_error,
+            param="route",
+            code=status.HTTP_403_FORBIDDEN,
+        )
+    return authenticator.to_user_api_key_auth(record)
