@@ -179,6 +179,37 @@ async def test_redis_down_is_503_never_an_allow(
         await authenticator.aclose()
 
 
+@pytest.mark.parametrize("stale_if_error_s", [600.0, 0.0])
+async def test_redis_outage_keeps_recently_valid_keys(
+    tmp_path: Path, stale_if_error_s: float
+) -> None:
+    """A Redis outage must not lock every client out: a key seen valid recently stays valid."""
+    server = RedisServer(tmp_path).start()
+    settings = KeysSettings(
+        redis_url=server.url,
+        key_prefix=fresh_prefix(),
+        cache_ttl_s=0.1,
+        redis_timeout_s=0.2,
+        stale_if_error_s=stale_if_error_s,
+    )
+    authenticator = Authenticator.from_settings(settings)
+    previous = set_authenticator(authenticator)
+    try:
+        plaintext, _ = await authenticator.store.create("survivor")
+        assert (await user_api_key_auth(http_request(), plaintext)).key_alias == "survivor"
+        await asyncio.sleep(0.15)  # the cached lookup has expired
+        server.kill()
+        if stale_if_error_s:
+            assert (await user_api_key_auth(http_request(), plaintext)).key_alias == "survivor"
+        else:
+            assert (await rejected(plaintext)).code == "503"
+        assert (await rejected("sk-triage-never-seen")).code == "503"  # never an allow
+    finally:
+        set_authenticator(previous)
+        await authenticator.aclose()
+        server.stop()
+
+
 async def test_authenticator_is_made_once_from_the_env(
     redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -102,6 +102,7 @@ class Authenticator:
         self.settings = settings
         self._clock = clock
         self._cache: OrderedDict[str, tuple[float, KeyRecord | None]] = OrderedDict()
+        self._last_stale_log = -float("inf")
 
     @classmethod
     def from_settings(cls, settings: KeysSettings) -> Authenticator:
@@ -113,7 +114,17 @@ class Authenticator:
         cached = self._cache.get(key_hash)
         if cached is not None and cached[0] > now:
             return cached[1]
-        record = await self.store.get(key_hash)
+        try:
+            record = await self.store.get(key_hash)
+        except (RedisError, OSError) as exc:
+            if (
+                cached is not None
+                and cached[1] is not None
+                and now < cached[0] + self.settings.stale_if_error_s
+            ):
+                self._log_stale(cached[1], exc, now)
+                return cached[1]
+            raise
         ttl = (
             self.settings.cache_ttl_s if record is not None else self.settings.negative_cache_ttl_s
         )
@@ -125,6 +136,19 @@ class Authenticator:
         else:
             self._cache.pop(key_hash, None)
         return record
+
+    def _log_stale(self, record: KeyRecord, exc: BaseException, now: float) -> None:
+        if now - self._last_stale_log >= 10.0:  # once per 10 s, not once per request
+            self._last_stale_log = now
+            log.warning(
+                "key store unreachable on %s (%s: %s): accepting key %s from a lookup that "
+                "expired less than %.0f s ago",
+                self.store.describe(),
+                type(exc).__name__,
+                exc,
+                record.key_id,
+                self.settings.stale_if_error_s,
+            )
 
     def forget(self, key_hash: str | None = None) -> None:
         """Drop one cached lookup (or all): for tests and for an in-process revoke."""

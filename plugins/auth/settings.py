@@ -36,6 +36,13 @@ class KeysSettings(BaseSettings):
         description="how long an unknown key stays unknown without asking Redis again",
     )
     cache_max_entries: int = Field(default=10_000, ge=1, description="in-process cache bound")
+    stale_if_error_s: float = Field(
+        default=600.0,
+        ge=0.0,
+        le=86_400.0,
+        description="while Redis is unreachable, keep accepting a key that was valid at most "
+        "this long ago (so a Redis outage does not lock out every client); 0 disables",
+    )
     redis_timeout_s: float = Field(
         default=1.0, gt=0.0, le=30.0, description="connect and command timeout"
     )
