@@ -41,3 +41,43 @@ class ServiceTimeWindow:
         first, last = self.samples[0], self.samples[-1]
         elapsed = last[0] - first[0]
         return (last[2] - first[2]) / elapsed if elapsed > 0 else None
+
+
+@dataclass
+class StepTimeWindow:
+    """Engine time per iteration (ms), from TensorRT-LLM's cumulative ``iteration_counter``.
+
+    One in-flight-batching iteration produces one token of every sequence in the batch, so the
+    busy time per iteration is the replica's time per token: a speed measure independent of how
+    long the requests are (a per-request mean mixes speed with request sizes, so a replica that
+    last served long requests would look slow). Only intervals busy at both ends count (an idle
+    engine does not iterate); the value is kept while the replica is idle, since speed is a
+    property of the replica, not of its current load.
+    """
+
+    window_s: float = 10.0
+    intervals: deque[tuple[float, float, float]] = field(default_factory=deque)
+    previous: tuple[float, float, bool] | None = None
+    last_step_ms: float | None = None
+
+    def add(self, t: float, iterations: float, busy: bool) -> None:
+        previous, self.previous = self.previous, (t, iterations, busy)
+        if previous is None:
+            return
+        t0, it0, busy0 = previous
+        done = iterations - it0
+        if done < 0:  # the counter went back: the server restarted
+            self.intervals.clear()
+            return
+        if busy0 and busy and done > 0 and t > t0:
+            self.intervals.append((t, t - t0, done))
+        while self.intervals and self.intervals[0][0] <= t - self.window_s:
+            self.intervals.popleft()
+        if self.intervals:
+            elapsed = sum(interval[1] for interval in self.intervals)
+            steps = sum(interval[2] for interval in self.intervals)
+            self.last_step_ms = elapsed / steps * 1000.0
+
+    @property
+    def step_ms(self) -> float | None:
+        return self.last_step_ms

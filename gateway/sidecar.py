@@ -31,7 +31,7 @@ from redis import asyncio as aioredis
 from redis.exceptions import RedisError
 
 from gateway.health import HealthDebounce
-from gateway.service_time import ServiceTimeWindow
+from gateway.service_time import ServiceTimeWindow, StepTimeWindow
 from gateway.sidecar_settings import SidecarSettings
 from gateway.triton_metrics import EngineSample, parse_engine_sample
 from triage.keyschema import KeySchema, ReplicaState
@@ -81,6 +81,7 @@ class Sidecar:
         self.keys = KeySchema(settings.key_prefix)
         self.health = HealthDebounce(threshold=settings.unhealthy_after)
         self.window = ServiceTimeWindow(window_s=settings.service_window_s)
+        self.steps = StepTimeWindow(window_s=settings.service_window_s)
         self.last_sample: EngineSample | None = None
         self.last_sample_ms = 0
         self.last_publish_monotonic: float | None = None
@@ -121,8 +122,11 @@ class Sidecar:
             self.health.observe(True)
             self.last_sample = sample
             self.last_sample_ms = int(time.time() * 1000)
+            now = time.monotonic()
             if sample.duration_us is not None and sample.completed is not None:
-                self.window.add(time.monotonic(), sample.duration_us, sample.completed)
+                self.window.add(now, sample.duration_us, sample.completed)
+            if sample.iterations is not None:
+                self.steps.add(now, sample.iterations, sample.active > 0)
             if before != "healthy":
                 log.info("replica %s healthy (was %s)", s.replica_id, before)
         finally:
@@ -130,6 +134,14 @@ class Sidecar:
         state = self.current_state()
         await self.publish(state)
         return state
+
+    def service_ms(self) -> float | None:
+        """The replica's time unit for the routing score (the same basis across a fleet):
+        ms per engine iteration when the engine exports its iteration counter (TensorRT-LLM and
+        the stand-in), else the mean request service time."""
+        if self.last_sample is not None and self.last_sample.iterations is not None:
+            return self.steps.step_ms
+        return self.window.service_ms
 
     def current_state(self) -> ReplicaState:
         s = self.settings
@@ -143,7 +155,7 @@ class Sidecar:
             active=sample.active if sample else 0,
             max_active=max_active,
             kv_fraction=sample.kv_fraction if sample else 0.0,
-            service_ms=self.window.service_ms,
+            service_ms=self.service_ms(),
             drain_rps=self.window.drain_rps,
             healthy=self.health.healthy,
             state=self.health.state,

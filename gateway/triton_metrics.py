@@ -19,6 +19,8 @@ class EngineSample:
     kv_fraction: float
     duration_us: float | None  # the first counter pair present, cumulative
     completed: float | None
+    iterations: float | None = None
+    """TensorRT-LLM's executor ``iteration_counter`` (cumulative), when exported."""
 
 
 def _values(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
@@ -83,6 +85,9 @@ def parse_engine_sample(
     kv = _pick(
         values, "nv_trt_llm_kv_cache_block_metrics", engine_model, kv_cache_block_type="fraction"
     )
+    iterations = _pick(
+        values, "nv_trt_llm_general_metrics", engine_model, general_type="iteration_counter"
+    )
     return EngineSample(
         source="trtllm",
         waiting=int(waiting + pending),
@@ -91,4 +96,5 @@ def parse_engine_sample(
         kv_fraction=min(1.0, max(0.0, kv or 0.0)),
         duration_us=duration_us,
         completed=completed,
+        iterations=iterations,
     )

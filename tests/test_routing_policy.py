@@ -196,12 +196,12 @@ CHOICES: list[tuple[str, list[tuple[str, ReplicaState | None, int]], str | None]
     ),
     (
         "within tie_tolerance: fewer in-flight wins over a lower score",
-        [("a", rs(service_ms=100.0), 1), ("b", rs(service_ms=195.0), 0)],
-        "b",  # a: 2 * 100 / 4 = 50; b: 1 * 195 / 4 = 48.75: tied (within 10 %), b has fewer
+        [("a", rs(service_ms=100.0), 1), ("b", rs(service_ms=220.0), 0)],
+        "b",  # a: 2 * 100 / 4 = 50; b: 1 * 220 / 4 = 55: within 20 % of 50, b has fewer
     ),
     (
         "outside tie_tolerance: the lower score wins",
-        [("a", rs(service_ms=100.0), 0), ("b", rs(service_ms=111.0), 0)],
+        [("a", rs(service_ms=100.0), 0), ("b", rs(service_ms=125.0), 0)],
         "a",
     ),
     ("kv pressure loses", [("a", rs(kv_fraction=0.95), 0), ("b", rs(kv_fraction=0.2), 0)], "b"),

@@ -114,3 +114,25 @@ def test_bad_setting_stops_startup_naming_the_field(args: list[str], field: str)
     )
     assert done.returncode == 2
     assert field in done.stderr, done.stderr
+
+
+def test_step_time_is_busy_time_per_iteration() -> None:
+    from gateway.service_time import StepTimeWindow
+
+    w = StepTimeWindow(window_s=10.0)
+    w.add(0.0, 0, busy=False)
+    w.add(0.1, 0, busy=False)
+    assert w.step_ms is None  # idle: no estimate yet
+    w.add(0.2, 0, busy=True)  # became busy during (0.1, 0.2]: the interval does not count
+    w.add(0.3, 10, busy=True)  # 10 iterations in 100 ms
+    assert w.step_ms == pytest.approx(10.0)
+    w.add(0.5, 30, busy=True)  # 20 in 200 ms
+    assert w.step_ms == pytest.approx(10.0)
+    w.add(0.6, 31, busy=False)  # went idle: partial interval ignored
+    w.add(5.0, 31, busy=False)
+    assert w.step_ms == pytest.approx(10.0)  # speed kept while idle
+    w.add(5.1, 0, busy=True)  # counter reset (restart)
+    w.add(5.2, 5, busy=True)  # 5 in 100 ms: 20 ms per step, the old intervals dropped
+    assert w.step_ms == pytest.approx(20.0)
+    w.add(15.3, 505, busy=True)  # window moved on: only the last interval counts
+    assert w.step_ms == pytest.approx(10100.0 / 500)

@@ -65,7 +65,10 @@ class ReplicaState(BaseModel):
     max_active: int = Field(ge=1, description="engine batch slots (C_i)")
     kv_fraction: float = Field(ge=0.0, le=1.0, description="KV-cache blocks used / max")
     service_ms: float | None = Field(
-        default=None, ge=0.0, description="mean request service time over the window (s_i)"
+        default=None,
+        ge=0.0,
+        description="the replica's time unit (s_i): ms per engine iteration (TensorRT-LLM "
+        "iteration counter), else the mean request service time over the window",
     )
     drain_rps: float | None = Field(default=None, ge=0.0, description="completions per second")
     healthy: bool

@@ -68,7 +68,7 @@ class PolicyParams:
     """Base score of an unknown replica: usable, never preferred over a known healthy one."""
     default_service_ms: float = 1.0
     """Service time used when no candidate publishes one (then only counts matter)."""
-    tie_tolerance: float = 0.1
+    tie_tolerance: float = 0.2
     """Scores within this fraction of the lowest are tied (then fewest in-flight, then random)."""
 
     def __post_init__(self) -> None:

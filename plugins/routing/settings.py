@@ -20,7 +20,7 @@ class RoutingSettings(BaseSettings):
     kv_weight: float = Field(default=1.0, ge=0.0)
     unknown_score: float = Field(default=1e9, description="score of a replica with no state")
     default_service_ms: float = Field(default=1.0, gt=0.0)
-    tie_tolerance: float = Field(default=0.1, ge=0.0, le=1.0, description="near-equal = tied")
+    tie_tolerance: float = Field(default=0.2, ge=0.0, le=1.0, description="near-equal = tied")
     lease_ms: int = Field(default=DEFAULT_LEASE_MS, ge=1000, description="reservation lease")
     redis_timeout_ms: int = Field(default=1000, ge=1, description="connect/read timeout")
     redis_retry_ms: int = Field(

@@ -167,6 +167,20 @@ class TritonPythonModel:
             description="Requests that ended with a final response and no error",
             kind=pb_utils.MetricFamily.COUNTER,
         )
+        # TensorRT-LLM's executor iteration counter: the sidecar's size-independent speed signal
+        # (busy time per iteration = time per generated token of each sequence in the batch)
+        self.general_family = pb_utils.MetricFamily(
+            name="nv_trt_llm_general_metrics",
+            description="General TRT LLM metrics",
+            kind=pb_utils.MetricFamily.GAUGE,
+        )
+        self.iteration_counter = self.general_family.Metric(
+            labels={**labels, "general_type": "iteration_counter"}
+        )
+        self.iteration_timestamp = self.general_family.Metric(
+            labels={**labels, "general_type": "timestamp"}
+        )
+        self.iterations = 0
         self.duration_us = self.duration_family.Metric(labels=labels)
         self.success = self.success_family.Metric(labels=labels)
         self.request_metrics["max"].set(self.max_active)
@@ -281,6 +295,9 @@ class TritonPythonModel:
             time.sleep((prefill + decode) / self.speed)
 
             outcomes = [(seq, self._step(seq)) for seq in batch]
+            self.iterations += 1
+            self.iteration_counter.set(self.iterations)
+            self.iteration_timestamp.set(time.time() * 1e6)
             finished = [seq for seq, outcome in outcomes if outcome is not None]
             now = time.monotonic()
             for seq, outcome in outcomes:

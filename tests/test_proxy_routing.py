@@ -1,0 +1,157 @@
+"""End to end: OpenAI SDK → real LiteLLM proxies (with the plugins) → real Triton replicas,
+load published by real sidecars into a real Redis. An equal fleet of two replicas, two proxies."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from gateway.stack import Stack
+from gateway.stack_settings import StackSettings
+
+from proxy_helpers import (
+    MESSAGES,
+    chat_replica,
+    occupy,
+    sdk,
+    shares,
+    wait_for_state,
+)
+
+pytestmark = pytest.mark.integration
+
+MODEL = "standin"
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    settings = StackSettings(
+        replicas=2,
+        proxies=2,
+        poll_interval_ms=100,
+        decode_ms_per_token=10.0,
+        max_active=4,
+        engine_queue_size=24,  # the burst below fits without admission control
+        workdir=tmp_path_factory.mktemp("proxy-stack"),
+    )
+    running = Stack(settings).start()
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+async def test_chat_completion_text_and_usage(stack: Stack) -> None:
+    client = sdk(stack)
+    completion = await client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=6, temperature=0.7, top_p=0.9, seed=3
+    )
+    assert completion.choices[0].message.content
+    assert completion.choices[0].finish_reason == "length"
+    assert completion.usage is not None
+    assert completion.usage.prompt_tokens > 0
+    assert completion.usage.completion_tokens == 6
+
+
+async def test_streaming_text_and_usage(stack: Stack) -> None:
+    client = sdk(stack, 1)
+    stream = await client.chat.completions.create(
+        model=MODEL,
+        messages=MESSAGES,
+        max_tokens=5,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    pieces: list[str] = []
+    usage = None
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            pieces.append(chunk.choices[0].delta.content)
+        if chunk.usage is not None:
+            usage = chunk.usage
+    assert "".join(pieces).strip()
+    assert usage is not None and usage.prompt_tokens > 0 and usage.completion_tokens == 5
+
+
+async def test_no_key_and_wrong_key_are_401(stack: Stack) -> None:
+    import openai
+
+    client = sdk(stack)
+    for key in ("", "sk-triage-not-a-key"):
+        with pytest.raises(openai.AuthenticationError) as info:
+            await client.with_options(api_key=key or "missing").chat.completions.create(
+                model=MODEL, messages=MESSAGES, max_tokens=2
+            )
+        assert info.value.status_code == 401
+
+
+async def test_ties_are_spread_on_an_idle_fleet(stack: Stack) -> None:
+    client = sdk(stack)
+    picks = [await chat_replica(client, MODEL) for _ in range(12)]
+    counts = Counter(picks)
+    assert set(counts) == {"replica-0", "replica-1"}, counts
+    assert min(counts.values()) >= 3, counts
+
+
+async def test_busy_replica_is_avoided_and_choice_follows_the_load(stack: Stack) -> None:
+    client = sdk(stack)
+    # replica-0: its 4 batch slots taken by long requests sent straight to Triton
+    busy = occupy(stack, "replica-0", 4, max_tokens=250)
+    await wait_for_state(stack, "replica-0", lambda s: s.active >= 4)
+    picks = [await chat_replica(client, MODEL) for _ in range(5)]
+    assert picks == ["replica-1"] * 5
+    await busy.finish()
+    # flip: now replica-1 is the busy one
+    busy = occupy(stack, "replica-1", 4, max_tokens=250)
+    await wait_for_state(stack, "replica-1", lambda s: s.active >= 4)
+    await wait_for_state(stack, "replica-0", lambda s: s.active == 0)
+    picks = [await chat_replica(client, MODEL) for _ in range(5)]
+    assert picks == ["replica-0"] * 5
+    await busy.finish()
+
+
+async def test_two_proxies_burst_does_not_herd(stack: Stack) -> None:
+    clients = [sdk(stack, 0), sdk(stack, 1)]
+    await wait_for_state(stack, "replica-0", lambda s: s.active == 0)
+    await wait_for_state(stack, "replica-1", lambda s: s.active == 0)
+    picks = await asyncio.gather(
+        *(chat_replica(clients[i % 2], MODEL, max_tokens=20) for i in range(40))
+    )
+    split = shares(picks)
+    assert set(split) == {"replica-0", "replica-1"}
+    assert all(0.4 <= share <= 0.6 for share in split.values()), split
+
+
+async def test_redis_outage_keeps_serving_and_routing_recovers(stack: Stack) -> None:
+    """Last in the module: it kills and restarts the stack's Redis."""
+    assert stack.redis is not None
+    client = sdk(stack)
+    await chat_replica(client, MODEL)  # every proxy has looked the key up at least once
+    await chat_replica(sdk(stack, 1), MODEL)
+    stack.redis.kill()
+    started = time.monotonic()
+    outage_picks = []
+    while time.monotonic() - started < 3.0:
+        for index in (0, 1):
+            outage_picks.append(await chat_replica(sdk(stack, index), MODEL))
+    assert len(outage_picks) >= 6
+    assert set(outage_picks) == {"replica-0", "replica-1"}  # per-process counts still spread
+    stack.redis.start()  # same port, same data directory: the key store is back
+    await wait_for_state(stack, "replica-0", lambda s: s.healthy)
+    await wait_for_state(stack, "replica-1", lambda s: s.healthy)
+    busy = occupy(stack, "replica-1", 4, max_tokens=250)
+    await wait_for_state(stack, "replica-1", lambda s: s.active >= 4)
+    await asyncio.sleep(1.2)  # the plugin retries Redis at most 1 s after its last failure
+    picks = [await chat_replica(client, MODEL) for _ in range(4)]
+    assert picks == ["replica-0"] * 4  # load-aware again: Redis-based routing resumed
+    await busy.finish()
+
+
+def test_stack_state_file_is_private(stack: Stack) -> None:
+    state = Path(stack.workdir) / "stack.json"
+    assert state.stat().st_mode & 0o077 == 0
