@@ -1,0 +1,113 @@
+"""Settings of the ``triage_triton`` provider: env ``TRIAGE_TRITON_*``, per-deployment overrides.
+
+Process-wide values come from the environment (``TRIAGE_TRITON_DEFAULT_MAX_TOKENS=128``, ...).
+A deployment may override the *per-request* fields through its ``model_info``::
+
+    model_info:
+      id: replica-a
+      triage_triton: {chat_template: /etc/triage/llama3.jinja, default_max_tokens: 512}
+
+``model_info`` is the place because the Router stamps the deployment's own ``model_info`` into
+the call (a client cannot set it), whereas extra ``litellm_params`` keys reach the handler mixed
+with the client's extra body fields in ``optional_params``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from functools import lru_cache
+from typing import Any
+
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROVIDER = "triage_triton"  # the custom_provider_map name and the model prefix
+MODEL_INFO_KEY = "triage_triton"  # model_info key of per-deployment overrides
+
+# Fields that shape the shared HTTP client: process-wide only, never per deployment.
+CLIENT_FIELDS = frozenset({"connect_timeout_s", "max_connections", "max_keepalive_connections"})
+
+
+class TritonProviderSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TRIAGE_TRITON_", extra="forbid", frozen=True)
+
+    chat_template: str | None = Field(
+        default=None,
+        description="None or 'chatml': the built-in ChatML template; a jinja2 template string "
+        "(contains '{{' or '{%'); otherwise a path to a template file",
+    )
+    bos_token: str = Field(default="", description="exposed to the template as bos_token")
+    eos_token: str = Field(default="", description="exposed to the template as eos_token")
+    default_max_tokens: int = Field(
+        default=256,
+        ge=1,
+        description="max_tokens when the request sets neither max_tokens nor max_completion_tokens",
+    )
+    request_timeout_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="read timeout per request (between stream events); "
+        "LiteLLM's own timeout caps it",
+    )
+    trim_stop: bool = Field(
+        default=True,
+        description="cut the text at the first stop string, as OpenAI does",
+    )
+    use_upstream_token_counts: bool = Field(
+        default=True,
+        description="prefer num_input_tokens / num_output_tokens outputs when "
+        "the model returns them",
+    )
+    exclude_input_in_output: bool | None = Field(
+        default=None,
+        description="sent as the ensemble input of that name when set (engine-"
+        "path ensembles that echo the prompt need true)",
+    )
+    extra_inputs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="fixed extra inputs merged into every payload, e.g. {end_id: 2, pad_id: 2}",
+    )
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    max_connections: int = Field(default=1000, ge=1)
+    max_keepalive_connections: int = Field(default=200, ge=0)
+
+
+def deployment_overrides(model_info: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The ``triage_triton`` mapping of a deployment's ``model_info`` (empty when absent)."""
+    if not model_info:
+        return {}
+    overrides = model_info.get(MODEL_INFO_KEY)
+    if overrides is None:
+        return {}
+    if not isinstance(overrides, Mapping):
+        raise ValueError(f"model_info.{MODEL_INFO_KEY} must be a mapping, got {overrides!r}")
+    client_level = sorted(CLIENT_FIELDS & set(overrides))
+    if client_level:
+        raise ValueError(
+            f"model_info.{MODEL_INFO_KEY}: {client_level} are process-wide "
+            "(set TRIAGE_TRITON_* instead)"
+        )
+    return dict(overrides)
+
+
+def effective_settings(
+    base: TritonProviderSettings, overrides: Mapping[str, Any]
+) -> TritonProviderSettings:
+    """``base`` with a deployment's overrides applied and validated (cached per distinct pair)."""
+    if not overrides:
+        return base
+    try:
+        overrides_json = json.dumps(dict(overrides), sort_keys=True)
+    except TypeError as exc:
+        raise ValueError(f"model_info.{MODEL_INFO_KEY} must be JSON-like: {exc}") from exc
+    return _merged(base.model_dump_json(), overrides_json)
+
+
+@lru_cache(maxsize=256)
+def _merged(base_json: str, overrides_json: str) -> TritonProviderSettings:
+    values = {**json.loads(base_json), **json.loads(overrides_json)}
+    try:
+        return TritonProviderSettings.model_validate(values)
+    except ValidationError as exc:
+        raise ValueError(f"invalid model_info.{MODEL_INFO_KEY}: {exc}") from exc

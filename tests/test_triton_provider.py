@@ -1,0 +1,525 @@
+"""Pure parts of the triage_triton provider: error classification, params, template, tokens."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import httpx
+import litellm
+import pytest
+
+from plugins.triton_provider.chat_template import (
+    CHATML_TEMPLATE,
+    ChatTemplateError,
+    chat_template,
+    load_template_source,
+    normalize_messages,
+)
+from plugins.triton_provider.deployments import openai_frontend_deployment, triton_deployment
+from plugins.triton_provider.errors import (
+    ErrorKind,
+    classify_upstream_error,
+    to_litellm_exception,
+)
+from plugins.triton_provider.handler import (
+    TritonGenerateHandler,
+    error_text,
+    parse_sse_line,
+)
+from plugins.triton_provider.params import build_payload
+from plugins.triton_provider.settings import (
+    TritonProviderSettings,
+    deployment_overrides,
+    effective_settings,
+)
+from plugins.triton_provider.stop import StopTrimmer, trim_at_stop
+from plugins.triton_provider.tokens import UsageCounter, count_tokens
+
+# ---- classify_upstream_error ----------------------------------------------------------------
+
+QUEUE_FULL = "[request id: <id_unknown>] Exceeds maximum queue size"
+QUEUE_TIMEOUT = "[request id: 7] Request timeout expired"
+ENGINE_FULL = "Maximum queue size of 8 has been reached, please try again later"
+
+CLASSIFY_CASES = [
+    # (status, message, kind, retryable)
+    (503, QUEUE_FULL, ErrorKind.TRITON_QUEUE_FULL, True),
+    (400, QUEUE_FULL, ErrorKind.TRITON_QUEUE_FULL, True),
+    (503, QUEUE_TIMEOUT, ErrorKind.TRITON_QUEUE_TIMEOUT, True),  # /infer
+    (400, QUEUE_TIMEOUT, ErrorKind.TRITON_QUEUE_TIMEOUT, True),  # /generate, /generate_stream
+    (400, ENGINE_FULL, ErrorKind.ENGINE_QUEUE_FULL, True),  # Triton 2.51 /generate: always 400
+    (500, ENGINE_FULL, ErrorKind.ENGINE_QUEUE_FULL, True),  # /infer
+    (200, ENGINE_FULL, ErrorKind.ENGINE_QUEUE_FULL, True),  # SSE error event mid-stream
+    (404, "Request for unknown model: 'nope' is not found", ErrorKind.MODEL_NOT_FOUND, False),
+    (400, "Request for unknown model: 'x' is not found", ErrorKind.MODEL_NOT_FOUND, False),
+    (404, "Not Found", ErrorKind.MODEL_NOT_FOUND, False),
+    (
+        400,
+        "Request for unknown model: 'llm' has no available versions",
+        ErrorKind.MODEL_UNAVAILABLE,
+        True,
+    ),
+    (400, "model is unloading", ErrorKind.MODEL_UNAVAILABLE, True),
+    (503, "something odd", ErrorKind.MODEL_UNAVAILABLE, True),
+    (502, "Bad Gateway", ErrorKind.MODEL_UNAVAILABLE, True),
+    (None, "ConnectError: [Errno 111] Connection refused", ErrorKind.CONNECTION, True),
+    (None, "ConnectTimeout: timed out", ErrorKind.CONNECTION, True),
+    (None, "RemoteProtocolError: Server disconnected", ErrorKind.CONNECTION, True),
+    (None, "ReadTimeout", ErrorKind.TIMEOUT, True),
+    (429, "slow down", ErrorKind.RATE_LIMITED, True),
+    (400, "max_tokens must be >= 1, got 0", ErrorKind.BAD_REQUEST, False),
+    (
+        400,
+        "expected number of inputs between 2 and 17 but got 1 inputs",
+        ErrorKind.BAD_REQUEST,
+        False,
+    ),
+    (500, "CUDA error: an illegal memory access", ErrorKind.UPSTREAM, True),
+    (200, "generate expects model to produce exactly 1 response", ErrorKind.UPSTREAM, False),
+]
+
+
+@pytest.mark.parametrize(("status", "message", "kind", "retryable"), CLASSIFY_CASES)
+def test_classify_upstream_error(
+    status: int | None, message: str, kind: ErrorKind, retryable: bool
+) -> None:
+    error = classify_upstream_error(status, message)
+    assert (error.kind, error.retryable) == (kind, retryable)
+    assert error.status_code == status
+    assert error.message == message
+
+
+EXCEPTION_CASES = [
+    (503, QUEUE_FULL, litellm.ServiceUnavailableError, 503),
+    (400, QUEUE_TIMEOUT, litellm.ServiceUnavailableError, 503),
+    (400, ENGINE_FULL, litellm.ServiceUnavailableError, 503),
+    (400, "model is unloading", litellm.ServiceUnavailableError, 503),
+    (None, "ConnectError: refused", litellm.ServiceUnavailableError, 503),
+    (None, "ReadTimeout", litellm.Timeout, 408),
+    (404, "Request for unknown model: 'nope' is not found", litellm.NotFoundError, 404),
+    (429, "slow down", litellm.RateLimitError, 429),
+    (400, "max_tokens must be >= 1, got 0", litellm.BadRequestError, 400),
+    (500, "boom", litellm.InternalServerError, 500),
+]
+
+
+@pytest.mark.parametrize(("status", "message", "exc_type", "code"), EXCEPTION_CASES)
+def test_exception_mapping_keeps_upstream_text_and_api_base(
+    status: int | None, message: str, exc_type: type[Exception], code: int
+) -> None:
+    exc = to_litellm_exception(
+        classify_upstream_error(status, message), model="standin", api_base="http://a:8000"
+    )
+    assert isinstance(exc, exc_type)
+    assert exc.status_code == code  # type: ignore[attr-defined]
+    assert message in str(exc)
+    assert "http://a:8000" in str(exc)
+    assert exc.llm_provider == "triage_triton"  # type: ignore[attr-defined]
+
+
+def test_overload_kinds() -> None:
+    assert classify_upstream_error(400, ENGINE_FULL).is_overload
+    assert classify_upstream_error(503, QUEUE_FULL).is_overload
+    assert not classify_upstream_error(None, "refused").is_overload
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ('{"error":"Exceeds maximum queue size"}', "Exceeds maximum queue size"),
+        ('data: {"error":"Request timeout expired"}\n\n', "Request timeout expired"),
+        ("upstream connect error", "upstream connect error"),
+        ("", "HTTP 502 with an empty body"),
+    ],
+)
+def test_error_text_from_json_sse_or_plain_bodies(body: str, expected: str) -> None:
+    assert error_text(502, body) == expected
+
+
+def test_parse_sse_line() -> None:
+    assert parse_sse_line('data: {"text_output": "a"}') == {"text_output": "a"}
+    assert parse_sse_line("") is None
+    assert parse_sse_line(": keep-alive") is None
+    assert parse_sse_line("event: message") is None
+    with pytest.raises(ValueError):
+        parse_sse_line("data: [1, 2]")
+
+
+# ---- params ---------------------------------------------------------------------------------
+
+
+def payload(params: dict[str, Any], **kw: Any) -> dict[str, Any]:
+    kw.setdefault("stream", False)
+    kw.setdefault("default_max_tokens", 64)
+    return build_payload("standin", "PROMPT", params, **kw)
+
+
+PARAM_CASES = [
+    ({}, {"max_tokens": 64}),
+    ({"max_tokens": 7}, {"max_tokens": 7}),
+    ({"max_completion_tokens": 9}, {"max_tokens": 9}),
+    ({"max_tokens": 7, "max_completion_tokens": 9}, {"max_tokens": 9}),
+    ({"temperature": 0.5, "top_p": 0.9}, {"temperature": 0.5, "top_p": 0.9}),
+    ({"stop": "END"}, {"stop_words": ["END"]}),
+    ({"stop": ["a", "b"]}, {"stop_words": ["a", "b"]}),
+    ({"stop": []}, {}),
+    ({"seed": 42}, {"random_seed": 42}),
+    (
+        {"presence_penalty": 0.1, "frequency_penalty": -0.2},
+        {"presence_penalty": 0.1, "frequency_penalty": -0.2},
+    ),
+    ({"top_k": 5, "repetition_penalty": 1.1}, {"top_k": 5, "repetition_penalty": 1.1}),
+    ({"n": 1, "logprobs": False, "tools": []}, {}),  # harmless defaults
+    ({"stream_options": {"include_usage": True}, "max_retries": 0, "user": "u"}, {}),
+]
+
+
+@pytest.mark.parametrize(("params", "expected"), PARAM_CASES)
+def test_params_mapping(params: dict[str, Any], expected: dict[str, Any]) -> None:
+    body = payload(params)
+    assert body["text_input"] == "PROMPT"
+    assert body["stream"] is False
+    assert body.get("max_tokens") == expected.get("max_tokens", 64)
+    extra = {k: v for k, v in body.items() if k not in ("text_input", "stream", "max_tokens")}
+    assert extra == {k: v for k, v in expected.items() if k != "max_tokens"}
+
+
+def test_stream_flag_and_fixed_inputs() -> None:
+    body = payload(
+        {"temperature": 1.0},
+        stream=True,
+        exclude_input_in_output=True,
+        extra_inputs={"end_id": 2, "temperature": 0.0},
+    )
+    assert body["stream"] is True
+    assert body["exclude_input_in_output"] is True
+    assert body["end_id"] == 2
+    assert body["temperature"] == 1.0  # the request wins over fixed inputs
+
+
+@pytest.mark.parametrize(
+    ("params", "named"),
+    [
+        ({"n": 2}, "n"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"tool_choice": "auto"}, "tool_choice"),
+        ({"logprobs": True}, "logprobs"),
+        ({"top_logprobs": 3}, "top_logprobs"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"logit_bias": {"1": 2}}, "logit_bias"),
+    ],
+)
+def test_unsupported_params_are_a_400_naming_them(params: dict[str, Any], named: str) -> None:
+    with pytest.raises(litellm.BadRequestError) as info:
+        payload(params)
+    assert info.value.status_code == 400
+    assert named in str(info.value)
+    assert "drop_params" in str(info.value)
+
+
+def test_drop_params_drops_unsupported_and_keeps_the_rest() -> None:
+    body = payload({"n": 3, "logprobs": True, "temperature": 0.2}, drop_params=True)
+    assert body["temperature"] == 0.2
+    assert "n" not in body and "logprobs" not in body
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"max_tokens": 0},
+        {"max_tokens": "5"},
+        {"max_completion_tokens": -1},
+        {"temperature": "hot"},
+        {"seed": -1},
+        {"seed": 1.5},
+        {"stop": [1, 2]},
+        {"top_p": True},
+    ],
+)
+def test_bad_values_are_a_400(params: dict[str, Any]) -> None:
+    with pytest.raises(litellm.BadRequestError):
+        payload(params)
+
+
+# ---- stop trimming ----------------------------------------------------------------------------
+
+
+def test_trim_at_stop() -> None:
+    assert trim_at_stop("one two the three", ["the"]) == ("one two ", True)
+    assert trim_at_stop("one two", ["the"]) == ("one two", False)
+    assert trim_at_stop("a b c", ["c", "b"]) == ("a ", True)  # the earliest stop wins
+
+
+@pytest.mark.parametrize(
+    ("deltas", "stops", "emitted", "stopped"),
+    [
+        (["he", "llo ", "wor", "ld"], ["world"], "hello ", True),  # stop split over events
+        (["he", "llo ", "wo", "rm"], ["world"], "hello worm", False),  # a near miss is released
+        (["abc", "def"], [], "abcdef", False),
+        (["x STO", "P y"], ["STOP"], "x ", True),
+        (["aaa"], ["aab"], "aaa", False),
+    ],
+)
+def test_stop_trimmer(deltas: list[str], stops: list[str], emitted: str, stopped: bool) -> None:
+    trimmer = StopTrimmer(stops)
+    out = "".join(trimmer.feed(d) for d in deltas) + trimmer.flush()
+    assert (out, trimmer.stopped) == (emitted, stopped)
+
+
+# ---- chat template ---------------------------------------------------------------------------
+
+MESSAGES = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi"},
+]
+
+
+def test_default_chatml_rendering() -> None:
+    prompt = chat_template(None).render(MESSAGES)
+    assert prompt == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n"
+        "<|im_start|>user\nHi<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    assert load_template_source("chatml") == CHATML_TEMPLATE
+
+
+def test_template_string_with_tokens_and_no_generation_prompt() -> None:
+    template = chat_template(
+        "{{ bos_token }}{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
+        "{% if add_generation_prompt %}[assistant]{% endif %}",
+        bos_token="<s>",
+    )
+    assert template.render(MESSAGES) == "<s>[system] Be brief.\n[user] Hi\n[assistant]"
+    assert template.render(MESSAGES, add_generation_prompt=False).endswith("Hi\n")
+
+
+def test_template_file(tmp_path: Path) -> None:
+    path = tmp_path / "t.jinja"
+    path.write_text("{% for m in messages %}{{ m.content }}|{% endfor %}")
+    assert chat_template(str(path)).render(MESSAGES) == "Be brief.|Hi|"
+    with pytest.raises(ChatTemplateError, match="cannot read"):
+        chat_template(str(tmp_path / "missing.jinja"))
+
+
+def test_template_errors() -> None:
+    with pytest.raises(ChatTemplateError, match="syntax"):
+        chat_template("{% for m in messages %}")
+    strict = chat_template(
+        "{% if messages[0].role != 'user' %}{{ raise_exception('first must be user') }}{% endif %}"
+    )
+    with pytest.raises(ChatTemplateError, match="first must be user"):
+        strict.render(MESSAGES)
+    sandboxed = chat_template("{{ messages.__class__.__mro__ }}")
+    with pytest.raises(ChatTemplateError):
+        sandboxed.render(MESSAGES)
+
+
+def test_message_normalization() -> None:
+    out = normalize_messages(
+        [
+            {"role": "developer", "content": "rules"},
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}],
+            },
+            {"role": "assistant", "content": None},
+        ]
+    )
+    assert [(m["role"], m["content"]) for m in out] == [
+        ("system", "rules"),
+        ("user", "ab"),
+        ("assistant", ""),
+    ]
+    with pytest.raises(ChatTemplateError, match="image_url"):
+        normalize_messages([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}])
+    with pytest.raises(ChatTemplateError, match="empty"):
+        normalize_messages([])
+
+
+# ---- tokens ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "n"),
+    [("", 0), ("hello", 1), ("hello world", 2), ("Hi, there!", 4), ("<|im_start|>user", 6)],
+)
+def test_count_tokens(text: str, n: int) -> None:
+    assert count_tokens(text) == n
+
+
+def test_usage_counts_text_by_default() -> None:
+    counter = UsageCounter("a b c")
+    counter.add({"text_output": "x"}, "x")
+    counter.add({"text_output": " y"}, " y")
+    usage = counter.usage()
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (3, 2, 5)
+
+
+@pytest.mark.parametrize(
+    ("events", "prompt", "completion"),
+    [
+        ([{"num_input_tokens": 11, "num_output_tokens": 4}], 11, 4),
+        ([{"num_input_tokens": [11], "num_output_tokens": [4]}], 11, 4),
+        ([{"num_output_tokens": 1}, {"num_output_tokens": 2}, {"num_output_tokens": 3}], 3, 3),
+        ([{"num_output_tokens": 2}, {"num_output_tokens": 2}, {"num_output_tokens": 1}], 3, 5),
+        ([{"num_output_tokens": 2}, {}], 3, 2),  # not on every event: count the text
+    ],
+)
+def test_usage_prefers_upstream_counts(
+    events: list[dict[str, Any]], prompt: int, completion: int
+) -> None:
+    counter = UsageCounter("a b c")
+    for event in events:
+        counter.add(event, "w ")
+    usage = counter.usage()
+    assert (usage.prompt_tokens, usage.completion_tokens) == (prompt, completion)
+
+
+def test_usage_ignores_upstream_counts_when_told() -> None:
+    counter = UsageCounter("a b c", use_upstream=False)
+    counter.add({"num_input_tokens": 99, "num_output_tokens": 99}, "one two")
+    assert counter.usage().as_dict() == {
+        "prompt_tokens": 3,
+        "completion_tokens": 2,
+        "total_tokens": 5,
+    }
+
+
+# ---- settings and request preparation --------------------------------------------------------
+
+
+def test_settings_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRIAGE_TRITON_DEFAULT_MAX_TOKENS", "33")
+    monkeypatch.setenv("TRIAGE_TRITON_EXTRA_INPUTS", '{"end_id": 2}')
+    settings = TritonProviderSettings()
+    assert settings.default_max_tokens == 33
+    assert settings.extra_inputs == {"end_id": 2}
+    monkeypatch.setenv("TRIAGE_TRITON_DEFAULT_MAX_TOKENS", "0")
+    with pytest.raises(ValueError):
+        TritonProviderSettings()
+
+
+def test_deployment_overrides() -> None:
+    base = TritonProviderSettings(default_max_tokens=10)
+    info = {"id": "a", "triage_triton": {"default_max_tokens": 20, "chat_template": "chatml"}}
+    merged = effective_settings(base, deployment_overrides(info))
+    assert (merged.default_max_tokens, merged.chat_template) == (20, "chatml")
+    assert effective_settings(base, deployment_overrides({"id": "a"})) is base
+    with pytest.raises(ValueError, match="process-wide"):
+        deployment_overrides({"triage_triton": {"max_connections": 5}})
+    with pytest.raises(ValueError, match="invalid"):
+        effective_settings(base, {"default_max_tokens": 0})
+    with pytest.raises(ValueError, match="invalid"):
+        effective_settings(base, {"no_such_setting": 1})
+
+
+def prepare(handler: TritonGenerateHandler, **kw: Any) -> Any:
+    args: dict[str, Any] = {
+        "model": "standin",
+        "messages": MESSAGES,
+        "api_base": "http://triton-a:8000/",
+        "api_key": None,
+        "optional_params": {"max_tokens": 5},
+        "litellm_params": {"litellm_call_id": "c1"},
+        "headers": None,
+        "timeout": 600.0,
+        "stream": False,
+    }
+    return handler.prepare(**{**args, **kw})
+
+
+def test_prepare_builds_url_payload_and_timeout() -> None:
+    handler = TritonGenerateHandler(TritonProviderSettings(request_timeout_s=30))
+    request = prepare(handler)
+    assert request.url == "http://triton-a:8000/v2/models/standin/generate"
+    assert request.payload["text_input"].endswith("<|im_start|>assistant\n")
+    assert request.max_tokens == 5
+    assert request.timeout == httpx.Timeout(30.0, connect=5.0)
+    streaming = prepare(handler, stream=True, timeout=10, api_key="k")
+    assert streaming.url.endswith("/v2/models/standin/generate_stream")
+    assert streaming.payload["stream"] is True
+    assert streaming.timeout.read == 10.0
+    assert streaming.headers == {"Authorization": "Bearer k"}
+
+
+def test_prepare_applies_per_deployment_settings_from_model_info() -> None:
+    handler = TritonGenerateHandler(TritonProviderSettings())
+    request = prepare(
+        handler,
+        optional_params={},
+        litellm_params={
+            "model_info": {"triage_triton": {"default_max_tokens": 3, "chat_template": "{{ 1 }}"}}
+        },
+    )
+    assert request.max_tokens == 3
+    assert request.prompt == "1"
+
+
+def test_prepare_errors() -> None:
+    handler = TritonGenerateHandler(TritonProviderSettings())
+    with pytest.raises(litellm.BadRequestError, match="api_base"):
+        prepare(handler, api_base=None)
+    with pytest.raises(litellm.InternalServerError, match="misconfigured"):
+        prepare(handler, litellm_params={"model_info": {"triage_triton": {"max_connections": 1}}})
+    with pytest.raises(litellm.BadRequestError, match="image_url"):
+        prepare(handler, messages=[{"role": "user", "content": [{"type": "image_url"}]}])
+
+
+def test_drop_params_from_litellm_params() -> None:
+    handler = TritonGenerateHandler(TritonProviderSettings())
+    request = prepare(handler, optional_params={"n": 2}, litellm_params={"drop_params": True})
+    assert "n" not in request.payload
+
+
+# ---- deployments --------------------------------------------------------------------------------
+
+
+def test_triton_deployment() -> None:
+    entry = triton_deployment(
+        "llama",
+        "rep-a",
+        "http://10.0.0.5:8000/",
+        "ensemble",
+        rpm=100,
+        provider_settings={"default_max_tokens": 128},
+    )
+    assert entry == {
+        "model_name": "llama",
+        "litellm_params": {
+            "rpm": 100,
+            "model": "triage_triton/ensemble",
+            "api_base": "http://10.0.0.5:8000",
+        },
+        "model_info": {"id": "rep-a", "triage_triton": {"default_max_tokens": 128}},
+    }
+    with pytest.raises(ValueError):
+        triton_deployment("llama", "rep a", "http://x:8000", "ensemble")
+    with pytest.raises(ValueError):
+        triton_deployment("llama", "rep-a", "x:8000", "ensemble")
+    with pytest.raises(ValueError):
+        triton_deployment("llama", "rep-a", "http://x:8000", "ens/emble")
+    with pytest.raises(ValueError):
+        triton_deployment(
+            "llama", "rep-a", "http://x:8000", "ensemble", provider_settings={"bogus": 1}
+        )
+    with pytest.raises(ValueError, match="process-wide"):
+        triton_deployment(
+            "llama", "rep-a", "http://x:8000", "ensemble", provider_settings={"max_connections": 1}
+        )
+
+
+def test_openai_frontend_deployment() -> None:
+    entry = openai_frontend_deployment("llama", "rep-b", "http://10.0.0.6:9000", "llama-3-8b")
+    assert entry == {
+        "model_name": "llama",
+        "litellm_params": {
+            "model": "openai/llama-3-8b",
+            "api_base": "http://10.0.0.6:9000/v1",
+            "api_key": "not-used",
+        },
+        "model_info": {"id": "rep-b"},
+    }
+    again = openai_frontend_deployment("llama", "rep-b", "http://10.0.0.6:9000/v1/", "m")
+    assert again["litellm_params"]["api_base"] == "http://10.0.0.6:9000/v1"
