@@ -100,15 +100,15 @@ async def test_ties_are_spread_on_an_idle_fleet(stack: Stack) -> None:
 
 async def test_busy_replica_is_avoided_and_choice_follows_the_load(stack: Stack) -> None:
     client = sdk(stack)
-    # replica-0: its 4 batch slots taken by long requests sent straight to Triton
-    busy = occupy(stack, "replica-0", 4, max_tokens=250)
-    await wait_for_state(stack, "replica-0", lambda s: s.active >= 4)
+    # replica-0: its 4 batch slots taken, 2 more queued, by long requests sent straight to Triton
+    busy = occupy(stack, "replica-0", 6, max_tokens=250)
+    await wait_for_state(stack, "replica-0", lambda s: s.active + s.waiting >= 6)
     picks = [await chat_replica(client, MODEL) for _ in range(5)]
     assert picks == ["replica-1"] * 5
     await busy.finish()
     # flip: now replica-1 is the busy one
-    busy = occupy(stack, "replica-1", 4, max_tokens=250)
-    await wait_for_state(stack, "replica-1", lambda s: s.active >= 4)
+    busy = occupy(stack, "replica-1", 6, max_tokens=250)
+    await wait_for_state(stack, "replica-1", lambda s: s.active + s.waiting >= 6)
     await wait_for_state(stack, "replica-0", lambda s: s.active == 0)
     picks = [await chat_replica(client, MODEL) for _ in range(5)]
     assert picks == ["replica-0"] * 5
@@ -144,8 +144,8 @@ async def test_redis_outage_keeps_serving_and_routing_recovers(stack: Stack) -> 
     stack.redis.start()  # same port, same data directory: the key store is back
     await wait_for_state(stack, "replica-0", lambda s: s.healthy)
     await wait_for_state(stack, "replica-1", lambda s: s.healthy)
-    busy = occupy(stack, "replica-1", 4, max_tokens=250)
-    await wait_for_state(stack, "replica-1", lambda s: s.active >= 4)
+    busy = occupy(stack, "replica-1", 6, max_tokens=250)
+    await wait_for_state(stack, "replica-1", lambda s: s.active + s.waiting >= 6)
     await asyncio.sleep(1.2)  # the plugin retries Redis at most 1 s after its last failure
     picks = [await chat_replica(client, MODEL) for _ in range(4)]
     assert picks == ["replica-0"] * 4  # load-aware again: Redis-based routing resumed

@@ -52,11 +52,11 @@ def s(state: ReplicaState | None, inflight: int = 0, service_ms: float = 100.0) 
 
 # (case, lower-score side, higher-score side): each side is (state, inflight, service_ms)
 ORDERINGS = [
-    ("more engine load scores higher", (rs(active=1), 0, 100.0), (rs(active=2), 0, 100.0)),
-    ("waiting counts as load", (rs(active=1), 0, 100.0), (rs(active=1, waiting=1), 0, 100.0)),
-    ("more reservations score higher", (rs(), 1, 100.0), (rs(), 2, 100.0)),
+    ("more engine load scores higher", (rs(active=4), 0, 100.0), (rs(active=5), 0, 100.0)),
+    ("waiting counts as load", (rs(active=4), 0, 100.0), (rs(active=4, waiting=1), 0, 100.0)),
+    ("more reservations score higher", (rs(), 4, 100.0), (rs(), 5, 100.0)),
     ("slower replica loses at equal counts", (rs(), 1, 100.0), (rs(), 1, 200.0)),
-    ("more slots win at equal counts", (rs(max_active=8), 2, 100.0), (rs(), 2, 100.0)),
+    ("more slots win at equal counts", (rs(max_active=8), 4, 100.0), (rs(), 4, 100.0)),
     ("kv above threshold loses", (rs(kv_fraction=0.5), 0, 100.0), (rs(kv_fraction=0.9), 0, 100.0)),
     ("fuller kv loses more", (rs(kv_fraction=0.9), 0, 100.0), (rs(kv_fraction=1.0), 0, 100.0)),
     ("known healthy beats unknown", (rs(active=50, waiting=50), 9, 100.0), (None, 0, 100.0)),
@@ -77,19 +77,28 @@ def test_score_orders(
     assert s(*lower) < s(*higher)
 
 
+def test_below_saturation_a_request_starts_at_once() -> None:
+    """With a free batch slot the expected completion time is one service time, whatever n."""
+    assert {s(rs(active=a)) for a in range(4)} == {100.0}
+    assert {s(rs(), inflight) for inflight in range(4)} == {100.0}
+    assert s(rs(active=3)) < s(rs(active=4)) < s(rs(active=4, waiting=3))
+
+
 # (case, state, inflight, service_ms, expected score)
 VALUES = [
-    ("idle", rs(), 0, 100.0, 1 * 100.0 / 4),
+    ("idle: one service time", rs(), 0, 100.0, 100.0),
+    ("a free slot: one service time", rs(active=3), 0, 100.0, 100.0),
+    ("saturated: (n + 1) / C service times", rs(active=4, waiting=2), 0, 100.0, 7 * 100.0 / 4),
     ("n = inflight when it is larger", rs(active=1, waiting=1), 5, 100.0, 6 * 100.0 / 4),
     ("n = active + waiting when larger", rs(active=3, waiting=4), 5, 100.0, 8 * 100.0 / 4),
-    ("kv below threshold: no penalty", rs(kv_fraction=0.5), 0, 100.0, 25.0),
-    ("kv at threshold: no penalty", rs(kv_fraction=0.8), 0, 100.0, 25.0),
-    ("kv full: 1 + kv_weight", rs(kv_fraction=1.0), 0, 100.0, 50.0),
+    ("kv below threshold: no penalty", rs(kv_fraction=0.5), 0, 100.0, 100.0),
+    ("kv at threshold: no penalty", rs(kv_fraction=0.8), 0, 100.0, 100.0),
+    ("kv full: 1 + kv_weight", rs(kv_fraction=1.0), 0, 100.0, 200.0),
     ("unknown", None, 3, 100.0, 1e9 + 3),
     ("stale", rs(ts_ms=NOW - 1001), 3, 100.0, 1e9 + 3),
     ("stale wins over unhealthy", rs(ts_ms=NOW - 1001, healthy=False), 0, 100.0, 1e9),
-    ("exactly at the staleness edge is fresh", rs(ts_ms=NOW - 1000), 0, 100.0, 25.0),
-    ("future ts is fresh", rs(ts_ms=NOW + 5000), 0, 100.0, 25.0),
+    ("exactly at the staleness edge is fresh", rs(ts_ms=NOW - 1000), 0, 100.0, 100.0),
+    ("future ts is fresh", rs(ts_ms=NOW + 5000), 0, 100.0, 100.0),
     ("unhealthy", rs(healthy=False), 0, 100.0, math.inf),
 ]
 
@@ -169,11 +178,16 @@ def test_effective_service_ms(states: list[ReplicaState | None], expected: list[
 
 CHOICES: list[tuple[str, list[tuple[str, ReplicaState | None, int]], str | None]] = [
     ("empty", [], None),
-    ("least loaded", [("a", rs(active=3), 0), ("b", rs(active=1), 0), ("c", rs(active=2), 0)], "b"),
+    ("least loaded", [("a", rs(active=8), 0), ("b", rs(active=4), 0), ("c", rs(active=6), 0)], "b"),
     (
         "n uses max(inflight, active + waiting)",
-        [("a", rs(active=0), 3), ("b", rs(active=2), 0)],
+        [("a", rs(active=0), 6), ("b", rs(active=5), 0)],
         "b",
+    ),
+    (
+        "a fast replica with a free slot beats an idle slow one",
+        [("slow", rs(service_ms=200.0), 0), ("fast", rs(service_ms=100.0, active=3), 3)],
+        "fast",
     ),
     (
         "fast replica beats slow one at equal counts",
@@ -182,22 +196,22 @@ CHOICES: list[tuple[str, list[tuple[str, ReplicaState | None, int]], str | None]
     ),
     (
         "slow idle replica beats a fast one with a long queue",
-        [("slow", rs(service_ms=200.0), 0), ("fast", rs(service_ms=100.0, waiting=8), 0)],
+        [("slow", rs(service_ms=200.0), 0), ("fast", rs(service_ms=100.0, waiting=12), 0)],
         "slow",
     ),
     (
         "missing service_ms takes the mean",
         [
             ("a", rs(service_ms=None), 0),
-            ("b", rs(service_ms=50.0), 1),
-            ("c", rs(service_ms=150.0), 0),
+            ("b", rs(service_ms=60.0, active=8), 0),
+            ("c", rs(service_ms=140.0), 0),
         ],
-        "a",  # a: 1 * 100 / 4 = 25 (the mean); b: 2 * 50 / 4 = 25, more in flight; c: 37.5
+        "a",  # a: 100 (the mean of 60 and 140); b: 9 / 4 * 60 = 135; c: 140
     ),
     (
         "within tie_tolerance: fewer in-flight wins over a lower score",
-        [("a", rs(service_ms=100.0), 1), ("b", rs(service_ms=220.0), 0)],
-        "b",  # a: 2 * 100 / 4 = 50; b: 1 * 220 / 4 = 55: within 20 % of 50, b has fewer
+        [("a", rs(service_ms=100.0), 1), ("b", rs(service_ms=115.0), 0)],
+        "b",  # a: 100; b: 115, within 20 % of 100, and b has fewer in flight
     ),
     (
         "outside tie_tolerance: the lower score wins",
@@ -248,7 +262,7 @@ def test_ties_spread_by_tiebreak_in_sorted_id_order() -> None:
 
 
 def test_tiebreak_only_among_the_best() -> None:
-    cands = [("a", rs(), 0), ("b", rs(active=1), 0), ("c", rs(), 0), ("d", rs(), 1)]
+    cands = [("a", rs(), 0), ("b", rs(active=5), 0), ("c", rs(), 0), ("d", rs(), 1)]
     assert {choose(cands, P, NOW, t) for t in range(10)} == {"a", "c"}
 
 

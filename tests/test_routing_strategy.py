@@ -134,7 +134,7 @@ async def test_picks_least_busy_and_releases_on_success(client: Redis, hook: Rou
     router = Router(model_list=deployments())
     hook.strategy.install(router)
     await publish(
-        client, hook, **{"r-a": {"active": 4}, "r-b": {"active": 1}, "r-c": {"active": 3}}
+        client, hook, **{"r-a": {"active": 6}, "r-b": {"active": 1}, "r-c": {"active": 5}}
     )
     response = await router.acompletion(model="m", messages=[{"role": "user", "content": "hi"}])
     assert chosen(response) == "r-b"

@@ -125,7 +125,7 @@ for i = 1, n do
     local load = math.max(inflight[i], s.active + s.waiting)
     local excess = math.max(0, s.kv - kv_threshold)
     local kv_penalty = 1 + kv_weight * excess / (1 - kv_threshold)
-    score = (load + 1) * service / s.max_active * kv_penalty
+    score = math.max(1, (load + 1) / s.max_active) * service * kv_penalty
   end
   scores[i] = score
   if score < math.huge and (best == nil or score < best) then

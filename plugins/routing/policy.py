@@ -7,7 +7,15 @@ A replica's score estimates the **expected completion time** of one more request
     C          = max_active                             # engine batch slots
     s          = service_ms (or the candidates' mean, or default_service_ms)
     kv_penalty = 1 + kv_weight * max(0, kv_fraction - kv_threshold) / (1 - kv_threshold)
-    score      = (n + 1) * s / C * kv_penalty
+    score      = max(1, (n + 1) / C) * s * kv_penalty
+
+With in-flight batching a request that finds a free batch slot (``n < C``) starts at once and
+takes about ``s``; one that finds all ``C`` slots taken waits for ``n - C + 1`` completions, one
+every ``s / C`` on average: ``s + (n - C + 1) * s / C = (n + 1) * s / C``. Below saturation the
+score is flat (all replicas of one speed tie, and the tie rules spread by in-flight count), so a
+slow replica is not used while a faster one has a free slot; DESIGN.md's ``(n + 1) * s / C``
+(processor sharing) would send work to an idle half-speed replica as soon as the fast ones hold
+one request each, which costs latency (measured in ``tests/test_proxy_skewed.py``).
 
 * A replica with no state (missing or expired hash) or a stale one (``ts_ms`` older than
   ``now_ms - stale_after_ms``) is *unknown*: ``score = unknown_score + inflight``. Unknowns stay
@@ -31,8 +39,8 @@ operation that Lua performs identically:
 
 * ``kv_penalty = 1.0 + ((kv_weight * excess) / (1.0 - kv_threshold))`` with
   ``excess = max(0.0, kv_fraction - kv_threshold)``;
-* ``score = (((n + 1) * service_ms) / max_active) * kv_penalty`` (the integers ``n + 1`` and
-  ``max_active`` are exact as doubles);
+* ``score = (max(1.0, (n + 1) / max_active) * service_ms) * kv_penalty`` (the integers
+  ``n + 1`` and ``max_active`` are exact as doubles);
 * unknown: ``unknown_score + inflight``;
 * the mean service time is a left-to-right running sum divided by the count (not ``sum()``,
   whose float algorithm differs across Python versions, nor ``statistics.mean``);
@@ -112,7 +120,7 @@ def score(
     n = max(inflight, state.active + state.waiting)
     excess = max(0.0, state.kv_fraction - params.kv_threshold)
     kv_penalty = 1.0 + params.kv_weight * excess / (1.0 - params.kv_threshold)
-    return (n + 1) * service_ms / state.max_active * kv_penalty
+    return max(1.0, (n + 1) / state.max_active) * service_ms * kv_penalty
 
 
 def _own_service_ms(state: ReplicaState | None, params: PolicyParams, now_ms: int) -> float | None:
