@@ -77,10 +77,13 @@ class Stack:
         except BaseException:
             self.stop()
             raise
+        # private (it holds the master key and a virtual key), and complete when it appears
         state = self.workdir / "stack.json"
-        state.touch(mode=0o600)
-        os.chmod(state, 0o600)  # it holds the master key and a virtual key
-        state.write_text(json.dumps(self.describe(), indent=2))
+        partial = state.with_suffix(".json.partial")
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            json.dump(self.describe(), out, indent=2)
+        os.replace(partial, state)
         return self
 
     async def _create_key(self) -> str:

@@ -52,7 +52,7 @@ def test_up_starts_fleet_and_sigterm_stops_everything(tmp_path: Path) -> None:
     )
     try:
         state_file = workdir / "stack.json"
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 150
         while not state_file.exists():
             assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
             assert time.monotonic() < deadline, "stack did not come up"
@@ -72,6 +72,15 @@ def test_up_starts_fleet_and_sigterm_stops_everything(tmp_path: Path) -> None:
             )
             assert response.status_code == 200
         client.close()
+        # the proxy in front, with a fresh key: an OpenAI SDK call goes through
+        from openai import OpenAI
+
+        sdk = OpenAI(base_url=f"{info['base_url']}/v1", api_key=info["api_key"], max_retries=0)
+        raw = sdk.chat.completions.with_raw_response.create(
+            model=info["model"], messages=[{"role": "user", "content": "hi"}], max_tokens=3
+        )
+        assert raw.parse().choices[0].message.content
+        assert raw.headers["x-litellm-model-id"] in info["replicas"]
         pids = [r["pid"] for r in info["replicas"].values()]
         sidecars = [r["sidecar_url"] for r in info["replicas"].values()]
     finally:
@@ -79,6 +88,8 @@ def test_up_starts_fleet_and_sigterm_stops_everything(tmp_path: Path) -> None:
         out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out
     assert "triage stack ready" in out
+    assert f"base URL  {info['base_url']}/v1" in out
+    assert f"API key   {info['api_key']}" in out
     assert not [pid for pid in pids if pid_alive(pid)]
     leftovers = subprocess.run(
         ["pgrep", "-f", str(workdir)], capture_output=True, text=True
