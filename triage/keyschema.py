@@ -11,6 +11,8 @@ Keys, all under a prefix (default ``triage:``):
 * ``model:{name}:replicas`` set of replica ids serving the model (membership).
 * ``inflight:{id}`` sorted set: reservations on the replica by all proxies, not yet finished
   (member = reservation id, score = lease expiry in ms); the count is the unexpired members.
+* ``admitted:{model}``, ``queue:{model}``, ``queuelease:{model}``, ``queueseq:{model}``: the
+  admission gate (``plugins/admission/gate.lua``).
 * ``apikey:{sha256}`` hash: one virtual key's record (offline key store); ``apikeys`` set of
   the hashes. Keys themselves are never stored.
 """
@@ -38,6 +40,22 @@ class KeySchema:
 
     def inflight(self, replica_id: str) -> str:
         return f"{self.prefix}inflight:{replica_id}"
+
+    def admitted(self, model: str) -> str:
+        """Sorted set of admission tickets of ``model`` (score: lease expiry, ms)."""
+        return f"{self.prefix}admitted:{model}"
+
+    def queue(self, model: str) -> str:
+        """Sorted set: the gateway wait queue of ``model`` (score: priority * 2^40 + arrival)."""
+        return f"{self.prefix}queue:{model}"
+
+    def queue_lease(self, model: str) -> str:
+        """Sorted set: expiry (ms) of each waiting ticket's place in the queue."""
+        return f"{self.prefix}queuelease:{model}"
+
+    def queue_seq(self, model: str) -> str:
+        """Integer: arrival sequence of the queue of ``model``."""
+        return f"{self.prefix}queueseq:{model}"
 
     def api_key(self, key_hash: str) -> str:
         """Hash of one virtual key's record, by the SHA-256 hex of the key (never the key)."""

@@ -1,0 +1,186 @@
+"""Admission decisions for one proxy process: admit, wait in the fleet-wide queue, or shed.
+
+The fleet-wide state lives in Redis (``gate.lua``); this class runs the waiting loop, keeps the
+tickets this process holds so that each is released once, keeps the drain-rate EWMA per model,
+and fails open to a per-process bound when Redis is unreachable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+from redis.exceptions import RedisError
+
+from plugins.admission import metrics
+from plugins.admission.errors import GatewayError, ShedReason, overloaded
+from plugins.admission.gate import AdmissionGate, GateReply, Status
+from plugins.admission.retry_after import retry_after_s
+from plugins.admission.settings import AdmissionSettings
+from plugins.routing.fallback import RedisOutage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Held:
+    model: str
+    local: bool
+
+
+class AdmissionController:
+    def __init__(self, gate: AdmissionGate, settings: AdmissionSettings) -> None:
+        self.gate = gate
+        self.settings = settings
+        self.band = settings.band()
+        self.held: dict[str, Held] = {}
+        self.drain: dict[str, float] = {}
+        self.capacity: dict[str, int] = {}
+        self.local = Counter[str]()
+        self.outage = RedisOutage(settings.redis_retry_ms, settings.log_interval_s)
+        self._freed = asyncio.Event()
+
+    # -- policy inputs ----------------------------------------------------------------------
+
+    def _observe(self, model: str, reply: GateReply) -> None:
+        alpha = self.settings.drain_ewma_alpha
+        previous = self.drain.get(model)
+        self.drain[model] = (
+            reply.drain_rps
+            if previous is None
+            else alpha * reply.drain_rps + (1 - alpha) * previous
+        )
+        self.capacity[model] = reply.capacity
+        metrics.CAPACITY.labels(model).set(reply.capacity)
+        metrics.OUTSTANDING.labels(model).set(reply.outstanding)
+
+    def retry_after(self, model: str, work_ahead: float) -> float:
+        return retry_after_s(work_ahead, self.drain.get(model), self.band)
+
+    def shed(
+        self, model: str, reason: ShedReason, work_ahead: float, wait: str = ""
+    ) -> GatewayError:
+        seconds = self.retry_after(model, work_ahead)
+        metrics.SHED.labels(model, reason.value).inc()
+        metrics.RETRY_AFTER.labels(model).observe(seconds)
+        log.info("admission: shed %s request (%s), retry after %.1f s", model, reason, seconds)
+        return overloaded(model, reason, seconds, wait)
+
+    # -- admission --------------------------------------------------------------------------
+
+    async def admit(self, model: str, replica_ids: list[str], ticket: str, priority: int) -> None:
+        """Return when admitted; raise the 503 ``ProxyException`` when shed."""
+        started = time.perf_counter()
+        if not self.outage.should_try():
+            self._admit_locally(model, replica_ids, ticket, started)
+            return
+        try:
+            reply = await self.gate.enter(model, replica_ids, ticket, priority)
+        except RedisError as exc:
+            self.outage.failed(exc, f"admission of a {model} request")
+            self._admit_locally(model, replica_ids, ticket, started)
+            return
+        self.outage.succeeded()
+        self._observe(model, reply)
+        metrics.DECISION.labels(model).observe(time.perf_counter() - started)
+        if reply.status == Status.ADMITTED:
+            self.held[ticket] = Held(model, False)
+            metrics.ADMITTED.labels(model, "direct").inc()
+            return
+        if reply.status == Status.QUEUE_FULL:
+            raise self.shed(model, ShedReason.QUEUE_FULL, reply.work_ahead)
+        if reply.status == Status.NO_CAPACITY:
+            raise self.shed(model, ShedReason.NO_HEALTHY_REPLICA, reply.work_ahead)
+        metrics.QUEUED.labels(model).inc()
+        await self._wait(model, replica_ids, ticket, priority, reply)
+
+    async def _wait(
+        self, model: str, replica_ids: list[str], ticket: str, priority: int, reply: GateReply
+    ) -> None:
+        s = self.settings
+        started = time.monotonic()
+        deadline = started + s.max_wait_ms / 1000.0
+        admitted = False
+        try:
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    metrics.QUEUE_WAIT.labels(model, "timeout").observe(time.monotonic() - started)
+                    raise self.shed(
+                        model,
+                        ShedReason.QUEUE_TIMEOUT,
+                        reply.work_ahead,
+                        wait=f"{s.max_wait_ms / 1000:.1f} s",
+                    )
+                self._freed.clear()
+                # a release in this process wakes the waiters at once; else poll
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._freed.wait(), min(remaining, s.poll_ms / 1000.0))
+                reply = await self.gate.poll(model, replica_ids, ticket, priority)
+                self._observe(model, reply)
+                if reply.status == Status.ADMITTED:
+                    admitted = True
+                    self.held[ticket] = Held(model, False)
+                    metrics.ADMITTED.labels(model, "queued").inc()
+                    metrics.QUEUE_WAIT.labels(model, "admitted").observe(time.monotonic() - started)
+                    return
+                if reply.status == Status.LOST:  # our place expired (a long stall): queue again
+                    reply = await self.gate.enter(model, replica_ids, ticket, priority)
+                    if reply.status == Status.ADMITTED:
+                        admitted = True
+                        self.held[ticket] = Held(model, False)
+                        metrics.ADMITTED.labels(model, "queued").inc()
+                        return
+                    if reply.status != Status.WAITING:
+                        raise self.shed(model, ShedReason.QUEUE_FULL, reply.work_ahead)
+        except RedisError as exc:
+            # the fleet-wide queue is gone with Redis: fall back to the per-process bound
+            self.outage.failed(exc, f"queue wait of a {model} request")
+            self._admit_locally(model, replica_ids, ticket, time.perf_counter())
+            admitted = True
+        finally:
+            if not admitted:
+                # timeout, shed, or the client went away (cancellation): give the place back,
+                # in a task of its own so that a cancellation cannot cut it short
+                asyncio.get_running_loop().create_task(self._leave(model, ticket))
+
+    async def _leave(self, model: str, ticket: str) -> None:
+        try:
+            await self.gate.leave(model, ticket)
+        except RedisError as exc:
+            # the place expires by itself after queue_lease_ms
+            self.outage.failed(exc, f"leaving the {model} queue")
+
+    def _admit_locally(
+        self, model: str, replica_ids: list[str], ticket: str, started: float
+    ) -> None:
+        """Redis down: bound this process's own outstanding requests by the last known
+        capacity (or ``unknown_replica_slots`` per replica); no queue."""
+        capacity = self.capacity.get(model, self.settings.unknown_replica_slots * len(replica_ids))
+        metrics.DECISION.labels(model).observe(time.perf_counter() - started)
+        if self.local[model] >= capacity:
+            raise self.shed(model, ShedReason.QUEUE_FULL, self.local[model] - capacity + 1)
+        self.local[model] += 1
+        self.outage.fallback_picks += 1
+        self.held[ticket] = Held(model, True)
+        metrics.ADMITTED.labels(model, "local").inc()
+
+    # -- release ----------------------------------------------------------------------------
+
+    async def finish(self, ticket: str) -> None:
+        """The request ``ticket`` ended (any way): free its slot, once."""
+        held = self.held.pop(ticket, None)
+        if held is None:
+            return
+        self._freed.set()
+        if held.local:
+            self.local[held.model] = max(0, self.local[held.model] - 1)
+            return
+        try:
+            await self.gate.release(held.model, ticket)
+        except RedisError as exc:
+            self.outage.failed(exc, f"release of a {held.model} admission")  # lease heals it

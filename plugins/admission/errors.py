@@ -1,0 +1,81 @@
+"""The 503 the gateway answers with: OpenAI error envelope, ``Retry-After``, ``retry-after-ms``."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from fastapi import HTTPException
+from litellm.proxy._types import ProxyException
+
+from plugins.admission.retry_after import retry_after_headers
+
+
+class ShedReason(StrEnum):
+    QUEUE_FULL = "queue_full"
+    QUEUE_TIMEOUT = "queue_timeout"
+    NO_HEALTHY_REPLICA = "no_healthy_replica"
+    UPSTREAM_OVERLOADED = "upstream_overloaded"
+
+
+MESSAGES = {
+    ShedReason.QUEUE_FULL: "model {model!r} is at capacity and its wait queue is full",
+    ShedReason.QUEUE_TIMEOUT: "model {model!r} is at capacity: no slot freed within {wait}",
+    ShedReason.NO_HEALTHY_REPLICA: "model {model!r} has no healthy replica right now",
+    ShedReason.UPSTREAM_OVERLOADED: "every replica of model {model!r} is full",
+}
+
+
+class GatewayError(ProxyException, HTTPException):
+    """A ``ProxyException`` (the proxy sends its envelope and headers as they are) that is also
+    an ``HTTPException``, the only type ``async_post_call_failure_hook`` may substitute."""
+
+    def __init__(
+        self,
+        message: str,
+        type: str,
+        param: str | None,
+        status: int,
+        code: str,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        ProxyException.__init__(
+            self,
+            message=message,
+            type=type,
+            param=param,
+            code=status,
+            headers=headers,
+            openai_code=code,
+        )
+        self.status_code = status
+        self.detail = message
+
+    def to_dict(self) -> dict[str, object]:
+        """The envelope's ``code`` is the machine-readable reason (``queue_full``, ...); the
+        HTTP status stays in ``self.code``, which the proxy's exception handler reads."""
+        return {**super().to_dict(), "code": self.openai_code}
+
+
+def overloaded(
+    model: str, reason: ShedReason, retry_after_s: float, wait: str = ""
+) -> GatewayError:
+    """503 with the envelope ``{"error": {"message", "type", "param", "code"}}`` and headers."""
+    message = MESSAGES[reason].format(model=model, wait=wait)
+    return GatewayError(
+        message=f"{message}; retry after {retry_after_s:.1f} s",
+        type="service_unavailable",
+        param=None,
+        status=503,
+        code=reason.value,
+        headers=retry_after_headers(retry_after_s),
+    )
+
+
+def model_not_found(model: str | None) -> GatewayError:
+    return GatewayError(
+        message=f"model {model!r} does not exist on this gateway",
+        type="invalid_request_error",
+        param="model",
+        status=404,
+        code="model_not_found",
+    )

@@ -1,0 +1,102 @@
+"""Redis side of admission: ``gate.lua`` (enter, poll, leave, release) for one model."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import IntEnum
+from pathlib import Path
+
+from redis.asyncio import Redis
+
+from plugins.admission.settings import AdmissionSettings
+from triage.keyschema import KeySchema
+
+GATE_LUA = Path(__file__).with_name("gate.lua")
+
+
+class Status(IntEnum):
+    ADMITTED = 1
+    WAITING = 0
+    QUEUE_FULL = -1
+    NO_CAPACITY = -2
+    LOST = -3
+    DONE = 2
+
+
+@dataclass(frozen=True)
+class GateReply:
+    status: Status
+    capacity: int
+    outstanding: int
+    queued: int
+    ahead: int
+    drain_rps: float
+
+    @property
+    def work_ahead(self) -> float:
+        """Requests to finish before a new one gets in: the queue ahead, the excess, itself."""
+        return float(self.ahead + max(0, self.outstanding - self.capacity) + 1)
+
+
+class AdmissionGate:
+    def __init__(self, client: Redis, settings: AdmissionSettings) -> None:
+        self._client = client
+        self._settings = settings
+        self._keys = KeySchema(settings.key_prefix)
+        self._script = client.register_script(GATE_LUA.read_text())
+
+    async def _call(
+        self, op: str, model: str, replica_ids: Sequence[str], ticket: str, priority: int
+    ) -> GateReply:
+        s = self._settings
+        keys = [
+            self._keys.admitted(model),
+            self._keys.queue(model),
+            self._keys.queue_lease(model),
+            self._keys.queue_seq(model),
+            *(self._keys.replica(r) for r in replica_ids),
+        ]
+        args = [
+            op,
+            ticket,
+            str(priority),
+            str(s.lease_ms),
+            str(s.queue_lease_ms),
+            str(s.queue_allowance),
+            str(s.unknown_replica_slots),
+            str(s.stale_after_ms),
+            str(s.queue_limit(priority)),
+            str(s.max_queue),
+        ]
+        reply = await self._script(keys=keys, args=args)
+        drain = reply[5].decode() if isinstance(reply[5], bytes) else str(reply[5])
+        return GateReply(
+            Status(int(reply[0])),
+            int(reply[1]),
+            int(reply[2]),
+            int(reply[3]),
+            int(reply[4]),
+            float(drain),
+        )
+
+    async def enter(
+        self, model: str, replica_ids: Sequence[str], ticket: str, priority: int
+    ) -> GateReply:
+        return await self._call("enter", model, replica_ids, ticket, priority)
+
+    async def poll(
+        self, model: str, replica_ids: Sequence[str], ticket: str, priority: int
+    ) -> GateReply:
+        return await self._call("poll", model, replica_ids, ticket, priority)
+
+    async def leave(self, model: str, ticket: str) -> None:
+        await self._call("leave", model, [], ticket, 0)
+
+    async def release(self, model: str, ticket: str) -> None:
+        await self._call("release", model, [], ticket, 0)
+
+    async def counts(self, model: str) -> tuple[int, int]:
+        """(outstanding, queued) after dropping expired entries: for tests and diagnostics."""
+        reply = await self._call("release", model, [], "", 0)  # releasing "" is a no-op
+        return reply.outstanding, reply.queued

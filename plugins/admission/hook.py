@@ -1,0 +1,137 @@
+"""LiteLLM proxy hook: the admission gate before routing, releases after, overflow → 503.
+
+* ``async_pre_call_hook``: admit, wait in the fleet-wide queue, or raise the 503 (envelope,
+  ``Retry-After``, ``retry-after-ms``); an unknown model is a 404 with the envelope.
+* ``async_log_success_event`` / ``async_log_failure_event`` / ``async_post_call_failure_hook`` /
+  the streaming iterator's ``finally`` (client disconnect): free the admission slot, once.
+* ``async_post_call_failure_hook``: an upstream overflow that survived the router's retries on
+  other replicas (every replica full) reaches the client as 503 + ``Retry-After`` + envelope,
+  not as LiteLLM's 500 / 429 with only ``llm_provider-retry-after``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncGenerator, Mapping
+from typing import Any
+
+import litellm
+from fastapi import HTTPException
+from litellm.integrations.custom_logger import CustomLogger
+from litellm.proxy._types import ProxyException, UserAPIKeyAuth
+from redis.asyncio import Redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from plugins.admission.controller import AdmissionController
+from plugins.admission.errors import ShedReason, model_not_found
+from plugins.admission.gate import AdmissionGate
+from plugins.admission.settings import AdmissionSettings
+from plugins.auth.identity import priority_of
+from plugins.routing.hook import proxy_router
+
+log = logging.getLogger(__name__)
+
+GATED_CALLS = {"completion", "acompletion", "text_completion", "atext_completion", "responses"}
+OVERFLOW_STATUSES = {429, 503}
+
+
+def is_upstream_overflow(exc: BaseException) -> bool:
+    """A replica (or all of them) could not take the request: retryable later."""
+    if isinstance(exc, ProxyException):
+        return False  # our own answers (sheds, 404s) pass through untouched
+    if isinstance(exc, litellm.ServiceUnavailableError | litellm.RateLimitError):
+        return True
+    return getattr(exc, "status_code", None) in OVERFLOW_STATUSES
+
+
+class AdmissionHook(CustomLogger):
+    def __init__(self, settings: AdmissionSettings) -> None:
+        super().__init__()
+        self.settings = settings
+        timeout = settings.redis_timeout_ms / 1000.0
+        self._redis_url = str(settings.redis_url)
+        self._timeout = timeout
+        self._controller: AdmissionController | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def controller(self) -> AdmissionController:
+        if self._controller is None:  # created on first use, inside the proxy's event loop
+            client = Redis.from_url(
+                self._redis_url,
+                socket_timeout=self._timeout,
+                socket_connect_timeout=self._timeout,
+                retry=Retry(NoBackoff(), 0),
+            )
+            self._controller = AdmissionController(
+                AdmissionGate(client, self.settings), self.settings
+            )
+        return self._controller
+
+    async def async_pre_call_hook(
+        self,
+        user_api_key_dict: UserAPIKeyAuth,
+        cache: Any,
+        data: dict[str, Any],
+        call_type: Any,
+    ) -> None:
+        if str(call_type) not in GATED_CALLS:
+            return None
+        model = data.get("model")
+        router = proxy_router()
+        replica_ids = router.get_model_ids(model_name=model) if router and model else []
+        if not replica_ids:
+            raise model_not_found(model)
+        ticket = data.get("litellm_call_id")
+        if not ticket:
+            ticket = data["litellm_call_id"] = str(uuid.uuid4())
+        await self.controller.admit(
+            str(model), list(replica_ids), str(ticket), priority_of(user_api_key_dict)
+        )
+        return None
+
+    async def async_post_call_failure_hook(
+        self,
+        request_data: dict[str, Any],
+        original_exception: Exception,
+        user_api_key_dict: UserAPIKeyAuth,
+        traceback_str: str | None = None,
+    ) -> HTTPException | None:
+        await self._finish(request_data)
+        if not is_upstream_overflow(original_exception):
+            return None
+        model = str(request_data.get("model") or "")
+        shed = self.controller.shed(model, ShedReason.UPSTREAM_OVERLOADED, 1.0)
+        log.info(
+            "admission: upstream overflow on every replica of %s: %s", model, original_exception
+        )
+        raise shed
+
+    async def async_log_success_event(
+        self, kwargs: dict[str, Any], response_obj: Any, start_time: Any, end_time: Any
+    ) -> None:
+        await self._finish(kwargs)
+
+    async def async_log_failure_event(
+        self, kwargs: dict[str, Any], response_obj: Any, start_time: Any, end_time: Any
+    ) -> None:
+        await self._finish(kwargs)
+
+    async def async_post_call_streaming_iterator_hook(
+        self, user_api_key_dict: UserAPIKeyAuth, response: Any, request_data: dict[str, Any]
+    ) -> AsyncGenerator[Any, None]:
+        try:
+            async for item in response:
+                yield item
+        finally:
+            task = asyncio.get_running_loop().create_task(self._finish(request_data))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _finish(self, data: Mapping[str, Any]) -> None:
+        ticket = data.get("litellm_call_id")
+        if ticket:
+            await self.controller.finish(str(ticket))

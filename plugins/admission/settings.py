@@ -1,0 +1,61 @@
+"""Settings of the admission plugin: env ``TRIAGE_ADMISSION_*`` (set by the proxy config)."""
+
+from __future__ import annotations
+
+from pydantic import Field, RedisDsn, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from plugins.admission.retry_after import RetryAfterBand
+from triage.keyschema import DEFAULT_PREFIX
+
+
+class AdmissionSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TRIAGE_ADMISSION_", extra="forbid")
+
+    redis_url: RedisDsn = Field(description="the load store (shared by every proxy process)")
+    key_prefix: str = DEFAULT_PREFIX
+    queue_allowance: int = Field(
+        default=4, ge=0, description="per healthy replica, admitted work beyond max_active"
+    )
+    unknown_replica_slots: int = Field(
+        default=4,
+        ge=0,
+        description="capacity counted for a replica with no fresh state (sidecar down)",
+    )
+    stale_after_ms: int = Field(default=1000, ge=0, description="as the routing plugin's")
+    max_queue: int = Field(default=64, ge=0, description="gateway wait queue depth per model")
+    priority_max_queue: dict[int, int] = Field(
+        default_factory=dict,
+        description="queue depth limit per priority tier, e.g. {2: 16}: tier 2 may hold at "
+        "most 16 places (tiers not listed: max_queue)",
+    )
+    max_wait_ms: int = Field(default=10_000, ge=0, description="longest wait in the queue")
+    poll_ms: int = Field(default=20, ge=1, description="queue re-check interval")
+    lease_ms: int = Field(default=900_000, ge=1000, description="admission lease")
+    queue_lease_ms: int = Field(
+        default=3000, ge=100, description="a waiting ticket not refreshed for this long is gone"
+    )
+    retry_after_min_s: float = Field(default=1.0, gt=0)
+    retry_after_max_s: float = Field(default=30.0, gt=0)
+    retry_after_unknown_s: float = Field(default=5.0, gt=0)
+    drain_ewma_alpha: float = Field(default=0.3, gt=0, le=1)
+    redis_timeout_ms: int = Field(default=1000, ge=1)
+    redis_retry_ms: int = Field(default=1000, ge=0)
+    log_interval_s: float = Field(default=10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _band(self) -> AdmissionSettings:
+        self.band()  # raises ValueError naming the bad bounds
+        if self.queue_lease_ms <= 2 * self.poll_ms:
+            raise ValueError("queue_lease_ms must exceed 2 x poll_ms")
+        return self
+
+    def band(self) -> RetryAfterBand:
+        return RetryAfterBand(
+            min_s=self.retry_after_min_s,
+            max_s=self.retry_after_max_s,
+            unknown_drain_s=self.retry_after_unknown_s,
+        )
+
+    def queue_limit(self, priority: int) -> int:
+        return min(self.max_queue, self.priority_max_queue.get(priority, self.max_queue))
