@@ -20,6 +20,7 @@ from plugins.triton_provider.deployments import triton_deployment
 from triage.paths import REPO_ROOT
 
 ROUTING_CALLBACK = "plugins.routing.proxy_callback.routing"
+ADMISSION_CALLBACK = "plugins.admission.proxy_callback.admission"
 MODEL_ACCESS_CALLBACK = "plugins.auth.model_access.model_access"
 CUSTOM_AUTH = "plugins.auth.custom_auth.user_api_key_auth"
 TRITON_PROVIDER = "triage_triton"
@@ -37,6 +38,7 @@ class ProxyOptions(BaseModel):
     """How the proxy routes: ``least-busy`` (the plugin) or LiteLLM's own strategies."""
 
     routing: Literal["triage", "simple-shuffle", "least-busy"] = "triage"
+    admission: bool = True
     num_retries: int = Field(default=2, ge=0)
     request_timeout_s: float = Field(default=600.0, gt=0)
     prometheus: bool = True
@@ -53,7 +55,11 @@ def build_proxy_config(
     options: ProxyOptions | None = None,
 ) -> dict[str, Any]:
     opts = options or ProxyOptions()
+    # order matters for pre-call hooks: refuse a key's forbidden model (403) before it takes
+    # an admission slot; the routing hook only (re-)installs the strategy
     callbacks: list[str] = [MODEL_ACCESS_CALLBACK]
+    if opts.admission:
+        callbacks.append(ADMISSION_CALLBACK)
     if opts.routing == "triage":
         callbacks.insert(0, ROUTING_CALLBACK)
     if opts.prometheus:
@@ -90,6 +96,8 @@ def proxy_env(redis_url: str, key_prefix: str, master_key: str) -> dict[str, str
         "LITELLM_LOG": "ERROR",
         "TRIAGE_ROUTING_REDIS_URL": redis_url,
         "TRIAGE_ROUTING_KEY_PREFIX": key_prefix,
+        "TRIAGE_ADMISSION_REDIS_URL": redis_url,
+        "TRIAGE_ADMISSION_KEY_PREFIX": key_prefix,
         "TRIAGE_KEYS_REDIS_URL": redis_url,
         "TRIAGE_KEYS_KEY_PREFIX": key_prefix,
         "PYTHONPATH": str(REPO_ROOT),

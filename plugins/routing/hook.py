@@ -100,7 +100,7 @@ class RoutingHook(CustomLogger):
     ) -> None:
         call_id = call_id_of(request_data)
         if call_id is not None:
-            await self.strategy.release_attempt(call_id, replica_of(request_data))
+            await self.strategy.release_attempt(call_id, replica_of(request_data), failed=True)
 
     async def async_log_success_event(
         self, kwargs: dict[str, Any], response_obj: Any, start_time: Any, end_time: Any

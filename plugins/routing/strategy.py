@@ -74,6 +74,8 @@ class LeastBusyStrategy(CustomRoutingStrategyBase):
         self.local = LocalCounts()
         self.outage = RedisOutage(settings.redis_retry_ms, settings.log_interval_s)
         self._next_expiry = 0.0
+        self.failed: dict[str, tuple[float, set[str]]] = {}
+        """Per request: replicas an attempt failed on (overflow...), avoided by its retries."""
 
     # -- installation ----------------------------------------------------------------------
 
@@ -157,7 +159,9 @@ class LeastBusyStrategy(CustomRoutingStrategyBase):
         """Pick and reserve one of ``deployments`` for the request ``call_id``."""
         started = time.perf_counter()
         by_id = {replica_id_of(d): d for d in deployments}
-        ids = list(by_id)
+        tried = self.failed.get(call_id, (0.0, set()))[1]
+        # a retry goes to a replica this request has not failed on, while there is one
+        ids = [r for r in by_id if r not in tried] or list(by_id)
         self._expire_ledger()
         if self.outage.should_try():
             try:
@@ -217,14 +221,19 @@ class LeastBusyStrategy(CustomRoutingStrategyBase):
 
     # -- releases --------------------------------------------------------------------------
 
-    async def release_attempt(self, call_id: str, replica_id: str | None) -> None:
+    async def release_attempt(
+        self, call_id: str, replica_id: str | None, failed: bool = False
+    ) -> None:
         """One attempt of ``call_id`` on ``replica_id`` ended (success or failure)."""
+        if failed and replica_id is not None:
+            self.failed.setdefault(call_id, (time.monotonic(), set()))[1].add(replica_id)
         held = self.ledger.take_one(call_id, replica_id)
         if held is not None:
             await self._give_back(held)
 
     async def release_request(self, call_id: str) -> None:
         """The request ``call_id`` ended: give back whatever it still holds."""
+        self.failed.pop(call_id, None)
         for held in self.ledger.take_all(call_id):
             await self._give_back(held)
 
@@ -244,6 +253,9 @@ class LeastBusyStrategy(CustomRoutingStrategyBase):
         if now < self._next_expiry:
             return
         self._next_expiry = now + 1.0
+        limit = now - self.settings.lease_ms / 1000.0
+        for call_id in [c for c, (t, _) in self.failed.items() if t < limit]:
+            del self.failed[call_id]
         for held in self.ledger.expire(now):
             log.warning(
                 "routing: reservation %s on %s outlived its lease without a release",

@@ -1,0 +1,223 @@
+"""gate.lua and the controller against a real redis-server: fleet-wide capacity, the priority
+FIFO queue, leases, and two proxy processes sharing one budget."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from gateway.redis_launcher import RedisServer
+from plugins.admission.controller import AdmissionController
+from plugins.admission.errors import GatewayError
+from plugins.admission.gate import AdmissionGate, Status
+from plugins.admission.settings import AdmissionSettings
+from triage.keyschema import KeySchema, ReplicaState
+
+_prefixes = itertools.count()
+IDS = ["a", "b"]
+
+
+def settings(redis_server: RedisServer, **overrides: Any) -> AdmissionSettings:
+    base: dict[str, Any] = {
+        "redis_url": redis_server.url,
+        "key_prefix": f"test-adm:{next(_prefixes)}:",
+        "queue_allowance": 1,
+        "max_queue": 4,
+        "max_wait_ms": 2000,
+        "poll_ms": 5,
+    }
+    base.update(overrides)
+    return AdmissionSettings(**base)
+
+
+def state(replica_id: str, **fields: Any) -> dict[str, str]:
+    now = int(time.time() * 1000)
+    base: dict[str, Any] = {
+        "replica_id": replica_id, "model": "m", "api_base": "http://x", "waiting": 0,
+        "active": 0, "max_active": 2, "kv_fraction": 0.0, "service_ms": 10.0,
+        "drain_rps": 4.0, "healthy": True, "state": "healthy", "source": "trtllm",
+        "ts_ms": now, "sample_ts_ms": now,
+    }  # fmt: skip
+    base.update(fields)
+    return ReplicaState(**base).to_redis()
+
+
+@pytest.fixture
+async def client(redis_server: RedisServer) -> AsyncIterator[Redis]:
+    redis = Redis.from_url(redis_server.url)
+    try:
+        yield redis
+    finally:
+        await redis.aclose()
+
+
+async def publish(client: Redis, s: AdmissionSettings, **per: dict[str, Any]) -> None:
+    keys = KeySchema(s.key_prefix)
+    for rid in IDS:
+        await client.hset(keys.replica(rid), mapping=state(rid, **per.get(rid, {})))
+
+
+async def test_capacity_is_max_active_plus_allowance_of_healthy_replicas(
+    client: Redis, redis_server: RedisServer
+) -> None:
+    s = settings(redis_server)
+    gate = AdmissionGate(client, s)
+    await publish(client, s)  # 2 x (2 + 1) = 6
+    replies = [await gate.enter("m", IDS, f"t{i}", 1) for i in range(6)]
+    assert [r.status for r in replies] == [Status.ADMITTED] * 6
+    assert replies[-1].capacity == 6 and replies[-1].drain_rps == 8.0
+    assert (await gate.enter("m", IDS, "t6", 1)).status == Status.WAITING
+    await publish(client, s, b={"healthy": False, "state": "unhealthy"})
+    assert (await gate.enter("m", IDS, "t7", 1)).capacity == 3
+    for i in range(6):
+        await gate.release("m", f"t{i}")
+    await gate.leave("m", "t6")
+    await gate.leave("m", "t7")
+    assert await gate.counts("m") == (0, 0)
+
+
+async def test_unknown_replicas_count_default_slots_and_all_unhealthy_sheds(
+    client: Redis, redis_server: RedisServer
+) -> None:
+    s = settings(redis_server, unknown_replica_slots=3)
+    gate = AdmissionGate(client, s)
+    reply = await gate.enter("m", IDS, "u0", 1)  # no hashes at all: sidecars down
+    assert (reply.status, reply.capacity) == (Status.ADMITTED, 6)
+    await gate.release("m", "u0")
+    await publish(client, s, a={"healthy": False}, b={"healthy": False})
+    assert (await gate.enter("m", IDS, "u1", 1)).status == Status.NO_CAPACITY
+
+
+async def test_queue_is_fifo_within_priority_and_priority_first(
+    client: Redis, redis_server: RedisServer
+) -> None:
+    s = settings(redis_server, max_queue=10)
+    gate = AdmissionGate(client, s)
+    await publish(client, s, a={"max_active": 1}, b={"healthy": False})  # capacity 1 + 1 = 2
+    for t in ("hold-1", "hold-2"):
+        assert (await gate.enter("m", IDS, t, 1)).status == Status.ADMITTED
+    arrivals = [("low-1", 2), ("mid-1", 1), ("low-2", 2), ("high-1", 0), ("mid-2", 1)]
+    for ticket, priority in arrivals:
+        assert (await gate.enter("m", IDS, ticket, priority)).status == Status.WAITING
+    order = []
+    pending = dict(arrivals)
+    for round_ in range(len(arrivals)):
+        await gate.release("m", "hold-1" if round_ == 0 else order[-1])
+        for ticket, priority in list(pending.items()):
+            if (await gate.poll("m", IDS, ticket, priority)).status == Status.ADMITTED:
+                order.append(ticket)
+                del pending[ticket]
+    assert order == ["high-1", "mid-1", "mid-2", "low-1", "low-2"]
+
+
+async def test_queue_limits_and_abandoned_places_expire(
+    client: Redis, redis_server: RedisServer
+) -> None:
+    s = settings(redis_server, max_queue=3, priority_max_queue={2: 1}, queue_lease_ms=200)
+    gate = AdmissionGate(client, s)
+    await publish(client, s, a={"max_active": 1}, b={"healthy": False})
+    for t in ("h1", "h2"):
+        await gate.enter("m", IDS, t, 1)
+    assert (await gate.enter("m", IDS, "low-1", 2)).status == Status.WAITING
+    assert (await gate.enter("m", IDS, "low-2", 2)).status == Status.QUEUE_FULL  # tier limit
+    assert (await gate.enter("m", IDS, "q1", 1)).status == Status.WAITING
+    assert (await gate.enter("m", IDS, "q2", 1)).status == Status.WAITING
+    assert (await gate.enter("m", IDS, "q3", 1)).status == Status.QUEUE_FULL  # depth 3
+    await asyncio.sleep(0.3)  # nobody polled: the waiting proxies are gone
+    assert await gate.counts("m") == (2, 0)
+    assert (await gate.poll("m", IDS, "q1", 1)).status == Status.LOST
+
+
+async def test_two_controllers_share_one_budget(client: Redis, redis_server: RedisServer) -> None:
+    """Two proxy processes (two controllers, two Redis clients): the fleet-wide bound holds."""
+    s = settings(redis_server, max_queue=0)
+    await publish(client, s)  # capacity 6
+    other = Redis.from_url(redis_server.url)
+    controllers = [
+        AdmissionController(AdmissionGate(client, s), s),
+        AdmissionController(AdmissionGate(other, s), s),
+    ]
+    try:
+        results = await asyncio.gather(
+            *(controllers[i % 2].admit("m", IDS, f"c{i}", 1) for i in range(20)),
+            return_exceptions=True,
+        )
+        admitted = [r for r in results if r is None]
+        shed = [r for r in results if isinstance(r, GatewayError)]
+        assert len(admitted) == 6 and len(shed) == 14
+        assert all(e.status_code == 503 and "Retry-After" in e.headers for e in shed)
+        for i, r in enumerate(results):
+            if r is None:
+                await controllers[i % 2].finish(f"c{i}")
+        assert await controllers[0].gate.counts("m") == (0, 0)
+    finally:
+        await other.aclose()
+
+
+async def test_waiter_admitted_when_a_slot_frees_or_shed_after_max_wait(
+    client: Redis, redis_server: RedisServer
+) -> None:
+    s = settings(redis_server, max_wait_ms=300)
+    await publish(client, s, a={"max_active": 1}, b={"healthy": False})  # capacity 2
+    ctl = AdmissionController(AdmissionGate(client, s), s)
+    await ctl.admit("m", IDS, "w1", 1)
+    await ctl.admit("m", IDS, "w2", 1)
+    waiter = asyncio.create_task(ctl.admit("m", IDS, "w3", 1))
+    await asyncio.sleep(0.05)
+    assert not waiter.done()
+    await ctl.finish("w1")
+    await asyncio.wait_for(waiter, 1.0)  # admitted once w1 left
+    started = time.monotonic()
+    with pytest.raises(GatewayError) as info:
+        await ctl.admit("m", IDS, "w4", 1)
+    assert 0.25 < time.monotonic() - started < 1.0
+    assert info.value.to_dict()["code"] == "queue_timeout"
+    await asyncio.sleep(0.05)  # the timed-out ticket's place is given back
+    for t in ("w2", "w3"):
+        await ctl.finish(t)
+    assert await ctl.gate.counts("m") == (0, 0)
+
+
+async def test_cancelled_waiter_gives_its_place_back(
+    client: Redis, redis_server: RedisServer
+) -> None:
+    s = settings(redis_server)
+    await publish(client, s, a={"max_active": 1}, b={"healthy": False})
+    ctl = AdmissionController(AdmissionGate(client, s), s)
+    await ctl.admit("m", IDS, "k1", 1)
+    await ctl.admit("m", IDS, "k2", 1)
+    waiter = asyncio.create_task(ctl.admit("m", IDS, "k3", 1))
+    await asyncio.sleep(0.05)
+    assert await ctl.gate.counts("m") == (2, 1)
+    waiter.cancel()  # the client went away
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    await asyncio.sleep(0.05)
+    assert await ctl.gate.counts("m") == (2, 0)
+    for t in ("k1", "k2"):
+        await ctl.finish(t)
+
+
+async def test_redis_down_bounds_per_process(redis_server: RedisServer) -> None:
+    from triage.paths import free_port
+
+    s = settings(
+        redis_server, redis_url=f"redis://127.0.0.1:{free_port()}/0", unknown_replica_slots=2
+    )
+    down = Redis.from_url(str(s.redis_url), socket_connect_timeout=0.2)
+    ctl = AdmissionController(AdmissionGate(down, s), s)
+    try:
+        for i in range(4):  # 2 replicas x 2 slots
+            await ctl.admit("m", IDS, f"d{i}", 1)
+        with pytest.raises(GatewayError):
+            await ctl.admit("m", IDS, "d4", 1)
+        await ctl.finish("d0")
+        await ctl.admit("m", IDS, "d5", 1)
+    finally:
+        await down.aclose()

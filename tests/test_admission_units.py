@@ -1,0 +1,70 @@
+"""Pure parts of admission: the Retry-After policy's shape, headers, envelope, settings."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from plugins.admission.errors import ShedReason, overloaded
+from plugins.admission.retry_after import RetryAfterBand, retry_after_headers, retry_after_s
+from plugins.admission.settings import AdmissionSettings
+
+BAND = RetryAfterBand(min_s=1.0, max_s=30.0, unknown_drain_s=5.0)
+
+
+def test_more_work_ahead_waits_longer() -> None:
+    waits = [retry_after_s(work, 4.0, BAND) for work in (8, 16, 32, 64)]
+    assert waits == sorted(waits) and waits[0] < waits[-1]
+    assert waits[1] == pytest.approx(4.0)  # 16 requests at 4/s
+
+
+def test_faster_drain_waits_less() -> None:
+    waits = [retry_after_s(40, drain, BAND) for drain in (2.0, 4.0, 8.0, 16.0)]
+    assert waits == sorted(waits, reverse=True) and waits[0] > waits[-1]
+
+
+def test_clamped_to_the_band() -> None:
+    assert retry_after_s(1, 1000.0, BAND) == 1.0
+    assert retry_after_s(10_000, 1.0, BAND) == 30.0
+
+
+@pytest.mark.parametrize("drain", [None, 0.0, -1.0, float("nan"), float("inf")])
+def test_unknown_drain_gives_the_documented_default(drain: float | None) -> None:
+    assert retry_after_s(10, drain, BAND) == 5.0
+
+
+def test_bad_inputs_are_errors() -> None:
+    with pytest.raises(ValueError):
+        retry_after_s(-1, 1.0, BAND)
+    with pytest.raises(ValueError):
+        RetryAfterBand(min_s=5, max_s=1)
+
+
+def test_headers_integer_seconds_rounded_up_and_precise_ms() -> None:
+    assert retry_after_headers(2.2) == {"Retry-After": "3", "retry-after-ms": "2200"}
+    assert retry_after_headers(0.2) == {"Retry-After": "1", "retry-after-ms": "200"}
+
+
+def test_envelope() -> None:
+    exc = overloaded("m", ShedReason.QUEUE_TIMEOUT, 4.0, wait="2.0 s")
+    assert exc.status_code == 503 and int(exc.code) == 503
+    body = exc.to_dict()
+    assert body["code"] == "queue_timeout" and body["type"] == "service_unavailable"
+    assert body["param"] is None and "retry after 4.0 s" in str(body["message"])
+    assert exc.headers == {"Retry-After": "4", "retry-after-ms": "4000"}
+
+
+def test_bad_settings_name_the_field() -> None:
+    with pytest.raises(ValidationError, match="redis_url"):
+        AdmissionSettings()  # type: ignore[call-arg]
+    with pytest.raises(ValidationError, match="max_queue"):
+        AdmissionSettings(redis_url="redis://127.0.0.1:1/0", max_queue=-1)
+    with pytest.raises(ValidationError, match="min_s"):
+        AdmissionSettings(redis_url="redis://127.0.0.1:1/0", retry_after_min_s=40)
+
+
+def test_priority_queue_limits() -> None:
+    s = AdmissionSettings(
+        redis_url="redis://127.0.0.1:1/0", max_queue=10, priority_max_queue={2: 3}
+    )
+    assert (s.queue_limit(1), s.queue_limit(2)) == (10, 3)
