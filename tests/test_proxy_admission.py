@@ -1,0 +1,244 @@
+"""Admission end to end: real proxies (two, sharing Redis), real Triton replicas and sidecars;
+raw HTTP and OpenAI SDK clients."""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from openai import AsyncOpenAI
+from prometheus_client.parser import text_string_to_metric_families
+from redis.asyncio import Redis
+
+from gateway.stack import Stack
+from gateway.stack_settings import StackSettings
+from plugins.auth.keystore import KeyStore
+from triage.keyschema import KeySchema
+
+from proxy_helpers import MESSAGES, wait_for_state
+
+pytestmark = pytest.mark.integration
+
+MODEL = "standin"
+CAPACITY = 2 * (2 + 1)  # two replicas x (max_active 2 + queue allowance 1)
+ADMISSION_ENV = {
+    "TRIAGE_ADMISSION_QUEUE_ALLOWANCE": "1",
+    "TRIAGE_ADMISSION_MAX_QUEUE": "6",
+    "TRIAGE_ADMISSION_MAX_WAIT_MS": "6000",
+}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    settings = StackSettings(
+        replicas=2,
+        proxies=2,
+        poll_interval_ms=100,
+        decode_ms_per_token=10.0,
+        max_active=2,
+        engine_queue_size=4,
+        workdir=tmp_path_factory.mktemp("admission-stack"),
+    )
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in ADMISSION_ENV.items():
+            env.setenv(name, value)  # read by the proxy processes at start
+        running = Stack(settings).start()
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+async def outstanding(stack: Stack) -> tuple[int, int, int]:
+    """(admitted, queued, routing reservations) fleet-wide, after expired entries."""
+    assert stack.redis is not None
+    keys = KeySchema(stack.settings.key_prefix)
+    client = Redis.from_url(stack.redis.url)
+    try:
+        admitted = await client.zcard(keys.admitted(MODEL))
+        queued = await client.zcard(keys.queue(MODEL))
+        inflight = sum([await client.zcard(keys.inflight(r)) for r in stack.replicas])
+    finally:
+        await client.aclose()
+    return admitted, queued, inflight
+
+
+async def settle(stack: Stack, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while (counts := await outstanding(stack)) != (0, 0, 0):
+        assert time.monotonic() < deadline, f"counts did not return to zero: {counts}"
+        await asyncio.sleep(0.05)
+
+
+def body(max_tokens: int, **extra: Any) -> dict[str, Any]:
+    return {"model": MODEL, "messages": MESSAGES, "max_tokens": max_tokens, **extra}
+
+
+async def test_burst_of_three_times_capacity(stack: Stack) -> None:
+    headers = {"Authorization": f"Bearer {stack.api_key}"}
+    results: list[tuple[int, float, httpx.Response]] = []
+
+    async def one(client: httpx.AsyncClient, url: str) -> None:
+        started = time.perf_counter()
+        response = await client.post(f"{url}/v1/chat/completions", json=body(40), headers=headers)
+        results.append((response.status_code, time.perf_counter() - started, response))
+
+    async with httpx.AsyncClient(timeout=60) as client:
+        urls = [p.base_url for p in stack.proxies]
+        for url in urls:  # warm: a proxy's first request pays for lazy imports
+            warm = await client.post(f"{url}/v1/chat/completions", json=body(2), headers=headers)
+            assert warm.status_code == 200
+        await asyncio.gather(*(one(client, urls[i % 2]) for i in range(3 * CAPACITY + 6)))
+    codes = [code for code, _, _ in results]
+    assert set(codes) <= {200, 503}, codes
+    assert codes.count(200) >= CAPACITY
+    shed = [(latency, r) for code, latency, r in results if code == 503]
+    assert shed, "a burst of 3x capacity + queue must shed"
+    for _, response in shed:
+        assert int(response.headers["Retry-After"]) >= 1
+        assert int(response.headers["retry-after-ms"]) >= 1
+        error = response.json()["error"]
+        assert set(error) >= {"message", "type", "param", "code"}
+        assert error["code"] in {"queue_full", "queue_timeout"}
+    full = sorted(latency for latency, r in shed if r.json()["error"]["code"] == "queue_full")
+    decision_ms = []
+    async with httpx.AsyncClient(timeout=10) as client:
+        for proxy in stack.proxies:
+            admin = {"Authorization": f"Bearer {stack.master_key}"}
+            text = (await client.get(f"{proxy.base_url}/metrics/", headers=admin)).text
+            total = count = 0.0
+            for family in text_string_to_metric_families(text):
+                if family.name == "triage_admission_decision_seconds":
+                    for sample in family.samples:
+                        if sample.name.endswith("_sum"):
+                            total += sample.value
+                        elif sample.name.endswith("_count"):
+                            count += sample.value
+            assert count > 0, "the admission metrics are on the proxy's /metrics"
+            decision_ms.append(total / count * 1000)
+    print(
+        f"\nmean admission decision (Redis round trip included): "
+        f"{', '.join(f'{ms:.2f} ms' for ms in decision_ms)} per proxy"
+    )
+    print(
+        f"burst {len(results)} requests: {codes.count(200)} x 200, {len(shed)} x 503; "
+        f"queue_full answered in p50 {statistics.median(full) * 1000:.0f} ms, "
+        f"max {max(full) * 1000:.0f} ms"
+    )
+    # at once, not after a timeout (the time is the proxies' CPU: 2 cores for everything)
+    assert full and statistics.median(full) < 1.0
+    await settle(stack)
+
+
+async def test_sdk_with_retries_completes_everything_through_a_burst(stack: Stack) -> None:
+    clients = [
+        AsyncOpenAI(base_url=f"{p.base_url}/v1", api_key=stack.api_key, max_retries=10)
+        for p in stack.proxies
+    ]
+    completions = await asyncio.gather(
+        *(
+            clients[i % 2].chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=20)
+            for i in range(3 * CAPACITY)
+        )
+    )
+    assert all(c.choices[0].message.content for c in completions)
+    await settle(stack)
+
+
+async def test_two_proxies_never_admit_more_than_capacity(stack: Stack) -> None:
+    headers = {"Authorization": f"Bearer {stack.api_key}"}
+    peak = 0
+    done = asyncio.Event()
+
+    async def watch() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, (await outstanding(stack))[0])
+            await asyncio.sleep(0.01)
+
+    watcher = asyncio.create_task(watch())
+    async with httpx.AsyncClient(timeout=60) as client:
+        urls = [p.base_url for p in stack.proxies]
+        responses = await asyncio.gather(
+            *(
+                client.post(f"{urls[i % 2]}/v1/chat/completions", json=body(30), headers=headers)
+                for i in range(4 * CAPACITY)
+            )
+        )
+    done.set()
+    await watcher
+    assert CAPACITY - 1 <= peak <= CAPACITY
+    # no replica ever overflowed: the gate kept the engines within their queues
+    for response in responses:
+        if response.status_code == 503:
+            assert response.json()["error"]["code"] in {"queue_full", "queue_timeout"}
+        else:
+            assert response.status_code == 200
+    await settle(stack)
+
+
+async def test_higher_priority_keys_are_admitted_first(stack: Stack) -> None:
+    assert stack.redis is not None
+    store = KeyStore(Redis.from_url(stack.redis.url), stack.settings.key_prefix, owns_client=True)
+    try:
+        high_key, _ = await store.create(f"high-{time.time_ns()}", priority=0)
+        low_key, _ = await store.create(f"low-{time.time_ns()}", priority=3)
+    finally:
+        await store.aclose()
+    url = stack.proxies[0].base_url
+    admitted_at: dict[str, float] = {}
+    tag = str(time.time_ns())
+    keys = KeySchema(stack.settings.key_prefix)
+
+    async def watch_admissions(done: asyncio.Event) -> None:
+        """Admission order as the gate records it: tickets (= call ids) entering admitted."""
+        assert stack.redis is not None
+        client = Redis.from_url(stack.redis.url)
+        try:
+            while not done.is_set():
+                for ticket in await client.zrange(keys.admitted(MODEL), 0, -1):
+                    admitted_at.setdefault(ticket.decode(), time.monotonic())
+                await asyncio.sleep(0.005)
+        finally:
+            await client.aclose()
+
+    async def stream(client: httpx.AsyncClient, key: str, name: str, tokens: int) -> None:
+        headers = {"Authorization": f"Bearer {key}", "x-litellm-call-id": f"{tag}-{name}"}
+        async with client.stream(
+            "POST", f"{url}/v1/chat/completions", json=body(tokens, stream=True), headers=headers
+        ) as response:
+            assert response.status_code == 200
+            async for _ in response.aiter_lines():
+                pass
+
+    done = asyncio.Event()
+    watcher = asyncio.create_task(watch_admissions(done))
+    async with httpx.AsyncClient(timeout=60) as client:
+        # fill the fleet; the holders end one after another (staggered lengths)
+        holders = [
+            asyncio.create_task(stream(client, high_key, f"hold-{i}", 150 + 40 * i))
+            for i in range(CAPACITY)
+        ]
+        await wait_for_state(stack, "replica-0", lambda s: s.active >= 2)
+        await wait_for_state(stack, "replica-1", lambda s: s.active >= 2)
+        await asyncio.sleep(0.3)
+        waiters = []
+        for i in range(3):  # the low-priority ones arrive first
+            waiters.append(asyncio.create_task(stream(client, low_key, f"low-{i}", 5)))
+            await asyncio.sleep(0.05)
+        for i in range(3):
+            waiters.append(asyncio.create_task(stream(client, high_key, f"high-{i}", 5)))
+            await asyncio.sleep(0.05)
+        await asyncio.gather(*holders, *waiters)
+    done.set()
+    await watcher
+    admitted_at = {k.removeprefix(f"{tag}-"): v for k, v in admitted_at.items()}
+    high = [admitted_at[f"high-{i}"] for i in range(3)]
+    low = [admitted_at[f"low-{i}"] for i in range(3)]
+    assert max(high) < min(low), (high, low)
+    await settle(stack)
