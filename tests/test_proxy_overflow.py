@@ -1,0 +1,203 @@
+"""Upstream overflow through the real proxy: each overflow answer of Triton / TensorRT-LLM on one
+replica makes the request succeed on the other; with every replica full the client gets 503 +
+Retry-After + the envelope (not 500, not 400, not ``llm_provider-retry-after`` alone).
+
+Three model groups share one healthy replica; each has one replica that overflows its own way:
+``engine-full``: the executor's queue ("Maximum queue size of N ...", 400 on /generate);
+``triton-full``: Triton's queue (503 "Exceeds maximum queue size");
+``timeout``: Triton's queue timeout ("Request timeout expired", 400 on /generate).
+No sidecars: every replica is "unknown" to the routers, so first attempts spread over both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+
+import httpx
+import pytest
+from openai import AsyncOpenAI
+from redis.asyncio import Redis
+
+from gateway.proxy_config import (
+    ProxyOptions,
+    build_proxy_config,
+    new_master_key,
+    proxy_env,
+    write_proxy_config,
+)
+from gateway.proxy_launcher import LiteLLMProxy, start_proxy
+from gateway.redis_launcher import RedisServer
+from gateway.triton_launcher import StandinSettings, TritonServer, start_standin_replica
+from plugins.auth.keystore import KeyStore
+from plugins.triton_provider.deployments import triton_deployment
+
+from proxy_helpers import MESSAGES
+
+pytestmark = pytest.mark.integration
+
+PREFIX = "test-overflow:"
+FAST = {"decode_ms_per_token": 10.0}
+REPLICAS = {
+    "engine": StandinSettings(max_active=1, engine_queue_size=0, **FAST),
+    "triton": StandinSettings(
+        max_active=1, engine_queue_size=0, engine_queue_full="block", triton_queue_size=1, **FAST
+    ),
+    "timeout": StandinSettings(
+        max_active=1, engine_queue_size=0, engine_queue_full="block", queue_timeout_ms=100, **FAST
+    ),
+    "ok": StandinSettings(max_active=2, engine_queue_size=0, **FAST),
+}
+GROUPS = {"engine-full": "engine", "triton-full": "triton", "timeout": "timeout"}
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, TritonServer]]:
+    workdir = tmp_path_factory.mktemp("overflow")
+    started: dict[str, TritonServer] = {}
+    try:
+        for name, settings in REPLICAS.items():
+            started[name] = start_standin_replica(name, settings, workdir, ready_timeout_s=90)
+        yield started
+    finally:
+        for server in started.values():
+            server.stop()
+
+
+@pytest.fixture(scope="module")
+def proxy(
+    servers: dict[str, TritonServer],
+    redis_server: RedisServer,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[LiteLLMProxy]:
+    workdir = tmp_path_factory.mktemp("overflow-proxy")
+    config = build_proxy_config("unused", "standin", [], ProxyOptions(num_retries=2))
+    config["model_list"] = [
+        triton_deployment(group, f"{group}-{role}", servers[name].http_url, "standin")
+        for group, bad in GROUPS.items()
+        for role, name in (("bad", bad), ("ok", "ok"))
+    ]
+    path = write_proxy_config(config, workdir / "proxy.yaml")
+    proxy = start_proxy(
+        "overflow", path, proxy_env(redis_server.url, PREFIX, new_master_key()), workdir
+    )
+    try:
+        yield proxy
+    finally:
+        proxy.stop()
+
+
+@pytest.fixture(scope="module")
+async def api_key(redis_server: RedisServer) -> AsyncIterator[str]:
+    store = KeyStore(Redis.from_url(redis_server.url), PREFIX, owns_client=True)
+    try:
+        key, _ = await store.create("overflow-tests")
+        yield key
+    finally:
+        await store.aclose()
+
+
+_tickets = itertools.count()
+
+
+async def fill(
+    client: httpx.AsyncClient, server: TritonServer, count: int
+) -> list[asyncio.Task[httpx.Response]]:
+    """Long requests straight to one replica's Triton, one after another (so that Triton's
+    batcher cannot take them into one blocked batch), enough to make it overflow."""
+    url = f"{server.http_url}/v2/models/standin/generate"
+    tasks = []
+    for _ in range(count):
+        body = {"text_input": f"hold {next(_tickets)}", "max_tokens": 600}
+        tasks.append(asyncio.ensure_future(client.post(url, json=body)))
+        await asyncio.sleep(0.2)
+    return tasks
+
+
+async def overflows(server: TritonServer) -> str:
+    """What a new request to the full replica gets, straight from Triton."""
+    async with httpx.AsyncClient(timeout=30) as client:
+        response = await client.post(
+            f"{server.http_url}/v2/models/standin/generate",
+            json={"text_input": "probe", "max_tokens": 2},
+        )
+    assert response.status_code != 200, "the replica was expected to be full"
+    return f"{response.status_code} {response.text}"
+
+
+@pytest.mark.parametrize("group", list(GROUPS))
+async def test_overflowing_replica_is_retried_on_the_other(
+    group: str, servers: dict[str, TritonServer], proxy: LiteLLMProxy, api_key: str
+) -> None:
+    bad = servers[GROUPS[group]]
+    async with httpx.AsyncClient(timeout=60) as holder:
+        held = await fill(holder, bad, {"triton-full": 3, "timeout": 2}.get(group, 1))
+        await asyncio.sleep(0.4)
+        answer = await overflows(bad)
+        expected = {
+            "engine-full": "Maximum queue size",
+            "triton-full": "Exceeds maximum queue size",
+            "timeout": "Request timeout expired",
+        }[group]
+        assert expected in answer
+        sdk = AsyncOpenAI(base_url=f"{proxy.base_url}/v1", api_key=api_key, max_retries=0)
+        served = Counter()
+        retried = 0
+        for _ in range(8):
+            raw = await sdk.chat.completions.with_raw_response.create(
+                model=group, messages=MESSAGES, max_tokens=3
+            )
+            assert raw.parse().choices[0].message.content
+            served[raw.headers["x-litellm-model-id"]] += 1
+            retried += int(raw.headers.get("x-litellm-attempted-retries", "0") or 0)
+        assert served == {f"{group}-ok": 8}
+        assert retried > 0, "no request was first sent to the full replica: nothing was proven"
+        for task in held:
+            task.cancel()
+
+
+async def test_all_replicas_full_is_503_with_retry_after(
+    servers: dict[str, TritonServer], proxy: LiteLLMProxy, api_key: str
+) -> None:
+    async with httpx.AsyncClient(timeout=60) as holder:
+        held = await fill(holder, servers["engine"], 1) + await fill(holder, servers["ok"], 2)
+        await asyncio.sleep(0.4)
+        await overflows(servers["engine"])
+        await overflows(servers["ok"])
+        async with httpx.AsyncClient(timeout=60) as client:
+            response = await client.post(
+                f"{proxy.base_url}/v1/chat/completions",
+                json={"model": "engine-full", "messages": MESSAGES, "max_tokens": 3},
+                headers={"Authorization": f"Bearer {api_key}"},
+            )
+        for task in held:
+            task.cancel()
+    assert response.status_code == 503, response.text
+    assert int(response.headers["Retry-After"]) >= 1
+    assert int(response.headers["retry-after-ms"]) >= 1
+    error = response.json()["error"]
+    assert error["code"] == "upstream_overloaded"
+    assert set(error) >= {"message", "type", "param", "code"}
+
+
+async def test_unknown_model_is_404_and_bad_request_is_400(
+    proxy: LiteLLMProxy, api_key: str
+) -> None:
+    headers = {"Authorization": f"Bearer {api_key}"}
+    async with httpx.AsyncClient(timeout=30) as client:
+        unknown = await client.post(
+            f"{proxy.base_url}/v1/chat/completions",
+            json={"model": "no-such-model", "messages": MESSAGES},
+            headers=headers,
+        )
+        bad = await client.post(
+            f"{proxy.base_url}/v1/chat/completions",
+            json={"model": "engine-full", "messages": MESSAGES, "max_tokens": -5},
+            headers=headers,
+        )
+    assert unknown.status_code == 404, unknown.text
+    assert unknown.json()["error"]["code"] == "model_not_found"
+    assert bad.status_code == 400, bad.text
+    assert set(bad.json()["error"]) >= {"message", "type", "param", "code"}
