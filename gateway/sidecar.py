@@ -286,12 +286,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # httpx logs every request at INFO: two lines per poll would cost the sidecar real CPU
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
     config = uvicorn.Config(
         create_app(settings),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
         access_log=False,
+        timeout_graceful_shutdown=2,  # keep-alive probes must not hold a SIGTERM for 10 s
     )
     uvicorn.Server(config).run()
     return 0

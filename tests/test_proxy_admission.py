@@ -242,3 +242,33 @@ async def test_higher_priority_keys_are_admitted_first(stack: Stack) -> None:
     low = [admitted_at[f"low-{i}"] for i in range(3)]
     assert max(high) < min(low), (high, low)
     await settle(stack)
+
+
+async def test_replica_crash_mid_burst_loses_nothing(stack: Stack) -> None:
+    """Last in the module: kills replica-1's Triton while requests are in flight."""
+    clients = [
+        AsyncOpenAI(base_url=f"{p.base_url}/v1", api_key=stack.api_key, max_retries=0, timeout=60)
+        for p in stack.proxies
+    ]
+
+    async def one(i: int) -> int:
+        try:
+            await clients[i % 2].chat.completions.create(
+                model=MODEL, messages=MESSAGES, max_tokens=60
+            )
+        except Exception as exc:  # every failure must be an explicit HTTP error with a body
+            status = getattr(exc, "status_code", None)
+            assert status in {500, 503}, repr(exc)
+            assert getattr(exc, "body", None), repr(exc)
+            return int(status)
+        return 200
+
+    burst = [asyncio.create_task(one(i)) for i in range(2 * CAPACITY)]
+    await asyncio.sleep(0.3)
+    stack.replicas["replica-1"].kill()
+    codes = await asyncio.wait_for(asyncio.gather(*burst), timeout=60)  # none hangs
+    assert codes.count(200) >= CAPACITY // 2
+    await wait_for_state(stack, "replica-1", lambda s: not s.healthy, timeout_s=10)
+    after = [await one(i) for i in range(4)]
+    assert after == [200] * 4  # the survivor serves everything once the crash is known
+    await settle(stack)
