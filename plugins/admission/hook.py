@@ -11,15 +11,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import uuid
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import litellm
 from fastapi import HTTPException
-from litellm.integrations.custom_logger import CustomLogger
 from litellm.proxy._types import ProxyException, UserAPIKeyAuth
 from redis.asyncio import Redis
 from redis.backoff import NoBackoff
@@ -30,6 +28,7 @@ from plugins.admission.errors import ShedReason, model_not_found
 from plugins.admission.gate import AdmissionGate
 from plugins.admission.settings import AdmissionSettings
 from plugins.auth.identity import priority_of
+from plugins.request_end import RequestEndHook
 from plugins.routing.hook import proxy_router
 
 log = logging.getLogger(__name__)
@@ -47,7 +46,7 @@ def is_upstream_overflow(exc: BaseException) -> bool:
     return getattr(exc, "status_code", None) in OVERFLOW_STATUSES
 
 
-class AdmissionHook(CustomLogger):
+class AdmissionHook(RequestEndHook):
     def __init__(self, settings: AdmissionSettings) -> None:
         super().__init__()
         self.settings = settings
@@ -55,7 +54,6 @@ class AdmissionHook(CustomLogger):
         self._redis_url = str(settings.redis_url)
         self._timeout = timeout
         self._controller: AdmissionController | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
 
     @property
     def controller(self) -> AdmissionController:
@@ -100,7 +98,7 @@ class AdmissionHook(CustomLogger):
         user_api_key_dict: UserAPIKeyAuth,
         traceback_str: str | None = None,
     ) -> HTTPException | None:
-        await self._finish(request_data)
+        await self.on_request_end(request_data)
         if not is_upstream_overflow(original_exception):
             return None
         model = str(request_data.get("model") or "")
@@ -110,28 +108,7 @@ class AdmissionHook(CustomLogger):
         )
         raise shed
 
-    async def async_log_success_event(
-        self, kwargs: dict[str, Any], response_obj: Any, start_time: Any, end_time: Any
-    ) -> None:
-        await self._finish(kwargs)
-
-    async def async_log_failure_event(
-        self, kwargs: dict[str, Any], response_obj: Any, start_time: Any, end_time: Any
-    ) -> None:
-        await self._finish(kwargs)
-
-    async def async_post_call_streaming_iterator_hook(
-        self, user_api_key_dict: UserAPIKeyAuth, response: Any, request_data: dict[str, Any]
-    ) -> AsyncGenerator[Any, None]:
-        try:
-            async for item in response:
-                yield item
-        finally:
-            task = asyncio.get_running_loop().create_task(self._finish(request_data))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-    async def _finish(self, data: Mapping[str, Any]) -> None:
+    async def on_request_end(self, data: Mapping[str, Any]) -> None:
         ticket = data.get("litellm_call_id")
         if ticket:
             await self.controller.finish(str(ticket))

@@ -10,7 +10,8 @@ Registered in the proxy config (``litellm_settings.callbacks``). Why each hook:
   "succeeds" when it starts, so streams are released at their end instead:
 * ``async_log_success_event`` / ``async_log_failure_event`` (once per request, a stream's at its
   end) and ``async_post_call_streaming_iterator_hook`` (its ``finally`` runs when the client
-  disconnects mid-stream): release what the request still holds.
+  disconnects mid-stream): release what the request still holds (``RequestEndHook``, shared
+  with the admission plugin).
 
 Each reservation is given back once whatever the order of these (see ``ledger.py``); one that
 is never given back expires with its lease.
@@ -18,16 +19,15 @@ is never given back expires with its lease.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from litellm import Router
-from litellm.integrations.custom_logger import CustomLogger
 from litellm.litellm_core_utils.streaming_handler import CustomStreamWrapper
 from litellm.proxy._types import UserAPIKeyAuth
 
+from plugins.request_end import RequestEndHook
 from plugins.routing.settings import RoutingSettings
 from plugins.routing.strategy import LeastBusyStrategy
 
@@ -61,11 +61,10 @@ def proxy_router() -> Router | None:
     return router if isinstance(router, Router) else None
 
 
-class RoutingHook(CustomLogger):
+class RoutingHook(RequestEndHook):
     def __init__(self, settings: RoutingSettings) -> None:
         super().__init__()
         self.strategy = LeastBusyStrategy(settings)
-        self._tasks: set[asyncio.Task[None]] = set()
 
     def ensure_installed(self, router: Router | None) -> None:
         if router is not None and not self.strategy.installed_on(router):
@@ -102,34 +101,7 @@ class RoutingHook(CustomLogger):
         if call_id is not None:
             await self.strategy.release_attempt(call_id, replica_of(request_data), failed=True)
 
-    async def async_log_success_event(
-        self, kwargs: dict[str, Any], response_obj: Any, start_time: Any, end_time: Any
-    ) -> None:
-        await self._release_request(kwargs)
-
-    async def async_log_failure_event(
-        self, kwargs: dict[str, Any], response_obj: Any, start_time: Any, end_time: Any
-    ) -> None:
-        await self._release_request(kwargs)
-
-    async def async_post_call_streaming_iterator_hook(
-        self, user_api_key_dict: UserAPIKeyAuth, response: Any, request_data: dict[str, Any]
-    ) -> AsyncGenerator[Any, None]:
-        try:
-            async for item in response:
-                yield item
-        finally:
-            # runs on normal end, on error and on client disconnect (GeneratorExit or
-            # cancellation): release in a task of its own, which cancellation cannot cut short
-            call_id = call_id_of(request_data)
-            if call_id is not None:
-                task = asyncio.get_running_loop().create_task(
-                    self.strategy.release_request(call_id)
-                )
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
-
-    async def _release_request(self, kwargs: Mapping[str, Any]) -> None:
-        call_id = call_id_of(kwargs)
+    async def on_request_end(self, data: Mapping[str, Any]) -> None:
+        call_id = call_id_of(data)
         if call_id is not None:
             await self.strategy.release_request(call_id)
