@@ -19,9 +19,6 @@ from typing import Any
 import litellm
 from fastapi import HTTPException
 from litellm.proxy._types import ProxyException, UserAPIKeyAuth
-from redis.asyncio import Redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from plugins.admission.controller import AdmissionController
 from plugins.admission.errors import ShedReason, model_not_found
@@ -30,6 +27,7 @@ from plugins.admission.settings import AdmissionSettings
 from plugins.auth.identity import priority_of
 from plugins.request_end import RequestEndHook
 from plugins.routing.hook import proxy_router
+from triage.redis_client import fail_fast_redis
 
 log = logging.getLogger(__name__)
 
@@ -50,20 +48,12 @@ class AdmissionHook(RequestEndHook):
     def __init__(self, settings: AdmissionSettings) -> None:
         super().__init__()
         self.settings = settings
-        timeout = settings.redis_timeout_ms / 1000.0
-        self._redis_url = str(settings.redis_url)
-        self._timeout = timeout
         self._controller: AdmissionController | None = None
 
     @property
     def controller(self) -> AdmissionController:
         if self._controller is None:  # created on first use, inside the proxy's event loop
-            client = Redis.from_url(
-                self._redis_url,
-                socket_timeout=self._timeout,
-                socket_connect_timeout=self._timeout,
-                retry=Retry(NoBackoff(), 0),
-            )
+            client = fail_fast_redis(str(self.settings.redis_url), self.settings.redis_timeout_ms)
             self._controller = AdmissionController(
                 AdmissionGate(client, self.settings), self.settings
             )

@@ -27,9 +27,7 @@ from litellm.router_utils.handle_error import async_raise_no_deployment_exceptio
 from litellm.types.router import CustomRoutingStrategyBase
 from prometheus_client import Counter, Histogram
 from redis.asyncio import Redis
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
-from redis.retry import Retry
 
 from plugins.routing.fallback import LocalCounts, RedisOutage
 from plugins.routing.ledger import Held, ReservationLedger
@@ -37,6 +35,7 @@ from plugins.routing.policy import choose
 from plugins.routing.settings import RoutingSettings
 from plugins.routing.store import MAX_TIEBREAK, RoutingStore
 from triage.keyschema import KeySchema
+from triage.redis_client import fail_fast_redis
 
 log = logging.getLogger(__name__)
 
@@ -92,13 +91,8 @@ class LeastBusyStrategy(CustomRoutingStrategyBase):
     @property
     def store(self) -> RoutingStore:
         if self._store is None:
-            timeout = self.settings.redis_timeout_ms / 1000.0
-            self._redis = Redis.from_url(
-                str(self.settings.redis_url),
-                socket_timeout=timeout,
-                socket_connect_timeout=timeout,
-                retry=Retry(NoBackoff(), 0),
-                health_check_interval=0,
+            self._redis = fail_fast_redis(
+                str(self.settings.redis_url), self.settings.redis_timeout_ms
             )
             self._store = RoutingStore(self._redis, KeySchema(self.settings.key_prefix))
         return self._store
