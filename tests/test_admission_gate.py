@@ -17,7 +17,9 @@ from plugins.admission.controller import AdmissionController
 from plugins.admission.errors import GatewayError
 from plugins.admission.gate import AdmissionGate, Status
 from plugins.admission.settings import AdmissionSettings
-from triage.keyschema import KeySchema, ReplicaState
+from triage.keyschema import KeySchema
+
+from replica_states import replica_state
 
 _prefixes = itertools.count()
 IDS = ["a", "b"]
@@ -37,15 +39,8 @@ def settings(redis_server: RedisServer, **overrides: Any) -> AdmissionSettings:
 
 
 def state(replica_id: str, **fields: Any) -> dict[str, str]:
-    now = int(time.time() * 1000)
-    base: dict[str, Any] = {
-        "replica_id": replica_id, "model": "m", "api_base": "http://x", "waiting": 0,
-        "active": 0, "max_active": 2, "kv_fraction": 0.0, "service_ms": 10.0,
-        "drain_rps": 4.0, "healthy": True, "state": "healthy", "source": "trtllm",
-        "ts_ms": now, "sample_ts_ms": now,
-    }  # fmt: skip
-    base.update(fields)
-    return ReplicaState(**base).to_redis()
+    gate_defaults: dict[str, Any] = {"max_active": 2, "service_ms": 10.0, "drain_rps": 4.0}
+    return replica_state(replica_id, **{**gate_defaults, **fields}).to_redis()
 
 
 @pytest.fixture

@@ -19,6 +19,8 @@ from plugins.routing.policy import PolicyParams, choose, scores
 from plugins.routing.store import RoutingStore
 from triage.keyschema import KeySchema, ReplicaState
 
+from replica_states import replica_state
+
 _prefixes = itertools.count()
 
 
@@ -46,23 +48,7 @@ def reservations(count: int) -> dict[str, int]:
 
 
 def state(replica_id: str, ts_ms: int, **fields: Any) -> ReplicaState:
-    base: dict[str, Any] = {
-        "replica_id": replica_id,
-        "model": "m",
-        "api_base": f"http://{replica_id}",
-        "waiting": 0,
-        "active": 0,
-        "max_active": 4,
-        "kv_fraction": 0.0,
-        "service_ms": 100.0,
-        "healthy": True,
-        "state": "healthy",
-        "source": "trtllm",
-        "ts_ms": ts_ms,
-        "sample_ts_ms": ts_ms,
-    }
-    base.update(fields)
-    return ReplicaState(**base)
+    return replica_state(replica_id, ts_ms, **fields)
 
 
 # --- (a) Lua pick == Python choose ---------------------------------------------------------

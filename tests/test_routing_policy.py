@@ -19,29 +19,14 @@ from plugins.routing.policy import (
 )
 from triage.keyschema import ReplicaState
 
+from replica_states import replica_state
+
 NOW = 1_800_000_000_000
 P = PolicyParams()
 
 
 def rs(replica_id: str = "r", **overrides: Any) -> ReplicaState:
-    fields: dict[str, Any] = {
-        "replica_id": replica_id,
-        "model": "m",
-        "api_base": f"http://{replica_id}",
-        "waiting": 0,
-        "active": 0,
-        "max_active": 4,
-        "kv_fraction": 0.0,
-        "service_ms": 100.0,
-        "drain_rps": None,
-        "healthy": True,
-        "state": "healthy",
-        "source": "trtllm",
-        "ts_ms": NOW,
-        "sample_ts_ms": NOW,
-    }
-    fields.update(overrides)
-    return ReplicaState(**fields)
+    return replica_state(replica_id, **{"ts_ms": NOW, "sample_ts_ms": NOW, **overrides})
 
 
 def s(state: ReplicaState | None, inflight: int = 0, service_ms: float = 100.0) -> float:

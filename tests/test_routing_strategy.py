@@ -27,8 +27,10 @@ from plugins.routing.hook import RoutingHook
 from plugins.routing.settings import RoutingSettings
 from plugins.routing.store import RoutingStore
 from plugins.routing.strategy import NoEligibleReplica
-from triage.keyschema import KeySchema, ReplicaState
+from triage.keyschema import KeySchema
 from triage.paths import free_port
+
+from replica_states import replica_state
 
 _prefixes = itertools.count()
 IDS = ["r-a", "r-b", "r-c"]
@@ -46,24 +48,7 @@ def deployments(response: Any = "hello") -> list[dict[str, Any]]:
 
 
 def state(replica_id: str, **fields: Any) -> dict[str, str]:
-    now = int(time.time() * 1000)
-    base: dict[str, Any] = {
-        "replica_id": replica_id,
-        "model": "m",
-        "api_base": f"http://{replica_id}",
-        "waiting": 0,
-        "active": 0,
-        "max_active": 4,
-        "kv_fraction": 0.0,
-        "service_ms": 100.0,
-        "healthy": True,
-        "state": "healthy",
-        "source": "trtllm",
-        "ts_ms": now,
-        "sample_ts_ms": now,
-    }
-    base.update(fields)
-    return ReplicaState(**base).to_redis()
+    return replica_state(replica_id, **fields).to_redis()
 
 
 def unregister(callback: RoutingHook) -> None:
