@@ -56,6 +56,9 @@ class StepTimeWindow:
     """
 
     window_s: float = 10.0
+    min_iterations: float = 50.0
+    """Publish only from this many busy iterations in the window: a few short requests give
+    estimates noisy enough to send a whole idle fleet's traffic to one replica."""
     intervals: deque[tuple[float, float, float]] = field(default_factory=deque)
     previous: tuple[float, float, bool] | None = None
     last_step_ms: float | None = None
@@ -73,9 +76,9 @@ class StepTimeWindow:
             self.intervals.append((t, t - t0, done))
         while self.intervals and self.intervals[0][0] <= t - self.window_s:
             self.intervals.popleft()
-        if self.intervals:
+        steps = sum(interval[2] for interval in self.intervals)
+        if self.intervals and steps >= self.min_iterations:
             elapsed = sum(interval[1] for interval in self.intervals)
-            steps = sum(interval[2] for interval in self.intervals)
             self.last_step_ms = elapsed / steps * 1000.0
 
     @property

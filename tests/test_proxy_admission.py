@@ -29,7 +29,7 @@ CAPACITY = 2 * (2 + 1)  # two replicas x (max_active 2 + queue allowance 1)
 ADMISSION_ENV = {
     "TRIAGE_ADMISSION_QUEUE_ALLOWANCE": "1",
     "TRIAGE_ADMISSION_MAX_QUEUE": "6",
-    "TRIAGE_ADMISSION_MAX_WAIT_MS": "6000",
+    "TRIAGE_ADMISSION_MAX_WAIT_MS": "15000",
 }
 
 
@@ -241,9 +241,11 @@ async def test_higher_priority_keys_are_admitted_first(stack: Stack) -> None:
             while await queue_client.zcard(keys.queue(MODEL)) < 6:
                 assert not any(h.done() for h in holders), "a slot freed before all queued"
                 await asyncio.sleep(0.01)
+            await asyncio.gather(*holders, *waiters)
         finally:
             await queue_client.aclose()
-        await asyncio.gather(*holders, *waiters)
+            for task in (*holders, *waiters):  # a failure must not leave the fleet occupied
+                task.cancel()
     done.set()
     await watcher
     admitted_at = {k.removeprefix(f"{tag}-"): v for k, v in admitted_at.items()}

@@ -119,7 +119,7 @@ def test_bad_setting_stops_startup_naming_the_field(args: list[str], field: str)
 def test_step_time_is_busy_time_per_iteration() -> None:
     from gateway.service_time import StepTimeWindow
 
-    w = StepTimeWindow(window_s=10.0)
+    w = StepTimeWindow(window_s=10.0, min_iterations=1)
     w.add(0.0, 0, busy=False)
     w.add(0.1, 0, busy=False)
     assert w.step_ms is None  # idle: no estimate yet
@@ -136,3 +136,14 @@ def test_step_time_is_busy_time_per_iteration() -> None:
     assert w.step_ms == pytest.approx(20.0)
     w.add(15.3, 505, busy=True)  # window moved on: only the last interval counts
     assert w.step_ms == pytest.approx(10100.0 / 500)
+
+
+def test_step_time_waits_for_enough_iterations() -> None:
+    from gateway.service_time import StepTimeWindow
+
+    w = StepTimeWindow(window_s=10.0, min_iterations=50)
+    w.add(0.0, 0, busy=True)
+    w.add(0.1, 10, busy=True)
+    assert w.step_ms is None  # 10 iterations: too few to tell replicas apart
+    w.add(0.5, 50, busy=True)
+    assert w.step_ms == pytest.approx(10.0)
