@@ -6,16 +6,27 @@ be given back exactly when the request is over. LiteLLM reports that end through
 since more than one may fire for a request):
 
 * ``async_log_success_event``: once per request; for a stream, at its end;
-* ``async_log_failure_event``: once per failed request;
-* ``async_post_call_streaming_iterator_hook``: its ``finally`` runs when the client disconnects
-  mid-stream (cancellation or ``GeneratorExit``), where no logging event fires. The release runs
-  in a task of its own, so that the cancellation cannot cut it short.
+* ``async_log_failure_event``: once per failed request that is not a stream;
+* ``async_post_call_failure_hook``: a request (stream or not) the proxy answers with an error;
+* ``async_post_call_streaming_iterator_hook``: its ``finally`` ends every stream the proxy
+  relays, however it ends (last chunk, error, client disconnect, where no logging event fires).
+  The release runs in a task of its own, so that a cancellation cannot cut it short. A stream's
+  failure event is not its end: the routing plugin may restart a stream that failed before its
+  first chunk on another replica, and the failed attempt's event (fired in a task of its own)
+  would otherwise free the request's admission slot while the restarted stream runs.
+
+LiteLLM's proxy runs ``async_post_call_streaming_iterator_hook`` only for a callback whose own
+class defines it (``cls.__dict__``), so every registered subclass names it in its class body.
+
+Subclasses change what happens between the proxy and the upstream stream by overriding
+``relay`` (the routing plugin restarts a stream that failed before its first chunk; the
+admission plugin turns a final overflow into the gateway's 503).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import Any
 
 from litellm.integrations.custom_logger import CustomLogger
@@ -39,13 +50,31 @@ class RequestEndHook(CustomLogger):
     async def async_log_failure_event(
         self, kwargs: dict[str, Any], response_obj: Any, start_time: Any, end_time: Any
     ) -> None:
+        if kwargs.get("stream") is True:
+            return  # ended by the streaming iterator hook's ``finally`` (see above)
         await self.on_request_end(kwargs)
+
+    async def async_post_call_failure_hook(
+        self,
+        request_data: dict[str, Any],
+        original_exception: Exception,
+        user_api_key_dict: UserAPIKeyAuth,
+        traceback_str: str | None = None,
+    ) -> Any:
+        await self.on_request_end(request_data)  # a stream that failed before the proxy relayed it
+        return None
+
+    def relay(
+        self, response: AsyncIterator[Any], request_data: dict[str, Any]
+    ) -> AsyncIterator[Any]:
+        """The chunks the proxy sends on; by default the upstream's, unchanged."""
+        return response
 
     async def async_post_call_streaming_iterator_hook(
         self, user_api_key_dict: UserAPIKeyAuth, response: Any, request_data: dict[str, Any]
     ) -> AsyncGenerator[Any, None]:
         try:
-            async for item in response:
+            async for item in self.relay(response, request_data):
                 yield item
         finally:
             task = asyncio.get_running_loop().create_task(self.on_request_end(request_data))

@@ -2,6 +2,9 @@
 replica makes the request succeed on the other; with every replica full the client gets 503 +
 Retry-After + the envelope (not 500, not 400, not ``llm_provider-retry-after`` alone).
 
+Streams too: a stream that overflows before its first chunk is restarted on the other replica,
+and with every replica full it is answered 503 + Retry-After + the envelope, as JSON.
+
 Three model groups share one healthy replica; each has one replica that overflows its own way:
 ``engine-full``: the executor's queue ("Maximum queue size of N ...", 400 on /generate);
 ``triton-full``: Triton's queue (503 "Exceeds maximum queue size");
@@ -19,6 +22,7 @@ from collections.abc import AsyncIterator, Iterator
 import httpx
 import pytest
 from openai import AsyncOpenAI
+from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
 from gateway.proxy_config import (
@@ -127,6 +131,25 @@ async def overflows(server: TritonServer) -> str:
     return f"{response.status_code} {response.text}"
 
 
+EXPECTED = {
+    "engine-full": "Maximum queue size",
+    "triton-full": "Exceeds maximum queue size",
+    "timeout": "Request timeout expired",
+}
+
+
+async def stream_restarts(proxy: LiteLLMProxy, model: str) -> float:
+    admin = {"Authorization": f"Bearer {proxy.master_key}"}
+    async with httpx.AsyncClient(timeout=10) as client:
+        text = (await client.get(f"{proxy.base_url}/metrics/", headers=admin)).text
+    for family in text_string_to_metric_families(text):
+        if family.name == "triage_routing_stream_restarts":
+            for sample in family.samples:
+                if sample.name.endswith("_total") and sample.labels.get("model") == model:
+                    return sample.value
+    return 0.0
+
+
 @pytest.mark.parametrize("group", list(GROUPS))
 async def test_overflowing_replica_is_retried_on_the_other(
     group: str, servers: dict[str, TritonServer], proxy: LiteLLMProxy, api_key: str
@@ -135,13 +158,7 @@ async def test_overflowing_replica_is_retried_on_the_other(
     async with httpx.AsyncClient(timeout=60) as holder:
         held = await fill(holder, bad, {"triton-full": 3, "timeout": 2}.get(group, 1))
         await asyncio.sleep(0.4)
-        answer = await overflows(bad)
-        expected = {
-            "engine-full": "Maximum queue size",
-            "triton-full": "Exceeds maximum queue size",
-            "timeout": "Request timeout expired",
-        }[group]
-        assert expected in answer
+        assert EXPECTED[group] in await overflows(bad)
         sdk = AsyncOpenAI(base_url=f"{proxy.base_url}/v1", api_key=api_key, max_retries=0)
         served = Counter()
         retried = 0
@@ -156,6 +173,38 @@ async def test_overflowing_replica_is_retried_on_the_other(
         assert retried > 0, "no request was first sent to the full replica: nothing was proven"
         for task in held:
             task.cancel()
+
+
+@pytest.mark.parametrize("group", list(GROUPS))
+async def test_stream_overflowing_before_its_first_chunk_is_restarted_on_the_other(
+    group: str, servers: dict[str, TritonServer], proxy: LiteLLMProxy, api_key: str
+) -> None:
+    bad = servers[GROUPS[group]]
+    async with httpx.AsyncClient(timeout=60) as holder:
+        held = await fill(holder, bad, {"triton-full": 3, "timeout": 2}.get(group, 1))
+        await asyncio.sleep(0.4)
+        assert EXPECTED[group] in await overflows(bad)
+        before = await stream_restarts(proxy, group)
+        sdk = AsyncOpenAI(base_url=f"{proxy.base_url}/v1", api_key=api_key, max_retries=0)
+        served = Counter()
+        for _ in range(8):
+            raw = await sdk.chat.completions.with_raw_response.create(
+                model=group, messages=MESSAGES, max_tokens=3, stream=True
+            )
+            text = "".join(
+                [
+                    chunk.choices[0].delta.content or ""
+                    async for chunk in raw.parse()
+                    if chunk.choices
+                ]
+            )
+            assert text
+            served[raw.headers["x-litellm-model-id"]] += 1
+        restarted = await stream_restarts(proxy, group) - before
+        for task in held:
+            task.cancel()
+    assert served == {f"{group}-ok": 8}
+    assert restarted > 0, "no stream was first sent to the full replica: nothing was proven"
 
 
 async def test_all_replicas_full_is_503_with_retry_after(
@@ -180,6 +229,37 @@ async def test_all_replicas_full_is_503_with_retry_after(
     error = response.json()["error"]
     assert error["code"] == "upstream_overloaded"
     assert set(error) >= {"message", "type", "param", "code"}
+
+
+async def test_stream_with_all_replicas_full_is_503_with_retry_after(
+    servers: dict[str, TritonServer], proxy: LiteLLMProxy, api_key: str
+) -> None:
+    async with httpx.AsyncClient(timeout=60) as holder:
+        held = await fill(holder, servers["engine"], 1) + await fill(holder, servers["ok"], 2)
+        await asyncio.sleep(0.4)
+        await overflows(servers["engine"])
+        await overflows(servers["ok"])
+        async with httpx.AsyncClient(timeout=60) as client:
+            response = await client.post(
+                f"{proxy.base_url}/v1/chat/completions",
+                json={
+                    "model": "engine-full",
+                    "messages": MESSAGES,
+                    "max_tokens": 3,
+                    "stream": True,
+                },
+                headers={"Authorization": f"Bearer {api_key}"},
+            )
+        for task in held:
+            task.cancel()
+    assert response.status_code == 503, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    assert int(response.headers["Retry-After"]) >= 1
+    assert int(response.headers["retry-after-ms"]) >= 1
+    error = response.json()["error"]
+    assert set(error) >= {"message", "type", "param", "code"}
+    assert error["reason"] == "upstream_overloaded"
+    assert error["type"] == "service_unavailable"
 
 
 async def test_unknown_model_is_404_and_bad_request_is_400(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from enum import StrEnum
 
 from fastapi import HTTPException
@@ -54,6 +55,14 @@ class GatewayError(ProxyException, HTTPException):
         """The envelope's ``code`` is the machine-readable reason (``queue_full``, ...); the
         HTTP status stays in ``self.code``, which the proxy's exception handler reads."""
         return {**super().to_dict(), "code": self.openai_code}
+
+
+def stream_start_event(error: GatewayError) -> str:
+    """``error`` as the SSE event a stream starts with, which the proxy answers as a plain JSON
+    error with the event's status (LiteLLM reads the status from the envelope's ``code``, so in
+    this one case ``code`` is the status and the reason moves to ``reason``)."""
+    envelope = {**error.to_dict(), "code": str(error.status_code), "reason": error.openai_code}
+    return f"data: {json.dumps({'error': envelope})}\n\n"
 
 
 def overloaded(

@@ -7,24 +7,29 @@
 * ``async_post_call_failure_hook``: an upstream overflow that survived the router's retries on
   other replicas (every replica full) reaches the client as 503 + ``Retry-After`` + envelope,
   not as LiteLLM's 500 / 429 with only ``llm_provider-retry-after``.
+* ``relay`` + ``async_post_call_response_headers_hook``: the same for a stream whose every
+  restart overflowed before its first chunk. The proxy sends no headers of an exception raised
+  while it reads a stream's first chunk, so the relay starts the stream with the 503 as an
+  error event (which the proxy answers as a JSON error with the event's status) and puts
+  ``Retry-After`` in the stream's ``additional_headers``, which the proxy reads after that chunk.
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
-import litellm
 from fastapi import HTTPException
-from litellm.proxy._types import ProxyException, UserAPIKeyAuth
+from litellm.proxy._types import UserAPIKeyAuth
 
 from plugins.admission.controller import AdmissionController
-from plugins.admission.errors import ShedReason, model_not_found
+from plugins.admission.errors import ShedReason, model_not_found, stream_start_event
 from plugins.admission.gate import AdmissionGate
 from plugins.admission.settings import AdmissionSettings
 from plugins.auth.identity import priority_of
+from plugins.overflow import is_upstream_overflow
 from plugins.request_end import RequestEndHook
 from plugins.routing.hook import proxy_router
 from triage.redis_client import fail_fast_redis
@@ -32,19 +37,15 @@ from triage.redis_client import fail_fast_redis
 log = logging.getLogger(__name__)
 
 GATED_CALLS = {"completion", "acompletion", "text_completion", "atext_completion", "responses"}
-OVERFLOW_STATUSES = {429, 503}
-
-
-def is_upstream_overflow(exc: BaseException) -> bool:
-    """A replica (or all of them) could not take the request: retryable later."""
-    if isinstance(exc, ProxyException):
-        return False  # our own answers (sheds, 404s) pass through untouched
-    if isinstance(exc, litellm.ServiceUnavailableError | litellm.RateLimitError):
-        return True
-    return getattr(exc, "status_code", None) in OVERFLOW_STATUSES
+STREAM_HEADERS_KEY = "_triage_stream_headers"
+"""In the proxy's request data: the stream's ``additional_headers`` (sent as response headers)."""
 
 
 class AdmissionHook(RequestEndHook):
+    # LiteLLM's proxy runs this hook only when the registered class defines it in its own
+    # ``__dict__`` (a leaf-class check); inheriting it from ``RequestEndHook`` is not enough
+    async_post_call_streaming_iterator_hook = RequestEndHook.async_post_call_streaming_iterator_hook
+
     def __init__(self, settings: AdmissionSettings) -> None:
         super().__init__()
         self.settings = settings
@@ -97,6 +98,43 @@ class AdmissionHook(RequestEndHook):
             "admission: upstream overflow on every replica of %s: %s", model, original_exception
         )
         raise shed
+
+    async def async_post_call_response_headers_hook(
+        self,
+        data: dict[str, Any],
+        user_api_key_dict: UserAPIKeyAuth,
+        response: object,
+        request_headers: dict[str, str] | None = None,
+        litellm_call_info: dict[str, object] | None = None,
+    ) -> dict[str, str] | None:
+        if data.get("stream") is not True:
+            return None
+        hidden = getattr(response, "_hidden_params", None)
+        if isinstance(hidden, dict):
+            extra = hidden.get("additional_headers")
+            if not isinstance(extra, dict):
+                extra = hidden["additional_headers"] = {}
+            data[STREAM_HEADERS_KEY] = extra
+        return None
+
+    async def relay(
+        self, response: AsyncIterator[Any], request_data: dict[str, Any]
+    ) -> AsyncIterator[Any]:
+        started = False
+        try:
+            async for item in response:
+                started = True
+                yield item
+        except Exception as exc:
+            if started or not is_upstream_overflow(exc):
+                raise
+            model = str(request_data.get("model") or "")
+            shed = self.controller.shed(model, ShedReason.UPSTREAM_OVERLOADED, 1.0)
+            log.info("admission: stream for %s overflowed on every replica: %s", model, exc)
+            extra = request_data.get(STREAM_HEADERS_KEY)
+            if isinstance(extra, dict):
+                extra.update(shed.headers or {})
+            yield stream_start_event(shed)
 
     async def on_request_end(self, data: Mapping[str, Any]) -> None:
         ticket = data.get("litellm_call_id")

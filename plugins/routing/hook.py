@@ -12,6 +12,8 @@ Registered in the proxy config (``litellm_settings.callbacks``). Why each hook:
   end) and ``async_post_call_streaming_iterator_hook`` (its ``finally`` runs when the client
   disconnects mid-stream): release what the request still holds (``RequestEndHook``, shared
   with the admission plugin).
+* ``relay`` (inside the streaming iterator hook): a stream that overflows before its first chunk
+  is restarted on another replica (``stream_restart.py``); LiteLLM's router would not retry it.
 
 Each reservation is given back once whatever the order of these (see ``ledger.py``); one that
 is never given back expires with its lease.
@@ -20,7 +22,7 @@ is never given back expires with its lease.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from litellm import Router
@@ -30,6 +32,7 @@ from litellm.proxy._types import UserAPIKeyAuth
 from plugins.request_end import RequestEndHook
 from plugins.routing.settings import RoutingSettings
 from plugins.routing.strategy import LeastBusyStrategy
+from plugins.routing.stream_restart import relay_with_restarts, restart_ids
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +65,10 @@ def proxy_router() -> Router | None:
 
 
 class RoutingHook(RequestEndHook):
+    # LiteLLM's proxy runs this hook only when the registered class defines it in its own
+    # ``__dict__`` (a leaf-class check); inheriting it from ``RequestEndHook`` is not enough
+    async_post_call_streaming_iterator_hook = RequestEndHook.async_post_call_streaming_iterator_hook
+
     def __init__(self, settings: RoutingSettings) -> None:
         super().__init__()
         self.strategy = LeastBusyStrategy(settings)
@@ -101,7 +108,14 @@ class RoutingHook(RequestEndHook):
         if call_id is not None:
             await self.strategy.release_attempt(call_id, replica_of(request_data), failed=True)
 
+    def relay(
+        self, response: AsyncIterator[Any], request_data: dict[str, Any]
+    ) -> AsyncIterator[Any]:
+        return relay_with_restarts(self.strategy, proxy_router(), response, request_data)
+
     async def on_request_end(self, data: Mapping[str, Any]) -> None:
         call_id = call_id_of(data)
         if call_id is not None:
             await self.strategy.release_request(call_id)
+        for restart_id in restart_ids(data):
+            await self.strategy.release_request(restart_id)

@@ -225,6 +225,13 @@ class LeastBusyStrategy(CustomRoutingStrategyBase):
         if held is not None:
             await self._give_back(held)
 
+    def avoid(self, call_id: str, replica_ids: set[str]) -> None:
+        """Make ``call_id`` avoid ``replica_ids`` (a restarted stream's failed replicas)."""
+        self.failed.setdefault(call_id, (time.monotonic(), set()))[1].update(replica_ids)
+
+    def failed_replicas(self, call_id: str) -> set[str]:
+        return set(self.failed.get(call_id, (0.0, set()))[1])
+
     async def release_request(self, call_id: str) -> None:
         """The request ``call_id`` ended: give back whatever it still holds."""
         self.failed.pop(call_id, None)

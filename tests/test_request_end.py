@@ -1,0 +1,38 @@
+"""The request-end hooks are really called by LiteLLM's proxy (its capability detection)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+import pytest
+from litellm.proxy.utils import ProxyLogging
+
+from plugins.admission.hook import AdmissionHook
+from plugins.admission.settings import AdmissionSettings
+from plugins.routing.hook import RoutingHook
+from plugins.routing.settings import RoutingSettings
+
+
+@pytest.fixture
+def hooks() -> list[object]:
+    url = "redis://127.0.0.1:1/0"  # never connected to here
+    return [
+        RoutingHook(RoutingSettings(redis_url=url)),
+        AdmissionHook(AdmissionSettings(redis_url=url)),
+    ]
+
+
+def test_proxy_runs_the_streaming_iterator_and_headers_hooks_of_both_plugins(
+    hooks: list[object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import litellm
+
+    monkeypatch.setattr(litellm, "callbacks", hooks)
+    caps = ProxyLogging.callback_capabilities()
+    assert [type(cb) for cb, kind in caps.iterator_overrides if kind == "override"] == [
+        RoutingHook,
+        AdmissionHook,
+    ]
+    assert caps.has_post_call_response_headers
