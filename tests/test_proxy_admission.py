@@ -255,6 +255,34 @@ async def test_higher_priority_keys_are_admitted_first(stack: Stack) -> None:
     await settle(stack)
 
 
+async def test_client_disconnects_give_everything_back(stack: Stack) -> None:
+    """Streams whose clients go away mid-stream, and clients that give up while queued: the
+    proxies' streaming iterator hooks and failure paths return every slot and reservation."""
+    headers = {"Authorization": f"Bearer {stack.api_key}"}
+    urls = [f"{p.base_url}/v1/chat/completions" for p in stack.proxies]
+
+    async def leave_mid_stream(i: int) -> None:
+        async with (
+            httpx.AsyncClient(timeout=30) as client,
+            client.stream(
+                "POST", urls[i % 2], json=body(400, stream=True), headers=headers
+            ) as response,
+        ):
+            assert response.status_code == 200
+            async for line in response.aiter_lines():
+                if line.startswith("data: "):
+                    break  # one token, then hang up while the replica still generates
+
+    async def give_up_waiting(i: int) -> None:
+        async with httpx.AsyncClient(timeout=0.5) as client:
+            with pytest.raises(httpx.TimeoutException):
+                await client.post(urls[i % 2], json=body(400), headers=headers)
+
+    await asyncio.gather(*(leave_mid_stream(i) for i in range(CAPACITY)))
+    await asyncio.gather(*(give_up_waiting(i) for i in range(4)))
+    await settle(stack, timeout_s=20)
+
+
 async def test_replica_crash_mid_burst_loses_nothing(stack: Stack) -> None:
     """Last in the module: kills replica-1's Triton while requests are in flight."""
     clients = [
