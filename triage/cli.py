@@ -18,6 +18,7 @@ commands:
   up        start the embedded stack on free loopback ports; Ctrl-C stops it all
   sidecar   run the load sidecar for one Triton replica
   keys      manage offline virtual keys (create, list, revoke)
+  build-engine  plan, build and package a TensorRT-LLM replica (--settings FILE [--dry-run])
 """
 
 
@@ -81,10 +82,17 @@ def cmd_keys(argv: Sequence[str]) -> int:
     return main(list(argv))
 
 
+def cmd_build_engine(argv: Sequence[str]) -> int:
+    from build_engines.main import main
+
+    return main(list(argv))
+
+
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "up": cmd_up,
     "sidecar": cmd_sidecar,
     "keys": cmd_keys,
+    "build-engine": cmd_build_engine,
 }
 
 
