@@ -12,6 +12,7 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, Field
@@ -22,6 +23,7 @@ from triage.paths import REPO_ROOT
 ROUTING_CALLBACK = "plugins.routing.proxy_callback.routing"
 ADMISSION_CALLBACK = "plugins.admission.proxy_callback.admission"
 MODEL_ACCESS_CALLBACK = "plugins.auth.model_access.model_access"
+CATALOGUE_CALLBACK = "plugins.catalogue.proxy_callback.catalogue"
 CUSTOM_AUTH = "plugins.auth.custom_auth.user_api_key_auth"
 TRITON_PROVIDER = "triage_triton"
 TRITON_HANDLER = "plugins.triton_provider.handler.triton_generate"
@@ -42,6 +44,13 @@ class ProxyOptions(BaseModel):
     num_retries: int = Field(default=2, ge=0)
     request_timeout_s: float = Field(default=600.0, gt=0)
     prometheus: bool = True
+    catalogue_file: Path | None = None
+    """A model catalogue (``plugins/catalogue``): its models get a deployment on every server
+    they may run on, loaded there on first request."""
+    router_redis_url: str | None = None
+    """Redis for LiteLLM's own Router state (``router_settings`` ``redis_host`` / ``redis_port`` /
+    ``redis_password``): how LiteLLM shares ``least-busy`` counts and cooldowns across proxy
+    processes. None: each process keeps its own, in memory."""
 
 
 def new_master_key() -> str:
@@ -62,12 +71,23 @@ def build_proxy_config(
         callbacks.append(ADMISSION_CALLBACK)
     if opts.routing == "triage":
         callbacks.insert(0, ROUTING_CALLBACK)
+    if opts.catalogue_file is not None:  # after the key's model check, before admission
+        callbacks.insert(callbacks.index(MODEL_ACCESS_CALLBACK) + 1, CATALOGUE_CALLBACK)
     if opts.prometheus:
         callbacks.append("prometheus")
+    router_settings: dict[str, Any] = {
+        # with "triage" the plugin replaces the chooser; the router still filters
+        # (cooldowns, health) before it, with LiteLLM's defaults
+        "routing_strategy": "least-busy" if opts.routing == "least-busy" else "simple-shuffle",
+        "num_retries": opts.num_retries,
+    }
+    if opts.router_redis_url is not None:
+        router_settings.update(router_redis_settings(opts.router_redis_url))
     return {
         "model_list": [
             triton_deployment(model_name, r.replica_id, r.api_base, triton_model) for r in replicas
-        ],
+        ]
+        + catalogue_model_list(opts.catalogue_file),
         "litellm_settings": {
             "custom_provider_map": [
                 {"provider": TRITON_PROVIDER, "custom_handler": TRITON_HANDLER}
@@ -75,12 +95,7 @@ def build_proxy_config(
             "callbacks": callbacks,
             "request_timeout": opts.request_timeout_s,
         },
-        "router_settings": {
-            # with "triage" the plugin replaces the chooser; the router still filters
-            # (cooldowns, health) before it, with LiteLLM's defaults
-            "routing_strategy": "least-busy" if opts.routing == "least-busy" else "simple-shuffle",
-            "num_retries": opts.num_retries,
-        },
+        "router_settings": router_settings,
         "general_settings": {
             "master_key": "os.environ/LITELLM_MASTER_KEY",
             "custom_auth": CUSTOM_AUTH,
@@ -88,7 +103,29 @@ def build_proxy_config(
     }
 
 
-def proxy_env(redis_url: str, key_prefix: str, master_key: str) -> dict[str, str]:
+def router_redis_settings(redis_url: str) -> dict[str, Any]:
+    """``redis://[:password@]host:port[/db]`` as LiteLLM's documented ``router_settings`` keys."""
+    url = urlsplit(redis_url)
+    if url.scheme not in ("redis", "rediss") or not url.hostname:
+        raise ValueError(f"not a redis:// URL: {redis_url!r}")
+    out: dict[str, Any] = {"redis_host": url.hostname, "redis_port": url.port or 6379}
+    if url.password:
+        out["redis_password"] = url.password
+    return out
+
+
+def catalogue_model_list(path: Path | None) -> list[dict[str, Any]]:
+    if path is None:
+        return []
+    from plugins.catalogue.deployments import catalogue_deployments
+    from plugins.catalogue.settings import Catalogue
+
+    return catalogue_deployments(Catalogue.load(path))
+
+
+def proxy_env(
+    redis_url: str, key_prefix: str, master_key: str, catalogue_file: Path | None = None
+) -> dict[str, str]:
     """Environment of a proxy process: LiteLLM's own variables and the plugins' settings."""
     return {
         "LITELLM_MASTER_KEY": master_key,
@@ -100,6 +137,9 @@ def proxy_env(redis_url: str, key_prefix: str, master_key: str) -> dict[str, str
         "TRIAGE_ADMISSION_KEY_PREFIX": key_prefix,
         "TRIAGE_KEYS_REDIS_URL": redis_url,
         "TRIAGE_KEYS_KEY_PREFIX": key_prefix,
+        "TRIAGE_CATALOGUE_REDIS_URL": redis_url,
+        "TRIAGE_CATALOGUE_KEY_PREFIX": key_prefix,
+        **({"TRIAGE_CATALOGUE_FILE": str(catalogue_file)} if catalogue_file else {}),
         "PYTHONPATH": str(REPO_ROOT),
     }
 

@@ -33,10 +33,15 @@ from redis.exceptions import RedisError
 from gateway.health import HealthDebounce
 from gateway.service_time import ServiceTimeWindow, StepTimeWindow
 from gateway.sidecar_settings import SidecarSettings
+from gateway.topology import server_topology
 from gateway.triton_metrics import EngineSample, parse_engine_sample
-from triage.keyschema import KeySchema, ReplicaState
+from triage.keyschema import KeySchema, ReplicaState, ServerState
 
 log = logging.getLogger("triage.sidecar")
+
+
+class ModelNotLoaded(RuntimeError):
+    """The server answers, the model is not loaded on it (explicit model control)."""
 
 
 class SidecarMetrics:
@@ -87,15 +92,25 @@ class Sidecar:
         self.last_publish_monotonic: float | None = None
         self.last_state: ReplicaState | None = None
         self._redis_error_logged_at = 0.0
+        self.loaded = True
+        """False while the server is up and the model is not loaded on it."""
+        self.server_up = False
+        self.device_count, self.device_memory_mb = server_topology(
+            settings.device_count, settings.device_memory_mb
+        )
 
     async def sample(self) -> EngineSample:
         s = self.settings
         assert s.metrics_url is not None and s.engine_model is not None
-        ready, text = await asyncio.gather(
+        server, ready, text = await asyncio.gather(
+            self.http.get(f"{s.triton_url}/v2/health/ready"),
             self.http.get(f"{s.triton_url}/v2/models/{s.model}/ready"),
             self.http.get(s.metrics_url),
         )
+        self.server_up = server.status_code == 200
         if ready.status_code != 200:
+            if self.server_up:
+                raise ModelNotLoaded(f"model {s.model} is not loaded (HTTP {ready.status_code})")
             raise RuntimeError(f"model {s.model} not ready (HTTP {ready.status_code})")
         text.raise_for_status()
         return parse_engine_sample(text.text, s.model, s.engine_model, s.counter_pairs)
@@ -106,7 +121,14 @@ class Sidecar:
         started = time.perf_counter()
         try:
             sample = await self.sample()
+        except ModelNotLoaded as exc:
+            if self.loaded:
+                log.info("replica %s: %s", s.replica_id, exc)
+            self.loaded = False
+            self.health = HealthDebounce(threshold=s.unhealthy_after)  # a fact, not a flake
         except (httpx.HTTPError, RuntimeError, ValueError) as exc:
+            if isinstance(exc, httpx.HTTPError):
+                self.server_up = False
             self.metrics.poll_failures.inc()
             state = self.health.observe(False)
             level = logging.WARNING if state != before else logging.DEBUG
@@ -119,6 +141,7 @@ class Sidecar:
                 exc,
             )
         else:
+            self.loaded = True
             self.health.observe(True)
             self.last_sample = sample
             self.last_sample_ms = int(time.time() * 1000)
@@ -157,21 +180,37 @@ class Sidecar:
             kv_fraction=sample.kv_fraction if sample else 0.0,
             service_ms=self.service_ms(),
             drain_rps=self.window.drain_rps,
-            healthy=self.health.healthy,
-            state=self.health.state,
+            healthy=self.health.healthy and self.loaded,
+            state=self.health.state if self.loaded else "unloaded",
             source=sample.source if sample else "triton",
             ts_ms=int(time.time() * 1000),
             sample_ts_ms=self.last_sample_ms,
         )
 
+    def server_state(self) -> ServerState:
+        s = self.settings
+        assert s.server_id is not None
+        return ServerState(
+            server_id=s.server_id,
+            api_base=s.api_base or s.triton_url,
+            device_count=self.device_count,
+            device_memory_mb=self.device_memory_mb,
+            healthy=self.server_up,
+            ts_ms=int(time.time() * 1000),
+        )
+
     async def publish(self, state: ReplicaState) -> None:
         s = self.settings
+        assert s.server_id is not None
         try:
             async with self.redis.pipeline(transaction=True) as pipe:
                 key = self.keys.replica(s.replica_id)
                 pipe.hset(key, mapping=state.to_redis())
                 pipe.pexpire(key, s.ttl_ms)
                 pipe.sadd(self.keys.model_replicas(s.model), s.replica_id)
+                server_key = self.keys.server(s.server_id)
+                pipe.hset(server_key, mapping=self.server_state().to_redis())
+                pipe.pexpire(server_key, s.ttl_ms)
                 await pipe.execute()
         except (RedisError, OSError) as exc:
             self.metrics.publish_failures.inc()

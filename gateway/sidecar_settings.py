@@ -45,6 +45,17 @@ class SidecarSettings(BaseSettings):
         default=None, ge=1, description="slots when the metrics do not say (LLM-API path)"
     )
     counter_pairs: list[tuple[str, str]] = Field(default_factory=lambda: DEFAULT_COUNTER_PAIRS)
+    server_id: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9_.\-]{1,64}$",
+        description="the Triton server's id (its models' sidecars share it); default replica_id",
+    )
+    device_count: int | None = Field(
+        default=None, ge=0, description="devices the server has; default: nvidia-smi, else 1 (CPU)"
+    )
+    device_memory_mb: int | None = Field(
+        default=None, ge=0, description="memory per device; default: nvidia-smi, else host memory"
+    )
     host: str = "127.0.0.1"
     port: int = Field(default=9400, ge=0, le=65535)
     log_level: str = "info"
@@ -61,6 +72,8 @@ class SidecarSettings(BaseSettings):
             self.api_base = self.triton_url
         if self.engine_model is None:
             self.engine_model = self.model
+        if self.server_id is None:
+            self.server_id = self.replica_id
         return self
 
     @property

@@ -15,6 +15,13 @@ Keys, all under a prefix (default ``triage:``):
   admission gate (``plugins/admission/gate.lua``).
 * ``apikey:{sha256}`` hash: one virtual key's record (offline key store); ``apikeys`` set of
   the hashes. Keys themselves are never stored.
+* ``server:{id}`` hash, written by the server's sidecar(s) every poll, ``PEXPIRE`` 4 × interval:
+  the Triton server's topology (devices, memory: constant) and liveness (``ServerState``).
+* ``loading:{model}``: the model catalogue's cold-load lock (value: the server it loads on).
+* ``loadfailed:{server}:{model}``: a failed load's reason; the server is not retried for the
+  model until it expires (the cooldown).
+* ``lastused:{model}`` hash: server id -> last time (ms) a request was sent to the model there
+  (least-recently-used unloading).
 """
 
 from __future__ import annotations
@@ -65,8 +72,25 @@ class KeySchema:
         """Set of the SHA-256 hex of every key (for listing)."""
         return f"{self.prefix}apikeys"
 
+    def server(self, server_id: str) -> str:
+        """Hash: one Triton server's topology and liveness (``ServerState``)."""
+        return f"{self.prefix}server:{server_id}"
 
-HealthState = Literal["healthy", "suspect", "unhealthy"]
+    def loading(self, model: str) -> str:
+        """String with expiry: the cold-load lock of ``model``; value = the server loading it."""
+        return f"{self.prefix}loading:{model}"
+
+    def load_failed(self, server_id: str, model: str) -> str:
+        """String with expiry: why loading ``model`` on ``server_id`` failed (cooldown)."""
+        return f"{self.prefix}loadfailed:{server_id}:{model}"
+
+    def last_used(self, model: str) -> str:
+        """Hash: server id -> last request time (ms) of ``model`` on that server."""
+        return f"{self.prefix}lastused:{model}"
+
+
+HealthState = Literal["healthy", "suspect", "unhealthy", "unloaded"]
+"""``unloaded``: the server is up but the model is not loaded on it (explicit model control)."""
 
 
 class ReplicaState(BaseModel):
@@ -118,3 +142,28 @@ class ReplicaState(BaseModel):
         if "healthy" in cleaned:
             cleaned["healthy"] = cleaned["healthy"] == "1"
         return cls.model_validate(cleaned)
+
+
+class ServerState(BaseModel):
+    """One Triton server as its sidecar sees it: the fields of the ``server:{id}`` hash."""
+
+    server_id: str
+    api_base: str
+    device_count: int = Field(ge=0, description="GPUs the server may use (0: CPU only)")
+    device_memory_mb: int = Field(ge=0, description="memory of each device, MiB")
+    healthy: bool
+    ts_ms: int = Field(description="publish time, ms since the epoch")
+
+    def to_redis(self) -> dict[str, str]:
+        return {
+            name: ("1" if value else "0") if isinstance(value, bool) else str(value)
+            for name, value in self.model_dump().items()
+        }
+
+    @classmethod
+    def from_redis(cls, raw: dict[bytes | str, bytes | str]) -> ServerState:
+        data = {
+            (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+            for k, v in raw.items()
+        }
+        return cls.model_validate({**data, "healthy": data.get("healthy") == "1"})

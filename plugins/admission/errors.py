@@ -16,6 +16,8 @@ class ShedReason(StrEnum):
     QUEUE_TIMEOUT = "queue_timeout"
     NO_HEALTHY_REPLICA = "no_healthy_replica"
     UPSTREAM_OVERLOADED = "upstream_overloaded"
+    LOAD_FAILED = "load_failed"
+    MODEL_LOADING = "model_loading"
 
 
 MESSAGES = {
@@ -23,6 +25,8 @@ MESSAGES = {
     ShedReason.QUEUE_TIMEOUT: "model {model!r} is at capacity: no slot freed within {wait}",
     ShedReason.NO_HEALTHY_REPLICA: "model {model!r} has no healthy replica right now",
     ShedReason.UPSTREAM_OVERLOADED: "every replica of model {model!r} is full",
+    ShedReason.LOAD_FAILED: "model {model!r} could not be loaded",
+    ShedReason.MODEL_LOADING: "model {model!r} is still loading after {wait}",
 }
 
 
@@ -66,10 +70,12 @@ def stream_start_event(error: GatewayError) -> str:
 
 
 def overloaded(
-    model: str, reason: ShedReason, retry_after_s: float, wait: str = ""
+    model: str, reason: ShedReason, retry_after_s: float, wait: str = "", detail: str = ""
 ) -> GatewayError:
     """503 with the envelope ``{"error": {"message", "type", "param", "code"}}`` and headers."""
     message = MESSAGES[reason].format(model=model, wait=wait)
+    if detail:
+        message = f"{message}: {detail}"
     return GatewayError(
         message=f"{message}; retry after {retry_after_s:.1f} s",
         type="service_unavailable",
@@ -77,6 +83,17 @@ def overloaded(
         status=503,
         code=reason.value,
         headers=retry_after_headers(retry_after_s),
+    )
+
+
+def model_unplaceable(model: str, reason: str) -> GatewayError:
+    """404: the model is catalogued but no server could ever host it."""
+    return GatewayError(
+        message=f"model {model!r} cannot be served by this gateway: {reason}",
+        type="invalid_request_error",
+        param="model",
+        status=404,
+        code="model_unplaceable",
     )
 
 
