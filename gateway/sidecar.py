@@ -103,7 +103,9 @@ class Sidecar:
         s = self.settings
         assert s.metrics_url is not None and s.engine_model is not None
         server, ready, text = await asyncio.gather(
-            self.http.get(f"{s.triton_url}/v2/health/ready"),
+            # liveness, not readiness: with --strict-readiness one model that failed to load
+            # makes the whole server "not ready", though it serves its other models
+            self.http.get(f"{s.triton_url}/v2/health/live"),
             self.http.get(f"{s.triton_url}/v2/models/{s.model}/ready"),
             self.http.get(s.metrics_url),
         )

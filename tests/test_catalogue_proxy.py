@@ -104,7 +104,7 @@ async def sidecars(
     servers: dict[str, TritonServer], urls: dict[str, str], redis_server: RedisServer
 ) -> AsyncIterator[None]:
     """One sidecar per (server, model), as ``triage up --catalogue`` runs them."""
-    client = Redis.from_url(redis_server.url)
+    client = Redis.from_url(redis_server.url, socket_timeout=2, socket_connect_timeout=2)
     http = httpx.AsyncClient(timeout=0.5)
     tasks = []
     metrics = SidecarMetrics(CollectorRegistry())
@@ -132,11 +132,11 @@ async def sidecars(
     finally:
         for task in tasks:
             task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        await http.aclose()
-        await client.aclose()
+        await asyncio.wait(tasks, timeout=5)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(http.aclose(), 5)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(client.aclose(), 5)
 
 
 @pytest.fixture(scope="module")

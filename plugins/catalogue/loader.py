@@ -70,6 +70,10 @@ class ColdLoader:
         self.view = FleetView(redis, self.keys, catalogue, settings.stale_after_ms)
 
     async def ensure_loaded(self, model: str) -> None:
+        serving = await self.view.serving(model)
+        if serving:
+            await self._touch(model, tuple(serving))
+            return
         deadline = time.monotonic() + self.settings.load_timeout_s
         while True:
             view = await self.view.read(model)

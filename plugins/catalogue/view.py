@@ -44,6 +44,21 @@ class FleetView:
     def fresh(self, ts_ms: int, now_ms: int) -> bool:
         return ts_ms >= now_ms - self.stale_ms
 
+    async def serving(self, model: str) -> list[str]:
+        """The servers where ``model`` serves now: the per-request fast path (one round trip
+        of ``len(servers)`` reads, against the full view's servers × models)."""
+        servers = self.catalogue.servers_of(model)
+        pipe = self.redis.pipeline(transaction=False)
+        for server in servers:
+            pipe.hgetall(self.keys.replica(replica_id(server, model)))
+        now_ms = int(time.time() * 1000)
+        out = []
+        for server, raw in zip(servers, await pipe.execute(), strict=True):
+            replica = self._replica(raw, now_ms)
+            if replica is not None and replica.state in SERVING:
+                out.append(server)
+        return out
+
     async def read(self, model: str) -> ModelView:
         servers = self.catalogue.servers_of(model)
         names = list(self.catalogue.models)
