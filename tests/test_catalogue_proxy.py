@@ -4,6 +4,8 @@ real proxy with the catalogue plugin.
 
 Servers: ``server-1`` and ``server-2`` (one device each, 24 GiB), and ``server-big`` (two
 devices) whose Triton is down: its sidecar has published its topology, never its health.
+A second proxy, with unloading on, has a catalogue of two 15 GiB models on ``server-1``: only
+one fits at a time.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ pytestmark = pytest.mark.integration
 
 PREFIX = "test-catalogue:"
 SERVERS = ("server-1", "server-2")
-TRITON_MODELS = ("alpha", "beta", "broken")
+TRITON_MODELS = ("alpha", "beta", "broken", "gamma", "delta")
 BROKEN_REASON = "weights are missing for this test"
 MEMORY_MB = 24_000
 
@@ -60,6 +62,14 @@ def catalogue_doc(urls: dict[str, str]) -> dict[str, Any]:
             "wide": {"triton_model": "alpha", "servers": one_device, "min_devices": 2},
             "wide-anywhere": {"triton_model": "alpha", "min_devices": 2},
         },
+    }
+
+
+def small_catalogue_doc(urls: dict[str, str]) -> dict[str, Any]:
+    big = {"servers": ["server-1"], "min_device_memory_mb": 15_000}
+    return {
+        "servers": {"server-1": {"api_base": urls["server-1"]}},
+        "models": {name: {"triton_model": name, **big} for name in ("gamma", "delta")},
     }
 
 
@@ -161,6 +171,26 @@ def proxy(
 
 
 @pytest.fixture(scope="module")
+def unloading_proxy(
+    urls: dict[str, str],
+    redis_server: RedisServer,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[LiteLLMProxy]:
+    workdir = tmp_path_factory.mktemp("catalogue-unloading-proxy")
+    catalogue = workdir / "catalogue.yaml"
+    catalogue.write_text(yaml.safe_dump(small_catalogue_doc(urls)))
+    config = build_proxy_config("unused", "standin", [], ProxyOptions(catalogue_file=catalogue))
+    path = write_proxy_config(config, workdir / "proxy.yaml")
+    env = proxy_env(redis_server.url, PREFIX, new_master_key(), catalogue)
+    env["TRIAGE_CATALOGUE_UNLOAD_LRU"] = "true"
+    proxy = start_proxy("catalogue-unloading", path, env, workdir)
+    try:
+        yield proxy
+    finally:
+        proxy.stop()
+
+
+@pytest.fixture(scope="module")
 async def api_key(redis_server: RedisServer) -> AsyncIterator[str]:
     store = KeyStore(Redis.from_url(redis_server.url), PREFIX, owns_client=True)
     try:
@@ -189,9 +219,9 @@ async def ready(
     return {"Authorization": f"Bearer {api_key}"}
 
 
-def repository_index(server: TritonServer) -> dict[str, str]:
-    with httpx.Client(timeout=5) as client:
-        index = client.post(f"{server.http_url}/v2/repository/index").json()
+async def repository_index(server: TritonServer) -> dict[str, str]:
+    async with httpx.AsyncClient(timeout=5) as client:  # never block the sidecars' loop
+        index = (await client.post(f"{server.http_url}/v2/repository/index")).json()
     return {entry["name"]: entry.get("state", "") for entry in index}
 
 
@@ -213,7 +243,7 @@ async def chat(proxy: LiteLLMProxy, headers: dict[str, str], model: str) -> http
         )
 
 
-async def loads(proxy: LiteLLMProxy, model: str, outcome: str) -> float:
+async def loads(proxy: LiteLLMProxy, model: str, outcome: str, action: str = "load") -> float:
     admin = {"Authorization": f"Bearer {proxy.master_key}"}
     async with httpx.AsyncClient(timeout=10) as client:
         text = (await client.get(f"{proxy.base_url}/metrics/", headers=admin)).text
@@ -225,7 +255,7 @@ async def loads(proxy: LiteLLMProxy, model: str, outcome: str) -> float:
                 if (
                     sample.name.endswith("_total")
                     and labels.get("model") == model
-                    and labels.get("action") == "load"
+                    and labels.get("action") == action
                     and labels.get("outcome") == outcome
                 ):
                     total += sample.value
@@ -242,7 +272,8 @@ async def test_models_lists_the_catalogue_with_state(
         "broken": "available",
         "wide-anywhere": "available",  # server-big could host it (when it is back)
     }  # "wide" needs 2 devices and may run only on 1-device servers: never listed
-    assert all(state != "READY" for s in servers.values() for state in repository_index(s).values())
+    for server in servers.values():
+        assert "READY" not in (await repository_index(server)).values()
 
 
 async def test_first_request_loads_the_model_on_its_pinned_server(
@@ -252,8 +283,8 @@ async def test_first_request_loads_the_model_on_its_pinned_server(
     assert response.status_code == 200, response.text
     assert response.json()["choices"][0]["message"]["content"]
     assert response.headers["x-litellm-model-id"] == "server-2.alpha"
-    assert repository_index(servers["server-2"]).get("alpha") == "READY"
-    assert repository_index(servers["server-1"]).get("alpha") != "READY"
+    assert (await repository_index(servers["server-2"])).get("alpha") == "READY"
+    assert (await repository_index(servers["server-1"])).get("alpha") != "READY"
     assert (await listed(proxy, ready))["alpha"] == "loaded"
 
 
@@ -268,7 +299,9 @@ async def test_concurrent_first_requests_cause_one_load(
     responses = await asyncio.gather(*burst)
     assert [r.status_code for r in responses] == [200] * 10, [r.text for r in responses]
     assert "loading" in seen, seen
-    ready_on = [name for name, s in servers.items() if repository_index(s).get("beta") == "READY"]
+    ready_on = [
+        name for name, s in servers.items() if (await repository_index(s)).get("beta") == "READY"
+    ]
     assert len(ready_on) == 1, ready_on
     assert await loads(proxy, "beta", "ok") == 1
     assert {r.headers["x-litellm-model-id"] for r in responses} == {f"{ready_on[0]}.beta"}
@@ -307,3 +340,18 @@ async def test_a_failing_load_is_503_with_the_reason_and_does_not_loop(
     assert again.status_code == 503 and again.json()["error"]["code"] == "load_failed"
     assert time.monotonic() - started < 2.0
     assert await loads(proxy, "broken", "failed") == tried
+
+
+async def test_unloading_makes_room_with_the_least_recently_used_idle_model(
+    unloading_proxy: LiteLLMProxy, ready: dict[str, str], servers: dict[str, TritonServer]
+) -> None:
+    first = await chat(unloading_proxy, ready, "gamma")
+    assert first.status_code == 200, first.text
+    assert (await repository_index(servers["server-1"])).get("gamma") == "READY"
+    second = await chat(unloading_proxy, ready, "delta")  # 15 + 15 GiB > 24 GiB: gamma goes
+    assert second.status_code == 200, second.text
+    index = await repository_index(servers["server-1"])
+    assert index.get("delta") == "READY"
+    assert index.get("gamma") != "READY"
+    assert await loads(unloading_proxy, "gamma", "ok", action="unload") == 1
+    assert (await listed(unloading_proxy, ready)) == {"gamma": "available", "delta": "loaded"}

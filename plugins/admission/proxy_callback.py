@@ -4,7 +4,9 @@ invalid or missing settings make the proxy fail at start-up with the field named
 
 from __future__ import annotations
 
+from plugins import log_setup
 from plugins.admission.hook import AdmissionHook
 from plugins.admission.settings import AdmissionSettings
 
+log_setup.configure()
 admission = AdmissionHook(AdmissionSettings())

@@ -4,8 +4,10 @@ an invalid catalogue file or setting makes the proxy fail at start-up with the f
 
 from __future__ import annotations
 
+from plugins import log_setup
 from plugins.catalogue.hook import CatalogueHook
 from plugins.catalogue.settings import CatalogueSettings
 
+log_setup.configure()
 catalogue = CatalogueHook(CatalogueSettings())
 catalogue.install_listing()

@@ -96,11 +96,13 @@ class FleetView:
             load = 0
             loaded: list[LoadedModel] = []
             for name, raw, inflight in replicas:
-                replica = self._replica(raw, now_ms)
+                # a state older than stale_after_ms still holds memory: it counts as loaded for
+                # room (its hash lives 4 polls); only a fresh one counts as serving
+                replica = self._replica(raw, now_ms, fresh_only=False)
                 if replica is None or replica.state not in SERVING:
                     continue
                 load += replica.active + replica.waiting
-                if name == model:
+                if name == model and self.fresh(replica.ts_ms, now_ms):
                     serving.append(server)
                 used = last_used[name].get(server.encode()) or last_used[name].get(server)
                 loaded.append(
@@ -124,11 +126,13 @@ class FleetView:
         loading_on = lock.split("/", 1)[0] if lock else None
         return ModelView(model, tuple(serving), loading_on, tuple(views))
 
-    def _replica(self, raw: dict[bytes, bytes], now_ms: int) -> ReplicaState | None:
+    def _replica(
+        self, raw: dict[bytes, bytes], now_ms: int, fresh_only: bool = True
+    ) -> ReplicaState | None:
         if not raw:
             return None
         try:
             state = ReplicaState.from_redis(raw)  # type: ignore[arg-type]
         except ValidationError:
             return None
-        return state if self.fresh(state.ts_ms, now_ms) else None
+        return state if not fresh_only or self.fresh(state.ts_ms, now_ms) else None

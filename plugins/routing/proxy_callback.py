@@ -4,7 +4,9 @@ missing settings make the proxy fail at start-up with the field named."""
 
 from __future__ import annotations
 
+from plugins import log_setup
 from plugins.routing.hook import RoutingHook
 from plugins.routing.settings import RoutingSettings
 
+log_setup.configure()
 routing = RoutingHook(RoutingSettings())
