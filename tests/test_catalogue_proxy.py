@@ -149,21 +149,30 @@ async def sidecars(
             await asyncio.wait_for(client.aclose(), 5)
 
 
+def start_catalogue_proxy(
+    name: str, doc: dict[str, Any], redis_url: str, workdir: Path, **env_extra: str
+) -> LiteLLMProxy:
+    catalogue = workdir / "catalogue.yaml"
+    catalogue.write_text(yaml.safe_dump(doc))
+    config = build_proxy_config("unused", "standin", [], ProxyOptions(catalogue_file=catalogue))
+    path = write_proxy_config(config, workdir / "proxy.yaml")
+    env = proxy_env(redis_url, PREFIX, new_master_key(), catalogue) | env_extra
+    return start_proxy(name, path, env, workdir)
+
+
 @pytest.fixture(scope="module")
 def proxy(
     urls: dict[str, str],
     redis_server: RedisServer,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[LiteLLMProxy]:
-    workdir = tmp_path_factory.mktemp("catalogue-proxy")
-    catalogue = workdir / "catalogue.yaml"
-    catalogue.write_text(yaml.safe_dump(catalogue_doc(urls)))
-    options = ProxyOptions(catalogue_file=catalogue)
-    config = build_proxy_config("unused", "standin", [], options)
-    path = write_proxy_config(config, workdir / "proxy.yaml")
-    env = proxy_env(redis_server.url, PREFIX, new_master_key(), catalogue)
-    env["TRIAGE_CATALOGUE_COOLDOWN_S"] = "60"
-    proxy = start_proxy("catalogue", path, env, workdir)
+    proxy = start_catalogue_proxy(
+        "catalogue",
+        catalogue_doc(urls),
+        redis_server.url,
+        tmp_path_factory.mktemp("catalogue-proxy"),
+        TRIAGE_CATALOGUE_COOLDOWN_S="60",
+    )
     try:
         yield proxy
     finally:
@@ -176,14 +185,13 @@ def unloading_proxy(
     redis_server: RedisServer,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[LiteLLMProxy]:
-    workdir = tmp_path_factory.mktemp("catalogue-unloading-proxy")
-    catalogue = workdir / "catalogue.yaml"
-    catalogue.write_text(yaml.safe_dump(small_catalogue_doc(urls)))
-    config = build_proxy_config("unused", "standin", [], ProxyOptions(catalogue_file=catalogue))
-    path = write_proxy_config(config, workdir / "proxy.yaml")
-    env = proxy_env(redis_server.url, PREFIX, new_master_key(), catalogue)
-    env["TRIAGE_CATALOGUE_UNLOAD_LRU"] = "true"
-    proxy = start_proxy("catalogue-unloading", path, env, workdir)
+    proxy = start_catalogue_proxy(
+        "catalogue-unloading",
+        small_catalogue_doc(urls),
+        redis_server.url,
+        tmp_path_factory.mktemp("catalogue-unloading-proxy"),
+        TRIAGE_CATALOGUE_UNLOAD_LRU="true",
+    )
     try:
         yield proxy
     finally:

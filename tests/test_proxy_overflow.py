@@ -18,6 +18,7 @@ import asyncio
 import itertools
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -207,9 +208,10 @@ async def test_stream_overflowing_before_its_first_chunk_is_restarted_on_the_oth
     assert restarted > 0, "no stream was first sent to the full replica: nothing was proven"
 
 
-async def test_all_replicas_full_is_503_with_retry_after(
-    servers: dict[str, TritonServer], proxy: LiteLLMProxy, api_key: str
-) -> None:
+async def ask_with_both_full(
+    servers: dict[str, TritonServer], proxy: LiteLLMProxy, api_key: str, **extra: Any
+) -> httpx.Response:
+    """``engine-full``'s two replicas both full, one request through the proxy."""
     async with httpx.AsyncClient(timeout=60) as holder:
         held = await fill(holder, servers["engine"], 1) + await fill(holder, servers["ok"], 2)
         await asyncio.sleep(0.4)
@@ -218,11 +220,18 @@ async def test_all_replicas_full_is_503_with_retry_after(
         async with httpx.AsyncClient(timeout=60) as client:
             response = await client.post(
                 f"{proxy.base_url}/v1/chat/completions",
-                json={"model": "engine-full", "messages": MESSAGES, "max_tokens": 3},
+                json={"model": "engine-full", "messages": MESSAGES, "max_tokens": 3, **extra},
                 headers={"Authorization": f"Bearer {api_key}"},
             )
         for task in held:
             task.cancel()
+    return response
+
+
+async def test_all_replicas_full_is_503_with_retry_after(
+    servers: dict[str, TritonServer], proxy: LiteLLMProxy, api_key: str
+) -> None:
+    response = await ask_with_both_full(servers, proxy, api_key)
     assert response.status_code == 503, response.text
     assert int(response.headers["Retry-After"]) >= 1
     assert int(response.headers["retry-after-ms"]) >= 1
@@ -234,24 +243,7 @@ async def test_all_replicas_full_is_503_with_retry_after(
 async def test_stream_with_all_replicas_full_is_503_with_retry_after(
     servers: dict[str, TritonServer], proxy: LiteLLMProxy, api_key: str
 ) -> None:
-    async with httpx.AsyncClient(timeout=60) as holder:
-        held = await fill(holder, servers["engine"], 1) + await fill(holder, servers["ok"], 2)
-        await asyncio.sleep(0.4)
-        await overflows(servers["engine"])
-        await overflows(servers["ok"])
-        async with httpx.AsyncClient(timeout=60) as client:
-            response = await client.post(
-                f"{proxy.base_url}/v1/chat/completions",
-                json={
-                    "model": "engine-full",
-                    "messages": MESSAGES,
-                    "max_tokens": 3,
-                    "stream": True,
-                },
-                headers={"Authorization": f"Bearer {api_key}"},
-            )
-        for task in held:
-            task.cancel()
+    response = await ask_with_both_full(servers, proxy, api_key, stream=True)
     assert response.status_code == 503, response.text
     assert response.headers["content-type"].startswith("application/json")
     assert int(response.headers["Retry-After"]) >= 1
