@@ -58,6 +58,8 @@ class Stack:
                     max_active=s.max_active,
                     engine_queue_size=s.engine_queue_size,
                     decode_ms_per_token=s.decode_ms_per_token,
+                    batch_slowdown=s.batch_slowdown,
+                    prefill_ms_per_token=s.prefill_ms_per_token,
                 )
                 self.replicas[replica_id] = start_standin_replica(
                     replica_id, standin, self.workdir, ready_timeout_s=s.ready_timeout_s
@@ -130,6 +132,17 @@ class Stack:
             "api_key": self.api_key,
             "master_key": self.master_key if self.proxies else None,
             "routing": self.settings.routing,
+            # the stand-in's timing, for load generators that size their load by capacity
+            "standin": self.settings.model_dump(
+                mode="json",
+                include={
+                    "max_active",
+                    "engine_queue_size",
+                    "decode_ms_per_token",
+                    "batch_slowdown",
+                    "prefill_ms_per_token",
+                },
+            ),
             "replicas": {
                 rid: {
                     "triton_url": server.http_url,

@@ -25,6 +25,10 @@ class StackSettings(BaseSettings):
     max_active: int = Field(default=4, ge=1)
     engine_queue_size: int = Field(default=8, ge=0)
     decode_ms_per_token: float = Field(default=20.0, gt=0)
+    batch_slowdown: float = Field(
+        default=0.05, ge=0, description="stand-in step cost per extra sequence"
+    )
+    prefill_ms_per_token: float = Field(default=0.2, ge=0, description="stand-in prefill cost")
     poll_interval_ms: int = Field(default=250, ge=20)
     key_prefix: str = DEFAULT_PREFIX
     workdir: Path | None = Field(default=None, description="logs and state; default a temp dir")

@@ -53,6 +53,14 @@ from gateway.proxy_config import (
 from gateway.proxy_launcher import LiteLLMProxy, start_proxy
 from gateway.stack import Stack
 from gateway.stack_settings import StackSettings
+from loadtests.measure import (
+    REST,
+    CpuGroups,
+    cpu_cores,
+    jsonable,
+    machine_busy_s,
+    percentile,
+)
 from plugins.routing.store import RoutingStore
 from triage.keyschema import KeySchema
 
@@ -63,7 +71,6 @@ log = logging.getLogger("bench_routing")
 
 Strategy = Literal["triage", "simple-shuffle", "least-busy"]
 MESSAGES = [{"role": "user", "content": "Tell me about the fleet."}]
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 class BenchSettings(BaseSettings):
@@ -158,59 +165,7 @@ def summary_us(samples_ns: Sequence[int], wall_ns: int | None = None) -> dict[st
     return out
 
 
-def percentile(values: Sequence[float], q: int) -> float:
-    """``statistics.quantiles`` at ``q`` %, inclusive method (never beyond the max seen)."""
-    if len(values) < 2:
-        return values[0] if values else float("nan")
-    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
-
-
 # -- CPU accounting from /proc ------------------------------------------------------------------
-
-
-def group_cpu_s(pgids: Sequence[int]) -> float:
-    """CPU seconds (user + system) of the live processes in these process groups."""
-    wanted = set(pgids)
-    ticks = 0
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat", "rb") as f:
-                stat = f.read().decode(errors="replace")
-        except OSError:
-            continue  # exited meanwhile
-        fields = stat[stat.rfind(")") + 2 :].split()
-        # fields from 3 (state): ppid(4) pgrp(5) ... utime(14) stime(15), 1-based as in proc(5)
-        if len(fields) > 12 and int(fields[2]) in wanted:
-            ticks += int(fields[11]) + int(fields[12])
-    return ticks / CLK_TCK
-
-
-def machine_busy_s() -> tuple[float, float]:
-    """(busy, total) CPU seconds of the whole machine since boot, all cores summed."""
-    with open("/proc/stat") as f:
-        # user nice system idle iowait irq softirq steal (guest time is inside user/nice)
-        values = [int(v) for v in f.readline().split()[1:9]]
-    idle = values[3] + values[4]
-    return (sum(values) - idle) / CLK_TCK, sum(values) / CLK_TCK
-
-
-CLIENTS = "clients (this process)"
-REST = "rest of the machine"
-
-
-@dataclass
-class CpuGroups:
-    """The stack's processes by role, as process groups (each ManagedProcess leads its own)."""
-
-    groups: dict[str, list[int]]
-
-    def sample(self) -> dict[str, float]:
-        out = {role: group_cpu_s(pgids) for role, pgids in self.groups.items()}
-        out[CLIENTS] = time.process_time()
-        out["machine"] = machine_busy_s()[0]
-        return out
 
 
 def _pgid(part: Any) -> int | None:
@@ -232,15 +187,6 @@ def cpu_groups(stack: Stack, proxy: LiteLLMProxy, proxies: Sequence[LiteLLMProxy
             "sidecars+redis": pids([*stack.sidecars.values(), stack.redis]),
         }
     )
-
-
-def cpu_cores(before: dict[str, float], after: dict[str, float], wall_s: float) -> dict[str, float]:
-    """Cores used per role over ``wall_s``; the machine's busy time not in any role is REST."""
-    used = {role: (after[role] - before[role]) / wall_s for role in before}
-    machine = used.pop("machine")
-    used[REST] = max(0.0, machine - sum(used.values()))
-    used["machine busy"] = machine
-    return used
 
 
 # -- 1. decision time ---------------------------------------------------------------------------
@@ -716,17 +662,6 @@ def print_load(runs: dict[str, dict[str, Any]], stack: Stack, settings: BenchSet
 
 
 # -- main ---------------------------------------------------------------------------------------
-
-
-def jsonable(value: Any) -> Any:
-    """NaN (an empty sample) becomes null: the file stays strict JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [jsonable(v) for v in value]
-    return value
 
 
 def report_invalid(exc: ValidationError) -> int:

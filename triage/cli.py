@@ -18,6 +18,7 @@ commands:
   up        start the embedded stack on free loopback ports; Ctrl-C stops it all
   sidecar   run the load sidecar for one Triton replica
   keys      manage offline virtual keys (create, list, revoke)
+  bench     compare LiteLLM's routing with the triage plugins on one fleet (loadtests/README.md)
   build-engine  plan, build and package a TensorRT-LLM replica (--settings FILE [--dry-run])
 """
 
@@ -88,10 +89,17 @@ def cmd_build_engine(argv: Sequence[str]) -> int:
     return main(list(argv))
 
 
+def cmd_bench(argv: Sequence[str]) -> int:
+    from loadtests.compare import main
+
+    return main(list(argv))
+
+
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "up": cmd_up,
     "sidecar": cmd_sidecar,
     "keys": cmd_keys,
+    "bench": cmd_bench,
     "build-engine": cmd_build_engine,
 }
 

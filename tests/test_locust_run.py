@@ -1,0 +1,114 @@
+"""A 20-second headless Locust scenario against the embedded stack: nothing lost, a full report.
+
+The stack (Redis, stand-in replicas of unequal speed, sidecars, one LiteLLM proxy with the
+plugins) starts on free ports; three keys with priority tiers are created; ``locust --headless``
+runs ``loadtests/locustfile.py`` as a subprocess (CSV + the end-of-run report + PNG plots).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from gateway.stack import Stack
+from gateway.stack_settings import StackSettings
+from loadtests.keys import create_tier_keys, parse_tiers, write_keys
+from triage.paths import REPO_ROOT
+
+pytestmark = pytest.mark.integration
+
+RUN_S = 20  # arrivals + drain
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    workdir = tmp_path_factory.mktemp("locust-stack")
+    stack = Stack(
+        StackSettings(
+            replicas=2,
+            speeds=[1.0, 0.5],
+            poll_interval_ms=100,
+            workdir=workdir,
+            proxies=1,
+        )
+    )
+    stack.start()
+    try:
+        yield stack
+    finally:
+        stack.stop()
+
+
+@pytest.mark.timeout(150)
+def test_headless_locust_run_loses_nothing_and_reports(stack: Stack, tmp_path: Path) -> None:
+    assert stack.redis is not None
+    keys = asyncio.run(
+        create_tier_keys(
+            stack.redis.url,
+            stack.settings.key_prefix,
+            parse_tiers("interactive:0:2,standard:1:1,batch:2:1"),
+        )
+    )
+    keys_file = write_keys(keys, tmp_path / "keys.json")
+    report_dir = tmp_path / "report"
+    argv = [
+        sys.executable,
+        "-m",
+        "locust",
+        "-f",
+        str(REPO_ROOT / "loadtests" / "locustfile.py"),
+        "--headless",
+        "--only-summary",
+        "--stack-state",
+        str(stack.workdir / "stack.json"),
+        "--keys-file",
+        str(keys_file),
+        "--scenario",
+        "steady",
+        "--load",
+        "0.35",
+        "--duration-s",
+        str(RUN_S - 6),
+        "--drain-s",
+        "6",
+        "--output-tokens",
+        "uniform:8,24",
+        "--csv",
+        str(tmp_path / "csv" / "run"),
+        "--report-dir",
+        str(report_dir),
+    ]
+    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "PYTHONPATH": str(REPO_ROOT)}
+    done = subprocess.run(
+        argv, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=RUN_S + 60
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-4000:]
+
+    report = json.loads((report_dir / "report.json").read_text())
+    summary = report["summary"]
+    print("\n" + (report_dir / "report.txt").read_text())
+    assert summary["started"] > 20, summary
+    assert summary["lost"] == 0, summary
+    assert summary["ok"] + summary["shed"] + summary["errors"] == summary["started"]
+    assert summary["ok"] >= 0.9 * summary["started"], summary
+    assert set(summary["share"]) == set(stack.replicas)
+    assert sum(summary["share"].values()) == pytest.approx(1.0)
+    for key in ("p50_s", "p95_s", "p99_s", "ttft_p95_s", "goodput_rps", "shed_share"):
+        assert summary[key] is not None and summary[key] >= 0, key
+    assert summary["streams"] > 0 and summary["latency_p50_s"] > 0
+    assert set(summary["tiers"]) == {"interactive", "standard", "batch"}
+    for name in ("latency.png", "replicas.png"):
+        png = report_dir / name
+        assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 5000
+    assert (report_dir / "records.jsonl").read_text().count("\n") == summary["started"]
+    stats = (tmp_path / "csv" / "run_stats.csv").read_text()
+    assert "chat stream" in stats and "TTFT" in stats
+    assert "LOST 0" in output
