@@ -36,6 +36,7 @@ from gateway.proxy_config import (
 from gateway.proxy_launcher import LiteLLMProxy, start_proxy
 from gateway.redis_launcher import RedisServer
 from gateway.triton_launcher import StandinSettings, TritonServer, start_standin_replica
+from gateway.triton_metrics import parse_engine_sample
 from plugins.auth.keystore import KeyStore
 from plugins.triton_provider.deployments import triton_deployment
 
@@ -107,11 +108,26 @@ async def api_key(redis_server: RedisServer) -> AsyncIterator[str]:
 _tickets = itertools.count()
 
 
+async def wait_idle(server: TritonServer, timeout_s: float = 20.0) -> None:
+    """Until the replica runs and queues nothing (an earlier test's held requests go on
+    generating after their clients left)."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    async with httpx.AsyncClient(timeout=5) as client:
+        while True:
+            text = (await client.get(server.metrics_url)).text
+            sample = parse_engine_sample(text, "standin", "standin", [])
+            if sample.active == 0 and sample.waiting == 0:
+                return
+            assert asyncio.get_running_loop().time() < deadline, f"{server.name} stays busy"
+            await asyncio.sleep(0.1)
+
+
 async def fill(
     client: httpx.AsyncClient, server: TritonServer, count: int
 ) -> list[asyncio.Task[httpx.Response]]:
     """Long requests straight to one replica's Triton, one after another (so that Triton's
     batcher cannot take them into one blocked batch), enough to make it overflow."""
+    await wait_idle(server)
     url = f"{server.http_url}/v2/models/standin/generate"
     tasks = []
     for _ in range(count):
