@@ -161,6 +161,9 @@ class TritonServer:
             "--metrics-interval-ms=100",
             "--strict-readiness=true",
             "--exit-on-error=true",
+            # on SIGTERM Triton waits for in-flight requests up to this long (default 30 s,
+            # beyond ManagedProcess.stop's grace): a stand-in fleet stops within seconds
+            "--exit-timeout-secs=5",
             f"--backend-directory={python_backend_dir()}",
             f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
             "--log-verbose=0",

@@ -97,9 +97,12 @@ def test_trtllm_metrics_published(fast: TritonServer) -> None:
 
 
 def test_per_token_latency_grows_with_batch(fast: TritonServer) -> None:
-    start = time.perf_counter()
-    generate(fast, 40)
-    alone = time.perf_counter() - start
+    def one() -> float:
+        start = time.perf_counter()
+        generate(fast, 40)
+        return time.perf_counter() - start
+
+    alone = min(one() for _ in range(3))  # the cleanest of three: noise only adds time
     with cf.ThreadPoolExecutor(4) as pool:
         start = time.perf_counter()
         list(pool.map(lambda _: generate(fast, 40), range(4)))
