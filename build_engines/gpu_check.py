@@ -48,6 +48,7 @@ from gateway.tp_launcher import TpReplica, TpReplicaSettings, start_replica
 from plugins.triton_provider.deployments import triton_deployment
 from triage.keyschema import DEFAULT_PREFIX
 from triage.paths import free_port
+from triage.settings_errors import report_invalid
 
 SKIPPED = 77
 PROMPT = "Explain in detail how tensor parallelism splits attention heads across GPUs."
@@ -359,10 +360,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             GpuCheckSettings, cli_args=list(sys.argv[1:] if argv is None else argv)
         )
     except ValidationError as exc:
-        for err in exc.errors():
-            field = ".".join(str(p) for p in err["loc"]) or "settings"
-            print(f"gpu_check: invalid setting {field}: {err['msg']}", file=sys.stderr)
-        return 2
+        return report_invalid("gpu_check", exc)
     reason = skip_reason(settings.tritonserver)
     if reason is not None:
         print(f"gpu check skipped: {reason}")

@@ -35,6 +35,7 @@ from build_engines.settings import (
     load_settings,
 )
 from gateway.tp_launcher import TpReplicaSettings, launch_argv
+from triage.settings_errors import report_invalid
 
 Echo = Callable[[str], None]
 GpuQuery = Callable[[], list[GpuInfo] | None]
@@ -154,18 +155,11 @@ def run_build(
     return BuildResult(plan, steps, repository, manifest)
 
 
-def report_invalid(exc: ValidationError) -> int:
-    for err in exc.errors():
-        field = ".".join(str(p) for p in err["loc"]) or "settings"
-        print(f"{PROG}: invalid setting {field}: {err['msg']}", file=sys.stderr)
-    return 2
-
-
 def main(argv: Sequence[str] | None = None, gpus: GpuQuery = query_gpus) -> int:
     try:
         settings = load_settings(sys.argv[1:] if argv is None else argv)
     except ValidationError as exc:
-        return report_invalid(exc)
+        return report_invalid(PROG, exc)
     except SettingsFileError as exc:
         print(f"{PROG}: invalid setting settings: {exc}", file=sys.stderr)
         return 2

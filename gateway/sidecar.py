@@ -36,6 +36,7 @@ from gateway.sidecar_settings import SidecarSettings
 from gateway.topology import server_topology
 from gateway.triton_metrics import EngineSample, parse_engine_sample
 from triage.keyschema import KeySchema, ReplicaState, ServerState
+from triage.settings_errors import report_invalid
 
 log = logging.getLogger("triage.sidecar")
 
@@ -319,10 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings(sys.argv[1:] if argv is None else argv)
     except ValidationError as exc:
-        for err in exc.errors():
-            field = ".".join(str(p) for p in err["loc"]) or "settings"
-            print(f"triage sidecar: invalid setting {field}: {err['msg']}", file=sys.stderr)
-        return 2
+        return report_invalid("triage sidecar", exc)
     logging.basicConfig(
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

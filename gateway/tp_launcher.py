@@ -36,6 +36,7 @@ from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
 from gateway.process import ManagedProcess
 from gateway.sidecar_settings import SidecarSettings
 from triage.keyschema import DEFAULT_PREFIX
+from triage.settings_errors import report_invalid
 
 log = logging.getLogger(__name__)
 
@@ -259,10 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             TpReplicaSettings, cli_args=list(sys.argv[1:] if argv is None else argv)
         )
     except ValidationError as exc:
-        for err in exc.errors():
-            field = ".".join(str(p) for p in err["loc"]) or "settings"
-            print(f"tp_launcher: invalid setting {field}: {err['msg']}", file=sys.stderr)
-        return 2
+        return report_invalid("tp_launcher", exc)
     print(f"triton:  {shlex.join(launch_argv(settings))}")
     print(f"sidecar: {shlex.join(sidecar_argv(settings))}", flush=True)
     if settings.print_only:

@@ -63,6 +63,7 @@ from loadtests.measure import (
 )
 from plugins.routing.store import RoutingStore
 from triage.keyschema import KeySchema
+from triage.settings_errors import report_invalid
 
 if TYPE_CHECKING:  # imports litellm: done at run time only after LITELLM_LOCAL_MODEL_COST_MAP
     from plugins.routing.strategy import LeastBusyStrategy
@@ -664,20 +665,13 @@ def print_load(runs: dict[str, dict[str, Any]], stack: Stack, settings: BenchSet
 # -- main ---------------------------------------------------------------------------------------
 
 
-def report_invalid(exc: ValidationError) -> int:
-    for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "settings"
-        print(f"bench_routing: invalid setting {where}: {err['msg']}", file=sys.stderr)
-    return 2
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     try:
         settings = CliApp.run(BenchSettings, cli_args=list(sys.argv[1:] if argv is None else argv))
         stack_settings = settings.stack_settings()
     except ValidationError as exc:
-        return report_invalid(exc)
+        return report_invalid("bench_routing", exc)
     except SettingsError as exc:
         print(f"bench_routing: {exc}", file=sys.stderr)
         return 2

@@ -72,6 +72,7 @@ from loadtests.traffic import (
     prompt_text,
     retry_after_s,
 )
+from triage.settings_errors import report_invalid
 
 log = logging.getLogger("triage.bench")
 
@@ -958,13 +959,6 @@ def compact_results(doc: dict[str, Any]) -> dict[str, Any]:
 # -- main -----------------------------------------------------------------------------------------
 
 
-def report_invalid(exc: ValidationError) -> int:
-    for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "settings"
-        print(f"triage bench: invalid setting {where}: {err['msg']}", file=sys.stderr)
-    return 2
-
-
 async def bench(fleet: Fleet, settings: BenchSettings, doc: dict[str, Any]) -> None:
     await start_all_proxies(fleet, settings)
     log.info("proxies up: %s", {s: [p.base_url for p in ps] for s, ps in fleet.proxies.items()})
@@ -982,7 +976,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = CliApp.run(BenchSettings, cli_args=list(sys.argv[1:] if argv is None else argv))
         stack_settings = settings.stack_settings()
     except ValidationError as exc:
-        return report_invalid(exc)
+        return report_invalid("triage bench", exc)
     except SettingsError as exc:
         print(f"triage bench: {exc}", file=sys.stderr)
         return 2

@@ -12,6 +12,8 @@ from types import FrameType
 from pydantic import ValidationError
 from pydantic_settings import CliApp
 
+from triage.settings_errors import report_invalid
+
 USAGE = """usage: triage <command> [options]
 
 commands:
@@ -23,13 +25,6 @@ commands:
 """
 
 
-def report_invalid(command: str, exc: ValidationError) -> int:
-    for err in exc.errors():
-        field = ".".join(str(p) for p in err["loc"]) or "settings"
-        print(f"triage {command}: invalid setting {field}: {err['msg']}", file=sys.stderr)
-    return 2
-
-
 def cmd_up(argv: Sequence[str]) -> int:
     from gateway.stack import Stack
     from gateway.stack_settings import StackSettings
@@ -37,7 +32,7 @@ def cmd_up(argv: Sequence[str]) -> int:
     try:
         settings = CliApp.run(StackSettings, cli_args=list(argv))
     except ValidationError as exc:
-        return report_invalid("up", exc)
+        return report_invalid("triage up", exc)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     stop = threading.Event()
 

@@ -24,6 +24,7 @@ from loadtests.simulator.model import Fleet, LengthDist, Workload
 from loadtests.simulator.policies import ALIASES, DEFAULT_POLICIES, POLICIES, make_policy
 from loadtests.simulator.report import plot, summarize, table, write_json
 from plugins.routing.policy import PolicyParams
+from triage.settings_errors import report_invalid
 
 PROG = "python -m loadtests.simulator"
 _MIX = re.compile(r"^\s*(?:fraction\s+)?([0-9./]+)\s*(?:@|\s+at\s+)\s*([0-9.eE+-]+)\s*$")
@@ -221,18 +222,11 @@ def describe(settings: SimSettings, scenario: Scenario) -> str:
     )
 
 
-def report_invalid(exc: ValidationError) -> int:
-    for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "settings"
-        print(f"{PROG}: invalid setting {where}: {err['msg']}", file=sys.stderr)
-    return 2
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = CliApp.run(SimSettings, cli_args=list(sys.argv[1:] if argv is None else argv))
     except ValidationError as exc:
-        return report_invalid(exc)
+        return report_invalid(PROG, exc)
     except SettingsError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 2
