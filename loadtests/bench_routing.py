@@ -56,9 +56,10 @@ from gateway.stack_settings import StackSettings
 from loadtests.measure import (
     REST,
     CpuGroups,
+    bench_logging,
     cpu_cores,
     jsonable,
-    machine_busy_s,
+    machine_busy_cores,
     percentile,
 )
 from plugins.routing.store import RoutingStore
@@ -675,15 +676,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"bench_routing: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr
-    )
-    for noisy in ("httpx", "gateway", "LiteLLM", "LiteLLM Router", "LiteLLM Proxy"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    busy0, total0 = machine_busy_s()
-    time.sleep(1.0)
-    busy1, total1 = machine_busy_s()
-    idle_busy = (busy1 - busy0) / (total1 - total0) * (os.cpu_count() or 1)
+    bench_logging()
+    idle_busy = machine_busy_cores(1.0)
     stack = Stack(stack_settings)
     proxies: dict[str, LiteLLMProxy] = {}
     began = time.perf_counter()

@@ -55,6 +55,7 @@ from loadtests.arrivals import Arrival, ArrivalSequence
 from loadtests.measure import (
     REST,
     CpuGroups,
+    bench_logging,
     cpu_cores,
     group_cpu_s,
     histogram_quantile,
@@ -980,11 +981,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"triage bench: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr
-    )
-    for noisy in ("httpx", "gateway", "LiteLLM", "LiteLLM Router", "LiteLLM Proxy"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    bench_logging()
     settings.out_dir.mkdir(parents=True, exist_ok=True)
     busy_before = machine_busy_cores(1.0)
     began = time.perf_counter()

@@ -6,9 +6,11 @@ Pure standard library (no Locust, no LiteLLM): the Locust files, ``triage bench`
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import statistics
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -71,6 +73,18 @@ def machine_busy_cores(seconds: float = 1.0) -> float:
     if total1 <= total0:
         return float("nan")
     return (busy1 - busy0) / (total1 - total0) * (os.cpu_count() or 1)
+
+
+NOISY_LOGGERS = ("httpx", "gateway", "LiteLLM", "LiteLLM Router", "LiteLLM Proxy")
+
+
+def bench_logging() -> None:
+    """INFO to stderr for the benchmark's own lines; the stack's chatty loggers at WARNING."""
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr
+    )
+    for noisy in NOISY_LOGGERS:
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 @dataclass
