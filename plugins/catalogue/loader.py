@@ -50,6 +50,9 @@ LOAD_SECONDS = Histogram(
     buckets=(0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300),
 )
 
+TOUCH_EVERY_S = 1.0
+"""Resolution of "last used": finer is not needed to pick the least recently used model."""
+
 PROVISIONAL_MAX_ACTIVE = 1
 """Slots claimed for a just-loaded replica until its sidecar reports the real ones."""
 
@@ -68,6 +71,8 @@ class ColdLoader:
         self.redis = redis
         self.keys = KeySchema(settings.key_prefix)
         self.view = FleetView(redis, self.keys, catalogue, settings.stale_after_ms)
+        self._touched: dict[str, float] = {}
+        """Per model, when this process last wrote its use (at most once per TOUCH_EVERY_S)."""
 
     async def ensure_loaded(self, model: str) -> None:
         serving = await self.view.serving(model)
@@ -203,6 +208,11 @@ class ColdLoader:
             await asyncio.sleep(self.settings.poll_ms / 1000)
 
     async def _touch(self, model: str, servers: tuple[str, ...]) -> None:
+        """Record the model's use for LRU unloading; not a Redis write on every request."""
+        now = time.monotonic()
+        if now - self._touched.get(model, -TOUCH_EVERY_S) < TOUCH_EVERY_S:
+            return
+        self._touched[model] = now
         now_ms = int(time.time() * 1000)
         await self.redis.hset(self.keys.last_used(model), mapping=dict.fromkeys(servers, now_ms))
 
