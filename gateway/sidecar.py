@@ -12,6 +12,7 @@ import logging
 import sys
 import time
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 
 import httpx
 import uvicorn
@@ -72,6 +73,14 @@ class SidecarMetrics:
         )
 
 
+PUBLISH_LUA = Path(__file__).with_name("publish.lua")
+
+
+def flat(mapping: dict[str, str]) -> list[str]:
+    """``{"a": "1", "b": "2"}`` → ``["a", "1", "b", "2"]`` (HSET's argument order)."""
+    return [part for pair in mapping.items() for part in pair]
+
+
 class Sidecar:
     def __init__(
         self,
@@ -93,6 +102,9 @@ class Sidecar:
         self.last_publish_monotonic: float | None = None
         self.last_state: ReplicaState | None = None
         self._redis_error_logged_at = 0.0
+        self._publish_script = redis_client.register_script(PUBLISH_LUA.read_text())
+        self.poll_started_ms = 0
+        """When the current poll began: a replica fact stored after it is fresher than ours."""
         self.loaded = True
         """False while the server is up and the model is not loaded on it."""
         self.server_up = False
@@ -122,6 +134,7 @@ class Sidecar:
         s = self.settings
         before = self.health.state
         started = time.perf_counter()
+        self.poll_started_ms = int(time.time() * 1000)
         try:
             sample = await self.sample()
         except ModelNotLoaded as exc:
@@ -206,15 +219,26 @@ class Sidecar:
         s = self.settings
         assert s.server_id is not None
         try:
-            async with self.redis.pipeline(transaction=True) as pipe:
-                key = self.keys.replica(s.replica_id)
-                pipe.hset(key, mapping=state.to_redis())
-                pipe.pexpire(key, s.ttl_ms)
-                pipe.sadd(self.keys.model_replicas(s.model), s.replica_id)
-                server_key = self.keys.server(s.server_id)
-                pipe.hset(server_key, mapping=self.server_state().to_redis())
-                pipe.pexpire(server_key, s.ttl_ms)
-                await pipe.execute()
+            replica_fields = flat(state.to_redis())
+            written = await self._publish_script(
+                keys=[
+                    self.keys.replica(s.replica_id),
+                    self.keys.model_replicas(s.model),
+                    self.keys.server(s.server_id),
+                ],
+                args=[
+                    self.poll_started_ms,
+                    s.ttl_ms,
+                    s.replica_id,
+                    len(replica_fields),
+                    *replica_fields,
+                    *flat(self.server_state().to_redis()),
+                ],
+            )
+            if not written:
+                log.debug(
+                    "replica %s: a fresher state is stored; this poll's kept out", s.replica_id
+                )
         except (RedisError, OSError) as exc:
             self.metrics.publish_failures.inc()
             now = time.monotonic()

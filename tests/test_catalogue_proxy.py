@@ -305,7 +305,9 @@ async def test_concurrent_first_requests_cause_one_load(
         seen.add((await listed(proxy, ready))["beta"])
         await asyncio.sleep(0.05)
     responses = await asyncio.gather(*burst)
-    assert [r.status_code for r in responses] == [200] * 10, [r.text for r in responses]
+    assert [r.status_code for r in responses] == [200] * 10, [
+        r.text for r in responses if r.status_code != 200
+    ]
     assert "loading" in seen, seen
     ready_on = [
         name for name, s in servers.items() if (await repository_index(s)).get("beta") == "READY"

@@ -202,6 +202,20 @@ def test_sidecar_endpoints(fleet: Fleet) -> None:
         assert name in metrics
 
 
+def test_a_fresher_fact_is_not_overwritten_by_an_older_poll(fleet: Fleet) -> None:
+    """Another writer (the catalogue's cold loader) stored a sample taken after the sidecar's
+    polls began: those polls keep out of the replica hash; the first poll begun after it writes."""
+    key = fleet.keys.replica("fast")
+    fresher_until_ms = int(time.time() * 1000) + 1000
+    fleet.redis.hset(key, mapping={"state": "marker", "sample_ts_ms": fresher_until_ms})
+    fleet.redis.pexpire(key, 5000)  # as the loader does: its fact outlives the sidecar's TTL
+    time.sleep(5 * POLL_MS / 1000)
+    assert fleet.redis.hget(key, "state") == b"marker"
+    wait_for(lambda: fleet.redis.hget(key, "state") == b"healthy", 2)
+    assert int(fleet.redis.hget(key, "sample_ts_ms") or 0) > fresher_until_ms
+    assert fleet.redis.pttl(key) > 0
+
+
 def test_killed_sidecar_hash_expires_and_stopped_one_withdraws(fleet: Fleet) -> None:
     fleet.sidecars["slow"].kill()
     assert fleet.state("slow") is not None
