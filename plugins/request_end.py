@@ -26,7 +26,7 @@ admission plugin turns a final overflow into the gateway's 503).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Mapping
 from typing import Any
 
 from litellm.integrations.custom_logger import CustomLogger
@@ -77,6 +77,11 @@ class RequestEndHook(CustomLogger):
             async for item in self.relay(response, request_data):
                 yield item
         finally:
-            task = asyncio.get_running_loop().create_task(self.on_request_end(request_data))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self.spawn(self.on_request_end(request_data))
+
+    def spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` in a task of its own, kept until it is done: off the response's path,
+        and beyond a cancellation of the request."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -52,6 +52,22 @@ async def client(redis_server: RedisServer) -> AsyncIterator[Redis]:
         await redis.aclose()
 
 
+@pytest.fixture
+async def controllers() -> AsyncIterator[Callable[[Redis, AdmissionSettings], AdmissionController]]:
+    """Make controllers (one per simulated proxy process); their grant listeners stop after."""
+    made: list[AdmissionController] = []
+
+    def make(redis: Redis, s: AdmissionSettings) -> AdmissionController:
+        made.append(AdmissionController(AdmissionGate(redis, s), s))
+        return made[-1]
+
+    try:
+        yield make
+    finally:
+        for controller in made:
+            await controller.aclose()
+
+
 async def publish(client: Redis, s: AdmissionSettings, **per: dict[str, Any]) -> None:
     keys = KeySchema(s.key_prefix)
     for rid in IDS:
@@ -71,9 +87,9 @@ async def test_capacity_is_max_active_plus_allowance_of_healthy_replicas(
     await publish(client, s, b={"healthy": False, "state": "unhealthy"})
     assert (await gate.enter("m", IDS, "t7", 1)).capacity == 3
     for i in range(6):
-        await gate.release("m", f"t{i}")
-    await gate.leave("m", "t6")
-    await gate.leave("m", "t7")
+        await gate.release("m", IDS, f"t{i}")
+    await gate.leave("m", IDS, "t6")
+    await gate.leave("m", IDS, "t7")
     assert await gate.counts("m") == (0, 0)
 
 
@@ -84,7 +100,7 @@ async def test_unknown_replicas_count_default_slots_and_all_unhealthy_sheds(
     gate = AdmissionGate(client, s)
     reply = await gate.enter("m", IDS, "u0", 1)  # no hashes at all: sidecars down
     assert (reply.status, reply.capacity) == (Status.ADMITTED, 6)
-    await gate.release("m", "u0")
+    await gate.release("m", IDS, "u0")
     await publish(client, s, a={"healthy": False}, b={"healthy": False})
     assert (await gate.enter("m", IDS, "u1", 1)).status == Status.NO_CAPACITY
 
@@ -102,8 +118,9 @@ async def test_queue_is_fifo_within_priority_and_priority_first(
         assert (await gate.enter("m", IDS, ticket, priority)).status == Status.WAITING
     order = []
     pending = dict(arrivals)
+    await gate.release("m", IDS, "hold-1")  # 1 outstanding, 1 batch slot: no grant yet
     for round_ in range(len(arrivals)):
-        await gate.release("m", "hold-1" if round_ == 0 else order[-1])
+        await gate.release("m", IDS, "hold-2" if round_ == 0 else order[-1])
         for ticket, priority in list(pending.items()):
             if (await gate.poll("m", IDS, ticket, priority)).status == Status.ADMITTED:
                 order.append(ticket)
@@ -129,14 +146,18 @@ async def test_queue_limits_and_abandoned_places_expire(
     assert (await gate.poll("m", IDS, "q1", 1)).status == Status.LOST
 
 
-async def test_two_controllers_share_one_budget(client: Redis, redis_server: RedisServer) -> None:
+async def test_two_controllers_share_one_budget(
+    client: Redis,
+    redis_server: RedisServer,
+    controllers: Callable[[Redis, AdmissionSettings], AdmissionController],
+) -> None:
     """Two proxy processes (two controllers, two Redis clients): the fleet-wide bound holds."""
     s = settings(redis_server, max_queue=0)
     await publish(client, s)  # capacity 6
     other = Redis.from_url(redis_server.url)
     controllers = [
-        AdmissionController(AdmissionGate(client, s), s),
-        AdmissionController(AdmissionGate(other, s), s),
+        controllers(client, s),
+        controllers(other, s),
     ]
     try:
         results = await asyncio.gather(
@@ -156,35 +177,90 @@ async def test_two_controllers_share_one_budget(client: Redis, redis_server: Red
 
 
 async def test_waiter_admitted_when_a_slot_frees_or_shed_after_max_wait(
-    client: Redis, redis_server: RedisServer
+    client: Redis,
+    redis_server: RedisServer,
+    controllers: Callable[[Redis, AdmissionSettings], AdmissionController],
 ) -> None:
     s = settings(redis_server, max_wait_ms=300)
-    await publish(client, s, a={"max_active": 1}, b={"healthy": False})  # capacity 2
-    ctl = AdmissionController(AdmissionGate(client, s), s)
+    await publish(client, s, a={"max_active": 1}, b={"healthy": False})  # 1 slot + 1 allowance
+    ctl = controllers(client, s)
     await ctl.admit("m", IDS, "w1", 1)
-    await ctl.admit("m", IDS, "w2", 1)
+    await ctl.admit("m", IDS, "w2", 1)  # the allowance: nobody was waiting
     waiter = asyncio.create_task(ctl.admit("m", IDS, "w3", 1))
     await asyncio.sleep(0.05)
-    assert not waiter.done()
     await ctl.finish("w1")
-    await asyncio.wait_for(waiter, 1.0)  # admitted once w1 left
+    await asyncio.sleep(0.05)
+    assert not waiter.done()  # a waiter takes a batch slot, never the allowance
+    await ctl.finish("w2")
+    await asyncio.wait_for(waiter, 1.0)  # admitted once the batch slot freed
+    await ctl.admit("m", IDS, "w4", 1)  # nobody waits: the allowance again
     started = time.monotonic()
     with pytest.raises(GatewayError) as info:
-        await ctl.admit("m", IDS, "w4", 1)
+        await ctl.admit("m", IDS, "w5", 1)
     assert 0.25 < time.monotonic() - started < 1.0
     assert info.value.to_dict()["code"] == "queue_timeout"
     await asyncio.sleep(0.05)  # the timed-out ticket's place is given back
-    for t in ("w2", "w3"):
+    for t in ("w3", "w4"):
         await ctl.finish(t)
     assert await ctl.gate.counts("m") == (0, 0)
 
 
-async def test_cancelled_waiter_gives_its_place_back(
+async def test_a_grant_wakes_the_waiter_in_another_process_without_polling(
+    client: Redis,
+    redis_server: RedisServer,
+    controllers: Callable[[Redis, AdmissionSettings], AdmissionController],
+) -> None:
+    """Two controllers on two connections (two proxies): a release by one hands the slot to
+    the other's waiter at once, though that waiter would poll only after 5 s."""
+    s = settings(redis_server, poll_ms=5000, queue_lease_ms=20_000, max_wait_ms=10_000)
+    await publish(client, s, a={"max_active": 1}, b={"healthy": False})
+    other = Redis.from_url(redis_server.url)
+    releaser = controllers(client, s)
+    waiting = controllers(other, s)
+    try:
+        await releaser.admit("m", IDS, "g1", 1)
+        await releaser.admit("m", IDS, "g2", 1)
+        waiter = asyncio.create_task(waiting.admit("m", IDS, "g3", 1))
+        await asyncio.sleep(0.1)
+        assert await releaser.gate.counts("m") == (2, 1)
+        await releaser.finish("g1")
+        await releaser.finish("g2")
+        released = time.monotonic()
+        await asyncio.wait_for(waiter, 2.0)
+        assert time.monotonic() - released < 0.5
+        assert "g3" in waiting.held
+        await waiting.finish("g3")
+        assert await releaser.gate.counts("m") == (0, 0)
+    finally:
+        await other.aclose()
+
+
+async def test_an_unclaimed_grant_returns_its_slot(
     client: Redis, redis_server: RedisServer
+) -> None:
+    """A waiting proxy that died after its grant: the slot comes back after queue_lease_ms."""
+    s = settings(redis_server, queue_lease_ms=200)
+    gate = AdmissionGate(client, s)
+    await publish(client, s, a={"max_active": 1}, b={"healthy": False})
+    for t in ("h1", "h2"):
+        assert (await gate.enter("m", IDS, t, 1)).status == Status.ADMITTED
+    assert (await gate.enter("m", IDS, "dead", 1)).status == Status.WAITING
+    await gate.release("m", IDS, "h1")
+    await gate.release("m", IDS, "h2")  # granted to "dead", which never claims it
+    assert await gate.counts("m") == (1, 0)
+    await asyncio.sleep(0.3)
+    assert await gate.counts("m") == (0, 0)
+    assert (await gate.poll("m", IDS, "dead", 1)).status == Status.LOST
+
+
+async def test_cancelled_waiter_gives_its_place_back(
+    client: Redis,
+    redis_server: RedisServer,
+    controllers: Callable[[Redis, AdmissionSettings], AdmissionController],
 ) -> None:
     s = settings(redis_server)
     await publish(client, s, a={"max_active": 1}, b={"healthy": False})
-    ctl = AdmissionController(AdmissionGate(client, s), s)
+    ctl = controllers(client, s)
     await ctl.admit("m", IDS, "k1", 1)
     await ctl.admit("m", IDS, "k2", 1)
     waiter = asyncio.create_task(ctl.admit("m", IDS, "k3", 1))
@@ -199,14 +275,17 @@ async def test_cancelled_waiter_gives_its_place_back(
         await ctl.finish(t)
 
 
-async def test_redis_down_bounds_per_process(redis_server: RedisServer) -> None:
+async def test_redis_down_bounds_per_process(
+    redis_server: RedisServer,
+    controllers: Callable[[Redis, AdmissionSettings], AdmissionController],
+) -> None:
     from triage.paths import free_port
 
     s = settings(
         redis_server, redis_url=f"redis://127.0.0.1:{free_port()}/0", unknown_replica_slots=2
     )
     down = Redis.from_url(str(s.redis_url), socket_connect_timeout=0.2)
-    ctl = AdmissionController(AdmissionGate(down, s), s)
+    ctl = controllers(down, s)
     try:
         for i in range(4):  # 2 replicas x 2 slots
             await ctl.admit("m", IDS, f"d{i}", 1)

@@ -64,6 +64,10 @@ class KeySchema:
         """Integer: arrival sequence of the queue of ``model``."""
         return f"{self.prefix}queueseq:{model}"
 
+    def grants(self, model: str) -> str:
+        """Pub/sub channel: each ticket of ``model`` granted a slot after waiting in the queue."""
+        return f"{self.prefix}grants:{model}"
+
     def api_key(self, key_hash: str) -> str:
         """Hash of one virtual key's record, by the SHA-256 hex of the key (never the key)."""
         return f"{self.prefix}apikey:{key_hash}"

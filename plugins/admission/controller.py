@@ -1,8 +1,9 @@
 """Admission decisions for one proxy process: admit, wait in the fleet-wide queue, or shed.
 
-The fleet-wide state lives in Redis (``gate.lua``); this class runs the waiting loop, keeps the
-tickets this process holds so that each is released once, keeps the drain-rate EWMA per model,
-and fails open to a per-process bound when Redis is unreachable.
+The fleet-wide state lives in Redis (``gate.lua``); this class runs the wait (woken by the
+grant channel, with a slow fallback poll that also keeps the place alive), keeps the tickets
+this process holds so that each is released once, keeps the drain-rate EWMA per model, and
+fails open to a per-process bound when Redis is unreachable.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import contextlib
 import logging
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from redis.exceptions import RedisError
@@ -19,6 +21,7 @@ from redis.exceptions import RedisError
 from plugins.admission import metrics
 from plugins.admission.errors import GatewayError, ShedReason, overloaded
 from plugins.admission.gate import AdmissionGate, GateReply, Status
+from plugins.admission.grants import GrantListener
 from plugins.admission.retry_after import retry_after_s
 from plugins.admission.settings import AdmissionSettings
 from plugins.routing.fallback import RedisOutage
@@ -29,6 +32,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Held:
     model: str
+    replica_ids: tuple[str, ...]
     local: bool
 
 
@@ -42,7 +46,7 @@ class AdmissionController:
         self.capacity: dict[str, int] = {}
         self.local = Counter[str]()
         self.outage = RedisOutage(settings.redis_retry_ms, settings.log_interval_s)
-        self._freed = asyncio.Event()
+        self.grants = GrantListener(gate.client, settings.redis_retry_ms / 1000.0)
 
     # -- policy inputs ----------------------------------------------------------------------
 
@@ -78,29 +82,45 @@ class AdmissionController:
         if not self.outage.should_try():
             self._admit_locally(model, replica_ids, ticket, started)
             return
+        granted = self.grants.expect(ticket)  # before entering: a grant may come at once
         try:
-            reply = await self.gate.enter(model, replica_ids, ticket, priority)
-        except RedisError as exc:
-            self.outage.failed(exc, f"admission of a {model} request")
-            self._admit_locally(model, replica_ids, ticket, started)
-            return
-        self.outage.succeeded()
-        self._observe(model, reply)
-        metrics.DECISION.labels(model).observe(time.perf_counter() - started)
-        if reply.status == Status.ADMITTED:
-            self.held[ticket] = Held(model, False)
-            metrics.ADMITTED.labels(model, "direct").inc()
-            return
-        if reply.status == Status.QUEUE_FULL:
-            raise self.shed(model, ShedReason.QUEUE_FULL, reply.work_ahead)
-        if reply.status == Status.NO_CAPACITY:
-            raise self.shed(model, ShedReason.NO_HEALTHY_REPLICA, reply.work_ahead)
-        metrics.QUEUED.labels(model).inc()
-        await self._wait(model, replica_ids, ticket, priority, reply)
+            try:
+                await self.grants.watch(self.gate.grants_channel(model))
+                reply = await self.gate.enter(model, replica_ids, ticket, priority)
+            except RedisError as exc:
+                self.outage.failed(exc, f"admission of a {model} request")
+                self._admit_locally(model, replica_ids, ticket, started)
+                return
+            self.outage.succeeded()
+            self._observe(model, reply)
+            metrics.DECISION.labels(model).observe(time.perf_counter() - started)
+            if reply.status == Status.ADMITTED:
+                self._hold(ticket, model, replica_ids)
+                metrics.ADMITTED.labels(model, "direct").inc()
+                return
+            if reply.status == Status.QUEUE_FULL:
+                raise self.shed(model, ShedReason.QUEUE_FULL, reply.work_ahead)
+            if reply.status == Status.NO_CAPACITY:
+                raise self.shed(model, ShedReason.NO_HEALTHY_REPLICA, reply.work_ahead)
+            metrics.QUEUED.labels(model).inc()
+            await self._wait(model, replica_ids, ticket, priority, reply, granted)
+        finally:
+            self.grants.forget(ticket)
+
+    def _hold(self, ticket: str, model: str, replica_ids: Sequence[str]) -> None:
+        self.held[ticket] = Held(model, tuple(replica_ids), False)
 
     async def _wait(
-        self, model: str, replica_ids: list[str], ticket: str, priority: int, reply: GateReply
+        self,
+        model: str,
+        replica_ids: list[str],
+        ticket: str,
+        priority: int,
+        reply: GateReply,
+        granted: asyncio.Event,
     ) -> None:
+        """Wait for the grant of ``ticket``: woken by its message, or finding it by a poll
+        every ``poll_ms`` (which also keeps the place in the queue alive)."""
         s = self.settings
         started = time.monotonic()
         deadline = started + s.max_wait_ms / 1000.0
@@ -116,27 +136,21 @@ class AdmissionController:
                         reply.work_ahead,
                         wait=f"{s.max_wait_ms / 1000:.1f} s",
                     )
-                self._freed.clear()
-                # a release in this process wakes the waiters at once; else poll
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._freed.wait(), min(remaining, s.poll_ms / 1000.0))
-                reply = await self.gate.poll(model, replica_ids, ticket, priority)
+                    await asyncio.wait_for(granted.wait(), min(remaining, s.poll_ms / 1000.0))
+                granted.clear()
+                reply = await self.gate.poll(model, replica_ids, ticket, priority)  # claims it
                 self._observe(model, reply)
+                if reply.status == Status.LOST:  # our place expired (a long stall): queue again
+                    reply = await self.gate.enter(model, replica_ids, ticket, priority)
+                    if reply.status not in (Status.ADMITTED, Status.WAITING):
+                        raise self.shed(model, ShedReason.QUEUE_FULL, reply.work_ahead)
                 if reply.status == Status.ADMITTED:
                     admitted = True
-                    self.held[ticket] = Held(model, False)
+                    self._hold(ticket, model, replica_ids)
                     metrics.ADMITTED.labels(model, "queued").inc()
                     metrics.QUEUE_WAIT.labels(model, "admitted").observe(time.monotonic() - started)
                     return
-                if reply.status == Status.LOST:  # our place expired (a long stall): queue again
-                    reply = await self.gate.enter(model, replica_ids, ticket, priority)
-                    if reply.status == Status.ADMITTED:
-                        admitted = True
-                        self.held[ticket] = Held(model, False)
-                        metrics.ADMITTED.labels(model, "queued").inc()
-                        return
-                    if reply.status != Status.WAITING:
-                        raise self.shed(model, ShedReason.QUEUE_FULL, reply.work_ahead)
         except RedisError as exc:
             # the fleet-wide queue is gone with Redis: fall back to the per-process bound
             self.outage.failed(exc, f"queue wait of a {model} request")
@@ -144,13 +158,14 @@ class AdmissionController:
             admitted = True
         finally:
             if not admitted:
-                # timeout, shed, or the client went away (cancellation): give the place back,
-                # in a task of its own so that a cancellation cannot cut it short
-                asyncio.get_running_loop().create_task(self._leave(model, ticket))
+                # timeout, shed, or the client went away (cancellation): give the place (or a
+                # grant not yet claimed) back, in a task of its own so that a cancellation
+                # cannot cut it short
+                asyncio.get_running_loop().create_task(self._leave(model, replica_ids, ticket))
 
-    async def _leave(self, model: str, ticket: str) -> None:
+    async def _leave(self, model: str, replica_ids: Sequence[str], ticket: str) -> None:
         try:
-            await self.gate.leave(model, ticket)
+            await self.gate.leave(model, replica_ids, ticket)
         except RedisError as exc:
             # the place expires by itself after queue_lease_ms
             self.outage.failed(exc, f"leaving the {model} queue")
@@ -166,8 +181,12 @@ class AdmissionController:
             raise self.shed(model, ShedReason.QUEUE_FULL, self.local[model] - capacity + 1)
         self.local[model] += 1
         self.outage.fallback_picks += 1
-        self.held[ticket] = Held(model, True)
+        self.held[ticket] = Held(model, tuple(replica_ids), True)
         metrics.ADMITTED.labels(model, "local").inc()
+
+    async def aclose(self) -> None:
+        """Stop listening for grants (the proxy's shutdown, tests)."""
+        await self.grants.aclose()
 
     # -- release ----------------------------------------------------------------------------
 
@@ -176,11 +195,10 @@ class AdmissionController:
         held = self.held.pop(ticket, None)
         if held is None:
             return
-        self._freed.set()
         if held.local:
             self.local[held.model] = max(0, self.local[held.model] - 1)
             return
         try:
-            await self.gate.release(held.model, ticket)
+            await self.gate.release(held.model, held.replica_ids, ticket)
         except RedisError as exc:
             self.outage.failed(exc, f"release of a {held.model} admission")  # lease heals it

@@ -6,13 +6,23 @@
 -- KEYS[4]  queueseq:{model}   integer: arrival sequence
 -- KEYS[5..] replica:{id} hashes of the model's replicas
 -- ARGV     op (enter | poll | leave | release), ticket, priority, lease_ms, queue_lease_ms,
---          allowance, unknown_slots, stale_after_ms, queue_limit (this priority), max_queue
+--          allowance, unknown_slots, stale_after_ms, queue_limit (this priority), max_queue,
+--          grant channel
 --
--- capacity    = sum over replicas: fresh and healthy -> max_active + allowance;
---               fresh and unhealthy -> 0; missing or stale -> unknown_slots
+-- slots       = sum over replicas: fresh and healthy -> max_active; fresh and unhealthy -> 0;
+--               missing or stale -> unknown_slots
+-- capacity    = slots + allowance per fresh healthy replica
 -- outstanding = live tickets in admitted
--- A ticket is admitted when fewer than (capacity - outstanding) tickets are queued ahead of it
--- (better priority, or same priority and earlier): FIFO within a priority across all proxies.
+--
+-- A new request with nobody queued ahead of it (better priority, or same priority and
+-- earlier) is admitted while outstanding < capacity: the allowance keeps every batch slot fed
+-- without a gateway round trip between one request's end and the next one's start.
+-- A request that had to wait takes only a batch slot (outstanding < slots), never the
+-- allowance: its gateway wait already used its time, it must not also wait in a replica's
+-- queue. Slots go to waiters in order (priority, then arrival; FIFO across all proxies) the
+-- moment they free: every op first grants (moves queue heads into admitted, with a short
+-- lease until the waiter claims it by polling) and publishes each granted ticket on the
+-- grant channel, so the waiting proxy wakes at once instead of polling.
 --
 -- Returns {status, capacity, outstanding, queued, ahead, drain_rps as a string}:
 --   status  1 admitted, 0 waiting (queued), -1 queue full, -2 no capacity (no healthy replica),
@@ -24,6 +34,7 @@ local lease_ms, queue_lease_ms = tonumber(ARGV[4]), tonumber(ARGV[5])
 local allowance, unknown_slots = tonumber(ARGV[6]), tonumber(ARGV[7])
 local stale_after_ms = tonumber(ARGV[8])
 local queue_limit, max_queue = tonumber(ARGV[9]), tonumber(ARGV[10])
+local channel = ARGV[11]
 local PRIORITY_UNIT = 1099511627776 -- 2^40
 
 local t = redis.call('TIME')
@@ -31,7 +42,7 @@ local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
 local admitted, queue, qlease, seq = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 
--- heal: expired admissions and abandoned places in the queue
+-- heal: expired admissions (and unclaimed grants) and abandoned places in the queue
 redis.call('ZREMRANGEBYSCORE', admitted, '-inf', now_ms)
 local gone = redis.call('ZRANGEBYSCORE', qlease, '-inf', now_ms)
 if #gone > 0 then
@@ -39,46 +50,56 @@ if #gone > 0 then
   redis.call('ZREM', qlease, unpack(gone))
 end
 
-if op == 'release' then
+if op == 'release' or op == 'leave' then
+  -- leave: a waiter gives up (timeout, client gone); a grant it had not claimed goes too
   redis.call('ZREM', admitted, ticket)
-  return { 2, 0, redis.call('ZCARD', admitted), redis.call('ZCARD', queue), 0, '0' }
-end
-if op == 'leave' then
   redis.call('ZREM', queue, ticket)
   redis.call('ZREM', qlease, ticket)
-  return { 2, 0, redis.call('ZCARD', admitted), redis.call('ZCARD', queue), 0, '0' }
 end
 
-local capacity, drain, healthy_or_unknown = 0, 0, 0
+local slots, healthy, unknown, drain = 0, 0, 0, 0
 for i = 5, #KEYS do
   local h = redis.call('HMGET', KEYS[i], 'max_active', 'healthy', 'ts_ms', 'drain_rps')
   local max_active, ts = tonumber(h[1]), tonumber(h[3])
   if max_active == nil or ts == nil or ts < now_ms - stale_after_ms then
-    capacity = capacity + unknown_slots
-    healthy_or_unknown = healthy_or_unknown + 1
+    slots = slots + unknown_slots
+    unknown = unknown + 1
   elseif h[2] == '1' then
-    capacity = capacity + max_active + allowance
-    healthy_or_unknown = healthy_or_unknown + 1
+    slots = slots + max_active
+    healthy = healthy + 1
     local d = tonumber(h[4])
     if d ~= nil and d > 0 then
       drain = drain + d
     end
   end
 end
-
-local outstanding = redis.call('ZCARD', admitted)
-local queued = redis.call('ZCARD', queue)
-local free = capacity - outstanding
+local capacity = slots + allowance * healthy
 local drain_s = string.format('%.17g', drain)
 
-local function admit()
-  redis.call('ZREM', queue, ticket)
-  redis.call('ZREM', qlease, ticket)
-  redis.call('ZADD', admitted, now_ms + lease_ms, ticket)
+-- grant free batch slots to the queue's heads
+local outstanding = redis.call('ZCARD', admitted)
+while outstanding < slots do
+  local head = redis.call('ZRANGE', queue, 0, 0)
+  if #head == 0 then
+    break
+  end
+  redis.call('ZREM', queue, head[1])
+  redis.call('ZREM', qlease, head[1])
+  redis.call('ZADD', admitted, now_ms + queue_lease_ms, head[1])
+  redis.call('PUBLISH', channel, head[1])
+  outstanding = outstanding + 1
+end
+local queued = redis.call('ZCARD', queue)
+
+if op == 'release' or op == 'leave' then
+  return { 2, capacity, outstanding, queued, 0, drain_s }
+end
+
+local function hold(expiry_ms)
+  redis.call('ZADD', admitted, expiry_ms, ticket)
   if redis.call('PTTL', admitted) < lease_ms then
     redis.call('PEXPIRE', admitted, lease_ms)
   end
-  return { 1, capacity, outstanding + 1, redis.call('ZCARD', queue), 0, drain_s }
 end
 
 if op == 'enter' then
@@ -87,10 +108,11 @@ if op == 'enter' then
   end
   local score = priority * PRIORITY_UNIT + redis.call('INCR', seq)
   local ahead = redis.call('ZCOUNT', queue, '-inf', '(' .. score)
-  if ahead < free then
-    return admit()
+  if ahead == 0 and outstanding < capacity then
+    hold(now_ms + lease_ms)
+    return { 1, capacity, outstanding + 1, queued, 0, drain_s }
   end
-  if healthy_or_unknown == 0 then
+  if healthy + unknown == 0 then
     return { -2, capacity, outstanding, queued, ahead, drain_s }
   end
   local same = redis.call('ZCOUNT', queue, priority * PRIORITY_UNIT,
@@ -106,16 +128,14 @@ if op == 'enter' then
   return { 0, capacity, outstanding, queued + 1, ahead, drain_s }
 end
 
--- poll
+-- poll: a waiter claims its grant (the admission's full lease from now), or keeps its place
+if redis.call('ZSCORE', admitted, ticket) then
+  hold(now_ms + lease_ms)
+  return { 1, capacity, outstanding, queued, 0, drain_s }
+end
 local rank = redis.call('ZRANK', queue, ticket)
 if rank == false then
-  if redis.call('ZSCORE', admitted, ticket) then
-    return { 1, capacity, outstanding, queued, 0, drain_s }
-  end
   return { -3, capacity, outstanding, queued, 0, drain_s }
-end
-if rank < free then
-  return admit()
 end
 redis.call('ZADD', qlease, now_ms + queue_lease_ms, ticket)
 redis.call('PEXPIRE', queue, queue_lease_ms * 10)

@@ -1,4 +1,5 @@
-"""Redis side of admission: ``gate.lua`` (enter, poll, leave, release) for one model."""
+"""Redis side of admission: ``gate.lua`` (enter, poll, leave, release) for one model; a waiter
+learns of its grant on the model's grant channel (``grants.py``)."""
 
 from __future__ import annotations
 
@@ -46,6 +47,10 @@ class AdmissionGate:
         self._keys = KeySchema(settings.key_prefix)
         self._script = client.register_script(GATE_LUA.read_text())
 
+    @property
+    def client(self) -> Redis:
+        return self._client
+
     async def _call(
         self, op: str, model: str, replica_ids: Sequence[str], ticket: str, priority: int
     ) -> GateReply:
@@ -68,6 +73,7 @@ class AdmissionGate:
             str(s.stale_after_ms),
             str(s.queue_limit(priority)),
             str(s.max_queue),
+            self._keys.grants(model),
         ]
         reply = await self._script(keys=keys, args=args)
         drain = reply[5].decode() if isinstance(reply[5], bytes) else str(reply[5])
@@ -90,13 +96,18 @@ class AdmissionGate:
     ) -> GateReply:
         return await self._call("poll", model, replica_ids, ticket, priority)
 
-    async def leave(self, model: str, ticket: str) -> None:
-        await self._call("leave", model, [], ticket, 0)
+    async def leave(self, model: str, replica_ids: Sequence[str], ticket: str) -> GateReply:
+        """A waiter gives up its place (or a grant it has not claimed); frees slots go on."""
+        return await self._call("leave", model, replica_ids, ticket, 0)
 
-    async def release(self, model: str, ticket: str) -> None:
-        await self._call("release", model, [], ticket, 0)
+    async def release(self, model: str, replica_ids: Sequence[str], ticket: str) -> GateReply:
+        """An admitted request ended: its slot goes to the queue's head at once."""
+        return await self._call("release", model, replica_ids, ticket, 0)
 
     async def counts(self, model: str) -> tuple[int, int]:
         """(outstanding, queued) after dropping expired entries: for tests and diagnostics."""
         reply = await self._call("release", model, [], "", 0)  # releasing "" is a no-op
         return reply.outstanding, reply.queued
+
+    def grants_channel(self, model: str) -> str:
+        return self._keys.grants(model)

@@ -30,7 +30,12 @@ class AdmissionSettings(BaseSettings):
         "most 16 places (tiers not listed: max_queue)",
     )
     max_wait_ms: int = Field(default=10_000, ge=0, description="longest wait in the queue")
-    poll_ms: int = Field(default=20, ge=1, description="queue re-check interval")
+    poll_ms: int = Field(
+        default=250,
+        ge=1,
+        description="a waiter's fallback re-check (its grant wakes it at once; the poll finds a "
+        "lost grant message and capacity that grew without a release, and keeps its place)",
+    )
     lease_ms: int = Field(default=900_000, ge=1000, description="admission lease")
     queue_lease_ms: int = Field(
         default=3000, ge=100, description="a waiting ticket not refreshed for this long is gone"

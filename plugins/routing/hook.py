@@ -94,7 +94,9 @@ class RoutingHook(RequestEndHook):
             return None  # released when the stream ends
         call_id = call_id_of(request_data)
         if call_id is not None:
-            await self.strategy.release_attempt(call_id, replica_of(request_data))
+            # LiteLLM awaits this hook before it answers: the slot is given back in a task
+            # of its own, within the same loop turn, not on the response's path
+            self.spawn(self.strategy.release_attempt(call_id, replica_of(request_data)))
         return None
 
     async def async_post_call_failure_deployment_hook(
