@@ -61,6 +61,7 @@ from loadtests.measure import (
     histogram_quantile,
     jsonable,
     machine_busy_cores,
+    median_standard_error,
     percentile,
 )
 from loadtests.oracle import OracleReplica, replay_oracle
@@ -125,7 +126,7 @@ class BenchSettings(BaseSettings):
         '{"max_wait_ms": "5000", "queue_allowance": "0"}; default the plugin\'s defaults',
     )
     overhead_requests: int = Field(
-        default=40, ge=0, description="idle sequential requests per target for the overhead"
+        default=200, ge=0, description="idle sequential requests per target for the overhead"
     )
     request_timeout_s: float = Field(default=600.0, gt=0, description="client timeout")
     idle_timeout_s: float = Field(default=600.0, gt=0, description="wait for the fleet to drain")
@@ -548,51 +549,82 @@ def cpu_groups(fleet: Fleet, strategy: str) -> CpuGroups:
 
 
 async def measure_overhead(fleet: Fleet, settings: BenchSettings) -> dict[str, Any]:
-    """Sequential requests at idle (``max_tokens`` 1, no stream), interleaved: straight to each
-    replica's Triton, and through the first proxy of each strategy. A proxy's overhead = its
-    latency minus the direct p50 of the replica that served it; p50 over the requests."""
+    """Sequential requests at idle (``max_tokens`` 1, no stream), interleaved in rounds: one
+    through the first proxy of each strategy (rotating order), and every fourth round one
+    straight to each replica's Triton. A proxy's overhead = its latency minus the direct p50 of
+    the replica that served it. The plugins' cost is the median of the per-round differences
+    (ours minus simple-shuffle, paired: both saw the same machine state), with the standard
+    error of that median; and each proxy's CPU per request (its process group's CPU over the
+    run, background logging included), the steadier figure on a busy 2-core machine."""
     n = settings.overhead_requests
     stack, model = fleet.stack, fleet.stack.settings.model
     direct: dict[str, list[float]] = {rid: [] for rid in stack.replicas}
-    via: dict[str, list[tuple[float, str]]] = {s: [] for s in fleet.proxies}
+    rounds: list[dict[str, tuple[float, str]]] = []
     headers = {"Authorization": f"Bearer {fleet.api_key}"}
     body = {"model": model, "messages": [{"role": "user", "content": "ping"}], "max_tokens": 1}
+    strategies = list(fleet.proxies)
+    groups = {s: proxy_pgids(fleet.proxies[s][:1]) for s in strategies}
     async with httpx.AsyncClient(timeout=30.0) as client:
+
+        async def via(strategy: str) -> tuple[float, str] | None:
+            t = time.perf_counter()
+            r = await client.post(
+                f"{fleet.proxies[strategy][0].base_url}/v1/chat/completions",
+                json=body,
+                headers=headers,
+            )
+            if r.status_code != 200:
+                return None
+            return time.perf_counter() - t, r.headers.get("x-litellm-model-id") or "?"
+
         for _ in range(3):  # warm every path (the first requests are slow)
-            for proxies in fleet.proxies.values():
-                await client.post(
-                    f"{proxies[0].base_url}/v1/chat/completions", json=body, headers=headers
-                )
-        for _ in range(n):
-            for rid, server in stack.replicas.items():
-                t = time.perf_counter()
-                r = await client.post(
-                    f"{server.http_url}/v2/models/{model}/generate",
-                    json={"text_input": "<|im_start|>user\nping<|im_end|>", "max_tokens": 1},
-                )
-                if r.status_code == 200:
-                    direct[rid].append(time.perf_counter() - t)
-            for strategy, proxies in fleet.proxies.items():
-                t = time.perf_counter()
-                r = await client.post(
-                    f"{proxies[0].base_url}/v1/chat/completions", json=body, headers=headers
-                )
-                if r.status_code == 200:
-                    via[strategy].append(
-                        (time.perf_counter() - t, r.headers.get("x-litellm-model-id") or "?")
+            for strategy in strategies:
+                await via(strategy)
+        cpu0 = {s: group_cpu_s(g) for s, g in groups.items()}
+        for i in range(n):
+            if i % 4 == 0:
+                for rid, server in stack.replicas.items():
+                    t = time.perf_counter()
+                    r = await client.post(
+                        f"{server.http_url}/v2/models/{model}/generate",
+                        json={"text_input": "<|im_start|>user\nping<|im_end|>", "max_tokens": 1},
                     )
+                    if r.status_code == 200:
+                        direct[rid].append(time.perf_counter() - t)
+            row: dict[str, tuple[float, str]] = {}
+            for strategy in strategies[i % len(strategies) :] + strategies[: i % len(strategies)]:
+                sample = await via(strategy)
+                if sample is not None:
+                    row[strategy] = sample
+            rounds.append(row)
+        cpu1 = {s: group_cpu_s(g) for s, g in groups.items()}
     base = {rid: percentile(v, 50) for rid, v in direct.items()}
+
+    def extra(sample: tuple[float, str]) -> float | None:
+        latency, rid = sample
+        return latency - base[rid] if rid in base else None
+
     out: dict[str, Any] = {"requests": n, "direct_p50_ms": {k: 1000 * v for k, v in base.items()}}
-    for strategy, samples in via.items():
-        extra = [lat - base[rid] for lat, rid in samples if rid in base]
+    for strategy in strategies:
+        values = [e for row in rounds if strategy in row if (e := extra(row[strategy])) is not None]
         out[strategy] = {
-            "n": len(extra),
-            "overhead_p50_ms": 1000 * percentile(extra, 50),
-            "overhead_p95_ms": 1000 * percentile(extra, 95),
+            "n": len(values),
+            "overhead_p50_ms": 1000 * percentile(values, 50),
+            "overhead_p95_ms": 1000 * percentile(values, 95),
+            "cpu_ms_per_request": 1000 * (cpu1[strategy] - cpu0[strategy]) / max(1, len(values)),
         }
     if OURS in out and "simple-shuffle" in out:
-        out["plugins_added_p50_ms"] = (
-            out[OURS]["overhead_p50_ms"] - out["simple-shuffle"]["overhead_p50_ms"]
+        paired = [
+            a - b
+            for row in rounds
+            if OURS in row and "simple-shuffle" in row
+            if (a := extra(row[OURS])) is not None
+            if (b := extra(row["simple-shuffle"])) is not None
+        ]
+        out["plugins_added_p50_ms"] = 1000 * percentile(paired, 50)
+        out["plugins_added_se_ms"] = 1000 * median_standard_error(paired)
+        out["plugins_added_cpu_ms"] = (
+            out[OURS]["cpu_ms_per_request"] - out["simple-shuffle"]["cpu_ms_per_request"]
         )
     return out
 
@@ -796,12 +828,15 @@ def render_overhead(overhead: dict[str, Any]) -> str:
         if isinstance(figures, dict) and "overhead_p50_ms" in figures:
             lines.append(
                 f"  {name:<16} p50 {figures['overhead_p50_ms']:6.1f} ms   "
-                f"p95 {figures['overhead_p95_ms']:6.1f} ms"
+                f"p95 {figures['overhead_p95_ms']:6.1f} ms   "
+                f"proxy CPU {figures.get('cpu_ms_per_request', float('nan')):5.1f} ms/request"
             )
     if "plugins_added_p50_ms" in overhead:
         lines.append(
-            f"  the plugins (triage vs simple-shuffle): {overhead['plugins_added_p50_ms']:+.1f} ms "
-            "at p50"
+            f"  the plugins (triage vs simple-shuffle, paired per round): "
+            f"{overhead['plugins_added_p50_ms']:+.1f} ms at p50 "
+            f"(± {overhead.get('plugins_added_se_ms', float('nan')):.1f} ms standard error), "
+            f"{overhead.get('plugins_added_cpu_ms', float('nan')):+.1f} ms proxy CPU per request"
         )
     return "\n".join(lines)
 

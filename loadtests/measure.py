@@ -37,6 +37,19 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
+def median_standard_error(values: Sequence[float]) -> float:
+    """Standard error of the median, distribution-free: half the width of the order-statistic
+    95 % interval of the median (ranks n/2 -+ 1.96 sqrt(n)/2) over 2 x 1.96. NaN below 4."""
+    n = len(values)
+    if n < 4:
+        return float("nan")
+    ordered = sorted(values)
+    half = 1.96 * math.sqrt(n) / 2
+    low = max(0, math.floor(n / 2 - half))
+    high = min(n - 1, math.ceil(n / 2 + half))
+    return (ordered[high] - ordered[low]) / (2 * 1.96)
+
+
 def group_cpu_s(pgids: Sequence[int]) -> float:
     """CPU seconds (user + system) of the live processes in these process groups."""
     wanted = set(pgids)

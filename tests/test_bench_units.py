@@ -23,7 +23,7 @@ from loadtests.compare import (
 )
 from loadtests.compare import main as bench_main
 from loadtests.load_settings import LoadSettings, resolve
-from loadtests.measure import histogram_quantile, jsonable, percentile
+from loadtests.measure import histogram_quantile, jsonable, median_standard_error, percentile
 from loadtests.oracle import OracleReplica, replay_oracle
 from loadtests.report import Record, plot_runs, render_text, summarize
 from loadtests.scenarios import Scenario
@@ -217,6 +217,18 @@ def test_percentile_and_histogram_quantile() -> None:
     assert math.isnan(histogram_quantile({math.inf: 0.0}, 0.5))
     figures = decision_figures({0.005: 10.0, math.inf: 10.0}, {0.005: 109.0, math.inf: 110.0})
     assert figures["decisions"] == 100 and figures["share_within_5ms"] == pytest.approx(0.99)
+
+
+def test_median_standard_error_shrinks_with_samples_and_ignores_outliers() -> None:
+    rng = random.Random(7)
+    small = [rng.gauss(0, 1) for _ in range(50)]
+    large = [rng.gauss(0, 1) for _ in range(800)]
+    assert 0 < median_standard_error(large) < median_standard_error(small)
+    assert median_standard_error(large) == pytest.approx(1.2533 / math.sqrt(800), rel=0.35)
+    assert median_standard_error([*large, 1e9]) == pytest.approx(
+        median_standard_error(large), rel=0.1
+    )
+    assert math.isnan(median_standard_error([1.0, 2.0]))
 
 
 def test_plots_are_written(tmp_path: Path) -> None:
