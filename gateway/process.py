@@ -9,7 +9,9 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 log = logging.getLogger(__name__)
 
@@ -114,3 +116,36 @@ class ManagedProcess:
         # stragglers of the group (e.g. a python stub orphaned by the server)
         with contextlib.suppress(ProcessLookupError, PermissionError):  # none left: fine
             os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+class Stoppable(Protocol):
+    def stop(self) -> None: ...
+
+
+S = TypeVar("S", bound=Stoppable)
+
+
+def start_concurrently(starters: Mapping[str, Callable[[], S]]) -> dict[str, S]:
+    """Run blocking ``start()`` calls side by side (each mostly waits for its process to be
+    ready); the results in the order given. If any fails, the ones that started are stopped
+    and the first failure is raised."""
+    if len(starters) <= 1:
+        return {name: start() for name, start in starters.items()}
+    with ThreadPoolExecutor(max_workers=len(starters), thread_name_prefix="start") as pool:
+        futures = {name: pool.submit(start) for name, start in starters.items()}
+    started: dict[str, S] = {}
+    failure: BaseException | None = None
+    for name, future in futures.items():
+        exc = future.exception()
+        if exc is None:
+            started[name] = future.result()
+        elif failure is None:
+            failure = exc
+    if failure is not None:
+        for part in started.values():
+            try:
+                part.stop()
+            except Exception:
+                log.exception("could not stop %r after a failed start", part)
+        raise failure
+    return started

@@ -9,9 +9,11 @@ import logging
 import os
 import tempfile
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+from gateway.process import start_concurrently
 from gateway.proxy_config import (
     ProxyOptions,
     ReplicaEndpoint,
@@ -50,9 +52,8 @@ class Stack:
         s = self.settings
         try:
             self.redis = RedisServer(self.workdir).start()
-            for index, speed in enumerate(s.speeds):
-                replica_id = f"replica-{index}"
-                standin = StandinSettings(
+            standins = {
+                f"replica-{index}": StandinSettings(
                     model_name=s.model,
                     speed=speed,
                     max_active=s.max_active,
@@ -61,18 +62,35 @@ class Stack:
                     batch_slowdown=s.batch_slowdown,
                     prefill_ms_per_token=s.prefill_ms_per_token,
                 )
-                self.replicas[replica_id] = start_standin_replica(
-                    replica_id, standin, self.workdir, ready_timeout_s=s.ready_timeout_s
-                )
-                self.sidecars[replica_id] = start_sidecar(
-                    replica_id,
-                    self.replicas[replica_id],
-                    s.model,
-                    self.redis.url,
-                    self.workdir,
-                    poll_interval_ms=s.poll_interval_ms,
-                    key_prefix=s.key_prefix,
-                )
+                for index, speed in enumerate(s.speeds)
+            }
+            self.replicas = start_concurrently(
+                {
+                    rid: partial(
+                        start_standin_replica,
+                        rid,
+                        standin,
+                        self.workdir,
+                        ready_timeout_s=s.ready_timeout_s,
+                    )
+                    for rid, standin in standins.items()
+                }
+            )
+            self.sidecars = start_concurrently(
+                {
+                    rid: partial(
+                        start_sidecar,
+                        rid,
+                        server,
+                        s.model,
+                        self.redis.url,
+                        self.workdir,
+                        poll_interval_ms=s.poll_interval_ms,
+                        key_prefix=s.key_prefix,
+                    )
+                    for rid, server in self.replicas.items()
+                }
+            )
             if s.proxies:
                 self.api_key = asyncio.run(self._create_key())
                 self._start_proxies()
@@ -110,16 +128,20 @@ class Stack:
         config = build_proxy_config(s.model, s.model, endpoints, options)
         path = write_proxy_config(config, self.workdir / "proxy.yaml")
         env = proxy_env(self.redis.url, s.key_prefix, self.master_key)
-        for index in range(s.proxies):
-            self.proxies.append(
-                start_proxy(
+        started = start_concurrently(
+            {
+                f"proxy-{index}": partial(
+                    start_proxy,
                     f"proxy-{index}",
                     path,
                     env,
                     self.workdir,
                     ready_timeout_s=s.proxy_ready_timeout_s,
                 )
-            )
+                for index in range(s.proxies)
+            }
+        )
+        self.proxies.extend(started.values())
 
     def describe(self) -> dict[str, Any]:
         return {

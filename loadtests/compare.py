@@ -33,6 +33,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,6 +42,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict, SettingsError
 
+from gateway.process import start_concurrently
 from gateway.proxy_config import (
     ProxyOptions,
     ReplicaEndpoint,
@@ -291,23 +293,21 @@ def start_strategy_proxies(
     extra: dict[str, str] = {}
     if strategy == "triage":
         extra = {f"TRIAGE_ADMISSION_{k.upper()}": v for k, v in settings.admission.items()}
-    proxies: list[LiteLLMProxy] = []
-    try:
-        for index in range(settings.proxies):
-            proxies.append(
-                start_proxy(
-                    f"bench-{strategy}-{index}",
-                    path,
-                    env,
-                    stack.workdir,
-                    ready_timeout_s=stack.settings.proxy_ready_timeout_s,
-                    extra_env=extra,
-                )
+    started = start_concurrently(
+        {
+            name: partial(
+                start_proxy,
+                name,
+                path,
+                env,
+                stack.workdir,
+                ready_timeout_s=stack.settings.proxy_ready_timeout_s,
+                extra_env=extra,
             )
-    except BaseException:
-        for proxy in proxies:
-            proxy.stop()
-        raise
+            for name in (f"bench-{strategy}-{index}" for index in range(settings.proxies))
+        }
+    )
+    proxies = list(started.values())
     return proxies
 
 
