@@ -99,11 +99,11 @@ class Stack:
             raise
         # private (it holds the master key and a virtual key), and complete when it appears
         state = self.workdir / "stack.json"
-        partial = state.with_suffix(".json.partial")
-        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        unfinished = state.with_suffix(".json.partial")
+        fd = os.open(unfinished, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as out:
             json.dump(self.describe(), out, indent=2)
-        os.replace(partial, state)
+        os.replace(unfinished, state)
         return self
 
     async def _create_key(self) -> str:

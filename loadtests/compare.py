@@ -475,18 +475,23 @@ async def wait_idle(stack: Stack, timeout_s: float) -> float:
     return time.perf_counter() - began
 
 
+LOOP_LAG_METRIC = "triage_proxy_event_loop_lag_seconds"
+
+
 async def decision_histogram(
-    proxies: Sequence[LiteLLMProxy], master_key: str
+    proxies: Sequence[LiteLLMProxy],
+    master_key: str,
+    name: str = "triage_admission_decision_seconds",
 ) -> dict[float, float]:
-    """The admission plugin's ``triage_admission_decision_seconds`` buckets, summed over the
-    proxies (cumulative counts by upper bound)."""
+    """A histogram's buckets on the proxies' ``/metrics/`` (by default the admission plugin's
+    decision times), summed over the proxies (cumulative counts by upper bound)."""
     buckets: dict[float, float] = {}
     headers = {"Authorization": f"Bearer {master_key}"}
     async with httpx.AsyncClient(timeout=10.0) as client:
         for proxy in proxies:
             text = (await client.get(f"{proxy.base_url}/metrics/", headers=headers)).text
             for family in text_string_to_metric_families(text):
-                if family.name != "triage_admission_decision_seconds":
+                if family.name != name:
                     continue
                 for sample in family.samples:
                     if sample.name.endswith("_bucket"):
@@ -677,6 +682,11 @@ async def run_level(
         hist_before = (
             await decision_histogram(proxies, fleet.stack.master_key) if strategy == OURS else {}
         )
+        lag_before = (
+            await decision_histogram(proxies, fleet.stack.master_key, LOOP_LAG_METRIC)
+            if strategy == OURS
+            else {}
+        )
         groups = cpu_groups(fleet, strategy)
         per_proxy = [[pid] for pid in proxy_pgids(proxies)]
         log.info(
@@ -718,6 +728,8 @@ async def run_level(
         if strategy == OURS:
             hist_after = await decision_histogram(proxies, fleet.stack.master_key)
             summary["admission_decision"] = decision_figures(hist_before, hist_after)
+            lag_after = await decision_histogram(proxies, fleet.stack.master_key, LOOP_LAG_METRIC)
+            summary["event_loop_lag"] = decision_figures(lag_before, lag_after)
         if strategy == "least-busy":
             summary["litellm_redis_counts"] = await litellm_counts(fleet)
         out["strategies"][strategy] = summary
@@ -902,6 +914,14 @@ def targets(doc: dict[str, Any]) -> list[str]:
                 f"{100 * decision['share_within_5ms']:.1f} % within 5 ms "
                 f"({decision['decisions']:.0f} decisions, proxy histogram)"
             )
+            lag = ours.get("event_loop_lag") or {}
+            if lag.get("decisions"):
+                lines.append(
+                    f"        the proxy's event loop itself, meanwhile: a 50 ms timer ran "
+                    f"late by p50 {lag['p50_ms']:.1f} ms, p99 {lag['p99_ms']:.1f} ms "
+                    f"({100 * (1 - lag['share_within_5ms']):.1f} % of ticks > 5 ms late: "
+                    "LiteLLM's own work holding the loop)"
+                )
     return lines
 
 
@@ -958,6 +978,8 @@ def compact_results(doc: dict[str, Any]) -> dict[str, Any]:
         "share",
         "answered_within_bound_share",
         "proxy_cores_max_process",
+        "admission_decision",
+        "event_loop_lag",
     )
     s = doc["settings"]
     loads: dict[str, Any] = {}

@@ -128,6 +128,40 @@ async def test_queue_is_fifo_within_priority_and_priority_first(
     assert order == ["high-1", "mid-1", "mid-2", "low-1", "low-2"]
 
 
+async def test_a_waiter_gets_any_replicas_free_slot_and_unrouted_tickets_count(
+    client: Redis, redis_server: RedisServer
+) -> None:
+    """Slots count per replica (the routing plugin's reservations): a waiter is granted the slow
+    replica's free slot while the router queues briefly on the fast one; an admitted request
+    not yet routed holds a slot too."""
+    s = settings(redis_server, queue_allowance=1)
+    keys = KeySchema(s.key_prefix)
+    gate = AdmissionGate(client, s)
+    await publish(client, s, b={"max_active": 1})  # 3 slots, capacity 3 + 2 x 1 = 5
+
+    async def route(ticket: str, replica: str) -> None:
+        await client.zadd(keys.inflight(replica), {ticket: time.time() * 1000 + 60_000})
+
+    async def end(ticket: str, replica: str) -> None:
+        await client.zrem(keys.inflight(replica), ticket)
+        await gate.release("m", IDS, ticket)
+
+    for i in range(5):  # the router queues 3 on the fast replica a, behind its 2 slots
+        assert (await gate.enter("m", IDS, f"t{i}", 1)).status == Status.ADMITTED
+        await route(f"t{i}", "a")
+    assert (await gate.enter("m", IDS, "w", 1)).status == Status.WAITING
+    await end("t0", "a")  # 4 outstanding > 3 slots, but b's slot is free
+    assert (await gate.poll("m", IDS, "w", 1)).status == Status.ADMITTED
+    assert (await gate.enter("m", IDS, "x", 1)).status == Status.WAITING
+    await end("t1", "a")
+    assert (await gate.poll("m", IDS, "x", 1)).status == Status.WAITING  # "w" holds b's slot
+    await route("w", "b")
+    await end("t2", "a")
+    assert (await gate.poll("m", IDS, "x", 1)).status == Status.WAITING  # a: 2 of 2
+    await end("t3", "a")
+    assert (await gate.poll("m", IDS, "x", 1)).status == Status.ADMITTED  # a: 1 of 2
+
+
 async def test_queue_limits_and_abandoned_places_expire(
     client: Redis, redis_server: RedisServer
 ) -> None:

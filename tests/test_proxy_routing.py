@@ -9,7 +9,9 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.stack import Stack
 from gateway.stack_settings import StackSettings
@@ -127,6 +129,22 @@ async def test_two_proxies_burst_does_not_herd(stack: Stack) -> None:
     assert all(0.4 <= share <= 0.6 for share in split.values()), split
 
 
+async def picks_by_source(stack: Stack) -> dict[str, float]:
+    """The first proxy's routing picks so far: from Redis, and by its per-process fallback."""
+    async with httpx.AsyncClient(timeout=10) as client:
+        response = await client.get(
+            f"{stack.proxies[0].base_url}/metrics/",
+            headers={"Authorization": f"Bearer {stack.master_key}"},
+        )
+    totals = {"redis": 0.0, "local": 0.0}
+    for family in text_string_to_metric_families(response.text):
+        if family.name == "triage_routing_picks":
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    totals[sample.labels["source"]] += sample.value
+    return totals
+
+
 async def test_redis_outage_keeps_serving_and_routing_recovers(stack: Stack) -> None:
     """Last in the module: it kills and restarts the stack's Redis."""
     assert stack.redis is not None
@@ -146,9 +164,17 @@ async def test_redis_outage_keeps_serving_and_routing_recovers(stack: Stack) -> 
     await wait_for_state(stack, "replica-1", lambda s: s.healthy)
     busy = occupy(stack, "replica-1", 6, max_tokens=250)
     await wait_for_state(stack, "replica-1", lambda s: s.active + s.waiting >= 6)
-    await asyncio.sleep(1.2)  # the plugin retries Redis at most 1 s after its last failure
+    # the plugin retries Redis at most 1 s after its last failure: once a pick is made from
+    # Redis again, the picks are load-aware again (they avoid the busy replica)
+    counts = await picks_by_source(stack)
+    deadline = time.monotonic() + 8.0
+    while (now := await picks_by_source(stack))["redis"] == counts["redis"]:
+        assert time.monotonic() < deadline, "routing did not go back to Redis"
+        await chat_replica(client, MODEL)
     picks = [await chat_replica(client, MODEL) for _ in range(4)]
-    assert picks == ["replica-0"] * 4  # load-aware again: Redis-based routing resumed
+    assert picks == ["replica-0"] * 4
+    after = await picks_by_source(stack)
+    assert (after["redis"] - now["redis"], after["local"] - now["local"]) == (4, 0)
     await busy.finish()
 
 

@@ -4,7 +4,9 @@
 -- KEYS[2]  queue:{model}      sorted set: ticket -> priority * 2^40 + arrival sequence
 -- KEYS[3]  queuelease:{model} sorted set: ticket -> expiry of its place in the queue (ms)
 -- KEYS[4]  queueseq:{model}   integer: arrival sequence
--- KEYS[5..] replica:{id} hashes of the model's replicas
+-- KEYS[5..4+N]    replica:{id} hashes of the model's N replicas
+-- KEYS[5+N..4+2N] inflight:{id} routing reservations of the same replicas (sorted sets, score =
+--                 lease expiry; empty when the routing plugin is not used)
 -- ARGV     op (enter | poll | leave | release), ticket, priority, lease_ms, queue_lease_ms,
 --          allowance, unknown_slots, stale_after_ms, queue_limit (this priority), max_queue,
 --          grant channel
@@ -13,13 +15,18 @@
 --               missing or stale -> unknown_slots
 -- capacity    = slots + allowance per fresh healthy replica
 -- outstanding = live tickets in admitted
+-- free slots  = sum over replicas of max(0, its slots - its routing reservations), less the
+--               admitted tickets not yet routed (outstanding - all reservations); without the
+--               routing plugin (no reservations) this is slots - outstanding
 --
 -- A new request with nobody queued ahead of it (better priority, or same priority and
 -- earlier) is admitted while outstanding < capacity: the allowance keeps every batch slot fed
 -- without a gateway round trip between one request's end and the next one's start.
--- A request that had to wait takes only a batch slot (outstanding < slots), never the
--- allowance: its gateway wait already used its time, it must not also wait in a replica's
--- queue. Slots go to waiters in order (priority, then arrival; FIFO across all proxies) the
+-- A request that had to wait is granted only while a batch slot is free somewhere (free
+-- slots > 0), never into the allowance: its gateway wait already used its time. A slot counts
+-- per replica: the router may queue a granted request briefly on a fast replica rather than
+-- start it on a slow one (only when that is expected to finish sooner), and the slow one's
+-- free slot must not go unused while others queue. Slots go to waiters in order (priority, then arrival; FIFO across all proxies) the
 -- moment they free: every op first grants (moves queue heads into admitted, with a short
 -- lease until the waiter claims it by polling) and publishes each granted ticket on the
 -- grant channel, so the waiting proxy wakes at once instead of polling.
@@ -57,28 +64,37 @@ if op == 'release' or op == 'leave' then
   redis.call('ZREM', qlease, ticket)
 end
 
-local slots, healthy, unknown, drain = 0, 0, 0, 0
-for i = 5, #KEYS do
+local n = (#KEYS - 4) / 2
+local slots, healthy, unknown, drain, free, reserved = 0, 0, 0, 0, 0, 0
+for i = 5, 4 + n do
   local h = redis.call('HMGET', KEYS[i], 'max_active', 'healthy', 'ts_ms', 'drain_rps')
   local max_active, ts = tonumber(h[1]), tonumber(h[3])
+  local own = 0
   if max_active == nil or ts == nil or ts < now_ms - stale_after_ms then
-    slots = slots + unknown_slots
+    own = unknown_slots
     unknown = unknown + 1
   elseif h[2] == '1' then
-    slots = slots + max_active
+    own = max_active
     healthy = healthy + 1
     local d = tonumber(h[4])
     if d ~= nil and d > 0 then
       drain = drain + d
     end
   end
+  slots = slots + own
+  local inflight = KEYS[i + n]
+  redis.call('ZREMRANGEBYSCORE', inflight, '-inf', now_ms)
+  local taken = redis.call('ZCARD', inflight)
+  reserved = reserved + taken
+  free = free + math.max(0, own - taken)
 end
 local capacity = slots + allowance * healthy
 local drain_s = string.format('%.17g', drain)
 
 -- grant free batch slots to the queue's heads
 local outstanding = redis.call('ZCARD', admitted)
-while outstanding < slots do
+free = free - math.max(0, outstanding - reserved)
+while free > 0 and outstanding < capacity do
   local head = redis.call('ZRANGE', queue, 0, 0)
   if #head == 0 then
     break
@@ -88,6 +104,7 @@ while outstanding < slots do
   redis.call('ZADD', admitted, now_ms + queue_lease_ms, head[1])
   redis.call('PUBLISH', channel, head[1])
   outstanding = outstanding + 1
+  free = free - 1
 end
 local queued = redis.call('ZCARD', queue)
 

@@ -61,6 +61,7 @@ class AdmissionGate:
             self._keys.queue_lease(model),
             self._keys.queue_seq(model),
             *(self._keys.replica(r) for r in replica_ids),
+            *(self._keys.inflight(r) for r in replica_ids),  # the routing plugin's reservations
         ]
         args = [
             op,

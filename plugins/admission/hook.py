@@ -29,6 +29,7 @@ from plugins.admission.errors import ShedReason, model_not_found, stream_start_e
 from plugins.admission.gate import AdmissionGate
 from plugins.admission.settings import AdmissionSettings
 from plugins.auth.identity import priority_of
+from plugins.loop_lag import MONITOR
 from plugins.overflow import is_upstream_overflow
 from plugins.request_end import RequestEndHook
 from plugins.routing.hook import proxy_router
@@ -58,6 +59,7 @@ class AdmissionHook(RequestEndHook):
             self._controller = AdmissionController(
                 AdmissionGate(client, self.settings), self.settings
             )
+            MONITOR.ensure_started()  # the event loop's own lag, beside the decision times
         return self._controller
 
     async def async_pre_call_hook(
