@@ -478,7 +478,7 @@ async def wait_idle(stack: Stack, timeout_s: float) -> float:
 LOOP_LAG_METRIC = "triage_proxy_event_loop_lag_seconds"
 
 
-async def decision_histogram(
+async def proxy_histogram(
     proxies: Sequence[LiteLLMProxy],
     master_key: str,
     name: str = "triage_admission_decision_seconds",
@@ -704,10 +704,10 @@ async def run_level(
         await asyncio.sleep(settings.pause_s)
         proxies = fleet.proxies[strategy]
         hist_before = (
-            await decision_histogram(proxies, fleet.stack.master_key) if strategy == OURS else {}
+            await proxy_histogram(proxies, fleet.stack.master_key) if strategy == OURS else {}
         )
         lag_before = (
-            await decision_histogram(proxies, fleet.stack.master_key, LOOP_LAG_METRIC)
+            await proxy_histogram(proxies, fleet.stack.master_key, LOOP_LAG_METRIC)
             if strategy == OURS
             else {}
         )
@@ -750,9 +750,9 @@ async def run_level(
         summary["client_lag_p99_ms"] = 1000 * percentile(result.lag_s, 99)
         summary["wall_s"] = result.wall_s
         if strategy == OURS:
-            hist_after = await decision_histogram(proxies, fleet.stack.master_key)
+            hist_after = await proxy_histogram(proxies, fleet.stack.master_key)
             summary["admission_decision"] = decision_figures(hist_before, hist_after)
-            lag_after = await decision_histogram(proxies, fleet.stack.master_key, LOOP_LAG_METRIC)
+            lag_after = await proxy_histogram(proxies, fleet.stack.master_key, LOOP_LAG_METRIC)
             summary["event_loop_lag"] = decision_figures(lag_before, lag_after)
         if strategy == "least-busy":
             summary["litellm_redis_counts"] = await litellm_counts(fleet)
