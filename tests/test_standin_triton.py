@@ -102,13 +102,17 @@ def test_per_token_latency_grows_with_batch(fast: TritonServer) -> None:
         generate(fast, 40)
         return time.perf_counter() - start
 
+    def four() -> float:
+        with cf.ThreadPoolExecutor(4) as pool:
+            start = time.perf_counter()
+            list(pool.map(lambda _: generate(fast, 40), range(4)))
+            return time.perf_counter() - start
+
     alone = min(one() for _ in range(3))  # the cleanest of three: noise only adds time
-    with cf.ThreadPoolExecutor(4) as pool:
-        start = time.perf_counter()
-        list(pool.map(lambda _: generate(fast, 40), range(4)))
-        batched = time.perf_counter() - start
-    # 4 sequences in one batch: 1 + 0.05 * 3 = 1.15x per step, far from 4x (no batching)
-    assert alone * 1.05 < batched < alone * 2.0, (alone, batched)
+    batched = min(four() for _ in range(2))
+    # 4 sequences in one batch: 1 + 0.05 * 3 = 1.15x per step; one after another would be 4x
+    # (the upper bound leaves room for a busy 2-core machine, where 4 clients compete too)
+    assert alone * 1.05 < batched < alone * 3.0, (alone, batched)
 
 
 def test_speed_factor_half_takes_about_twice_as_long(workdir: Path, fast: TritonServer) -> None:
