@@ -30,7 +30,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
@@ -476,15 +476,20 @@ async def wait_idle(stack: Stack, timeout_s: float) -> float:
 
 
 LOOP_LAG_METRIC = "triage_proxy_event_loop_lag_seconds"
+SHED_DECISIONS = {"outcome": "shed"}
+"""The decisions that answered 503 at once (queue full, expected wait), from Redis or memo."""
 
 
 async def proxy_histogram(
     proxies: Sequence[LiteLLMProxy],
     master_key: str,
     name: str = "triage_admission_decision_seconds",
+    labels: Mapping[str, str] | None = None,
 ) -> dict[float, float]:
     """A histogram's buckets on the proxies' ``/metrics/`` (by default the admission plugin's
-    decision times), summed over the proxies (cumulative counts by upper bound)."""
+    decision times), summed over the proxies and over the series whose labels include
+    ``labels`` (cumulative counts by upper bound)."""
+    wanted = dict(labels or {})
     buckets: dict[float, float] = {}
     headers = {"Authorization": f"Bearer {master_key}"}
     async with httpx.AsyncClient(timeout=10.0) as client:
@@ -494,7 +499,7 @@ async def proxy_histogram(
                 if family.name != name:
                     continue
                 for sample in family.samples:
-                    if sample.name.endswith("_bucket"):
+                    if sample.name.endswith("_bucket") and wanted.items() <= sample.labels.items():
                         bound = float(sample.labels["le"])
                         buckets[bound] = buckets.get(bound, 0.0) + sample.value
     return buckets
@@ -706,6 +711,11 @@ async def run_level(
         hist_before = (
             await proxy_histogram(proxies, fleet.stack.master_key) if strategy == OURS else {}
         )
+        shed_before = (
+            await proxy_histogram(proxies, fleet.stack.master_key, labels=SHED_DECISIONS)
+            if strategy == OURS
+            else {}
+        )
         lag_before = (
             await proxy_histogram(proxies, fleet.stack.master_key, LOOP_LAG_METRIC)
             if strategy == OURS
@@ -752,6 +762,10 @@ async def run_level(
         if strategy == OURS:
             hist_after = await proxy_histogram(proxies, fleet.stack.master_key)
             summary["admission_decision"] = decision_figures(hist_before, hist_after)
+            shed_after = await proxy_histogram(
+                proxies, fleet.stack.master_key, labels=SHED_DECISIONS
+            )
+            summary["shed_decision"] = decision_figures(shed_before, shed_after)
             lag_after = await proxy_histogram(proxies, fleet.stack.master_key, LOOP_LAG_METRIC)
             summary["event_loop_lag"] = decision_figures(lag_before, lag_after)
         if strategy == "least-busy":
@@ -930,13 +944,20 @@ def targets(doc: dict[str, Any]) -> list[str]:
                     f"        {name}: {100 * share:.1f} % within that bound, p99 "
                     f"{fmt_s(theirs['p99_s'])} s (it queues without bound)"
                 )
+        shed = ours.get("shed_decision") or {}
+        if shed.get("decisions"):
+            lines.append(
+                f"  {verdict(shed['p99_ms'] <= 5.0)} {100 * lv['load']:.0f} %: shed decisions "
+                f"(503 at arrival) p99 {shed['p99_ms']:.1f} ms at the proxy, p50 "
+                f"{shed['p50_ms']:.2f} ms, {100 * shed['share_within_5ms']:.1f} % within 5 ms "
+                f"({shed['decisions']:.0f} sheds at arrival, proxy histogram)"
+            )
         decision = ours.get("admission_decision") or {}
         if decision.get("decisions"):
             lines.append(
-                f"  {verdict(decision['p99_ms'] <= 5.0)} {100 * lv['load']:.0f} %: admission "
-                f"decisions (admit/queue/shed) p99 {decision['p99_ms']:.1f} ms at the proxy, "
-                f"{100 * decision['share_within_5ms']:.1f} % within 5 ms "
-                f"({decision['decisions']:.0f} decisions, proxy histogram)"
+                f"        all first decisions (admit/queue/shed): p99 {decision['p99_ms']:.1f} "
+                f"ms, {100 * decision['share_within_5ms']:.1f} % within 5 ms "
+                f"({decision['decisions']:.0f} decisions)"
             )
             lag = ours.get("event_loop_lag") or {}
             if lag.get("decisions"):
@@ -1003,6 +1024,7 @@ def compact_results(doc: dict[str, Any]) -> dict[str, Any]:
         "answered_within_bound_share",
         "proxy_cores_max_process",
         "admission_decision",
+        "shed_decision",
         "event_loop_lag",
     )
     s = doc["settings"]

@@ -10,10 +10,11 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 
 from gateway.redis_launcher import RedisServer
-from plugins.admission.controller import AdmissionController
+from plugins.admission.controller import AdmissionController, QueueRate
 from plugins.admission.errors import GatewayError
 from plugins.admission.gate import AdmissionGate, Status
 from plugins.admission.settings import AdmissionSettings
@@ -329,3 +330,103 @@ async def test_redis_down_bounds_per_process(
         await ctl.admit("m", IDS, "d5", 1)
     finally:
         await down.aclose()
+
+
+async def drained(ctl: AdmissionController, timeout_s: float = 2.0) -> None:
+    """Until nothing is admitted or queued (places given back by tasks of their own)."""
+    deadline = time.monotonic() + timeout_s
+    while (counts := await ctl.gate.counts("m")) != (0, 0):
+        if time.monotonic() > deadline:
+            keys = KeySchema(ctl.settings.key_prefix)
+            left = await ctl.gate.client.zrange(keys.admitted("m"), 0, -1, withscores=True)
+            raise AssertionError(f"left admitted, queued: {counts}; admitted: {left}")
+        await asyncio.sleep(0.02)
+
+
+def decisions(model: str, outcome: str, source: str) -> float:
+    labels = {"model": model, "outcome": outcome, "source": source}
+    return REGISTRY.get_sample_value("triage_admission_decision_seconds_count", labels) or 0.0
+
+
+async def test_the_queue_rate_is_learned_from_granted_waiters(
+    client: Redis,
+    redis_server: RedisServer,
+    controllers: Callable[[Redis, AdmissionSettings], AdmissionController],
+) -> None:
+    s = settings(redis_server, stale_after_ms=60_000)
+    await publish(client, s, a={"max_active": 1}, b={"healthy": False})  # 1 slot + 1 allowance
+    ctl = controllers(client, s)
+    await ctl.admit("m", IDS, "r1", 1)
+    await ctl.admit("m", IDS, "r2", 1)
+    waiters = []
+    for i in range(3):  # in this order
+        waiters.append(asyncio.create_task(ctl.admit("m", IDS, f"q{i}", 1)))
+        await asyncio.sleep(0.02)
+    assert ctl.ahead_limit("m", time.monotonic()) is None  # nothing measured yet
+    await ctl.finish("r1")
+    for previous in ("r2", "q0", "q1"):  # one grant every ~0.1 s
+        await asyncio.sleep(0.1)
+        await ctl.finish(previous)
+    await asyncio.wait_for(asyncio.gather(*waiters), 2.0)
+    rate = ctl.queue_rate["m"]
+    assert rate.samples == 3
+    assert 3.0 < rate.rps < 15.0  # (ahead + 1) / wait: ~1 / 0.15, 2 / 0.25, 3 / 0.35 s
+    assert ctl.ahead_limit("m", time.monotonic()) is not None
+    await ctl.finish("q2")
+    await drained(ctl)
+
+
+async def test_an_expected_wait_over_the_limit_is_shed_at_once_then_without_redis(
+    client: Redis,
+    redis_server: RedisServer,
+    controllers: Callable[[Redis, AdmissionSettings], AdmissionController],
+) -> None:
+    s = settings(  # max_wait 2 s: a wait over 1 s is shed; states stay fresh throughout
+        redis_server,
+        max_queue=10,
+        expected_wait_fraction=0.5,
+        shed_memo_ms=5000,
+        stale_after_ms=60_000,
+    )
+    await publish(client, s, a={"max_active": 1}, b={"healthy": False})
+    ctl = controllers(client, s)
+    ctl.queue_rate["m"] = QueueRate(rps=2.0, samples=3, at=time.monotonic())  # limit: 1 ahead
+    for t in ("e1", "e2"):
+        await ctl.admit("m", IDS, t, 1)
+    waiters = []
+    for i in range(2):  # in this order
+        waiters.append(asyncio.create_task(ctl.admit("m", IDS, f"ew{i}", 1)))
+        await asyncio.sleep(0.02)
+    assert await ctl.gate.counts("m") == (2, 2)  # ahead 0 and 1: (ahead + 1) / 2 <= 1 s
+    from_redis, from_memo = decisions("m", "shed", "redis"), decisions("m", "shed", "memo")
+    ctl.memo.clear()  # (the last waiter's answer already says the next one waits too long)
+    started = time.monotonic()
+    with pytest.raises(GatewayError) as info:
+        await ctl.admit("m", IDS, "ew2", 1)  # 2 ahead: 1.5 s expected
+    assert time.monotonic() - started < 0.5  # at once, not after max_wait
+    body = info.value.to_dict()
+    assert body["code"] == "expected_wait" and "1.0 s" in str(body["message"])
+    assert int((info.value.headers or {})["Retry-After"]) >= 1
+    assert decisions("m", "shed", "redis") == from_redis + 1
+    with pytest.raises(GatewayError) as info:
+        await ctl.admit("m", IDS, "ew3", 1)  # the same answer, from this process's memo
+    assert info.value.to_dict()["code"] == "expected_wait"
+    assert decisions("m", "shed", "memo") == from_memo + 1
+    assert decisions("m", "shed", "redis") == from_redis + 1
+    assert await ctl.gate.counts("m") == (2, 2)  # neither took a place
+    with pytest.raises(GatewayError):
+        await ctl.admit("m", IDS, "ew4", 2)  # the memo is per priority: Redis decides
+    assert decisions("m", "shed", "redis") == from_redis + 2
+    await ctl.finish("e1")
+    await ctl.finish("e2")  # a batch slot frees: the first waiter is granted
+    await asyncio.wait_for(waiters[0], 1.0)
+    ctl.memo.clear()
+    ctl.queue_rate["m"] = QueueRate(rps=2.0, samples=3, at=time.monotonic())
+    waiters.append(asyncio.create_task(ctl.admit("m", IDS, "ew5", 1)))  # 1 ahead again: queued
+    await asyncio.sleep(0.05)
+    assert await ctl.gate.counts("m") == (1, 2)
+    for task in waiters[1:]:
+        task.cancel()
+    await asyncio.gather(*waiters[1:], return_exceptions=True)
+    await ctl.finish("ew0")
+    await drained(ctl)

@@ -6,6 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from plugins.admission.errors import ShedReason, overloaded
+from plugins.admission.expected_wait import ahead_limit, ahead_now
 from plugins.admission.retry_after import RetryAfterBand, retry_after_headers, retry_after_s
 from plugins.admission.settings import AdmissionSettings
 
@@ -40,6 +41,31 @@ def test_bad_inputs_are_errors() -> None:
         RetryAfterBand(min_s=5, max_s=1)
 
 
+def test_expected_wait_limit_shape() -> None:
+    # at the limit, the expected wait (ahead + 1) / rate is exactly fraction x max_wait
+    limit = ahead_limit(5.0, 10.0, 0.8)
+    assert limit is not None and (limit + 1) / 5.0 == pytest.approx(8.0)
+    faster = [ahead_limit(rate, 10.0, 0.8) for rate in (1.0, 2.0, 4.0, 8.0)]
+    assert faster == sorted(faster) and faster[0] < faster[-1]  # a faster queue holds more
+    longer = [ahead_limit(4.0, wait, 0.8) for wait in (1.0, 5.0, 10.0)]
+    assert longer == sorted(longer) and longer[0] < longer[-1]  # a longer max_wait too
+    assert ahead_limit(4.0, 10.0, 0.5) < ahead_limit(4.0, 10.0, 1.0)  # type: ignore[operator]
+
+
+@pytest.mark.parametrize("rate", [None, 0.0, -2.0, float("nan"), float("inf")])
+def test_expected_wait_unknown_rate_or_off_means_no_limit(rate: float | None) -> None:
+    assert ahead_limit(rate, 10.0, 0.8) is None
+    assert ahead_limit(4.0, 10.0, 0.0) is None  # the policy off
+    assert ahead_limit(4.0, 0.0, 0.8) is None  # no waiting at all: the queue limits decide
+
+
+def test_the_queue_moves_on_at_its_rate() -> None:
+    assert ahead_now(10.0, 4.0, 0.0) == 10.0
+    assert ahead_now(10.0, 4.0, 0.5) == pytest.approx(8.0)
+    assert ahead_now(10.0, 4.0, 60.0) == 0.0
+    assert ahead_now(10.0, 4.0, -1.0) == 10.0  # a clock step back moves nothing
+
+
 def test_headers_integer_seconds_rounded_up_and_precise_ms() -> None:
     assert retry_after_headers(2.2) == {"Retry-After": "3", "retry-after-ms": "2200"}
     assert retry_after_headers(0.2) == {"Retry-After": "1", "retry-after-ms": "200"}
@@ -61,6 +87,8 @@ def test_bad_settings_name_the_field() -> None:
         AdmissionSettings(redis_url="redis://127.0.0.1:1/0", max_queue=-1)
     with pytest.raises(ValidationError, match="min_s"):
         AdmissionSettings(redis_url="redis://127.0.0.1:1/0", retry_after_min_s=40)
+    with pytest.raises(ValidationError, match="expected_wait_fraction"):
+        AdmissionSettings(redis_url="redis://127.0.0.1:1/0", expected_wait_fraction=1.5)
 
 
 def test_priority_queue_limits() -> None:

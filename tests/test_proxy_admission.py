@@ -104,7 +104,7 @@ async def test_burst_of_three_times_capacity(stack: Stack) -> None:
         assert int(response.headers["retry-after-ms"]) >= 1
         error = response.json()["error"]
         assert set(error) >= {"message", "type", "param", "code"}
-        assert error["code"] in {"queue_full", "queue_timeout"}
+        assert error["code"] in {"queue_full", "queue_timeout", "expected_wait"}
     full = sorted(latency for latency, r in shed if r.json()["error"]["code"] == "queue_full")
     decision_ms = []
     async with httpx.AsyncClient(timeout=10) as client:
@@ -176,7 +176,11 @@ async def test_two_proxies_never_admit_more_than_capacity(stack: Stack) -> None:
     # no replica ever overflowed: the gate kept the engines within their queues
     for response in responses:
         if response.status_code == 503:
-            assert response.json()["error"]["code"] in {"queue_full", "queue_timeout"}
+            assert response.json()["error"]["code"] in {
+                "queue_full",
+                "queue_timeout",
+                "expected_wait",
+            }
         else:
             assert response.status_code == 200
     await settle(stack)

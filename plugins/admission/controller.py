@@ -2,8 +2,10 @@
 
 The fleet-wide state lives in Redis (``gate.lua``); this class runs the wait (woken by the
 grant channel, with a slow fallback poll that also keeps the place alive), keeps the tickets
-this process holds so that each is released once, keeps the drain-rate EWMA per model, and
-fails open to a per-process bound when Redis is unreachable.
+this process holds so that each is released once, keeps the drain-rate EWMA per model and the
+queue's measured rate (for the expected-wait policy, ``expected_wait.py``), sheds on its own for
+``shed_memo_ms`` after Redis said a wait is too long, and fails open to a per-process bound when
+Redis is unreachable.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from redis.exceptions import RedisError
 
 from plugins.admission import metrics
 from plugins.admission.errors import GatewayError, ShedReason, overloaded
+from plugins.admission.expected_wait import ahead_limit, ahead_now
 from plugins.admission.gate import AdmissionGate, GateReply, Status
 from plugins.admission.grants import GrantListener
 from plugins.admission.retry_after import retry_after_s
@@ -36,6 +39,30 @@ class Held:
     local: bool
 
 
+RATE_MIN_SAMPLES = 3
+"""Granted waiters measured before the queue's rate is trusted."""
+RATE_MAX_AGE_WAITS = 3.0
+"""The queue's rate is forgotten after this many ``max_wait`` without a new sample."""
+
+
+@dataclass
+class QueueRate:
+    """Requests granted per second from the queue (EWMA over this process's granted waiters:
+    ``(ahead at entry + 1) / wait``)."""
+
+    rps: float
+    samples: int
+    at: float
+
+
+@dataclass(frozen=True)
+class Memo:
+    """Redis's last answer for one model and priority: how many were ahead, and when."""
+
+    at: float
+    ahead: float
+
+
 class AdmissionController:
     def __init__(self, gate: AdmissionGate, settings: AdmissionSettings) -> None:
         self.gate = gate
@@ -45,6 +72,9 @@ class AdmissionController:
         self.drain: dict[str, float] = {}
         self.capacity: dict[str, int] = {}
         self.local = Counter[str]()
+        self.queue_rate: dict[str, QueueRate] = {}
+        self.memo: dict[tuple[str, int], Memo] = {}
+        self._leaving: set[asyncio.Task[None]] = set()
         self.outage = RedisOutage(settings.redis_retry_ms, settings.log_interval_s)
         self.grants = GrantListener(gate.client, settings.redis_retry_ms / 1000.0)
 
@@ -61,6 +91,59 @@ class AdmissionController:
         self.capacity[model] = reply.capacity
         metrics.CAPACITY.labels(model).set(reply.capacity)
         metrics.OUTSTANDING.labels(model).set(reply.outstanding)
+
+    def _observe_wait(self, model: str, ahead: int, waited_s: float, now: float) -> None:
+        if waited_s <= 0.001:
+            return
+        sample = (ahead + 1) / waited_s
+        rate = self.queue_rate.get(model)
+        if rate is None or now - rate.at > RATE_MAX_AGE_WAITS * self.settings.max_wait_ms / 1000:
+            self.queue_rate[model] = QueueRate(sample, 1, now)
+            return
+        alpha = self.settings.drain_ewma_alpha
+        rate.rps = alpha * sample + (1 - alpha) * rate.rps
+        rate.samples += 1
+        rate.at = now
+
+    def _rate(self, model: str, now: float) -> float | None:
+        rate = self.queue_rate.get(model)
+        if rate is None or rate.samples < RATE_MIN_SAMPLES:
+            return None
+        if now - rate.at > RATE_MAX_AGE_WAITS * self.settings.max_wait_ms / 1000:
+            return None
+        return rate.rps
+
+    def ahead_limit(self, model: str, now: float) -> float | None:
+        s = self.settings
+        return ahead_limit(self._rate(model, now), s.max_wait_ms / 1000, s.expected_wait_fraction)
+
+    def _remember(self, model: str, priority: int, reply: GateReply, now: float) -> None:
+        """What the next request of this model and priority will find ahead of it."""
+        key = (model, priority)
+        if reply.status == Status.WAIT_TOO_LONG:
+            self.memo[key] = Memo(now, float(reply.ahead))
+        elif reply.status == Status.WAITING:
+            self.memo[key] = Memo(now, float(reply.ahead + 1))
+        else:
+            self.memo.pop(key, None)
+
+    def _shed_from_memo(self, model: str, priority: int, now: float) -> GatewayError | None:
+        """The 503 for a request that Redis's recent answer already says would wait too long:
+        ``shed_memo_ms`` after it, with the queue moved on at its measured rate since."""
+        memo = self.memo.get((model, priority))
+        if memo is None or now - memo.at > self.settings.shed_memo_ms / 1000:
+            return None
+        rate, limit = self._rate(model, now), self.ahead_limit(model, now)
+        if rate is None or limit is None:
+            return None
+        ahead = ahead_now(memo.ahead, rate, now - memo.at)
+        if ahead <= limit:
+            return None
+        return self._shed_expected_wait(model, ahead + 1)
+
+    def _shed_expected_wait(self, model: str, work_ahead: float) -> GatewayError:
+        wait = self.settings.max_wait_ms * self.settings.expected_wait_fraction / 1000
+        return self.shed(model, ShedReason.EXPECTED_WAIT, work_ahead, wait=f"{wait:.1f} s")
 
     def retry_after(self, model: str, work_ahead: float) -> float:
         return retry_after_s(work_ahead, self.drain.get(model), self.band)
@@ -82,24 +165,35 @@ class AdmissionController:
         if not self.outage.should_try():
             self._admit_locally(model, replica_ids, ticket, started)
             return
+        now = time.monotonic()
+        memo_shed = self._shed_from_memo(model, priority, now)
+        if memo_shed is not None:  # no await: the answer does not wait for the event loop
+            _decided(model, "shed", "memo", started)
+            raise memo_shed
         granted = self.grants.expect(ticket)  # before entering: a grant may come at once
         try:
             try:
                 await self.grants.watch(self.gate.grants_channel(model))
-                reply = await self.gate.enter(model, replica_ids, ticket, priority)
+                reply = await self.gate.enter(
+                    model, replica_ids, ticket, priority, self.ahead_limit(model, now)
+                )
             except RedisError as exc:
                 self.outage.failed(exc, f"admission of a {model} request")
                 self._admit_locally(model, replica_ids, ticket, started)
                 return
             self.outage.succeeded()
             self._observe(model, reply)
-            metrics.DECISION.labels(model).observe(time.perf_counter() - started)
+            self._remember(model, priority, reply, now)
+            outcome = {Status.ADMITTED: "admitted", Status.WAITING: "queued"}
+            _decided(model, outcome.get(reply.status, "shed"), "redis", started)
             if reply.status == Status.ADMITTED:
                 self._hold(ticket, model, replica_ids)
                 metrics.ADMITTED.labels(model, "direct").inc()
                 return
             if reply.status == Status.QUEUE_FULL:
                 raise self.shed(model, ShedReason.QUEUE_FULL, reply.work_ahead)
+            if reply.status == Status.WAIT_TOO_LONG:
+                raise self._shed_expected_wait(model, reply.work_ahead)
             if reply.status == Status.NO_CAPACITY:
                 raise self.shed(model, ShedReason.NO_HEALTHY_REPLICA, reply.work_ahead)
             metrics.QUEUED.labels(model).inc()
@@ -123,6 +217,7 @@ class AdmissionController:
         every ``poll_ms`` (which also keeps the place in the queue alive)."""
         s = self.settings
         started = time.monotonic()
+        first_ahead = reply.ahead
         deadline = started + s.max_wait_ms / 1000.0
         admitted = False
         try:
@@ -148,8 +243,10 @@ class AdmissionController:
                 if reply.status == Status.ADMITTED:
                     admitted = True
                     self._hold(ticket, model, replica_ids)
+                    now = time.monotonic()
+                    self._observe_wait(model, first_ahead, now - started, now)
                     metrics.ADMITTED.labels(model, "queued").inc()
-                    metrics.QUEUE_WAIT.labels(model, "admitted").observe(time.monotonic() - started)
+                    metrics.QUEUE_WAIT.labels(model, "admitted").observe(now - started)
                     return
         except RedisError as exc:
             # the fleet-wide queue is gone with Redis: fall back to the per-process bound
@@ -161,7 +258,11 @@ class AdmissionController:
                 # timeout, shed, or the client went away (cancellation): give the place (or a
                 # grant not yet claimed) back, in a task of its own so that a cancellation
                 # cannot cut it short
-                asyncio.get_running_loop().create_task(self._leave(model, replica_ids, ticket))
+                task = asyncio.get_running_loop().create_task(
+                    self._leave(model, replica_ids, ticket)
+                )
+                self._leaving.add(task)  # a task nobody references may be collected unrun
+                task.add_done_callback(self._leaving.discard)
 
     async def _leave(self, model: str, replica_ids: Sequence[str], ticket: str) -> None:
         try:
@@ -176,9 +277,10 @@ class AdmissionController:
         """Redis down: bound this process's own outstanding requests by the last known
         capacity (or ``unknown_replica_slots`` per replica); no queue."""
         capacity = self.capacity.get(model, self.settings.unknown_replica_slots * len(replica_ids))
-        metrics.DECISION.labels(model).observe(time.perf_counter() - started)
         if self.local[model] >= capacity:
+            _decided(model, "shed", "fallback", started)
             raise self.shed(model, ShedReason.QUEUE_FULL, self.local[model] - capacity + 1)
+        _decided(model, "admitted", "fallback", started)
         self.local[model] += 1
         self.outage.fallback_picks += 1
         self.held[ticket] = Held(model, tuple(replica_ids), True)
@@ -202,3 +304,7 @@ class AdmissionController:
             await self.gate.release(held.model, held.replica_ids, ticket)
         except RedisError as exc:
             self.outage.failed(exc, f"release of a {held.model} admission")  # lease heals it
+
+
+def _decided(model: str, outcome: str, source: str, started: float) -> None:
+    metrics.DECISION.labels(model, outcome, source).observe(time.perf_counter() - started)

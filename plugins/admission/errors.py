@@ -14,6 +14,7 @@ from plugins.admission.retry_after import retry_after_headers
 class ShedReason(StrEnum):
     QUEUE_FULL = "queue_full"
     QUEUE_TIMEOUT = "queue_timeout"
+    EXPECTED_WAIT = "expected_wait"
     NO_HEALTHY_REPLICA = "no_healthy_replica"
     UPSTREAM_OVERLOADED = "upstream_overloaded"
     LOAD_FAILED = "load_failed"
@@ -23,6 +24,9 @@ class ShedReason(StrEnum):
 MESSAGES = {
     ShedReason.QUEUE_FULL: "model {model!r} is at capacity and its wait queue is full",
     ShedReason.QUEUE_TIMEOUT: "model {model!r} is at capacity: no slot freed within {wait}",
+    ShedReason.EXPECTED_WAIT: (
+        "model {model!r} is at capacity: the expected wait in its queue is over {wait}"
+    ),
     ShedReason.NO_HEALTHY_REPLICA: "model {model!r} has no healthy replica right now",
     ShedReason.UPSTREAM_OVERLOADED: "every replica of model {model!r} is full",
     ShedReason.LOAD_FAILED: "model {model!r} could not be loaded",

@@ -9,7 +9,8 @@
 --                 lease expiry; empty when the routing plugin is not used)
 -- ARGV     op (enter | poll | leave | release), ticket, priority, lease_ms, queue_lease_ms,
 --          allowance, unknown_slots, stale_after_ms, queue_limit (this priority), max_queue,
---          grant channel
+--          grant channel, ahead_limit (enter: the most requests that may be ahead of this one
+--          in the queue, from the expected-wait policy in expected_wait.py; '' = no limit)
 --
 -- slots       = sum over replicas: fresh and healthy -> max_active; fresh and unhealthy -> 0;
 --               missing or stale -> unknown_slots
@@ -33,7 +34,8 @@
 --
 -- Returns {status, capacity, outstanding, queued, ahead, drain_rps as a string}:
 --   status  1 admitted, 0 waiting (queued), -1 queue full, -2 no capacity (no healthy replica),
---           -3 unknown ticket (its place expired), 2 released / left
+--           -3 unknown ticket (its place expired), -4 expected wait too long (more than
+--           ahead_limit ahead of it), 2 released / left
 
 local op, ticket = ARGV[1], ARGV[2]
 local priority = tonumber(ARGV[3])
@@ -42,6 +44,7 @@ local allowance, unknown_slots = tonumber(ARGV[6]), tonumber(ARGV[7])
 local stale_after_ms = tonumber(ARGV[8])
 local queue_limit, max_queue = tonumber(ARGV[9]), tonumber(ARGV[10])
 local channel = ARGV[11]
+local ahead_limit = tonumber(ARGV[12] or '')
 local PRIORITY_UNIT = 1099511627776 -- 2^40
 
 local t = redis.call('TIME')
@@ -136,6 +139,9 @@ if op == 'enter' then
     '(' .. ((priority + 1) * PRIORITY_UNIT))
   if queued >= max_queue or same >= queue_limit then
     return { -1, capacity, outstanding, queued, ahead, drain_s }
+  end
+  if ahead_limit ~= nil and ahead > ahead_limit then
+    return { -4, capacity, outstanding, queued, ahead, drain_s }
   end
   redis.call('ZADD', queue, score, ticket)
   redis.call('ZADD', qlease, now_ms + queue_lease_ms, ticket)

@@ -22,6 +22,7 @@ class Status(IntEnum):
     QUEUE_FULL = -1
     NO_CAPACITY = -2
     LOST = -3
+    WAIT_TOO_LONG = -4
     DONE = 2
 
 
@@ -52,7 +53,13 @@ class AdmissionGate:
         return self._client
 
     async def _call(
-        self, op: str, model: str, replica_ids: Sequence[str], ticket: str, priority: int
+        self,
+        op: str,
+        model: str,
+        replica_ids: Sequence[str],
+        ticket: str,
+        priority: int,
+        ahead_limit: float | None = None,
     ) -> GateReply:
         s = self._settings
         keys = [
@@ -75,6 +82,7 @@ class AdmissionGate:
             str(s.queue_limit(priority)),
             str(s.max_queue),
             self._keys.grants(model),
+            "" if ahead_limit is None else repr(float(ahead_limit)),
         ]
         reply = await self._script(keys=keys, args=args)
         drain = reply[5].decode() if isinstance(reply[5], bytes) else str(reply[5])
@@ -88,9 +96,16 @@ class AdmissionGate:
         )
 
     async def enter(
-        self, model: str, replica_ids: Sequence[str], ticket: str, priority: int
+        self,
+        model: str,
+        replica_ids: Sequence[str],
+        ticket: str,
+        priority: int,
+        ahead_limit: float | None = None,
     ) -> GateReply:
-        return await self._call("enter", model, replica_ids, ticket, priority)
+        """Admit, queue, or refuse ``ticket``; with ``ahead_limit``, refuse it
+        (``WAIT_TOO_LONG``) rather than queue it behind more than that many."""
+        return await self._call("enter", model, replica_ids, ticket, priority, ahead_limit)
 
     async def poll(
         self, model: str, replica_ids: Sequence[str], ticket: str, priority: int

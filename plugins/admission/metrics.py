@@ -17,8 +17,9 @@ QUEUE_WAIT = Histogram(
 )
 DECISION = Histogram(
     "triage_admission_decision_seconds",
-    "Time to the first admission decision (admit, queue or shed), Redis included",
-    ["model"],
+    "Time to the first admission decision, Redis included",
+    ["model", "outcome", "source"],  # outcome: admitted | queued | shed;
+    # source: redis (gate.lua) | memo (this process, from a recent answer) | fallback (no Redis)
     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25),
 )
 RETRY_AFTER = Histogram(

@@ -30,6 +30,21 @@ class AdmissionSettings(BaseSettings):
         "most 16 places (tiers not listed: max_queue)",
     )
     max_wait_ms: int = Field(default=10_000, ge=0, description="longest wait in the queue")
+    expected_wait_fraction: float = Field(
+        default=0.8,
+        ge=0.0,
+        le=1.0,
+        description="a request whose expected wait in the queue ((ahead + 1) / the queue's "
+        "measured rate) exceeds this fraction of max_wait is shed at once (503 expected_wait) "
+        "instead of waiting and being shed after max_wait; 0 = off",
+    )
+    shed_memo_ms: int = Field(
+        default=500,
+        ge=0,
+        description="for this long after Redis answered a wait too long, this process sheds "
+        "the next requests of that model and priority itself (no Redis round trip) while the "
+        "wait it estimates from that answer is still too long; 0 = always ask Redis",
+    )
     poll_ms: int = Field(
         default=250,
         ge=1,
