@@ -57,10 +57,12 @@ class QueueRate:
 
 @dataclass(frozen=True)
 class Memo:
-    """Redis's last answer for one model and priority: how many were ahead, and when."""
+    """Redis's last answer for one model and priority: how many were ahead, when, and the
+    grant channel's count then."""
 
     at: float
     ahead: float
+    grants: int
 
 
 class AdmissionController:
@@ -120,23 +122,26 @@ class AdmissionController:
     def _remember(self, model: str, priority: int, reply: GateReply, now: float) -> None:
         """What the next request of this model and priority will find ahead of it."""
         key = (model, priority)
+        grants = self.grants.granted[self.gate.grants_channel(model)]
         if reply.status == Status.WAIT_TOO_LONG:
-            self.memo[key] = Memo(now, float(reply.ahead))
+            self.memo[key] = Memo(now, float(reply.ahead), grants)
         elif reply.status == Status.WAITING:
-            self.memo[key] = Memo(now, float(reply.ahead + 1))
+            self.memo[key] = Memo(now, float(reply.ahead + 1), grants)
         else:
             self.memo.pop(key, None)
 
     def _shed_from_memo(self, model: str, priority: int, now: float) -> GatewayError | None:
         """The 503 for a request that Redis's recent answer already says would wait too long:
-        ``shed_memo_ms`` after it, with the queue moved on at its measured rate since."""
+        for ``shed_memo_ms`` after it, less the grants seen on the model's channel since (not
+        while that channel is lost: a grant could go uncounted)."""
         memo = self.memo.get((model, priority))
         if memo is None or now - memo.at > self.settings.shed_memo_ms / 1000:
             return None
-        rate, limit = self._rate(model, now), self.ahead_limit(model, now)
-        if rate is None or limit is None:
+        limit = self.ahead_limit(model, now)
+        if limit is None or not self.grants.listening:
             return None
-        ahead = ahead_now(memo.ahead, rate, now - memo.at)
+        granted = self.grants.granted[self.gate.grants_channel(model)] - memo.grants
+        ahead = ahead_now(memo.ahead, granted)
         if ahead <= limit:
             return None
         return self._shed_expected_wait(model, ahead + 1)

@@ -27,7 +27,8 @@ def ahead_limit(queue_rate_rps: float | None, max_wait_s: float, fraction: float
     return fraction * max_wait_s * queue_rate_rps - 1.0
 
 
-def ahead_now(ahead_then: float, queue_rate_rps: float, elapsed_s: float) -> float:
-    """Requests still ahead ``elapsed_s`` after ``ahead_then`` were: the queue moved on by
-    ``rate × elapsed`` (arrivals since only add to it, so this is the optimistic estimate)."""
-    return max(0.0, ahead_then - queue_rate_rps * max(0.0, elapsed_s))
+def ahead_now(ahead_then: float, granted_since: int) -> float:
+    """Requests still ahead after ``granted_since`` grants (fleet-wide, counted on the grant
+    channel) since ``ahead_then`` were: arrivals of a better priority since can only add to
+    it, places given up only take from it."""
+    return max(0.0, ahead_then - max(0, granted_since))

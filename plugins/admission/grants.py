@@ -4,7 +4,8 @@
 connection per proxy process listens to the channels of the models it has seen and sets the
 event of the local waiter holding that ticket (tickets of other processes are ignored). A
 message lost to a reconnect costs the waiter at most its fallback poll (``poll_ms``): it
-claims its grant by polling either way.
+claims its grant by polling either way. Every grant is counted per channel (``granted``): how
+far the fleet-wide queue moved, which the controller's shed memo reads.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import Counter
 
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
@@ -29,6 +31,8 @@ class GrantListener:
         self._retry_s = retry_s
         self._channels: set[str] = set()
         self._waiters: dict[str, asyncio.Event] = {}
+        self.granted = Counter[str]()
+        """Grants seen per channel since this listener started (all processes' tickets)."""
         self._pubsub: PubSub | None = None
         self._task: asyncio.Task[None] | None = None
         self._connecting = asyncio.Lock()
@@ -40,6 +44,11 @@ class GrantListener:
         """The event set when ``ticket`` is granted (register before entering the queue)."""
         event = self._waiters[ticket] = asyncio.Event()
         return event
+
+    @property
+    def listening(self) -> bool:
+        """Connected and reading: ``granted`` misses nothing (none lost to a reconnect)."""
+        return self._pubsub is not None and not self._lost
 
     def forget(self, ticket: str) -> None:
         self._waiters.pop(ticket, None)
@@ -94,7 +103,8 @@ class GrantListener:
                 self._lost = False
                 log.warning("admission: grant channel back")
             if message is not None and message.get("type") == "message":
-                data = message["data"]
+                channel, data = message["channel"], message["data"]
+                self.granted[channel.decode() if isinstance(channel, bytes) else str(channel)] += 1
                 ticket = data.decode() if isinstance(data, bytes) else str(data)
                 event = self._waiters.get(ticket)
                 if event is not None:

@@ -39,11 +39,12 @@ class AdmissionSettings(BaseSettings):
         "instead of waiting and being shed after max_wait; 0 = off",
     )
     shed_memo_ms: int = Field(
-        default=500,
+        default=1000,
         ge=0,
-        description="for this long after Redis answered a wait too long, this process sheds "
-        "the next requests of that model and priority itself (no Redis round trip) while the "
-        "wait it estimates from that answer is still too long; 0 = always ask Redis",
+        description="for this long after Redis answered (queued behind N, or a wait too long), "
+        "this process sheds the next requests of that model and priority itself (no Redis "
+        "round trip) while N less the grants seen since is still over the expected-wait "
+        "limit; 0 = always ask Redis",
     )
     poll_ms: int = Field(
         default=250,
