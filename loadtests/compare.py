@@ -478,6 +478,8 @@ async def wait_idle(stack: Stack, timeout_s: float) -> float:
 LOOP_LAG_METRIC = "triage_proxy_event_loop_lag_seconds"
 SHED_DECISIONS = {"outcome": "shed"}
 """The decisions that answered 503 at once (queue full, expected wait), from Redis or memo."""
+MEMO_SHEDS = {"outcome": "shed", "source": "memo"}
+"""Those of them the proxy took alone (its memo of Redis's last answer, no round trip)."""
 
 
 async def proxy_histogram(
@@ -716,6 +718,11 @@ async def run_level(
             if strategy == OURS
             else {}
         )
+        memo_before = (
+            await proxy_histogram(proxies, fleet.stack.master_key, labels=MEMO_SHEDS)
+            if strategy == OURS
+            else {}
+        )
         lag_before = (
             await proxy_histogram(proxies, fleet.stack.master_key, LOOP_LAG_METRIC)
             if strategy == OURS
@@ -766,6 +773,8 @@ async def run_level(
                 proxies, fleet.stack.master_key, labels=SHED_DECISIONS
             )
             summary["shed_decision"] = decision_figures(shed_before, shed_after)
+            memo_after = await proxy_histogram(proxies, fleet.stack.master_key, labels=MEMO_SHEDS)
+            summary["shed_decision"]["memo"] = decision_figures(memo_before, memo_after)
             lag_after = await proxy_histogram(proxies, fleet.stack.master_key, LOOP_LAG_METRIC)
             summary["event_loop_lag"] = decision_figures(lag_before, lag_after)
         if strategy == "least-busy":
@@ -950,8 +959,14 @@ def targets(doc: dict[str, Any]) -> list[str]:
                 f"  {verdict(shed['p99_ms'] <= 5.0)} {100 * lv['load']:.0f} %: shed decisions "
                 f"(503 at arrival) p99 {shed['p99_ms']:.1f} ms at the proxy, p50 "
                 f"{shed['p50_ms']:.2f} ms, {100 * shed['share_within_5ms']:.1f} % within 5 ms "
-                f"({shed['decisions']:.0f} sheds at arrival, proxy histogram)"
+                f"({shed['decisions']:.0f} sheds at arrival; proxy histogram)"
             )
+            memo = shed.get("memo") or {}
+            if memo.get("decisions"):
+                lines.append(
+                    f"        {memo['decisions']:.0f} of them from the proxy's memo (no Redis "
+                    f"round trip): p99 {memo['p99_ms']:.2f} ms; the rest asked Redis"
+                )
         decision = ours.get("admission_decision") or {}
         if decision.get("decisions"):
             lines.append(

@@ -4,6 +4,7 @@ FIFO queue, leases, and two proxy processes sharing one budget."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import time
 from collections.abc import AsyncIterator, Callable
@@ -414,6 +415,16 @@ async def test_an_expected_wait_over_the_limit_is_shed_at_once_then_without_redi
     assert decisions("m", "shed", "memo") == from_memo + 1
     assert decisions("m", "shed", "redis") == from_redis + 1
     assert await ctl.gate.counts("m") == (2, 2)  # neither took a place
+    # past half its life, a memo shed renews the memo off the request's path (gate.peek)
+    old = ctl.memo["m", 1]
+    ctl.memo["m", 1] = dataclasses.replace(old, at=old.at - 3.0)
+    with pytest.raises(GatewayError):
+        await ctl.admit("m", IDS, "ew3b", 1)
+    await asyncio.sleep(0.05)
+    renewed = ctl.memo["m", 1]
+    assert renewed.at > old.at - 3.0 and renewed.ahead == 2.0
+    assert decisions("m", "shed", "memo") == from_memo + 2
+    assert await ctl.gate.counts("m") == (2, 2)  # a peek takes no place
     with pytest.raises(GatewayError):
         await ctl.admit("m", IDS, "ew4", 2)  # the memo is per priority: Redis decides
     assert decisions("m", "shed", "redis") == from_redis + 2
@@ -426,7 +437,7 @@ async def test_an_expected_wait_over_the_limit_is_shed_at_once_then_without_redi
     waiters.append(asyncio.create_task(ctl.admit("m", IDS, "ew5", 1)))
     await asyncio.sleep(0.05)
     assert await ctl.gate.counts("m") == (1, 2)
-    assert decisions("m", "shed", "memo") == from_memo + 1
+    assert decisions("m", "shed", "memo") == from_memo + 2
     for task in waiters[1:]:
         task.cancel()
     await asyncio.gather(*waiters[1:], return_exceptions=True)

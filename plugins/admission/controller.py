@@ -77,6 +77,8 @@ class AdmissionController:
         self.queue_rate: dict[str, QueueRate] = {}
         self.memo: dict[tuple[str, int], Memo] = {}
         self._leaving: set[asyncio.Task[None]] = set()
+        """Background Redis calls (places given back, memo renewals), kept until done."""
+        self._refreshing: set[tuple[str, int]] = set()
         self.outage = RedisOutage(settings.redis_retry_ms, settings.log_interval_s)
         self.grants = GrantListener(gate.client, settings.redis_retry_ms / 1000.0)
 
@@ -130,7 +132,9 @@ class AdmissionController:
         else:
             self.memo.pop(key, None)
 
-    def _shed_from_memo(self, model: str, priority: int, now: float) -> GatewayError | None:
+    def _shed_from_memo(
+        self, model: str, replica_ids: Sequence[str], priority: int, now: float
+    ) -> GatewayError | None:
         """The 503 for a request that Redis's recent answer already says would wait too long:
         for ``shed_memo_ms`` after it, less the grants seen on the model's channel since (not
         while that channel is lost: a grant could go uncounted)."""
@@ -144,7 +148,34 @@ class AdmissionController:
         ahead = ahead_now(memo.ahead, granted)
         if ahead <= limit:
             return None
+        if now - memo.at > self.settings.shed_memo_ms / 2000:
+            self._refresh_memo(model, replica_ids, priority)
         return self._shed_expected_wait(model, ahead + 1)
+
+    def _refresh_memo(self, model: str, replica_ids: Sequence[str], priority: int) -> None:
+        """Renew the memo off the request's path (``gate.peek``), so that while requests keep
+        being shed it never expires into a Redis round trip for one of them."""
+        key = (model, priority)
+        if key in self._refreshing:
+            return
+        self._refreshing.add(key)
+        task = asyncio.get_running_loop().create_task(
+            self._peek(model, list(replica_ids), priority)
+        )
+        self._leaving.add(task)
+        task.add_done_callback(self._leaving.discard)
+
+    async def _peek(self, model: str, replica_ids: list[str], priority: int) -> None:
+        now = time.monotonic()
+        try:
+            grants = self.grants.granted[self.gate.grants_channel(model)]
+            reply = await self.gate.peek(model, replica_ids, priority, self.ahead_limit(model, now))
+        except RedisError as exc:
+            self.outage.failed(exc, f"renewing the {model} shed memo")
+            return
+        finally:
+            self._refreshing.discard((model, priority))
+        self.memo[(model, priority)] = Memo(now, float(reply.ahead), grants)
 
     def _shed_expected_wait(self, model: str, work_ahead: float) -> GatewayError:
         wait = self.settings.max_wait_ms * self.settings.expected_wait_fraction / 1000
@@ -171,7 +202,7 @@ class AdmissionController:
             self._admit_locally(model, replica_ids, ticket, started)
             return
         now = time.monotonic()
-        memo_shed = self._shed_from_memo(model, priority, now)
+        memo_shed = self._shed_from_memo(model, replica_ids, priority, now)
         if memo_shed is not None:  # no await: the answer does not wait for the event loop
             _decided(model, "shed", "memo", started)
             raise memo_shed

@@ -7,7 +7,7 @@
 -- KEYS[5..4+N]    replica:{id} hashes of the model's N replicas
 -- KEYS[5+N..4+2N] inflight:{id} routing reservations of the same replicas (sorted sets, score =
 --                 lease expiry; empty when the routing plugin is not used)
--- ARGV     op (enter | poll | leave | release), ticket, priority, lease_ms, queue_lease_ms,
+-- ARGV     op (enter | poll | leave | release | peek), ticket, priority, lease_ms, queue_lease_ms,
 --          allowance, unknown_slots, stale_after_ms, queue_limit (this priority), max_queue,
 --          grant channel, ahead_limit (enter: the most requests that may be ahead of this one
 --          in the queue, from the expected-wait policy in expected_wait.py; '' = no limit)
@@ -120,6 +120,16 @@ local function hold(expiry_ms)
   if redis.call('PTTL', admitted) < lease_ms then
     redis.call('PEXPIRE', admitted, lease_ms)
   end
+end
+
+if op == 'peek' then
+  -- what a new request of this priority would find: everything queued at its priority or
+  -- better is ahead of it (it would arrive last); nothing changes but the grants above
+  local ahead = redis.call('ZCOUNT', queue, '-inf', '(' .. ((priority + 1) * PRIORITY_UNIT))
+  if ahead_limit ~= nil and ahead > ahead_limit then
+    return { -4, capacity, outstanding, queued, ahead, drain_s }
+  end
+  return { 0, capacity, outstanding, queued, ahead, drain_s }
 end
 
 if op == 'enter' then

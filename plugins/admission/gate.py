@@ -107,6 +107,13 @@ class AdmissionGate:
         (``WAIT_TOO_LONG``) rather than queue it behind more than that many."""
         return await self._call("enter", model, replica_ids, ticket, priority, ahead_limit)
 
+    async def peek(
+        self, model: str, replica_ids: Sequence[str], priority: int, ahead_limit: float | None
+    ) -> GateReply:
+        """What a new request of ``priority`` would find (``ahead``; ``WAIT_TOO_LONG`` over
+        ``ahead_limit``), changing nothing but the grants every call makes first."""
+        return await self._call("peek", model, replica_ids, "", priority, ahead_limit)
+
     async def poll(
         self, model: str, replica_ids: Sequence[str], ticket: str, priority: int
     ) -> GateReply:
