@@ -443,3 +443,31 @@ async def test_an_expected_wait_over_the_limit_is_shed_at_once_then_without_redi
     await asyncio.gather(*waiters[1:], return_exceptions=True)
     await ctl.finish("ew0")
     await drained(ctl)
+
+
+async def test_grants_are_numbered_in_their_messages_and_in_every_reply(
+    client: Redis, redis_server: RedisServer
+) -> None:
+    s = settings(redis_server, stale_after_ms=60_000)
+    gate = AdmissionGate(client, s)
+    await publish(client, s, a={"max_active": 1}, b={"healthy": False})  # 1 slot + 1 allowance
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    await pubsub.subscribe(gate.grants_channel("m"))
+    try:
+        for t in ("n1", "n2"):
+            assert (await gate.enter("m", IDS, t, 1)).status == Status.ADMITTED
+        waiting = await gate.enter("m", IDS, "n3", 1)
+        assert (waiting.status, waiting.grants) == (Status.WAITING, 0)
+        await gate.release("m", IDS, "n1")
+        released = await gate.release("m", IDS, "n2")  # the batch slot frees: n3 is granted
+        assert released.grants == 1
+        message = None
+        while message is None:
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+        assert message["data"] == b"n3 1"
+        peek = await gate.peek("m", IDS, 1, None)
+        assert (peek.status, peek.ahead, peek.grants) == (Status.WAITING, 0, 1)
+        assert (await gate.poll("m", IDS, "n3", 1)).status == Status.ADMITTED
+        await gate.release("m", IDS, "n3")
+    finally:
+        await pubsub.aclose()

@@ -64,6 +64,10 @@ class KeySchema:
         """Integer: arrival sequence of the queue of ``model``."""
         return f"{self.prefix}queueseq:{model}"
 
+    def grant_seq(self, model: str) -> str:
+        """Integer: grants of ``model``'s queue so far (each grant message carries its number)."""
+        return f"{self.prefix}grantseq:{model}"
+
     def grants(self, model: str) -> str:
         """Pub/sub channel: each ticket of ``model`` granted a slot after waiting in the queue."""
         return f"{self.prefix}grants:{model}"

@@ -124,11 +124,10 @@ class AdmissionController:
     def _remember(self, model: str, priority: int, reply: GateReply, now: float) -> None:
         """What the next request of this model and priority will find ahead of it."""
         key = (model, priority)
-        grants = self.grants.granted[self.gate.grants_channel(model)]
         if reply.status == Status.WAIT_TOO_LONG:
-            self.memo[key] = Memo(now, float(reply.ahead), grants)
+            self.memo[key] = Memo(now, float(reply.ahead), reply.grants)
         elif reply.status == Status.WAITING:
-            self.memo[key] = Memo(now, float(reply.ahead + 1), grants)
+            self.memo[key] = Memo(now, float(reply.ahead + 1), reply.grants)
         else:
             self.memo.pop(key, None)
 
@@ -144,7 +143,7 @@ class AdmissionController:
         limit = self.ahead_limit(model, now)
         if limit is None or not self.grants.listening:
             return None
-        granted = self.grants.granted[self.gate.grants_channel(model)] - memo.grants
+        granted = self.grants.granted.get(self.gate.grants_channel(model), 0) - memo.grants
         ahead = ahead_now(memo.ahead, granted)
         if ahead <= limit:
             return None
@@ -168,14 +167,13 @@ class AdmissionController:
     async def _peek(self, model: str, replica_ids: list[str], priority: int) -> None:
         now = time.monotonic()
         try:
-            grants = self.grants.granted[self.gate.grants_channel(model)]
             reply = await self.gate.peek(model, replica_ids, priority, self.ahead_limit(model, now))
         except RedisError as exc:
             self.outage.failed(exc, f"renewing the {model} shed memo")
             return
         finally:
             self._refreshing.discard((model, priority))
-        self.memo[(model, priority)] = Memo(now, float(reply.ahead), grants)
+        self.memo[(model, priority)] = Memo(now, float(reply.ahead), reply.grants)
 
     def _shed_expected_wait(self, model: str, work_ahead: float) -> GatewayError:
         wait = self.settings.max_wait_ms * self.settings.expected_wait_fraction / 1000

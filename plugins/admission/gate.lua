@@ -4,8 +4,9 @@
 -- KEYS[2]  queue:{model}      sorted set: ticket -> priority * 2^40 + arrival sequence
 -- KEYS[3]  queuelease:{model} sorted set: ticket -> expiry of its place in the queue (ms)
 -- KEYS[4]  queueseq:{model}   integer: arrival sequence
--- KEYS[5..4+N]    replica:{id} hashes of the model's N replicas
--- KEYS[5+N..4+2N] inflight:{id} routing reservations of the same replicas (sorted sets, score =
+-- KEYS[5]  grantseq:{model}   integer: grants so far (each grant's number is in its message)
+-- KEYS[6..5+N]    replica:{id} hashes of the model's N replicas
+-- KEYS[6+N..5+2N] inflight:{id} routing reservations of the same replicas (sorted sets, score =
 --                 lease expiry; empty when the routing plugin is not used)
 -- ARGV     op (enter | poll | leave | release | peek), ticket, priority, lease_ms, queue_lease_ms,
 --          allowance, unknown_slots, stale_after_ms, queue_limit (this priority), max_queue,
@@ -30,9 +31,10 @@
 -- free slot must not go unused while others queue. Slots go to waiters in order (priority, then arrival; FIFO across all proxies) the
 -- moment they free: every op first grants (moves queue heads into admitted, with a short
 -- lease until the waiter claims it by polling) and publishes each granted ticket on the
--- grant channel, so the waiting proxy wakes at once instead of polling.
+-- grant channel ("<ticket> <grant number>"), so the waiting proxy wakes at once instead of
+-- polling; the numbers tell every proxy exactly how far the queue moved since a reply.
 --
--- Returns {status, capacity, outstanding, queued, ahead, drain_rps as a string}:
+-- Returns {status, capacity, outstanding, queued, ahead, drain_rps as a string, grants so far}:
 --   status  1 admitted, 0 waiting (queued), -1 queue full, -2 no capacity (no healthy replica),
 --           -3 unknown ticket (its place expired), -4 expected wait too long (more than
 --           ahead_limit ahead of it), 2 released / left
@@ -50,7 +52,7 @@ local PRIORITY_UNIT = 1099511627776 -- 2^40
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
-local admitted, queue, qlease, seq = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local admitted, queue, qlease, seq, grantseq = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 
 -- heal: expired admissions (and unclaimed grants) and abandoned places in the queue
 redis.call('ZREMRANGEBYSCORE', admitted, '-inf', now_ms)
@@ -67,9 +69,9 @@ if op == 'release' or op == 'leave' then
   redis.call('ZREM', qlease, ticket)
 end
 
-local n = (#KEYS - 4) / 2
+local n = (#KEYS - 5) / 2
 local slots, healthy, unknown, drain, free, reserved = 0, 0, 0, 0, 0, 0
-for i = 5, 4 + n do
+for i = 6, 5 + n do
   local h = redis.call('HMGET', KEYS[i], 'max_active', 'healthy', 'ts_ms', 'drain_rps')
   local max_active, ts = tonumber(h[1]), tonumber(h[3])
   local own = 0
@@ -105,14 +107,15 @@ while free > 0 and outstanding < capacity do
   redis.call('ZREM', queue, head[1])
   redis.call('ZREM', qlease, head[1])
   redis.call('ZADD', admitted, now_ms + queue_lease_ms, head[1])
-  redis.call('PUBLISH', channel, head[1])
+  redis.call('PUBLISH', channel, head[1] .. ' ' .. redis.call('INCR', grantseq))
   outstanding = outstanding + 1
   free = free - 1
 end
 local queued = redis.call('ZCARD', queue)
+local granted = tonumber(redis.call('GET', grantseq) or '0')
 
 if op == 'release' or op == 'leave' then
-  return { 2, capacity, outstanding, queued, 0, drain_s }
+  return { 2, capacity, outstanding, queued, 0, drain_s, granted }
 end
 
 local function hold(expiry_ms)
@@ -127,50 +130,50 @@ if op == 'peek' then
   -- better is ahead of it (it would arrive last); nothing changes but the grants above
   local ahead = redis.call('ZCOUNT', queue, '-inf', '(' .. ((priority + 1) * PRIORITY_UNIT))
   if ahead_limit ~= nil and ahead > ahead_limit then
-    return { -4, capacity, outstanding, queued, ahead, drain_s }
+    return { -4, capacity, outstanding, queued, ahead, drain_s, granted }
   end
-  return { 0, capacity, outstanding, queued, ahead, drain_s }
+  return { 0, capacity, outstanding, queued, ahead, drain_s, granted }
 end
 
 if op == 'enter' then
   if redis.call('ZSCORE', admitted, ticket) then
-    return { 1, capacity, outstanding, queued, 0, drain_s }
+    return { 1, capacity, outstanding, queued, 0, drain_s, granted }
   end
   local score = priority * PRIORITY_UNIT + redis.call('INCR', seq)
   local ahead = redis.call('ZCOUNT', queue, '-inf', '(' .. score)
   if ahead == 0 and outstanding < capacity then
     hold(now_ms + lease_ms)
-    return { 1, capacity, outstanding + 1, queued, 0, drain_s }
+    return { 1, capacity, outstanding + 1, queued, 0, drain_s, granted }
   end
   if healthy + unknown == 0 then
-    return { -2, capacity, outstanding, queued, ahead, drain_s }
+    return { -2, capacity, outstanding, queued, ahead, drain_s, granted }
   end
   local same = redis.call('ZCOUNT', queue, priority * PRIORITY_UNIT,
     '(' .. ((priority + 1) * PRIORITY_UNIT))
   if queued >= max_queue or same >= queue_limit then
-    return { -1, capacity, outstanding, queued, ahead, drain_s }
+    return { -1, capacity, outstanding, queued, ahead, drain_s, granted }
   end
   if ahead_limit ~= nil and ahead > ahead_limit then
-    return { -4, capacity, outstanding, queued, ahead, drain_s }
+    return { -4, capacity, outstanding, queued, ahead, drain_s, granted }
   end
   redis.call('ZADD', queue, score, ticket)
   redis.call('ZADD', qlease, now_ms + queue_lease_ms, ticket)
   redis.call('PEXPIRE', queue, queue_lease_ms * 10)
   redis.call('PEXPIRE', qlease, queue_lease_ms * 10)
   redis.call('PEXPIRE', seq, queue_lease_ms * 10)
-  return { 0, capacity, outstanding, queued + 1, ahead, drain_s }
+  return { 0, capacity, outstanding, queued + 1, ahead, drain_s, granted }
 end
 
 -- poll: a waiter claims its grant (the admission's full lease from now), or keeps its place
 if redis.call('ZSCORE', admitted, ticket) then
   hold(now_ms + lease_ms)
-  return { 1, capacity, outstanding, queued, 0, drain_s }
+  return { 1, capacity, outstanding, queued, 0, drain_s, granted }
 end
 local rank = redis.call('ZRANK', queue, ticket)
 if rank == false then
-  return { -3, capacity, outstanding, queued, 0, drain_s }
+  return { -3, capacity, outstanding, queued, 0, drain_s, granted }
 end
 redis.call('ZADD', qlease, now_ms + queue_lease_ms, ticket)
 redis.call('PEXPIRE', queue, queue_lease_ms * 10)
 redis.call('PEXPIRE', qlease, queue_lease_ms * 10)
-return { 0, capacity, outstanding, queued, rank, drain_s }
+return { 0, capacity, outstanding, queued, rank, drain_s, granted }

@@ -34,6 +34,8 @@ class GateReply:
     queued: int
     ahead: int
     drain_rps: float
+    grants: int = 0
+    """The model's grant number when the gate answered (``grantseq``)."""
 
     @property
     def work_ahead(self) -> float:
@@ -67,6 +69,7 @@ class AdmissionGate:
             self._keys.queue(model),
             self._keys.queue_lease(model),
             self._keys.queue_seq(model),
+            self._keys.grant_seq(model),
             *(self._keys.replica(r) for r in replica_ids),
             *(self._keys.inflight(r) for r in replica_ids),  # the routing plugin's reservations
         ]
@@ -93,6 +96,7 @@ class AdmissionGate:
             int(reply[3]),
             int(reply[4]),
             float(drain),
+            int(reply[6]),
         )
 
     async def enter(

@@ -4,8 +4,10 @@
 connection per proxy process listens to the channels of the models it has seen and sets the
 event of the local waiter holding that ticket (tickets of other processes are ignored). A
 message lost to a reconnect costs the waiter at most its fallback poll (``poll_ms``): it
-claims its grant by polling either way. Every grant is counted per channel (``granted``): how
-far the fleet-wide queue moved, which the controller's shed memo reads.
+claims its grant by polling either way. A message is ``<ticket> <grant number>``; the highest
+number seen per channel (``granted``) says how far the fleet-wide queue moved, which the
+controller's shed memo reads (numbers, not counts: a message that arrives after the reply of a
+script call it preceded is not counted twice).
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import Counter
 
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
@@ -31,8 +32,8 @@ class GrantListener:
         self._retry_s = retry_s
         self._channels: set[str] = set()
         self._waiters: dict[str, asyncio.Event] = {}
-        self.granted = Counter[str]()
-        """Grants seen per channel since this listener started (all processes' tickets)."""
+        self.granted: dict[str, int] = {}
+        """The highest grant number seen per channel (all processes' tickets)."""
         self._pubsub: PubSub | None = None
         self._task: asyncio.Task[None] | None = None
         self._connecting = asyncio.Lock()
@@ -104,8 +105,11 @@ class GrantListener:
                 log.warning("admission: grant channel back")
             if message is not None and message.get("type") == "message":
                 channel, data = message["channel"], message["data"]
-                self.granted[channel.decode() if isinstance(channel, bytes) else str(channel)] += 1
-                ticket = data.decode() if isinstance(data, bytes) else str(data)
+                channel = channel.decode() if isinstance(channel, bytes) else str(channel)
+                text = data.decode() if isinstance(data, bytes) else str(data)
+                ticket, _, number = text.partition(" ")
+                if number.isdigit():
+                    self.granted[channel] = max(self.granted.get(channel, 0), int(number))
                 event = self._waiters.get(ticket)
                 if event is not None:
                     event.set()
