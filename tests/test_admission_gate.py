@@ -433,11 +433,17 @@ async def test_an_expected_wait_over_the_limit_is_shed_at_once_then_without_redi
     await asyncio.wait_for(waiters[0], 1.0)
     await asyncio.sleep(0.05)  # its grant message counted
     ctl.queue_rate["m"] = QueueRate(rps=2.0, samples=3, at=time.monotonic())
-    # the memo (2 ahead) less the grant seen since: 1 ahead, room: Redis queues it
-    waiters.append(asyncio.create_task(ctl.admit("m", IDS, "ew5", 1)))
+    # the memo (2 ahead) less the grant seen since: 1 ahead, room; but not while another
+    # request of this process is on its way into the queue (it will be ahead as well)
+    ctl.entering["m", 1] += 1
+    with pytest.raises(GatewayError):
+        await ctl.admit("m", IDS, "ew4b", 1)
+    ctl.entering["m", 1] -= 1
+    assert decisions("m", "shed", "memo") == from_memo + 3
+    waiters.append(asyncio.create_task(ctl.admit("m", IDS, "ew5", 1)))  # room: Redis queues it
     await asyncio.sleep(0.05)
     assert await ctl.gate.counts("m") == (1, 2)
-    assert decisions("m", "shed", "memo") == from_memo + 2
+    assert decisions("m", "shed", "memo") == from_memo + 3
     for task in waiters[1:]:
         task.cancel()
     await asyncio.gather(*waiters[1:], return_exceptions=True)

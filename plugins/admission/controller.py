@@ -76,6 +76,8 @@ class AdmissionController:
         self.local = Counter[str]()
         self.queue_rate: dict[str, QueueRate] = {}
         self.memo: dict[tuple[str, int], Memo] = {}
+        self.entering = Counter[tuple[str, int]]()
+        """Per model and priority: this process's ``enter`` calls awaiting their answer."""
         self._leaving: set[asyncio.Task[None]] = set()
         """Background Redis calls (places given back, memo renewals), kept until done."""
         self._refreshing: set[tuple[str, int]] = set()
@@ -144,7 +146,8 @@ class AdmissionController:
         if limit is None or not self.grants.listening:
             return None
         granted = self.grants.granted.get(self.gate.grants_channel(model), 0) - memo.grants
-        ahead = ahead_now(memo.ahead, granted)
+        # requests of this process on their way into the queue will be ahead as well
+        ahead = ahead_now(memo.ahead, granted) + self.entering[model, priority]
         if ahead <= limit:
             return None
         if now - memo.at > self.settings.shed_memo_ms / 2000:
@@ -206,6 +209,7 @@ class AdmissionController:
             raise memo_shed
         granted = self.grants.expect(ticket)  # before entering: a grant may come at once
         try:
+            self.entering[model, priority] += 1  # may queue ahead of the next arrival
             try:
                 await self.grants.watch(self.gate.grants_channel(model))
                 reply = await self.gate.enter(
@@ -215,6 +219,8 @@ class AdmissionController:
                 self.outage.failed(exc, f"admission of a {model} request")
                 self._admit_locally(model, replica_ids, ticket, started)
                 return
+            finally:
+                self.entering[model, priority] -= 1
             self.outage.succeeded()
             self._observe(model, reply)
             self._remember(model, priority, reply, now)
