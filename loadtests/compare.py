@@ -475,17 +475,23 @@ async def wait_idle(stack: Stack, timeout_s: float) -> float:
     return time.perf_counter() - began
 
 
+DECISION_METRIC = "triage_admission_decision_seconds"
 LOOP_LAG_METRIC = "triage_proxy_event_loop_lag_seconds"
-SHED_DECISIONS = {"outcome": "shed"}
-"""The decisions that answered 503 at once (queue full, expected wait), from Redis or memo."""
-MEMO_SHEDS = {"outcome": "shed", "source": "memo"}
-"""Those of them the proxy took alone (its memo of Redis's last answer, no round trip)."""
+PROXY_HISTOGRAMS: dict[str, tuple[str, dict[str, str]]] = {
+    "admission_decision": (DECISION_METRIC, {}),
+    # the decisions that answered 503 at once (queue full, expected wait), from Redis or memo
+    "shed_decision": (DECISION_METRIC, {"outcome": "shed"}),
+    # those of them the proxy took alone (its memo of Redis's last answer, no round trip)
+    "shed_memo": (DECISION_METRIC, {"outcome": "shed", "source": "memo"}),
+    "event_loop_lag": (LOOP_LAG_METRIC, {}),
+}
+"""The triage proxies' histograms a run reports: name in the summary -> (metric, labels)."""
 
 
 async def proxy_histogram(
     proxies: Sequence[LiteLLMProxy],
     master_key: str,
-    name: str = "triage_admission_decision_seconds",
+    name: str = DECISION_METRIC,
     labels: Mapping[str, str] | None = None,
 ) -> dict[float, float]:
     """A histogram's buckets on the proxies' ``/metrics/`` (by default the admission plugin's
@@ -505,6 +511,18 @@ async def proxy_histogram(
                         bound = float(sample.labels["le"])
                         buckets[bound] = buckets.get(bound, 0.0) + sample.value
     return buckets
+
+
+async def proxy_histograms(
+    proxies: Sequence[LiteLLMProxy], master_key: str, strategy: str
+) -> dict[str, dict[float, float]]:
+    """``PROXY_HISTOGRAMS`` now, for the triage proxies (none for LiteLLM's strategies)."""
+    if strategy != OURS:
+        return {}
+    return {
+        name: await proxy_histogram(proxies, master_key, metric, labels)
+        for name, (metric, labels) in PROXY_HISTOGRAMS.items()
+    }
 
 
 def decision_figures(before: dict[float, float], after: dict[float, float]) -> dict[str, float]:
@@ -710,24 +728,7 @@ async def run_level(
         waited = await wait_idle(fleet.stack, settings.idle_timeout_s)
         await asyncio.sleep(settings.pause_s)
         proxies = fleet.proxies[strategy]
-        hist_before = (
-            await proxy_histogram(proxies, fleet.stack.master_key) if strategy == OURS else {}
-        )
-        shed_before = (
-            await proxy_histogram(proxies, fleet.stack.master_key, labels=SHED_DECISIONS)
-            if strategy == OURS
-            else {}
-        )
-        memo_before = (
-            await proxy_histogram(proxies, fleet.stack.master_key, labels=MEMO_SHEDS)
-            if strategy == OURS
-            else {}
-        )
-        lag_before = (
-            await proxy_histogram(proxies, fleet.stack.master_key, LOOP_LAG_METRIC)
-            if strategy == OURS
-            else {}
-        )
+        hists_before = await proxy_histograms(proxies, fleet.stack.master_key, strategy)
         groups = cpu_groups(fleet, strategy)
         per_proxy = [[pid] for pid in proxy_pgids(proxies)]
         log.info(
@@ -767,16 +768,10 @@ async def run_level(
         summary["client_lag_p99_ms"] = 1000 * percentile(result.lag_s, 99)
         summary["wall_s"] = result.wall_s
         if strategy == OURS:
-            hist_after = await proxy_histogram(proxies, fleet.stack.master_key)
-            summary["admission_decision"] = decision_figures(hist_before, hist_after)
-            shed_after = await proxy_histogram(
-                proxies, fleet.stack.master_key, labels=SHED_DECISIONS
-            )
-            summary["shed_decision"] = decision_figures(shed_before, shed_after)
-            memo_after = await proxy_histogram(proxies, fleet.stack.master_key, labels=MEMO_SHEDS)
-            summary["shed_decision"]["memo"] = decision_figures(memo_before, memo_after)
-            lag_after = await proxy_histogram(proxies, fleet.stack.master_key, LOOP_LAG_METRIC)
-            summary["event_loop_lag"] = decision_figures(lag_before, lag_after)
+            hists_after = await proxy_histograms(proxies, fleet.stack.master_key, strategy)
+            for name, before in hists_before.items():
+                summary[name] = decision_figures(before, hists_after[name])
+            summary["shed_decision"]["memo"] = summary.pop("shed_memo")
         if strategy == "least-busy":
             summary["litellm_redis_counts"] = await litellm_counts(fleet)
         out["strategies"][strategy] = summary
