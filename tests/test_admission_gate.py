@@ -404,7 +404,7 @@ async def test_an_expected_wait_over_the_limit_is_shed_at_once_then_without_redi
     started = time.monotonic()
     with pytest.raises(GatewayError) as info:
         await ctl.admit("m", IDS, "ew2", 1)  # 2 ahead: 1.5 s expected
-    assert time.monotonic() - started < 0.5  # at once, not after max_wait
+    assert time.monotonic() - started < 1.5  # at once, not after max_wait (2 s)
     body = info.value.to_dict()
     assert body["code"] == "expected_wait" and "1.0 s" in str(body["message"])
     assert int((info.value.headers or {})["Retry-After"]) >= 1
