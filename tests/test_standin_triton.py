@@ -150,7 +150,9 @@ def test_engine_queue_overflow_carries_the_trtllm_executor_message(workdir: Path
     )
     server = start_standin_replica("engine-full", settings, workdir)
     try:
-        responses = _burst(server, 8, 50)
+        # 1.5 s each: the whole burst arrives before the first one ends, even on a busy
+        # machine (with 0.5 s, a slow burst once got a 4th request into a freed place)
+        responses = _burst(server, 8, 150)
     finally:
         server.stop()
     codes = sorted(r.status_code for r in responses)
