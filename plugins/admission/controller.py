@@ -15,8 +15,9 @@ import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from redis.exceptions import RedisError
 
@@ -58,7 +59,7 @@ class QueueRate:
 @dataclass(frozen=True)
 class Memo:
     """Redis's last answer for one model and priority: how many were ahead, when, and the
-    grant channel's count then."""
+    model's grant number then."""
 
     at: float
     ahead: float
@@ -78,7 +79,7 @@ class AdmissionController:
         self.memo: dict[tuple[str, int], Memo] = {}
         self.entering = Counter[tuple[str, int]]()
         """Per model and priority: this process's ``enter`` calls awaiting their answer."""
-        self._leaving: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Task[None]] = set()
         """Background Redis calls (places given back, memo renewals), kept until done."""
         self._refreshing: set[tuple[str, int]] = set()
         self.outage = RedisOutage(settings.redis_retry_ms, settings.log_interval_s)
@@ -103,7 +104,7 @@ class AdmissionController:
             return
         sample = (ahead + 1) / waited_s
         rate = self.queue_rate.get(model)
-        if rate is None or now - rate.at > RATE_MAX_AGE_WAITS * self.settings.max_wait_ms / 1000:
+        if rate is None or self._forgotten(rate, now):
             self.queue_rate[model] = QueueRate(sample, 1, now)
             return
         alpha = self.settings.drain_ewma_alpha
@@ -111,11 +112,12 @@ class AdmissionController:
         rate.samples += 1
         rate.at = now
 
+    def _forgotten(self, rate: QueueRate, now: float) -> bool:
+        return now - rate.at > RATE_MAX_AGE_WAITS * self.settings.max_wait_ms / 1000
+
     def _rate(self, model: str, now: float) -> float | None:
         rate = self.queue_rate.get(model)
-        if rate is None or rate.samples < RATE_MIN_SAMPLES:
-            return None
-        if now - rate.at > RATE_MAX_AGE_WAITS * self.settings.max_wait_ms / 1000:
+        if rate is None or rate.samples < RATE_MIN_SAMPLES or self._forgotten(rate, now):
             return None
         return rate.rps
 
@@ -134,7 +136,12 @@ class AdmissionController:
             self.memo.pop(key, None)
 
     def _shed_from_memo(
-        self, model: str, replica_ids: Sequence[str], priority: int, now: float
+        self,
+        model: str,
+        replica_ids: Sequence[str],
+        priority: int,
+        limit: float | None,
+        now: float,
     ) -> GatewayError | None:
         """The 503 for a request that Redis's recent answer already says would wait too long:
         for ``shed_memo_ms`` after it, less the grants seen on the model's channel since (not
@@ -142,7 +149,6 @@ class AdmissionController:
         memo = self.memo.get((model, priority))
         if memo is None or now - memo.at > self.settings.shed_memo_ms / 1000:
             return None
-        limit = self.ahead_limit(model, now)
         if limit is None or not self.grants.listening:
             return None
         granted = self.grants.granted.get(self.gate.grants_channel(model), 0) - memo.grants
@@ -161,11 +167,7 @@ class AdmissionController:
         if key in self._refreshing:
             return
         self._refreshing.add(key)
-        task = asyncio.get_running_loop().create_task(
-            self._peek(model, list(replica_ids), priority)
-        )
-        self._leaving.add(task)
-        task.add_done_callback(self._leaving.discard)
+        self._spawn(self._peek(model, list(replica_ids), priority))
 
     async def _peek(self, model: str, replica_ids: list[str], priority: int) -> None:
         now = time.monotonic()
@@ -203,7 +205,8 @@ class AdmissionController:
             self._admit_locally(model, replica_ids, ticket, started)
             return
         now = time.monotonic()
-        memo_shed = self._shed_from_memo(model, replica_ids, priority, now)
+        limit = self.ahead_limit(model, now)
+        memo_shed = self._shed_from_memo(model, replica_ids, priority, limit, now)
         if memo_shed is not None:  # no await: the answer does not wait for the event loop
             _decided(model, "shed", "memo", started)
             raise memo_shed
@@ -212,9 +215,7 @@ class AdmissionController:
             self.entering[model, priority] += 1  # may queue ahead of the next arrival
             try:
                 await self.grants.watch(self.gate.grants_channel(model))
-                reply = await self.gate.enter(
-                    model, replica_ids, ticket, priority, self.ahead_limit(model, now)
-                )
+                reply = await self.gate.enter(model, replica_ids, ticket, priority, limit)
             except RedisError as exc:
                 self.outage.failed(exc, f"admission of a {model} request")
                 self._admit_locally(model, replica_ids, ticket, started)
@@ -298,11 +299,14 @@ class AdmissionController:
                 # timeout, shed, or the client went away (cancellation): give the place (or a
                 # grant not yet claimed) back, in a task of its own so that a cancellation
                 # cannot cut it short
-                task = asyncio.get_running_loop().create_task(
-                    self._leave(model, replica_ids, ticket)
-                )
-                self._leaving.add(task)  # a task nobody references may be collected unrun
-                task.add_done_callback(self._leaving.discard)
+                self._spawn(self._leave(model, replica_ids, ticket))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` in a task of its own, kept until done (a task nobody references may be
+        collected before it runs)."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _leave(self, model: str, replica_ids: Sequence[str], ticket: str) -> None:
         try:

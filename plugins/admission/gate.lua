@@ -114,8 +114,16 @@ end
 local queued = redis.call('ZCARD', queue)
 local granted = tonumber(redis.call('GET', grantseq) or '0')
 
+local function answer(status, out, waiting, ahead)
+  return { status, capacity, out, waiting, ahead, drain_s, granted }
+end
+
+local function too_long(ahead)
+  return ahead_limit ~= nil and ahead > ahead_limit
+end
+
 if op == 'release' or op == 'leave' then
-  return { 2, capacity, outstanding, queued, 0, drain_s, granted }
+  return answer(2, outstanding, queued, 0)
 end
 
 local function hold(expiry_ms)
@@ -129,51 +137,51 @@ if op == 'peek' then
   -- what a new request of this priority would find: everything queued at its priority or
   -- better is ahead of it (it would arrive last); nothing changes but the grants above
   local ahead = redis.call('ZCOUNT', queue, '-inf', '(' .. ((priority + 1) * PRIORITY_UNIT))
-  if ahead_limit ~= nil and ahead > ahead_limit then
-    return { -4, capacity, outstanding, queued, ahead, drain_s, granted }
+  if too_long(ahead) then
+    return answer(-4, outstanding, queued, ahead)
   end
-  return { 0, capacity, outstanding, queued, ahead, drain_s, granted }
+  return answer(0, outstanding, queued, ahead)
 end
 
 if op == 'enter' then
   if redis.call('ZSCORE', admitted, ticket) then
-    return { 1, capacity, outstanding, queued, 0, drain_s, granted }
+    return answer(1, outstanding, queued, 0)
   end
   local score = priority * PRIORITY_UNIT + redis.call('INCR', seq)
   local ahead = redis.call('ZCOUNT', queue, '-inf', '(' .. score)
   if ahead == 0 and outstanding < capacity then
     hold(now_ms + lease_ms)
-    return { 1, capacity, outstanding + 1, queued, 0, drain_s, granted }
+    return answer(1, outstanding + 1, queued, 0)
   end
   if healthy + unknown == 0 then
-    return { -2, capacity, outstanding, queued, ahead, drain_s, granted }
+    return answer(-2, outstanding, queued, ahead)
   end
   local same = redis.call('ZCOUNT', queue, priority * PRIORITY_UNIT,
     '(' .. ((priority + 1) * PRIORITY_UNIT))
   if queued >= max_queue or same >= queue_limit then
-    return { -1, capacity, outstanding, queued, ahead, drain_s, granted }
+    return answer(-1, outstanding, queued, ahead)
   end
-  if ahead_limit ~= nil and ahead > ahead_limit then
-    return { -4, capacity, outstanding, queued, ahead, drain_s, granted }
+  if too_long(ahead) then
+    return answer(-4, outstanding, queued, ahead)
   end
   redis.call('ZADD', queue, score, ticket)
   redis.call('ZADD', qlease, now_ms + queue_lease_ms, ticket)
   redis.call('PEXPIRE', queue, queue_lease_ms * 10)
   redis.call('PEXPIRE', qlease, queue_lease_ms * 10)
   redis.call('PEXPIRE', seq, queue_lease_ms * 10)
-  return { 0, capacity, outstanding, queued + 1, ahead, drain_s, granted }
+  return answer(0, outstanding, queued + 1, ahead)
 end
 
 -- poll: a waiter claims its grant (the admission's full lease from now), or keeps its place
 if redis.call('ZSCORE', admitted, ticket) then
   hold(now_ms + lease_ms)
-  return { 1, capacity, outstanding, queued, 0, drain_s, granted }
+  return answer(1, outstanding, queued, 0)
 end
 local rank = redis.call('ZRANK', queue, ticket)
 if rank == false then
-  return { -3, capacity, outstanding, queued, 0, drain_s, granted }
+  return answer(-3, outstanding, queued, 0)
 end
 redis.call('ZADD', qlease, now_ms + queue_lease_ms, ticket)
 redis.call('PEXPIRE', queue, queue_lease_ms * 10)
 redis.call('PEXPIRE', qlease, queue_lease_ms * 10)
-return { 0, capacity, outstanding, queued, rank, drain_s, granted }
+return answer(0, outstanding, queued, rank)

@@ -34,7 +34,7 @@ class GateReply:
     queued: int
     ahead: int
     drain_rps: float
-    grants: int = 0
+    grants: int
     """The model's grant number when the gate answered (``grantseq``)."""
 
     @property
