@@ -19,6 +19,8 @@ from plugins.admission.controller import AdmissionController, QueueRate
 from plugins.admission.errors import GatewayError
 from plugins.admission.gate import AdmissionGate, Status
 from plugins.admission.settings import AdmissionSettings
+from plugins.routing.policy import PolicyParams
+from plugins.routing.store import PickPlan, RoutingStore
 from triage.keyschema import KeySchema
 
 from replica_states import replica_state
@@ -162,6 +164,52 @@ async def test_a_waiter_gets_any_replicas_free_slot_and_unrouted_tickets_count(
     assert (await gate.poll("m", IDS, "x", 1)).status == Status.WAITING  # a: 2 of 2
     await end("t3", "a")
     assert (await gate.poll("m", IDS, "x", 1)).status == Status.ADMITTED  # a: 1 of 2
+
+
+def plan(reservation_id: str, tiebreak: int = 0) -> PickPlan:
+    return PickPlan(PolicyParams(), tiebreak, reservation_id, 60_000)
+
+
+async def test_the_call_that_admits_also_reserves_the_replica_routing_would_pick(
+    client: Redis, redis_server: RedisServer
+) -> None:
+    """With a ``PickPlan`` the gate picks and reserves in the call that admits (direct, or a
+    waiter claiming its grant), choosing what ``pick.lua`` chooses; a waiter gets nothing
+    reserved until it is admitted."""
+    s = settings(redis_server, queue_allowance=0)
+    keys = KeySchema(s.key_prefix)
+    gate = AdmissionGate(client, s)
+    store = RoutingStore(client, keys)
+    await publish(client, s, a={"active": 1}, b={"service_ms": 15.0})  # a faster, 1 busy
+
+    async def what_pick_lua_picks(tiebreak: int) -> tuple[str, float]:
+        routed = await store.pick(IDS, PolicyParams(), tiebreak, "probe", 60_000)
+        assert routed is not None
+        await store.release(routed.replica_id, "probe")
+        return routed.replica_id, routed.score
+
+    picked = []
+    for i, tiebreak in enumerate([0, 1, 2, 3]):  # the same state in pick.lua and in gate.lua
+        expected = await what_pick_lua_picks(tiebreak)
+        reply = await gate.enter("m", IDS, f"t{i}", 1, None, plan(f"r{i}", tiebreak))
+        assert reply.status == Status.ADMITTED and reply.reservation is not None
+        assert (reply.reservation.replica_id, reply.reservation.score) == expected
+        assert await client.zscore(keys.inflight(expected[0]), f"r{i}") is not None
+        picked.append(expected[0])
+    assert set(picked) == {"a", "b"}  # load-aware: b once a's load outweighs its speed
+    assert sum(await store.inflight(IDS)) == 4  # full: capacity 4, no allowance
+    waiting = await gate.enter("m", IDS, "w", 1, None, plan("rw"))
+    assert waiting.status == Status.WAITING and waiting.reservation is None
+    assert sum(await store.inflight(IDS)) == 4
+    await store.release(picked[3], "r3")
+    await gate.release("m", IDS, "t3")  # grants the freed slot to "w"
+    expected = await what_pick_lua_picks(0)
+    claimed = await gate.poll("m", IDS, "w", 1, plan("rw2"))
+    assert claimed.status == Status.ADMITTED and claimed.reservation is not None
+    assert (claimed.reservation.replica_id, claimed.reservation.score) == expected
+    assert await client.zscore(keys.inflight(expected[0]), "rw2") is not None
+    plain = await gate.enter("m", IDS, "x", 1)  # no plan: the router picks later, as before
+    assert plain.reservation is None
 
 
 async def test_queue_limits_and_abandoned_places_expire(

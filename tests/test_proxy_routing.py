@@ -130,13 +130,14 @@ async def test_two_proxies_burst_does_not_herd(stack: Stack) -> None:
 
 
 async def picks_by_source(stack: Stack) -> dict[str, float]:
-    """The first proxy's routing picks so far: from Redis, and by its per-process fallback."""
+    """The first proxy's routing picks so far: made in Redis by the admission gate's call, by
+    pick.lua, and by its per-process fallback."""
     async with httpx.AsyncClient(timeout=10) as client:
         response = await client.get(
             f"{stack.proxies[0].base_url}/metrics/",
             headers={"Authorization": f"Bearer {stack.master_key}"},
         )
-    totals = {"redis": 0.0, "local": 0.0}
+    totals = {"gate": 0.0, "redis": 0.0, "local": 0.0}
     for family in text_string_to_metric_families(response.text):
         if family.name == "triage_routing_picks":
             for sample in family.samples:
@@ -168,13 +169,14 @@ async def test_redis_outage_keeps_serving_and_routing_recovers(stack: Stack) -> 
     # Redis again, the picks are load-aware again (they avoid the busy replica)
     counts = await picks_by_source(stack)
     deadline = time.monotonic() + 8.0
-    while (now := await picks_by_source(stack))["redis"] == counts["redis"]:
+    while (now := await picks_by_source(stack))["gate"] == counts["gate"]:
         assert time.monotonic() < deadline, "routing did not go back to Redis"
         await chat_replica(client, MODEL)
     picks = [await chat_replica(client, MODEL) for _ in range(4)]
     assert picks == ["replica-0"] * 4
     after = await picks_by_source(stack)
-    assert (after["redis"] - now["redis"], after["local"] - now["local"]) == (4, 0)
+    # each request's replica was picked by the admission gate, in the call that admitted it
+    assert {k: after[k] - now[k] for k in after} == {"gate": 4, "redis": 0, "local": 0}
     await busy.finish()
 
 

@@ -23,7 +23,7 @@ from litellm import Router
 from redis.asyncio import Redis
 
 from gateway.redis_launcher import RedisServer
-from plugins.routing.hook import RoutingHook
+from plugins.routing.hook import RoutingHook, installed_strategy
 from plugins.routing.settings import RoutingSettings
 from plugins.routing.store import RoutingStore
 from plugins.routing.strategy import NoEligibleReplica
@@ -171,6 +171,68 @@ async def test_unhealthy_and_expired_are_excluded_unknown_not_preferred(
         await router.acompletion(
             model="m", messages=[{"role": "user", "content": "x"}], num_retries=0
         )
+
+
+async def reserve(hook: RoutingHook, replica_id: str, call_id: str) -> str:
+    """A reservation as the admission gate's script takes it (a ``plan_pick`` plan), adopted."""
+    plan = hook.strategy.plan_pick(call_id)
+    assert plan is not None
+    store = hook.strategy.store
+    reservation = await store.pick_planned([replica_id], plan)
+    assert reservation is not None and reservation.replica_id == replica_id
+    hook.strategy.adopt("m", call_id, reservation)
+    return reservation.reservation_id
+
+
+async def test_a_replica_reserved_with_the_admission_is_routed_to_then_released(
+    client: Redis, hook: RoutingHook
+) -> None:
+    """The admission gate reserved r-c for this request: its attempt goes there (though r-a is
+    less busy now), with no second pick, and the reservation is given back at the end."""
+    router = Router(model_list=deployments())
+    hook.strategy.install(router)
+    assert installed_strategy(router) is hook.strategy
+    assert installed_strategy(Router(model_list=deployments())) is None  # LiteLLM's own
+    await publish(client, hook, **{"r-b": {"active": 6}, "r-c": {"active": 5}})
+    await reserve(hook, "r-c", "pre-1")
+    assert await inflight(hook) == [0, 0, 1]
+    response = await router.acompletion(
+        model="m", messages=[{"role": "user", "content": "x"}], litellm_call_id="pre-1"
+    )
+    assert chosen(response) == "r-c"
+    await eventually(lambda: _zero(hook))
+    assert len(hook.strategy.ledger) == 0 and not hook.strategy.prepicked
+    response = await router.acompletion(model="m", messages=[{"role": "user", "content": "x"}])
+    assert chosen(response) == "r-a"  # the others pick as before
+
+
+async def test_a_reserved_replica_the_router_filtered_out_is_given_back(
+    client: Redis, hook: RoutingHook
+) -> None:
+    """The reserved replica is no longer among the router's deployments (a cooldown, a config
+    change): the reservation is given back and the request picked anew."""
+    router = Router(model_list=deployments()[:2])  # r-a and r-b only
+    hook.strategy.install(router)
+    await publish(client, hook, **{"r-a": {"active": 6}})
+    await reserve(hook, "r-c", "pre-2")
+    response = await router.acompletion(
+        model="m", messages=[{"role": "user", "content": "x"}], litellm_call_id="pre-2"
+    )
+    assert chosen(response) == "r-b"
+    await eventually(lambda: _zero(hook))
+    assert len(hook.strategy.ledger) == 0
+
+
+async def test_a_reservation_of_a_request_that_never_routed_is_released_at_its_end(
+    hook: RoutingHook,
+) -> None:
+    """Admitted and reserved, then the request ended before routing (a later pre-call hook
+    refused it, the client left): the request's end gives the reservation back."""
+    await reserve(hook, "r-b", "pre-3")
+    assert await inflight(hook) == [0, 1, 0]
+    await hook.on_request_end({"litellm_call_id": "pre-3"})
+    assert await inflight(hook) == [0, 0, 0]
+    assert not hook.strategy.prepicked and len(hook.strategy.ledger) == 0
 
 
 async def test_failure_releases_every_attempt(client: Redis, hook: RoutingHook) -> None:

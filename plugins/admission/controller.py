@@ -17,7 +17,7 @@ import time
 from collections import Counter
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from redis.exceptions import RedisError
 
@@ -29,6 +29,7 @@ from plugins.admission.grants import GrantListener
 from plugins.admission.retry_after import retry_after_s
 from plugins.admission.settings import AdmissionSettings
 from plugins.routing.fallback import RedisOutage
+from plugins.routing.store import PickPlan, Reservation
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,15 @@ class Held:
     model: str
     replica_ids: tuple[str, ...]
     local: bool
+
+
+class ReplicaPicker(Protocol):
+    """The routing strategy, when it lets the gate pick the replica in the call that admits
+    (``plugins.routing.strategy.LeastBusyStrategy``)."""
+
+    def plan_pick(self, call_id: str) -> PickPlan | None: ...
+
+    def adopt(self, model: str, call_id: str, reservation: Reservation) -> None: ...
 
 
 RATE_MIN_SAMPLES = 3
@@ -198,8 +208,16 @@ class AdmissionController:
 
     # -- admission --------------------------------------------------------------------------
 
-    async def admit(self, model: str, replica_ids: list[str], ticket: str, priority: int) -> None:
-        """Return when admitted; raise the 503 ``ProxyException`` when shed."""
+    async def admit(
+        self,
+        model: str,
+        replica_ids: list[str],
+        ticket: str,
+        priority: int,
+        picker: ReplicaPicker | None = None,
+    ) -> None:
+        """Return when admitted; raise the 503 ``ProxyException`` when shed. With ``picker``,
+        the call that admits also reserves the request's replica, handed to the picker."""
         started = time.perf_counter()
         if not self.outage.should_try():
             self._admit_locally(model, replica_ids, ticket, started)
@@ -215,7 +233,8 @@ class AdmissionController:
             self.entering[model, priority] += 1  # may queue ahead of the next arrival
             try:
                 await self.grants.watch(self.gate.grants_channel(model))
-                reply = await self.gate.enter(model, replica_ids, ticket, priority, limit)
+                plan = picker.plan_pick(ticket) if picker is not None else None
+                reply = await self.gate.enter(model, replica_ids, ticket, priority, limit, plan)
             except RedisError as exc:
                 self.outage.failed(exc, f"admission of a {model} request")
                 self._admit_locally(model, replica_ids, ticket, started)
@@ -228,7 +247,7 @@ class AdmissionController:
             outcome = {Status.ADMITTED: "admitted", Status.WAITING: "queued"}
             _decided(model, outcome.get(reply.status, "shed"), "redis", started)
             if reply.status == Status.ADMITTED:
-                self._hold(ticket, model, replica_ids)
+                self._hold(ticket, model, replica_ids, picker, reply)
                 metrics.ADMITTED.labels(model, "direct").inc()
                 return
             if reply.status == Status.QUEUE_FULL:
@@ -238,12 +257,21 @@ class AdmissionController:
             if reply.status == Status.NO_CAPACITY:
                 raise self.shed(model, ShedReason.NO_HEALTHY_REPLICA, reply.work_ahead)
             metrics.QUEUED.labels(model).inc()
-            await self._wait(model, replica_ids, ticket, priority, reply, granted)
+            await self._wait(model, replica_ids, ticket, priority, reply, granted, picker)
         finally:
             self.grants.forget(ticket)
 
-    def _hold(self, ticket: str, model: str, replica_ids: Sequence[str]) -> None:
+    def _hold(
+        self,
+        ticket: str,
+        model: str,
+        replica_ids: Sequence[str],
+        picker: ReplicaPicker | None,
+        reply: GateReply,
+    ) -> None:
         self.held[ticket] = Held(model, tuple(replica_ids), False)
+        if picker is not None and reply.reservation is not None:
+            picker.adopt(model, ticket, reply.reservation)
 
     async def _wait(
         self,
@@ -253,6 +281,7 @@ class AdmissionController:
         priority: int,
         reply: GateReply,
         granted: asyncio.Event,
+        picker: ReplicaPicker | None,
     ) -> None:
         """Wait for the grant of ``ticket``: woken by its message, or finding it by a poll
         every ``poll_ms`` (which also keeps the place in the queue alive)."""
@@ -275,15 +304,17 @@ class AdmissionController:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(granted.wait(), min(remaining, s.poll_ms / 1000.0))
                 granted.clear()
-                reply = await self.gate.poll(model, replica_ids, ticket, priority)  # claims it
+                plan = picker.plan_pick(ticket) if picker is not None else None
+                # claims a grant (and then reserves the replica with the plan)
+                reply = await self.gate.poll(model, replica_ids, ticket, priority, plan)
                 self._observe(model, reply)
                 if reply.status == Status.LOST:  # our place expired (a long stall): queue again
-                    reply = await self.gate.enter(model, replica_ids, ticket, priority)
+                    reply = await self.gate.enter(model, replica_ids, ticket, priority, None, plan)
                     if reply.status not in (Status.ADMITTED, Status.WAITING):
                         raise self.shed(model, ShedReason.QUEUE_FULL, reply.work_ahead)
                 if reply.status == Status.ADMITTED:
                     admitted = True
-                    self._hold(ticket, model, replica_ids)
+                    self._hold(ticket, model, replica_ids, picker, reply)
                     now = time.monotonic()
                     self._observe_wait(model, first_ahead, now - started, now)
                     metrics.ADMITTED.labels(model, "queued").inc()

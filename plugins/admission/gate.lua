@@ -11,7 +11,10 @@
 -- ARGV     op (enter | poll | leave | release | peek), ticket, priority, lease_ms, queue_lease_ms,
 --          allowance, unknown_slots, stale_after_ms, queue_limit (this priority), max_queue,
 --          grant channel, ahead_limit (enter: the most requests that may be ahead of this one
---          in the queue, from the expected-wait policy in expected_wait.py; '' = no limit)
+--          in the queue, from the expected-wait policy in expected_wait.py; '' = no limit),
+--          then optionally (when the routing plugin routes this model) pick_lib's PICK_ARGS
+--          values and the N replica ids: an admitted request (enter, or poll claiming its
+--          grant) also gets its replica picked and reserved, in this same atomic call
 --
 -- slots       = sum over replicas: fresh and healthy -> max_active; fresh and unhealthy -> 0;
 --               missing or stale -> unknown_slots
@@ -34,7 +37,8 @@
 -- grant channel ("<ticket> <grant number>"), so the waiting proxy wakes at once instead of
 -- polling; the numbers tell every proxy exactly how far the queue moved since a reply.
 --
--- Returns {status, capacity, outstanding, queued, ahead, drain_rps as a string, grants so far}:
+-- Returns {status, capacity, outstanding, queued, ahead, drain_rps as a string, grants so far},
+-- and when it picked a replica, pick_lib's {chosen index, inflight, score} after those:
 --   status  1 admitted, 0 waiting (queued), -1 queue full, -2 no capacity (no healthy replica),
 --           -3 unknown ticket (its place expired), -4 expected wait too long (more than
 --           ahead_limit ahead of it), 2 released / left
@@ -47,7 +51,10 @@ local stale_after_ms = tonumber(ARGV[8])
 local queue_limit, max_queue = tonumber(ARGV[9]), tonumber(ARGV[10])
 local channel = ARGV[11]
 local ahead_limit = tonumber(ARGV[12] or '')
+local picking = #ARGV > 12
 local PRIORITY_UNIT = 1099511627776 -- 2^40
+
+--! include ../routing/pick_lib.lua
 
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -118,6 +125,18 @@ local function answer(status, out, waiting, ahead)
   return { status, capacity, out, waiting, ahead, drain_s, granted }
 end
 
+-- admitted now: with the pick arguments, the replica is picked and reserved as well
+local function admit(out, waiting)
+  local reply = answer(1, out, waiting, 0)
+  if picking then
+    local chosen = pick_replica(6, n, pick_params(13), 13 + PICK_ARGS, now_ms)
+    if chosen then
+      reply[8], reply[9], reply[10] = chosen[1], chosen[2], chosen[3]
+    end
+  end
+  return reply
+end
+
 local function too_long(ahead)
   return ahead_limit ~= nil and ahead > ahead_limit
 end
@@ -151,7 +170,7 @@ if op == 'enter' then
   local ahead = redis.call('ZCOUNT', queue, '-inf', '(' .. score)
   if ahead == 0 and outstanding < capacity then
     hold(now_ms + lease_ms)
-    return answer(1, outstanding + 1, queued, 0)
+    return admit(outstanding + 1, queued)
   end
   if healthy + unknown == 0 then
     return answer(-2, outstanding, queued, ahead)
@@ -175,7 +194,7 @@ end
 -- poll: a waiter claims its grant (the admission's full lease from now), or keeps its place
 if redis.call('ZSCORE', admitted, ticket) then
   hold(now_ms + lease_ms)
-  return answer(1, outstanding, queued, 0)
+  return admit(outstanding, queued)
 end
 local rank = redis.call('ZRANK', queue, ticket)
 if rank == false then

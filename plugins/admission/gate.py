@@ -1,5 +1,7 @@
 """Redis side of admission: ``gate.lua`` (enter, poll, leave, release) for one model; a waiter
-learns of its grant on the model's grant channel (``grants.py``)."""
+learns of its grant on the model's grant channel (``grants.py``). With a ``PickPlan`` (the
+routing plugin routes the model), the call that admits also picks and reserves the replica:
+one Redis round trip for both decisions."""
 
 from __future__ import annotations
 
@@ -11,7 +13,9 @@ from pathlib import Path
 from redis.asyncio import Redis
 
 from plugins.admission.settings import AdmissionSettings
+from plugins.routing.store import PickPlan, Reservation
 from triage.keyschema import KeySchema
+from triage.lua import lua_source
 
 GATE_LUA = Path(__file__).with_name("gate.lua")
 
@@ -36,6 +40,9 @@ class GateReply:
     drain_rps: float
     grants: int
     """The model's grant number when the gate answered (``grantseq``)."""
+    reservation: Reservation | None = None
+    """Admitted with a ``PickPlan``: the replica reserved for the request (None when the
+    script found no eligible replica; the router then picks as usual)."""
 
     @property
     def work_ahead(self) -> float:
@@ -48,7 +55,7 @@ class AdmissionGate:
         self._client = client
         self._settings = settings
         self._keys = KeySchema(settings.key_prefix)
-        self._script = client.register_script(GATE_LUA.read_text())
+        self._script = client.register_script(lua_source(GATE_LUA))
 
     @property
     def client(self) -> Redis:
@@ -62,6 +69,7 @@ class AdmissionGate:
         ticket: str,
         priority: int,
         ahead_limit: float | None = None,
+        pick: PickPlan | None = None,
     ) -> GateReply:
         s = self._settings
         keys = [
@@ -87,6 +95,8 @@ class AdmissionGate:
             self._keys.grants(model),
             "" if ahead_limit is None else repr(float(ahead_limit)),
         ]
+        if pick is not None:
+            args += [*pick.args(), *replica_ids]
         reply = await self._script(keys=keys, args=args)
         drain = reply[5].decode() if isinstance(reply[5], bytes) else str(reply[5])
         return GateReply(
@@ -97,6 +107,7 @@ class AdmissionGate:
             int(reply[4]),
             float(drain),
             int(reply[6]),
+            pick.reservation(replica_ids, reply[7:10]) if pick and len(reply) >= 10 else None,
         )
 
     async def enter(
@@ -106,10 +117,12 @@ class AdmissionGate:
         ticket: str,
         priority: int,
         ahead_limit: float | None = None,
+        pick: PickPlan | None = None,
     ) -> GateReply:
         """Admit, queue, or refuse ``ticket``; with ``ahead_limit``, refuse it
-        (``WAIT_TOO_LONG``) rather than queue it behind more than that many."""
-        return await self._call("enter", model, replica_ids, ticket, priority, ahead_limit)
+        (``WAIT_TOO_LONG``) rather than queue it behind more than that many; with ``pick``,
+        an admitted ticket's replica is reserved as well (``GateReply.reservation``)."""
+        return await self._call("enter", model, replica_ids, ticket, priority, ahead_limit, pick)
 
     async def peek(
         self, model: str, replica_ids: Sequence[str], priority: int, ahead_limit: float | None
@@ -119,9 +132,15 @@ class AdmissionGate:
         return await self._call("peek", model, replica_ids, "", priority, ahead_limit)
 
     async def poll(
-        self, model: str, replica_ids: Sequence[str], ticket: str, priority: int
+        self,
+        model: str,
+        replica_ids: Sequence[str],
+        ticket: str,
+        priority: int,
+        pick: PickPlan | None = None,
     ) -> GateReply:
-        return await self._call("poll", model, replica_ids, ticket, priority)
+        """A waiter keeps its place, or claims its grant (then, with ``pick``, its replica)."""
+        return await self._call("poll", model, replica_ids, ticket, priority, None, pick)
 
     async def leave(self, model: str, replica_ids: Sequence[str], ticket: str) -> GateReply:
         """A waiter gives up its place (or a grant it has not claimed); frees slots go on."""

@@ -32,7 +32,7 @@ from plugins.auth.identity import priority_of
 from plugins.loop_lag import MONITOR
 from plugins.overflow import is_upstream_overflow
 from plugins.request_end import RequestEndHook
-from plugins.routing.hook import proxy_router
+from plugins.routing.hook import installed_strategy, proxy_router
 from triage.redis_client import fail_fast_redis
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,11 @@ class AdmissionHook(RequestEndHook):
         if not ticket:
             ticket = data["litellm_call_id"] = str(uuid.uuid4())
         await self.controller.admit(
-            str(model), list(replica_ids), str(ticket), priority_of(user_api_key_dict)
+            str(model),
+            list(replica_ids),
+            str(ticket),
+            priority_of(user_api_key_dict),
+            installed_strategy(router),  # the triage routing plugin: pick in the same call
         )
         return None
 

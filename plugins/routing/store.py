@@ -16,12 +16,14 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 from redis.asyncio import Redis
 
 from plugins.routing.policy import Candidate, PolicyParams
 from triage.keyschema import KeySchema, ReplicaState
+from triage.lua import lua_source
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +50,8 @@ def _float_arg(value: float) -> str:
 
 @dataclass(frozen=True)
 class Reservation:
-    """One in-flight slot taken on a replica by ``RoutingStore.pick``."""
+    """One in-flight slot taken on a replica by ``pick_lib.lua`` (``RoutingStore.pick``, or the
+    admission gate picking in the call that admits)."""
 
     replica_id: str
     reservation_id: str
@@ -57,15 +60,56 @@ class Reservation:
     score: float
 
 
+@dataclass(frozen=True)
+class PickPlan:
+    """What ``pick_lib.lua`` needs besides the candidates' keys and ids: the policy, a
+    tiebreak for exact ties, and the reservation to take."""
+
+    params: PolicyParams
+    tiebreak: int
+    """In ``[0, MAX_TIEBREAK)`` (e.g. ``random.getrandbits(32)``): spreads exact ties."""
+    reservation_id: str
+    """Unique among live reservations."""
+    lease_ms: int = DEFAULT_LEASE_MS
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.tiebreak < MAX_TIEBREAK:
+            raise ValueError(f"tiebreak must be in [0, 2**53), got {self.tiebreak}")
+        if self.lease_ms < 1:
+            raise ValueError(f"lease_ms must be >= 1, got {self.lease_ms}")
+
+    def args(self) -> list[str]:
+        """``pick_lib.lua``'s ``PICK_ARGS`` values, in its order."""
+        p = self.params
+        return [
+            str(self.tiebreak),
+            str(int(p.stale_after_ms)),
+            _float_arg(p.kv_threshold),
+            _float_arg(p.kv_weight),
+            _float_arg(p.unknown_score),
+            _float_arg(p.default_service_ms),
+            _float_arg(p.tie_tolerance),
+            self.reservation_id,
+            str(int(self.lease_ms)),
+        ]
+
+    def reservation(self, replica_ids: Sequence[str], reply: Sequence[Any]) -> Reservation:
+        """The reservation a script's ``{chosen index, inflight, score}`` reply describes."""
+        index, inflight, score = reply
+        return Reservation(
+            replica_ids[int(index) - 1], self.reservation_id, int(inflight), float(_text(score))
+        )
+
+
 class RoutingStore:
     """Pick-and-reserve and release of replicas on the shared Redis load store."""
 
     def __init__(self, client: Redis, keys: KeySchema | None = None) -> None:
         self._client = client
         self._keys = keys if keys is not None else KeySchema()
-        self._pick = client.register_script(PICK_LUA.read_text())
-        self._release = client.register_script(RELEASE_LUA.read_text())
-        self._count = client.register_script(COUNT_LUA.read_text())
+        self._pick = client.register_script(lua_source(PICK_LUA))
+        self._release = client.register_script(lua_source(RELEASE_LUA))
+        self._count = client.register_script(lua_source(COUNT_LUA))
 
     @property
     def keys(self) -> KeySchema:
@@ -85,35 +129,22 @@ class RoutingStore:
         ``random.getrandbits(32)``) spreads exact ties; it must be in ``[0, 2**53)``.
         ``reservation_id`` must be unique among live reservations (default: a random UUID).
         """
+        reservation = reservation_id if reservation_id is not None else uuid.uuid4().hex
+        plan = PickPlan(params, tiebreak, reservation, lease_ms)
+        return await self.pick_planned(replica_ids, plan)
+
+    async def pick_planned(self, replica_ids: Sequence[str], plan: PickPlan) -> Reservation | None:
+        """``pick`` with its arguments in one ``PickPlan``."""
         ids = list(replica_ids)
         if not ids:
             return None
         if len(set(ids)) != len(ids):
             raise ValueError(f"duplicate replica ids: {ids}")
-        if not 0 <= tiebreak < MAX_TIEBREAK:
-            raise ValueError(f"tiebreak must be in [0, 2**53), got {tiebreak}")
-        if lease_ms < 1:
-            raise ValueError(f"lease_ms must be >= 1, got {lease_ms}")
-        reservation = reservation_id if reservation_id is not None else uuid.uuid4().hex
         keys = [self._keys.replica(r) for r in ids] + [self._keys.inflight(r) for r in ids]
-        args: list[str] = [
-            str(len(ids)),
-            str(tiebreak),
-            str(int(params.stale_after_ms)),
-            _float_arg(params.kv_threshold),
-            _float_arg(params.kv_weight),
-            _float_arg(params.unknown_score),
-            _float_arg(params.default_service_ms),
-            _float_arg(params.tie_tolerance),
-            reservation,
-            str(int(lease_ms)),
-            *ids,
-        ]
-        reply = await self._pick(keys=keys, args=args)
-        index = int(reply[0])
-        if index == 0:
+        reply = await self._pick(keys=keys, args=[str(len(ids)), *plan.args(), *ids])
+        if int(reply[0]) == 0:
             return None
-        return Reservation(ids[index - 1], reservation, int(reply[1]), float(_text(reply[2])))
+        return plan.reservation(ids, reply)
 
     async def release(self, replica_id: str, reservation_id: str) -> int:
         """Give back one reservation (idempotent); returns the replica's live reservations."""

@@ -9,6 +9,11 @@ Per request (never per client), ``async_get_available_deployment``:
 3. records the reservation in the process's ledger under the request's ``litellm_call_id``, to be
    released by ``RoutingHook`` when the attempt or the request ends.
 
+With the admission plugin in the same proxy, step 2 usually happened already: the admission
+gate's script picks and reserves the replica in the call that admits the request (one Redis
+round trip for both, see ``plan_pick`` / ``adopt``); the first attempt takes that replica when
+the router's filters still allow it, and gives it back for a fresh pick otherwise.
+
 Redis unreachable → the same policy over per-process in-flight counts (see ``fallback.py``).
 """
 
@@ -33,7 +38,7 @@ from plugins.routing.fallback import LocalCounts, RedisOutage
 from plugins.routing.ledger import Held, ReservationLedger
 from plugins.routing.policy import choose
 from plugins.routing.settings import RoutingSettings
-from plugins.routing.store import MAX_TIEBREAK, RoutingStore
+from plugins.routing.store import MAX_TIEBREAK, PickPlan, Reservation, RoutingStore
 from triage.keyschema import KeySchema
 from triage.redis_client import fail_fast_redis
 
@@ -46,7 +51,7 @@ PICK_SECONDS = Histogram(
 )
 PICKS = Counter(
     "triage_routing_picks", "Replicas chosen", ["model", "replica", "source"]
-)  # source: redis | local
+)  # source: redis (pick.lua) | gate (picked by the admission gate's call) | local
 REDIS_ERRORS = Counter("triage_routing_redis_errors", "Redis calls that failed", ["op"])
 
 
@@ -75,6 +80,8 @@ class LeastBusyStrategy(CustomRoutingStrategyBase):
         self._next_expiry = 0.0
         self.failed: dict[str, tuple[float, set[str]]] = {}
         """Per request: replicas an attempt failed on (overflow...), avoided by its retries."""
+        self.prepicked: dict[str, tuple[float, str]] = {}
+        """Per request: the replica the admission gate reserved for it, not yet routed to."""
 
     # -- installation ----------------------------------------------------------------------
 
@@ -145,6 +152,24 @@ class LeastBusyStrategy(CustomRoutingStrategyBase):
             "the least-busy strategy is async only: use router.acompletion (the proxy does)"
         )
 
+    # -- the pick made with the admission ----------------------------------------------------
+
+    def plan_pick(self, call_id: str) -> PickPlan | None:
+        """The pick the admission gate may make for ``call_id`` in the call that admits it
+        (None while Redis is out: the router picks by local counts then)."""
+        return self._plan(call_id) if self.outage.should_try() else None
+
+    def _plan(self, call_id: str) -> PickPlan:
+        reservation_id = f"{call_id}:{uuid.uuid4().hex[:8]}"  # unique per attempt
+        return PickPlan(self.params, random.getrandbits(32), reservation_id, self.settings.lease_ms)
+
+    def adopt(self, model: str, call_id: str, reservation: Reservation) -> None:
+        """``reservation`` was taken for ``call_id`` by the admission gate (with a ``plan_pick``
+        plan): its first attempt goes there; released like any other reservation."""
+        self.ledger.add(call_id, Held(reservation.replica_id, reservation.reservation_id, False))
+        self.prepicked[call_id] = (time.monotonic(), reservation.replica_id)
+        PICKS.labels(model, reservation.replica_id, "gate").inc()
+
     # -- the decision ----------------------------------------------------------------------
 
     async def choose_deployment(
@@ -157,15 +182,17 @@ class LeastBusyStrategy(CustomRoutingStrategyBase):
         # a retry goes to a replica this request has not failed on, while there is one
         ids = [r for r in by_id if r not in tried] or list(by_id)
         self._expire_ledger()
+        prepicked = self.prepicked.pop(call_id, None)
+        if prepicked is not None:
+            if prepicked[1] in ids:
+                return by_id[prepicked[1]]
+            # the router's filters (cooldown...) dropped it since: give it back, pick anew
+            held = self.ledger.take_one(call_id, prepicked[1])
+            if held is not None:
+                await self._give_back(held)
         if self.outage.should_try():
             try:
-                reservation = await self.store.pick(
-                    ids,
-                    self.params,
-                    random.getrandbits(32),
-                    reservation_id=f"{call_id}:{uuid.uuid4().hex[:8]}",
-                    lease_ms=self.settings.lease_ms,
-                )
+                reservation = await self.store.pick_planned(ids, self._plan(call_id))
             except RedisError as exc:
                 REDIS_ERRORS.labels("pick").inc()
                 self.outage.failed(exc, f"pick for model {model}")
@@ -235,6 +262,7 @@ class LeastBusyStrategy(CustomRoutingStrategyBase):
     async def release_request(self, call_id: str) -> None:
         """The request ``call_id`` ended: give back whatever it still holds."""
         self.failed.pop(call_id, None)
+        self.prepicked.pop(call_id, None)
         for held in self.ledger.take_all(call_id):
             await self._give_back(held)
 
@@ -257,6 +285,8 @@ class LeastBusyStrategy(CustomRoutingStrategyBase):
         limit = now - self.settings.lease_ms / 1000.0
         for call_id in [c for c, (t, _) in self.failed.items() if t < limit]:
             del self.failed[call_id]
+        for call_id in [c for c, (t, _) in self.prepicked.items() if t < limit]:
+            del self.prepicked[call_id]
         for held in self.ledger.expire(now):
             log.warning(
                 "routing: reservation %s on %s outlived its lease without a release",

@@ -1,0 +1,185 @@
+-- The routing policy in Redis: pick a replica and reserve it. The Redis mirror of
+-- plugins/routing/policy.py (`choose`), included (`--! include`) by pick.lua and by the
+-- admission gate (gate.lua), which picks in the same call that admits.
+--
+-- pick_replica(first_key, n, p, first_id, now_ms):
+--   KEYS[first_key .. first_key+n-1]      replica:{id} hashes of the n candidates
+--   KEYS[first_key+n .. first_key+2n-1]   inflight:{id} reservation sets (sorted sets: member =
+--                                         reservation id, score = lease expiry in ms since the
+--                                         epoch), same candidate order
+--   ARGV[first_id .. first_id+n-1]        the candidates' replica ids
+--   p                                     pick_params(first): PICK_ARGS values of ARGV from
+--                                         `first`: tiebreak, stale_after_ms, kv_threshold,
+--                                         kv_weight, unknown_score, default_service_ms,
+--                                         tie_tolerance, reservation id, lease_ms
+-- A candidate's in-flight count is the number of unexpired reservations (expired ones are
+-- removed first: a reservation whose release was lost heals when its lease ends).
+-- Returns {chosen_index (1-based), new inflight value, score as a "%.17g" string}, or nil when
+-- no candidate is eligible (all unhealthy, or n = 0).
+--
+-- Every number is a double (Lua 5.1). The arithmetic follows policy.py step by step in the
+-- same order, so both compute bit-identical scores (see policy.py's docstring). The score is
+-- returned as a string because Redis truncates Lua numbers to integers in replies, and with
+-- %.17g because tostring() keeps only 14 significant digits.
+
+local PICK_ARGS = 9
+
+local function pick_params(first)
+  return {
+    tiebreak = tonumber(ARGV[first]),
+    stale_after_ms = tonumber(ARGV[first + 1]),
+    kv_threshold = tonumber(ARGV[first + 2]),
+    kv_weight = tonumber(ARGV[first + 3]),
+    unknown_score = tonumber(ARGV[first + 4]),
+    default_service_ms = tonumber(ARGV[first + 5]),
+    tie_tolerance = tonumber(ARGV[first + 6]),
+    reservation = ARGV[first + 7],
+    lease_ms = tonumber(ARGV[first + 8]),
+  }
+end
+
+-- A number from a hash field; nil for missing (false), empty, garbage or nan.
+local function num(v)
+  if not v or v == '' then
+    return nil
+  end
+  local x = tonumber(v)
+  if x == nil or x ~= x then
+    return nil
+  end
+  return x
+end
+
+-- A finite whole number, else nil (the hash's integer fields).
+local function int(v)
+  local x = num(v)
+  if x == nil or x == math.huge or x == -math.huge or x ~= math.floor(x) then
+    return nil
+  end
+  return x
+end
+
+-- The replica's state, or nil when the hash is missing or invalid (= unknown). Mirrors the
+-- validation of ReplicaState for the fields read here.
+local function parse(h)
+  local waiting, active, max_active = int(h[1]), int(h[2]), int(h[3])
+  local kv, ts = num(h[4]), int(h[7])
+  if waiting == nil or active == nil or max_active == nil or kv == nil or ts == nil then
+    return nil
+  end
+  if h[6] == false then -- healthy missing (an empty value reads as unhealthy, as in Python)
+    return nil
+  end
+  if waiting < 0 or active < 0 or max_active < 1 or kv < 0 or kv > 1 then
+    return nil
+  end
+  local service = nil
+  if h[5] and h[5] ~= '' then
+    service = num(h[5])
+    if service == nil or service < 0 then
+      return nil
+    end
+  end
+  return {
+    waiting = waiting,
+    active = active,
+    max_active = max_active,
+    kv = kv,
+    service = service,
+    healthy = (h[6] == '1'),
+    ts = ts,
+  }
+end
+
+-- Byte-wise order of the replica ids (Python sorts str by code point = UTF-8 byte order;
+-- Lua's `<` on strings uses strcoll, which depends on the server's locale).
+local function bytes_less(a, b)
+  local la, lb = #a, #b
+  for k = 1, math.min(la, lb) do
+    local ca, cb = string.byte(a, k), string.byte(b, k)
+    if ca ~= cb then
+      return ca < cb
+    end
+  end
+  return la < lb
+end
+
+local function pick_replica(first_key, n, p, first_id, now_ms)
+  local states, fresh, inflight = {}, {}, {}
+  for i = 1, n do
+    local s = parse(redis.call('HMGET', KEYS[first_key + i - 1], 'waiting', 'active',
+      'max_active', 'kv_fraction', 'service_ms', 'healthy', 'ts_ms'))
+    states[i] = s
+    fresh[i] = (s ~= nil) and (s.ts >= now_ms - p.stale_after_ms)
+    local reservations = KEYS[first_key + n + i - 1]
+    redis.call('ZREMRANGEBYSCORE', reservations, '-inf', now_ms)
+    inflight[i] = redis.call('ZCARD', reservations)
+  end
+
+  -- Effective service time: own when known (fresh, present, > 0), else the mean of the known.
+  local total, count = 0, 0
+  for i = 1, n do
+    if fresh[i] and states[i].service ~= nil and states[i].service > 0 then
+      total = total + states[i].service
+      count = count + 1
+    end
+  end
+  local fallback = p.default_service_ms
+  if count > 0 then
+    fallback = total / count
+  end
+
+  local best = nil
+  local scores = {}
+  for i = 1, n do
+    local s = states[i]
+    local score
+    if not fresh[i] then
+      score = p.unknown_score + inflight[i]
+    elseif not s.healthy then
+      score = math.huge
+    else
+      local service = fallback
+      if s.service ~= nil and s.service > 0 then
+        service = s.service
+      end
+      local load = math.max(inflight[i], s.active + s.waiting)
+      local excess = math.max(0, s.kv - p.kv_threshold)
+      local kv_penalty = 1 + p.kv_weight * excess / (1 - p.kv_threshold)
+      score = math.max(1, (load + 1) / s.max_active) * service * kv_penalty
+    end
+    scores[i] = score
+    if score < math.huge and (best == nil or score < best) then
+      best = score
+    end
+  end
+
+  if best == nil then
+    return nil
+  end
+
+  -- Tied: every score within tie_tolerance of the best; among them the fewest in-flight.
+  local limit = best + math.abs(best) * p.tie_tolerance
+  local fewest, tied = nil, {}
+  for i = 1, n do
+    if scores[i] <= limit then
+      if fewest == nil or inflight[i] < fewest then
+        fewest, tied = inflight[i], { i }
+      elseif inflight[i] == fewest then
+        tied[#tied + 1] = i
+      end
+    end
+  end
+  table.sort(tied, function(x, y)
+    return bytes_less(ARGV[first_id + x - 1], ARGV[first_id + y - 1])
+  end)
+
+  -- fmod is exact for whole doubles (tiebreak < 2^53, checked by the caller).
+  local chosen = tied[math.fmod(p.tiebreak, #tied) + 1]
+  local key = KEYS[first_key + n + chosen - 1]
+  redis.call('ZADD', key, now_ms + p.lease_ms, p.reservation)
+  if redis.call('PTTL', key) < p.lease_ms then
+    redis.call('PEXPIRE', key, p.lease_ms) -- the set lives as long as its longest lease
+  end
+  return { chosen, redis.call('ZCARD', key), string.format('%.17g', scores[chosen]) }
+end
