@@ -84,6 +84,7 @@ Strategy = Literal["simple-shuffle", "least-busy", "triage"]
 OURS: Strategy = "triage"
 REFERENCE_DECODE_MS = 20.0  # 25 tokens x 20 ms = the reference's 0.5 s per request at speed 1
 REFERENCE_ORACLE_85 = (1.00, 1.23)  # p95, p99 s: the reference's simulated speed-aware oracle
+IDLE, BACK_TO_BACK = "idle", "back-to-back"  # the overhead's two kinds of rounds
 
 
 class BenchSettings(BaseSettings):
@@ -129,6 +130,12 @@ class BenchSettings(BaseSettings):
     )
     overhead_requests: int = Field(
         default=200, ge=0, description="idle sequential requests per target for the overhead"
+    )
+    overhead_gap_ms: float = Field(
+        default=50.0,
+        ge=0,
+        description="pause before each idle request, so the proxy has finished the previous "
+        "one's background work (logging); every other round is sent back to back instead",
     )
     request_timeout_s: float = Field(default=600.0, gt=0, description="client timeout")
     idle_timeout_s: float = Field(default=600.0, gt=0, description="wait for the fleet to drain")
@@ -579,24 +586,33 @@ def cpu_groups(fleet: Fleet, strategy: str) -> CpuGroups:
 
 
 async def measure_overhead(fleet: Fleet, settings: BenchSettings) -> dict[str, Any]:
-    """Sequential requests at idle (``max_tokens`` 1, no stream), interleaved in rounds: one
-    through the first proxy of each strategy (rotating order), and every fourth round one
-    straight to each replica's Triton. A proxy's overhead = its latency minus the direct p50 of
-    the replica that served it. The plugins' cost is the median of the per-round differences
-    (ours minus simple-shuffle, paired: both saw the same machine state), with the standard
-    error of that median; and each proxy's CPU per request (its process group's CPU over the
-    run, background logging included), the steadier figure on a busy 2-core machine."""
-    n = settings.overhead_requests
+    """Sequential requests (``max_tokens`` 1, no stream), interleaved in rounds: one through the
+    first proxy of each strategy (rotating order), and every fourth round one straight to each
+    replica's Triton. A proxy's overhead = its latency minus the direct p50 of the replica that
+    served it. The plugins' cost is the median of the per-round differences (ours minus
+    simple-shuffle, paired: both saw the same machine state), with the standard error of that
+    median; and each proxy's CPU per request (its process group's CPU over the run, background
+    logging included), the steadier figure on a busy 2-core machine.
+
+    Rounds alternate between two modes (each with every strategy first in turn). **Idle** (the
+    target's): each request waits ``overhead_gap_ms`` first, so it finds the proxy idle. **Back
+    to back**: the measured request follows another one to the same proxy at once, while
+    LiteLLM still runs that one's logging (~5-10 ms of CPU); a plugin that awaits Redis before
+    the upstream call lets that work run inside the request's latency, where without the await
+    it would overlap the upstream wait."""
+    n, gap = settings.overhead_requests, settings.overhead_gap_ms / 1000
+    modes = [IDLE, BACK_TO_BACK] if gap > 0 else [BACK_TO_BACK]
     stack, model = fleet.stack, fleet.stack.settings.model
     direct: dict[str, list[float]] = {rid: [] for rid in stack.replicas}
-    rounds: list[dict[str, tuple[float, str]]] = []
+    rounds: list[tuple[str, dict[str, tuple[float, str]]]] = []
     headers = {"Authorization": f"Bearer {fleet.api_key}"}
     body = {"model": model, "messages": [{"role": "user", "content": "ping"}], "max_tokens": 1}
     strategies = list(fleet.proxies)
     groups = {s: proxy_pgids(fleet.proxies[s][:1]) for s in strategies}
     async with httpx.AsyncClient(timeout=30.0) as client:
 
-        async def via(strategy: str) -> tuple[float, str] | None:
+        async def via(strategy: str, pause: float) -> tuple[float, str] | None:
+            await asyncio.sleep(pause)
             t = time.perf_counter()
             r = await client.post(
                 f"{fleet.proxies[strategy][0].base_url}/v1/chat/completions",
@@ -609,11 +625,15 @@ async def measure_overhead(fleet: Fleet, settings: BenchSettings) -> dict[str, A
 
         for _ in range(3):  # warm every path (the first requests are slow)
             for strategy in strategies:
-                await via(strategy)
+                await via(strategy, gap)
         cpu0 = {s: group_cpu_s(g) for s, g in groups.items()}
+        sent = dict.fromkeys(strategies, 0)
         for i in range(n):
+            mode = modes[i % len(modes)]
+            pause = gap if mode == IDLE else 0.0
             if i % 4 == 0:
                 for rid, server in stack.replicas.items():
+                    await asyncio.sleep(gap)  # the replicas' own time, always at idle
                     t = time.perf_counter()
                     r = await client.post(
                         f"{server.http_url}/v2/models/{model}/generate",
@@ -622,11 +642,16 @@ async def measure_overhead(fleet: Fleet, settings: BenchSettings) -> dict[str, A
                     if r.status_code == 200:
                         direct[rid].append(time.perf_counter() - t)
             row: dict[str, tuple[float, str]] = {}
-            for strategy in strategies[i % len(strategies) :] + strategies[: i % len(strategies)]:
-                sample = await via(strategy)
+            turn = (i // len(modes)) % len(strategies)  # the order must not follow the mode
+            for strategy in strategies[turn:] + strategies[:turn]:
+                if mode == BACK_TO_BACK:  # the measured request follows this one at once
+                    await via(strategy, 0.0)
+                    sent[strategy] += 1
+                sample = await via(strategy, pause)
+                sent[strategy] += 1
                 if sample is not None:
                     row[strategy] = sample
-            rounds.append(row)
+            rounds.append((mode, row))
         cpu1 = {s: group_cpu_s(g) for s, g in groups.items()}
     base = {rid: percentile(v, 50) for rid, v in direct.items()}
 
@@ -634,25 +659,46 @@ async def measure_overhead(fleet: Fleet, settings: BenchSettings) -> dict[str, A
         latency, rid = sample
         return latency - base[rid] if rid in base else None
 
-    out: dict[str, Any] = {"requests": n, "direct_p50_ms": {k: 1000 * v for k, v in base.items()}}
-    for strategy in strategies:
-        values = [e for row in rounds if strategy in row if (e := extra(row[strategy])) is not None]
-        out[strategy] = {
-            "n": len(values),
-            "overhead_p50_ms": 1000 * percentile(values, 50),
-            "overhead_p95_ms": 1000 * percentile(values, 95),
-            "cpu_ms_per_request": 1000 * (cpu1[strategy] - cpu0[strategy]) / max(1, len(values)),
-        }
-    if OURS in out and "simple-shuffle" in out:
-        paired = [
+    def extras(strategy: str, mode: str) -> list[float]:
+        return [
+            e
+            for m, row in rounds
+            if m == mode and strategy in row
+            if (e := extra(row[strategy])) is not None
+        ]
+
+    def paired(mode: str) -> list[float]:
+        return [
             a - b
-            for row in rounds
-            if OURS in row and "simple-shuffle" in row
+            for m, row in rounds
+            if m == mode and OURS in row and "simple-shuffle" in row
             if (a := extra(row[OURS])) is not None
             if (b := extra(row["simple-shuffle"])) is not None
         ]
-        out["plugins_added_p50_ms"] = 1000 * percentile(paired, 50)
-        out["plugins_added_se_ms"] = 1000 * median_standard_error(paired)
+
+    out: dict[str, Any] = {
+        "requests": n,
+        "gap_ms": settings.overhead_gap_ms,
+        "modes": modes,
+        "direct_p50_ms": {k: 1000 * v for k, v in base.items()},
+    }
+    for strategy in strategies:
+        figures: dict[str, Any] = {}
+        for mode in modes:
+            values = extras(strategy, mode)
+            key = "" if mode == modes[0] else "back_to_back_"
+            figures[f"{key}n"] = len(values)
+            figures[f"{key}overhead_p50_ms"] = 1000 * percentile(values, 50)
+            figures[f"{key}overhead_p95_ms"] = 1000 * percentile(values, 95)
+        cpu_s = cpu1[strategy] - cpu0[strategy]
+        figures["cpu_ms_per_request"] = 1000 * cpu_s / max(1, sent[strategy])
+        out[strategy] = figures
+    if OURS in out and "simple-shuffle" in out:
+        for mode in modes:
+            key = "" if mode == modes[0] else "back_to_back_"
+            differences = paired(mode)
+            out[f"plugins_added_{key}p50_ms"] = 1000 * percentile(differences, 50)
+            out[f"plugins_added_{key}se_ms"] = 1000 * median_standard_error(differences)
         out["plugins_added_cpu_ms"] = (
             out[OURS]["cpu_ms_per_request"] - out["simple-shuffle"]["cpu_ms_per_request"]
         )
@@ -874,24 +920,42 @@ def render_level(level: dict[str, Any], replica_ids: Sequence[str]) -> str:
 
 def render_overhead(overhead: dict[str, Any]) -> str:
     direct = ", ".join(f"{rid} {ms:.0f} ms" for rid, ms in overhead["direct_p50_ms"].items())
+    modes = overhead.get("modes", [BACK_TO_BACK])
+    spacing = (
+        f"half of them {overhead['gap_ms']:g} ms apart (idle), half back to back"
+        if IDLE in modes
+        else "back to back"
+    )
     lines = [
-        f"\nproxy overhead at idle ({overhead['requests']} sequential requests per target, "
+        f"\nproxy overhead ({overhead['requests']} sequential requests per target, {spacing}, "
         f"max_tokens 1; latency minus the serving replica's direct p50: {direct})"
     ]
-    for name, figures in overhead.items():
-        if isinstance(figures, dict) and "overhead_p50_ms" in figures:
-            lines.append(
-                f"  {name:<16} p50 {figures['overhead_p50_ms']:6.1f} ms   "
-                f"p95 {figures['overhead_p95_ms']:6.1f} ms   "
-                f"proxy CPU {figures.get('cpu_ms_per_request', float('nan')):5.1f} ms/request"
+    for name, f in overhead.items():
+        if isinstance(f, dict) and "overhead_p50_ms" in f:
+            line = (
+                f"  {name:<16} {modes[0]} p50 {f['overhead_p50_ms']:6.1f} ms  "
+                f"p95 {f['overhead_p95_ms']:6.1f} ms"
             )
+            if "back_to_back_overhead_p50_ms" in f:
+                line += (
+                    f"   back to back p50 {f['back_to_back_overhead_p50_ms']:6.1f} ms  "
+                    f"p95 {f['back_to_back_overhead_p95_ms']:6.1f} ms"
+                )
+            cpu = f.get("cpu_ms_per_request", float("nan"))
+            lines.append(line + f"   proxy CPU {cpu:5.1f} ms/request")
     if "plugins_added_p50_ms" in overhead:
-        lines.append(
+        line = (
             f"  the plugins (triage vs simple-shuffle, paired per round): "
-            f"{overhead['plugins_added_p50_ms']:+.1f} ms at p50 "
-            f"(± {overhead.get('plugins_added_se_ms', float('nan')):.1f} ms standard error), "
-            f"{overhead.get('plugins_added_cpu_ms', float('nan')):+.1f} ms proxy CPU per request"
+            f"{overhead['plugins_added_p50_ms']:+.1f} ms at p50 {modes[0]} "
+            f"(± {overhead.get('plugins_added_se_ms', float('nan')):.1f} ms standard error)"
         )
+        if "plugins_added_back_to_back_p50_ms" in overhead:
+            line += (
+                f", {overhead['plugins_added_back_to_back_p50_ms']:+.1f} ms back to back "
+                f"(± {overhead['plugins_added_back_to_back_se_ms']:.1f} ms)"
+            )
+        cpu = overhead.get("plugins_added_cpu_ms", float("nan"))
+        lines.append(line + f"; {cpu:+.1f} ms proxy CPU per request")
     return "\n".join(lines)
 
 
@@ -922,12 +986,15 @@ def targets(doc: dict[str, Any]) -> list[str]:
     overhead = doc.get("overhead") or {}
     if "plugins_added_p50_ms" in overhead:
         added = overhead["plugins_added_p50_ms"]
-        lines.append(
+        mode = overhead.get("modes", [BACK_TO_BACK])[0]
+        line = (
             f"  {verdict(added <= 1.0)} the plugins add {added:+.1f} ms p50 to the proxy's own "
             f"overhead (triage {overhead[OURS]['overhead_p50_ms']:.1f} ms vs simple-shuffle "
-            f"{overhead['simple-shuffle']['overhead_p50_ms']:.1f} ms, idle, "
-            f"{overhead['requests']} requests each)"
+            f"{overhead['simple-shuffle']['overhead_p50_ms']:.1f} ms, {mode}"
         )
+        if "plugins_added_back_to_back_p50_ms" in overhead:
+            line += f"; back to back {overhead['plugins_added_back_to_back_p50_ms']:+.1f} ms"
+        lines.append(line + ")")
     over = [lv for load, lv in levels.items() if load >= 1.5]
     for lv in over:
         ours = lv["strategies"].get(OURS)

@@ -20,6 +20,8 @@ from loadtests.compare import (
     ratio,
     ratios,
     render_level,
+    render_overhead,
+    targets,
 )
 from loadtests.compare import main as bench_main
 from loadtests.load_settings import LoadSettings, resolve
@@ -283,6 +285,39 @@ def test_ratio_table_is_ours_over_theirs() -> None:
     text = render_level(level, ["replica-0", "replica-1"])
     assert "ratio triage/least-busy" in text and "p99 0.50x" in text and "n/a" in text
     assert "oracle (replayed)" in text
+
+
+def test_overhead_reports_idle_and_back_to_back_and_judges_idle() -> None:
+    def proxy(idle: float, b2b: float) -> dict[str, float]:
+        return {
+            "n": 100,
+            "overhead_p50_ms": idle,
+            "overhead_p95_ms": idle + 5,
+            "back_to_back_n": 100,
+            "back_to_back_overhead_p50_ms": b2b,
+            "back_to_back_overhead_p95_ms": b2b + 5,
+            "cpu_ms_per_request": 30.0,
+        }
+
+    overhead = {
+        "requests": 200,
+        "gap_ms": 50.0,
+        "modes": ["idle", "back-to-back"],
+        "direct_p50_ms": {"replica-0": 86.0},
+        "simple-shuffle": proxy(22.0, 21.0),
+        "triage": proxy(22.8, 22.9),
+        "plugins_added_p50_ms": 0.8,
+        "plugins_added_se_ms": 0.3,
+        "plugins_added_back_to_back_p50_ms": 1.9,
+        "plugins_added_back_to_back_se_ms": 0.5,
+        "plugins_added_cpu_ms": 0.9,
+    }
+    text = render_overhead(overhead)
+    assert "half of them 50 ms apart (idle), half back to back" in text
+    assert "+0.8 ms at p50 idle (± 0.3 ms standard error), +1.9 ms back to back" in text
+    doc = {"levels": [], "overhead": overhead, "settings": BenchSettings().model_dump()}
+    (line,) = targets(doc)
+    assert line.startswith("  MET  the plugins add +0.8 ms p50") and "back to back +1.9 ms" in line
 
 
 def test_compact_results_keep_the_simulator_keys() -> None:
