@@ -483,10 +483,10 @@ async def test_an_expected_wait_over_the_limit_is_shed_at_once_then_without_redi
     ctl.queue_rate["m"] = QueueRate(rps=2.0, samples=3, at=time.monotonic())
     # the memo (2 ahead) less the grant seen since: 1 ahead, room; but not while another
     # request of this process is on its way into the queue (it will be ahead as well)
-    ctl.entering["m", 1] += 1
+    ctl.entering["m", 1] = {"on-its-way"}
     with pytest.raises(GatewayError):
         await ctl.admit("m", IDS, "ew4b", 1)
-    ctl.entering["m", 1] -= 1
+    ctl.entering["m", 1].clear()
     assert decisions("m", "shed", "memo") == from_memo + 3
     waiters.append(asyncio.create_task(ctl.admit("m", IDS, "ew5", 1)))  # room: Redis queues it
     await asyncio.sleep(0.05)
@@ -497,6 +497,45 @@ async def test_an_expected_wait_over_the_limit_is_shed_at_once_then_without_redi
     await asyncio.gather(*waiters[1:], return_exceptions=True)
     await ctl.finish("ew0")
     await drained(ctl)
+
+
+async def test_the_memo_counts_what_other_proxies_queued_since(
+    client: Redis,
+    redis_server: RedisServer,
+    controllers: Callable[[Redis, AdmissionSettings], AdmissionController],
+) -> None:
+    """Proxy A's memo says 1 ahead (room under its limit of 1); proxy B then queues 2 more: A
+    learns of them on the enqueue channel and sheds its next request without asking Redis."""
+    s = settings(
+        redis_server, max_queue=10, expected_wait_fraction=0.5, shed_memo_ms=5000,
+        stale_after_ms=60_000,
+    )  # fmt: skip
+    await publish(client, s, a={"max_active": 1}, b={"healthy": False})  # 1 slot + 1 allowance
+    a, b = controllers(client, s), controllers(client, s)
+    for ctl in (a, b):
+        ctl.queue_rate["m"] = QueueRate(rps=2.0, samples=3, at=time.monotonic())  # limit 1
+    await a.admit("m", IDS, "full-1", 1)
+    await a.admit("m", IDS, "full-2", 1)
+    tasks = [asyncio.create_task(a.admit("m", IDS, "a-wait", 1))]
+    await asyncio.sleep(0.05)
+    assert a.memo["m", 1].ahead == 1.0  # its next request would have 1 ahead: room
+    tasks.append(asyncio.create_task(b.admit("m", IDS, "b-wait-1", 1)))
+    await asyncio.sleep(0.05)
+    from_redis, from_memo = decisions("m", "shed", "redis"), decisions("m", "shed", "memo")
+    with pytest.raises(GatewayError) as info:
+        await a.admit("m", IDS, "a-next", 1)  # 2 ahead now (1 of them from B): over
+    assert info.value.to_dict()["code"] == "expected_wait"
+    assert decisions("m", "shed", "memo") == from_memo + 1
+    assert decisions("m", "shed", "redis") == from_redis
+    assert a.grants.enqueued_since(a.gate.enqueues_channel("m"), 0, 1) == 2
+    assert a.grants.enqueued_since(a.gate.enqueues_channel("m"), 0, 0) == 0  # better tier
+    assert await a.gate.counts("m") == (2, 2)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await a.finish("full-1")
+    await a.finish("full-2")
+    await drained(a)
 
 
 async def test_grants_are_numbered_in_their_messages_and_in_every_reply(

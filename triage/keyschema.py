@@ -72,6 +72,16 @@ class KeySchema:
         """Pub/sub channel: each ticket of ``model`` granted a slot after waiting in the queue."""
         return f"{self.prefix}grants:{model}"
 
+    def enqueue_seq(self, model: str) -> str:
+        """Integer: requests that joined ``model``'s queue so far (each enqueue message carries
+        its number)."""
+        return f"{self.prefix}enqueueseq:{model}"
+
+    def enqueues(self, model: str) -> str:
+        """Pub/sub channel: ``<number> <priority> <ticket>`` for each request that joined the
+        queue."""
+        return f"{self.prefix}enqueues:{model}"
+
     def api_key(self, key_hash: str) -> str:
         """Hash of one virtual key's record, by the SHA-256 hex of the key (never the key)."""
         return f"{self.prefix}apikey:{key_hash}"

@@ -68,12 +68,14 @@ class QueueRate:
 
 @dataclass(frozen=True)
 class Memo:
-    """Redis's last answer for one model and priority: how many were ahead, when, and the
-    model's grant number then."""
+    """Redis's last answer for one model and priority: how many were ahead, when, the model's
+    grant and enqueue numbers then, and the grant listener's connection then."""
 
     at: float
     ahead: float
     grants: int
+    enqueued: int
+    generation: int
 
 
 class AdmissionController:
@@ -87,8 +89,9 @@ class AdmissionController:
         self.local = Counter[str]()
         self.queue_rate: dict[str, QueueRate] = {}
         self.memo: dict[tuple[str, int], Memo] = {}
-        self.entering = Counter[tuple[str, int]]()
-        """Per model and priority: this process's ``enter`` calls awaiting their answer."""
+        self.entering: dict[tuple[str, int], set[str]] = {}
+        """Per model and priority: tickets of this process's ``enter`` calls awaiting their
+        answer."""
         self._background: set[asyncio.Task[None]] = set()
         """Background Redis calls (places given back, memo renewals), kept until done."""
         self._refreshing: set[tuple[str, int]] = set()
@@ -139,11 +142,14 @@ class AdmissionController:
         """What the next request of this model and priority will find ahead of it."""
         key = (model, priority)
         if reply.status == Status.WAIT_TOO_LONG:
-            self.memo[key] = Memo(now, float(reply.ahead), reply.grants)
+            self.memo[key] = self._memo(now, reply.ahead, reply)
         elif reply.status == Status.WAITING:
-            self.memo[key] = Memo(now, float(reply.ahead + 1), reply.grants)
+            self.memo[key] = self._memo(now, reply.ahead + 1, reply)
         else:
             self.memo.pop(key, None)
+
+    def _memo(self, now: float, ahead: int, reply: GateReply) -> Memo:
+        return Memo(now, float(ahead), reply.grants, reply.enqueued, self.grants.generation)
 
     def _shed_from_memo(
         self,
@@ -154,16 +160,23 @@ class AdmissionController:
         now: float,
     ) -> GatewayError | None:
         """The 503 for a request that Redis's recent answer already says would wait too long:
-        for ``shed_memo_ms`` after it, less the grants seen on the model's channel since (not
-        while that channel is lost: a grant could go uncounted)."""
+        for ``shed_memo_ms`` after it, with the grants and the enqueues (from any proxy) seen on
+        the model's channels since, and this process's requests on their way in (not while
+        those channels are lost, or after they were: a message could go uncounted)."""
         memo = self.memo.get((model, priority))
         if memo is None or now - memo.at > self.settings.shed_memo_ms / 1000:
             return None
-        if limit is None or not self.grants.listening:
+        if limit is None or not self.grants.listening or memo.generation != self.grants.generation:
+            return None
+        entering = self.entering.get((model, priority), set())
+        arrived = self.grants.enqueued_since(
+            self.gate.enqueues_channel(model), memo.enqueued, priority, entering
+        )
+        if arrived is None:
             return None
         granted = self.grants.granted.get(self.gate.grants_channel(model), 0) - memo.grants
         # requests of this process on their way into the queue will be ahead as well
-        ahead = ahead_now(memo.ahead, granted) + self.entering[model, priority]
+        ahead = ahead_now(memo.ahead, granted) + arrived + len(entering)
         if ahead <= limit:
             return None
         if now - memo.at > self.settings.shed_memo_ms / 2000:
@@ -188,7 +201,7 @@ class AdmissionController:
             return
         finally:
             self._refreshing.discard((model, priority))
-        self.memo[(model, priority)] = Memo(now, float(reply.ahead), reply.grants)
+        self.memo[(model, priority)] = self._memo(now, reply.ahead, reply)
 
     def _shed_expected_wait(self, model: str, work_ahead: float) -> GatewayError:
         wait = self.settings.max_wait_ms * self.settings.expected_wait_fraction / 1000
@@ -229,10 +242,12 @@ class AdmissionController:
             _decided(model, "shed", "memo", started)
             raise memo_shed
         granted = self.grants.expect(ticket)  # before entering: a grant may come at once
+        entering = self.entering.setdefault((model, priority), set())
         try:
-            self.entering[model, priority] += 1  # may queue ahead of the next arrival
+            entering.add(ticket)  # may queue ahead of the next arrival
             try:
-                await self.grants.watch(self.gate.grants_channel(model))
+                channels = self.gate.grants_channel(model), self.gate.enqueues_channel(model)
+                await self.grants.watch(*channels)
                 plan = picker.plan_pick(ticket) if picker is not None else None
                 reply = await self.gate.enter(model, replica_ids, ticket, priority, limit, plan)
             except RedisError as exc:
@@ -240,7 +255,7 @@ class AdmissionController:
                 self._admit_locally(model, replica_ids, ticket, started)
                 return
             finally:
-                self.entering[model, priority] -= 1
+                entering.discard(ticket)
             self.outage.succeeded()
             self._observe(model, reply)
             self._remember(model, priority, reply, now)

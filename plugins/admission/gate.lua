@@ -5,14 +5,15 @@
 -- KEYS[3]  queuelease:{model} sorted set: ticket -> expiry of its place in the queue (ms)
 -- KEYS[4]  queueseq:{model}   integer: arrival sequence
 -- KEYS[5]  grantseq:{model}   integer: grants so far (each grant's number is in its message)
--- KEYS[6..5+N]    replica:{id} hashes of the model's N replicas
--- KEYS[6+N..5+2N] inflight:{id} routing reservations of the same replicas (sorted sets, score =
+-- KEYS[6]  enqueueseq:{model} integer: enqueues so far (each enqueue's number is in its message)
+-- KEYS[7..6+N]    replica:{id} hashes of the model's N replicas
+-- KEYS[7+N..6+2N] inflight:{id} routing reservations of the same replicas (sorted sets, score =
 --                 lease expiry; empty when the routing plugin is not used)
 -- ARGV     op (enter | poll | leave | release | peek), ticket, priority, lease_ms, queue_lease_ms,
 --          allowance, unknown_slots, stale_after_ms, queue_limit (this priority), max_queue,
 --          grant channel, ahead_limit (enter: the most requests that may be ahead of this one
 --          in the queue, from the expected-wait policy in expected_wait.py; '' = no limit),
---          then optionally (when the routing plugin routes this model) pick_lib's PICK_ARGS
+--          enqueue channel, then optionally (when the routing plugin routes this model) pick_lib's PICK_ARGS
 --          values and the N replica ids: an admitted request (enter, or poll claiming its
 --          grant) also gets its replica picked and reserved, in this same atomic call
 --
@@ -37,8 +38,12 @@
 -- grant channel ("<ticket> <grant number>"), so the waiting proxy wakes at once instead of
 -- polling; the numbers tell every proxy exactly how far the queue moved since a reply.
 --
--- Returns {status, capacity, outstanding, queued, ahead, drain_rps as a string, grants so far},
--- and when it picked a replica, pick_lib's {chosen index, inflight, score} after those:
+-- Every request that joins the queue is published on the enqueue channel
+-- ("<enqueue number> <priority> <ticket>"): with the grants, every proxy can tell how many are ahead of
+-- its next request between two calls (its shed memo, controller.py).
+--
+-- Returns {status, capacity, outstanding, queued, ahead, drain_rps as a string, grants so far,
+-- enqueues so far}, and when it picked a replica, pick_lib's {chosen index, inflight, score}:
 --   status  1 admitted, 0 waiting (queued), -1 queue full, -2 no capacity (no healthy replica),
 --           -3 unknown ticket (its place expired), -4 expected wait too long (more than
 --           ahead_limit ahead of it), 2 released / left
@@ -51,7 +56,9 @@ local stale_after_ms = tonumber(ARGV[8])
 local queue_limit, max_queue = tonumber(ARGV[9]), tonumber(ARGV[10])
 local channel = ARGV[11]
 local ahead_limit = tonumber(ARGV[12] or '')
-local picking = #ARGV > 12
+local enqueue_channel = ARGV[13]
+local PICK_FIRST = 14 -- ARGV[PICK_FIRST..]: pick_lib's arguments, then the replica ids
+local picking = #ARGV >= PICK_FIRST
 local PRIORITY_UNIT = 1099511627776 -- 2^40
 
 --! include ../routing/pick_lib.lua
@@ -60,6 +67,8 @@ local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
 local admitted, queue, qlease, seq, grantseq = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local enqueueseq = KEYS[6]
+local FIRST_REPLICA = 7 -- KEYS[FIRST_REPLICA..]: the N replica hashes, then their reservations
 
 -- heal: expired admissions (and unclaimed grants) and abandoned places in the queue
 redis.call('ZREMRANGEBYSCORE', admitted, '-inf', now_ms)
@@ -76,9 +85,9 @@ if op == 'release' or op == 'leave' then
   redis.call('ZREM', qlease, ticket)
 end
 
-local n = (#KEYS - 5) / 2
+local n = (#KEYS - FIRST_REPLICA + 1) / 2
 local slots, healthy, unknown, drain, free, reserved = 0, 0, 0, 0, 0, 0
-for i = 6, 5 + n do
+for i = FIRST_REPLICA, FIRST_REPLICA + n - 1 do
   local h = redis.call('HMGET', KEYS[i], 'max_active', 'healthy', 'ts_ms', 'drain_rps')
   local max_active, ts = tonumber(h[1]), tonumber(h[3])
   local own = 0
@@ -120,18 +129,20 @@ while free > 0 and outstanding < capacity do
 end
 local queued = redis.call('ZCARD', queue)
 local granted = tonumber(redis.call('GET', grantseq) or '0')
+local enqueued = tonumber(redis.call('GET', enqueueseq) or '0')
 
 local function answer(status, out, waiting, ahead)
-  return { status, capacity, out, waiting, ahead, drain_s, granted }
+  return { status, capacity, out, waiting, ahead, drain_s, granted, enqueued }
 end
 
 -- admitted now: with the pick arguments, the replica is picked and reserved as well
 local function admit(out, waiting)
   local reply = answer(1, out, waiting, 0)
   if picking then
-    local chosen = pick_replica(6, n, pick_params(13), 13 + PICK_ARGS, now_ms)
+    local chosen = pick_replica(FIRST_REPLICA, n, pick_params(PICK_FIRST), PICK_FIRST + PICK_ARGS,
+      now_ms)
     if chosen then
-      reply[8], reply[9], reply[10] = chosen[1], chosen[2], chosen[3]
+      reply[9], reply[10], reply[11] = chosen[1], chosen[2], chosen[3]
     end
   end
   return reply
@@ -188,6 +199,8 @@ if op == 'enter' then
   redis.call('PEXPIRE', queue, queue_lease_ms * 10)
   redis.call('PEXPIRE', qlease, queue_lease_ms * 10)
   redis.call('PEXPIRE', seq, queue_lease_ms * 10)
+  enqueued = redis.call('INCR', enqueueseq)
+  redis.call('PUBLISH', enqueue_channel, enqueued .. ' ' .. priority .. ' ' .. ticket)
   return answer(0, outstanding, queued + 1, ahead)
 end
 

@@ -40,6 +40,8 @@ class GateReply:
     drain_rps: float
     grants: int
     """The model's grant number when the gate answered (``grantseq``)."""
+    enqueued: int
+    """The model's enqueue number when the gate answered (``enqueueseq``)."""
     reservation: Reservation | None = None
     """Admitted with a ``PickPlan``: the replica reserved for the request (None when the
     script found no eligible replica; the router then picks as usual)."""
@@ -78,6 +80,7 @@ class AdmissionGate:
             self._keys.queue_lease(model),
             self._keys.queue_seq(model),
             self._keys.grant_seq(model),
+            self._keys.enqueue_seq(model),
             *(self._keys.replica(r) for r in replica_ids),
             *(self._keys.inflight(r) for r in replica_ids),  # the routing plugin's reservations
         ]
@@ -94,6 +97,7 @@ class AdmissionGate:
             str(s.max_queue),
             self._keys.grants(model),
             "" if ahead_limit is None else repr(float(ahead_limit)),
+            self._keys.enqueues(model),
         ]
         if pick is not None:
             args += [*pick.args(), *replica_ids]
@@ -107,7 +111,8 @@ class AdmissionGate:
             int(reply[4]),
             float(drain),
             int(reply[6]),
-            pick.reservation(replica_ids, reply[7:10]) if pick and len(reply) >= 10 else None,
+            int(reply[7]),
+            pick.reservation(replica_ids, reply[8:11]) if pick and len(reply) >= 11 else None,
         )
 
     async def enter(
@@ -157,3 +162,6 @@ class AdmissionGate:
 
     def grants_channel(self, model: str) -> str:
         return self._keys.grants(model)
+
+    def enqueues_channel(self, model: str) -> str:
+        return self._keys.enqueues(model)

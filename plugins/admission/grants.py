@@ -8,13 +8,21 @@ claims its grant by polling either way. A message is ``<ticket> <grant number>``
 number seen per channel (``granted``) says how far the fleet-wide queue moved, which the
 controller's shed memo reads (numbers, not counts: a message that arrives after the reply of a
 script call it preceded is not counted twice).
+
+The same connection listens to the model's enqueue channel: ``<enqueue number> <priority>
+<ticket>`` for each request any proxy queued. ``enqueued_since`` counts those after a reply's
+number at a priority or better: the arrivals now ahead of this process's next request.
+``generation`` changes with every (re)connection: messages may have been missed in between.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import logging
+from collections.abc import Collection
+from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
@@ -24,6 +32,39 @@ log = logging.getLogger(__name__)
 
 LISTEN_TIMEOUT_S = 0.5
 """Longest single read of the pub/sub connection (below the client's socket timeout)."""
+ENQUEUES_KEPT = 4096
+"""Enqueue messages remembered per channel (a memo older than these is not trusted)."""
+
+
+@dataclass
+class Enqueues:
+    """Recent enqueue messages of one channel, in number order (Redis publishes in order)."""
+
+    numbers: list[int] = field(default_factory=list)
+    priorities: list[int] = field(default_factory=list)
+    tickets: list[str] = field(default_factory=list)
+
+    def add(self, number: int, priority: int, ticket: str) -> None:
+        if self.numbers and number <= self.numbers[-1]:
+            return  # a repeat (or out of order): never counted twice
+        self.numbers.append(number)
+        self.priorities.append(priority)
+        self.tickets.append(ticket)
+        if len(self.numbers) > 2 * ENQUEUES_KEPT:
+            del self.numbers[:ENQUEUES_KEPT], self.priorities[:ENQUEUES_KEPT]
+            del self.tickets[:ENQUEUES_KEPT]
+
+    def since(self, number: int, priority: int, besides: Collection[str] = ()) -> int | None:
+        """Enqueues numbered above ``number`` at ``priority`` or better (lower), except the
+        tickets ``besides``; None when some of them are no longer kept."""
+        if self.numbers and number < self.numbers[0] - 1:
+            return None
+        start = bisect.bisect_right(self.numbers, number)
+        return sum(
+            1
+            for p, t in zip(self.priorities[start:], self.tickets[start:], strict=True)
+            if p <= priority and t not in besides
+        )
 
 
 class GrantListener:
@@ -34,12 +75,16 @@ class GrantListener:
         self._waiters: dict[str, asyncio.Event] = {}
         self.granted: dict[str, int] = {}
         """The highest grant number seen per channel (all processes' tickets)."""
+        self._enqueues: dict[str, Enqueues] = {}
+        """Enqueue channels watched, with their recent messages."""
         self._pubsub: PubSub | None = None
         self._task: asyncio.Task[None] | None = None
         self._connecting = asyncio.Lock()
         self._lost = False
-        self._closing = False
         """The channel failed and has not been read since (logged once per outage)."""
+        self._closing = False
+        self.generation = 0
+        """Counts (re)connections: a memo of another generation may have missed messages."""
 
     def expect(self, ticket: str) -> asyncio.Event:
         """The event set when ``ticket`` is granted (register before entering the queue)."""
@@ -54,17 +99,30 @@ class GrantListener:
     def forget(self, ticket: str) -> None:
         self._waiters.pop(ticket, None)
 
-    async def watch(self, channel: str) -> None:
-        """Listen to ``channel`` from now on (a no-op after the first call)."""
-        if channel in self._channels:
+    def enqueued_since(
+        self, channel: str, number: int, priority: int, besides: Collection[str] = ()
+    ) -> int | None:
+        """Requests queued on ``channel`` after enqueue ``number`` at ``priority`` or better,
+        except the tickets ``besides``; None when not known (not watched, or older than the
+        messages kept)."""
+        enqueues = self._enqueues.get(channel)
+        return enqueues.since(number, priority, besides) if enqueues is not None else None
+
+    async def watch(self, grants: str, enqueues: str | None = None) -> None:
+        """Listen to a model's ``grants`` channel (and its ``enqueues`` channel) from now on
+        (a no-op after the first call)."""
+        if grants in self._channels:
             return
-        self._channels.add(channel)
+        channels = [grants] if enqueues is None else [grants, enqueues]
+        self._channels.update(channels)
+        if enqueues is not None:
+            self._enqueues[enqueues] = Enqueues()
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._listen())
         if self._pubsub is None:
             await self._connect()  # subscribed before the caller's ticket can be granted
         else:
-            await self._pubsub.subscribe(channel)
+            await self._pubsub.subscribe(*channels)
 
     async def _connect(self) -> PubSub:
         async with self._connecting:
@@ -72,6 +130,7 @@ class GrantListener:
                 pubsub = self._client.pubsub(ignore_subscribe_messages=True)
                 await pubsub.subscribe(*self._channels)
                 self._pubsub = pubsub
+                self.generation += 1
             return self._pubsub
 
     async def _listen(self) -> None:
@@ -104,15 +163,23 @@ class GrantListener:
                 self._lost = False
                 log.warning("admission: grant channel back")
             if message is not None and message.get("type") == "message":
-                channel, data = message["channel"], message["data"]
-                channel = channel.decode() if isinstance(channel, bytes) else str(channel)
-                text = data.decode() if isinstance(data, bytes) else str(data)
-                ticket, _, number = text.partition(" ")
-                if number.isdigit():
-                    self.granted[channel] = max(self.granted.get(channel, 0), int(number))
-                event = self._waiters.get(ticket)
-                if event is not None:
-                    event.set()
+                self._received(message["channel"], message["data"])
+
+    def _received(self, channel: bytes | str, data: bytes | str) -> None:
+        channel = channel.decode() if isinstance(channel, bytes) else str(channel)
+        text = data.decode() if isinstance(data, bytes) else str(data)
+        first, _, second = text.partition(" ")
+        enqueues = self._enqueues.get(channel)
+        if enqueues is not None:  # "<enqueue number> <priority> <ticket>"
+            priority, _, ticket = second.partition(" ")
+            if first.isdigit() and priority.lstrip("-").isdigit():
+                enqueues.add(int(first), int(priority), ticket)
+            return
+        if second.isdigit():  # "<ticket> <grant number>"
+            self.granted[channel] = max(self.granted.get(channel, 0), int(second))
+        event = self._waiters.get(first)
+        if event is not None:
+            event.set()
 
     async def _drop(self) -> None:
         pubsub, self._pubsub = self._pubsub, None
