@@ -212,6 +212,28 @@ async def test_the_call_that_admits_also_reserves_the_replica_routing_would_pick
     assert plain.reservation is None
 
 
+async def test_a_release_gives_back_the_routing_reservation_and_grants_its_slot_at_once(
+    client: Redis, redis_server: RedisServer
+) -> None:
+    """The request's admission and its routing reservation end in one call: the freed batch
+    slot goes to the queue's head in that same call."""
+    s = settings(redis_server, queue_allowance=0)
+    keys = KeySchema(s.key_prefix)
+    gate = AdmissionGate(client, s)
+    await publish(client, s)  # 2 x 2 slots
+    reserved = []
+    for i in range(4):
+        reply = await gate.enter("m", IDS, f"t{i}", 1, None, plan(f"r{i}", i))
+        assert reply.reservation is not None
+        reserved.append(reply.reservation)
+    assert (await gate.enter("m", IDS, "w", 1)).status == Status.WAITING
+    first = reserved[0]
+    released = await gate.release("m", IDS, "t0", (first.replica_id, first.reservation_id))
+    assert await client.zscore(keys.inflight(first.replica_id), first.reservation_id) is None
+    assert (released.outstanding, released.queued) == (4, 0)  # "w" granted in that call
+    assert (await gate.poll("m", IDS, "w", 1)).status == Status.ADMITTED
+
+
 async def test_queue_limits_and_abandoned_places_expire(
     client: Redis, redis_server: RedisServer
 ) -> None:

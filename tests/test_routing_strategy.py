@@ -206,6 +206,83 @@ async def test_a_replica_reserved_with_the_admission_is_routed_to_then_released(
     assert chosen(response) == "r-a"  # the others pick as before
 
 
+async def test_a_success_on_the_adopted_replica_is_left_to_the_admission_release(
+    client: Redis, hook: RoutingHook
+) -> None:
+    """The routing hook does not release the gate's reservation after a success: the
+    admission plugin takes it (``take_adopted``) to release it with the admission."""
+    router = Router(model_list=deployments())
+    hook.strategy.install(router)
+    await publish(client, hook)
+    reservation_id = await reserve(hook, "r-b", "pre-4")
+    response = await router.acompletion(
+        model="m", messages=[{"role": "user", "content": "x"}], litellm_call_id="pre-4"
+    )
+    assert chosen(response) == "r-b"
+    # what the admission plugin's success hook does next (no await in between: LiteLLM's
+    # success logging, which ends the request, has not run yet)
+    assert hook.strategy.take_adopted("pre-4", "r-a") is None  # not that attempt's replica
+    held = hook.strategy.take_adopted("pre-4", "r-b")
+    assert held is not None and held.reservation_id == reservation_id
+    assert hook.strategy.take_adopted("pre-4", "r-b") is None  # once
+    assert await inflight(hook) == [0, 1, 0]  # the routing hook left it to the admission
+    await hook.strategy.give_back(held)
+    assert await inflight(hook) == [0, 0, 0]
+    await hook.on_request_end({"litellm_call_id": "pre-4"})
+    assert not hook.strategy.adopted and len(hook.strategy.ledger) == 0
+
+
+async def test_with_admission_one_call_admits_and_picks_and_one_releases_both(
+    client: Redis, hook: RoutingHook
+) -> None:
+    """The admission hook in front of this strategy: its gate call admits and reserves the
+    replica, the attempt goes there, and after the success its release gives back the
+    admission and the reservation together (``release.lua`` is never called)."""
+    from litellm.proxy import proxy_server
+    from litellm.proxy._types import UserAPIKeyAuth
+
+    from plugins.admission.hook import AdmissionHook
+    from plugins.admission.settings import AdmissionSettings
+
+    settings = hook.strategy.settings
+    admission = AdmissionHook(
+        AdmissionSettings(redis_url=settings.redis_url, key_prefix=settings.key_prefix)
+    )
+    router = Router(model_list=deployments())
+    hook.strategy.install(router)
+    await publish(client, hook, **{"r-a": {"active": 6}, "r-c": {"active": 6}})
+    released: list[str] = []
+
+    async def release(replica_id: str, reservation_id: str) -> int:
+        released.append(reservation_id)
+        return 0
+
+    hook.strategy.store.release = release  # type: ignore[method-assign]
+    saved, proxy_server.llm_router = proxy_server.llm_router, router
+    try:
+        data: dict[str, Any] = {"model": "m", "litellm_call_id": "fold-1"}
+        await admission.async_pre_call_hook(UserAPIKeyAuth(), None, data, "acompletion")
+        assert hook.strategy.prepicked["fold-1"][1] == "r-b"  # the least busy
+        assert await inflight(hook) == [0, 1, 0]
+        response = await router.acompletion(
+            model="m", messages=[{"role": "user", "content": "x"}], litellm_call_id="fold-1"
+        )
+        assert chosen(response) == "r-b"
+        request_data = {**data, "model_info": {"id": "r-b"}}
+        await admission.async_post_call_success_deployment_hook(
+            request_data, response, "acompletion"
+        )
+        await eventually(lambda: _zero(hook))
+        assert await admission.controller.gate.counts("m") == (0, 0)
+        assert released == []  # no release.lua call: the gate's release took the reservation
+        await hook.on_request_end(data)  # LiteLLM's success logging: nothing left to release
+        await admission.on_request_end(data)
+        assert released == [] and len(hook.strategy.ledger) == 0
+    finally:
+        proxy_server.llm_router = saved
+        await admission.controller.aclose()
+
+
 async def test_a_reserved_replica_the_router_filtered_out_is_given_back(
     client: Redis, hook: RoutingHook
 ) -> None:

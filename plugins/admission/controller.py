@@ -382,18 +382,23 @@ class AdmissionController:
 
     # -- release ----------------------------------------------------------------------------
 
-    async def finish(self, ticket: str) -> None:
-        """The request ``ticket`` ended (any way): free its slot, once."""
+    async def finish(self, ticket: str, routed: tuple[str, str] | None = None) -> bool:
+        """The request ``ticket`` ended (any way): free its slot, once. ``routed`` (replica id,
+        reservation id): its routing reservation, given back in the same Redis call when it
+        can be. Returns whether ``routed`` was given back."""
         held = self.held.pop(ticket, None)
         if held is None:
-            return
+            return False
         if held.local:
             self.local[held.model] = max(0, self.local[held.model] - 1)
-            return
+            return False
+        if routed is not None and routed[0] not in held.replica_ids:
+            routed = None
         try:
-            await self.gate.release(held.model, held.replica_ids, ticket)
+            await self.gate.release(held.model, held.replica_ids, ticket, routed)
         except RedisError as exc:
-            self.outage.failed(exc, f"release of a {held.model} admission")  # lease heals it
+            self.outage.failed(exc, f"release of a {held.model} admission")  # leases heal it
+        return routed is not None
 
 
 def _decided(model: str, outcome: str, source: str, started: float) -> None:

@@ -13,9 +13,12 @@
 --          allowance, unknown_slots, stale_after_ms, queue_limit (this priority), max_queue,
 --          grant channel, ahead_limit (enter: the most requests that may be ahead of this one
 --          in the queue, from the expected-wait policy in expected_wait.py; '' = no limit),
---          enqueue channel, then optionally (when the routing plugin routes this model) pick_lib's PICK_ARGS
---          values and the N replica ids: an admitted request (enter, or poll claiming its
---          grant) also gets its replica picked and reserved, in this same atomic call
+--          enqueue channel, then optionally (when the routing plugin routes this model):
+--            enter, poll: pick_lib's PICK_ARGS values and the N replica ids: an admitted
+--              request (enter, or poll claiming its grant) also gets its replica picked and
+--              reserved, in this same atomic call;
+--            release: the request's routing reservation (its replica's index in 1..N, its
+--              reservation id), released in this same call
 --
 -- slots       = sum over replicas: fresh and healthy -> max_active; fresh and unhealthy -> 0;
 --               missing or stale -> unknown_slots
@@ -78,14 +81,19 @@ if #gone > 0 then
   redis.call('ZREM', qlease, unpack(gone))
 end
 
+local n = (#KEYS - FIRST_REPLICA + 1) / 2
+
 if op == 'release' or op == 'leave' then
   -- leave: a waiter gives up (timeout, client gone); a grant it had not claimed goes too
   redis.call('ZREM', admitted, ticket)
   redis.call('ZREM', queue, ticket)
   redis.call('ZREM', qlease, ticket)
+  if op == 'release' and ARGV[PICK_FIRST] then
+    -- the request's routing reservation ends with it: its batch slot is granted below at once
+    local replica = tonumber(ARGV[PICK_FIRST])
+    redis.call('ZREM', KEYS[FIRST_REPLICA + n + replica - 1], ARGV[PICK_FIRST + 1])
+  end
 end
-
-local n = (#KEYS - FIRST_REPLICA + 1) / 2
 local slots, healthy, unknown, drain, free, reserved = 0, 0, 0, 0, 0, 0
 for i = FIRST_REPLICA, FIRST_REPLICA + n - 1 do
   local h = redis.call('HMGET', KEYS[i], 'max_active', 'healthy', 'ts_ms', 'drain_rps')

@@ -72,6 +72,7 @@ class AdmissionGate:
         priority: int,
         ahead_limit: float | None = None,
         pick: PickPlan | None = None,
+        routed: tuple[str, str] | None = None,
     ) -> GateReply:
         s = self._settings
         keys = [
@@ -101,6 +102,8 @@ class AdmissionGate:
         ]
         if pick is not None:
             args += [*pick.args(), *replica_ids]
+        if routed is not None:  # release: (replica index, reservation id)
+            args += [str(replica_ids.index(routed[0]) + 1), routed[1]]
         reply = await self._script(keys=keys, args=args)
         drain = reply[5].decode() if isinstance(reply[5], bytes) else str(reply[5])
         return GateReply(
@@ -151,9 +154,17 @@ class AdmissionGate:
         """A waiter gives up its place (or a grant it has not claimed); frees slots go on."""
         return await self._call("leave", model, replica_ids, ticket, 0)
 
-    async def release(self, model: str, replica_ids: Sequence[str], ticket: str) -> GateReply:
-        """An admitted request ended: its slot goes to the queue's head at once."""
-        return await self._call("release", model, replica_ids, ticket, 0)
+    async def release(
+        self,
+        model: str,
+        replica_ids: Sequence[str],
+        ticket: str,
+        routed: tuple[str, str] | None = None,
+    ) -> GateReply:
+        """An admitted request ended: its slot goes to the queue's head at once. ``routed``
+        (replica id, reservation id; the replica one of ``replica_ids``): the request's routing
+        reservation, released in the same call."""
+        return await self._call("release", model, replica_ids, ticket, 0, None, None, routed)
 
     async def counts(self, model: str) -> tuple[int, int]:
         """(outstanding, queued) after dropping expired entries: for tests and diagnostics."""

@@ -2,6 +2,9 @@
 
 * ``async_pre_call_hook``: admit, wait in the fleet-wide queue, or raise the 503 (envelope,
   ``Retry-After``, ``retry-after-ms``); an unknown model is a 404 with the envelope.
+* ``async_post_call_success_deployment_hook`` (a request that is not a stream succeeded): free
+  the admission slot at once, with the routing reservation the gate took for it, in one Redis
+  call (the freed batch slot goes to a waiter in that same call);
 * ``async_log_success_event`` / ``async_log_failure_event`` / ``async_post_call_failure_hook`` /
   the streaming iterator's ``finally`` (client disconnect): free the admission slot, once.
 * ``async_post_call_failure_hook``: an upstream overflow that survived the router's retries on
@@ -22,6 +25,7 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from fastapi import HTTPException
+from litellm.litellm_core_utils.streaming_handler import CustomStreamWrapper
 from litellm.proxy._types import UserAPIKeyAuth
 
 from plugins.admission.controller import AdmissionController
@@ -32,7 +36,9 @@ from plugins.auth.identity import priority_of
 from plugins.loop_lag import MONITOR
 from plugins.overflow import is_upstream_overflow
 from plugins.request_end import RequestEndHook
-from plugins.routing.hook import installed_strategy, proxy_router
+from plugins.routing.hook import installed_strategy, proxy_router, replica_of
+from plugins.routing.ledger import Held
+from plugins.routing.strategy import LeastBusyStrategy
 from triage.redis_client import fail_fast_redis
 
 log = logging.getLogger(__name__)
@@ -87,6 +93,27 @@ class AdmissionHook(RequestEndHook):
             installed_strategy(router),  # the triage routing plugin: pick in the same call
         )
         return None
+
+    async def async_post_call_success_deployment_hook(
+        self, request_data: dict[str, Any], response: Any, call_type: Any
+    ) -> None:
+        if request_data.get("stream") or isinstance(response, CustomStreamWrapper):
+            return None  # a stream ends after its last chunk
+        ticket = request_data.get("litellm_call_id")
+        if not ticket:
+            return None
+        strategy = installed_strategy(proxy_router())
+        routed = strategy.take_adopted(str(ticket), replica_of(request_data)) if strategy else None
+        # LiteLLM awaits this hook before it answers: the release runs in a task of its own
+        self.spawn(self._finish(str(ticket), routed, strategy))
+        return None
+
+    async def _finish(
+        self, ticket: str, routed: Held | None, strategy: LeastBusyStrategy | None
+    ) -> None:
+        pair = (routed.replica_id, routed.reservation_id) if routed and not routed.local else None
+        if not await self.controller.finish(ticket, pair) and routed and strategy:
+            await strategy.give_back(routed)
 
     async def async_post_call_failure_hook(
         self,

@@ -6,8 +6,10 @@ Registered in the proxy config (``litellm_settings.callbacks``). Why each hook:
   the proxy's router was rebuilt or re-initialised (``routing_strategy_init`` drops custom
   strategies), so the override survives config reloads.
 * ``async_post_call_success_deployment_hook`` / ``async_post_call_failure_deployment_hook``
-  (every attempt, retries included): release that attempt's reservation. A stream's attempt
-  "succeeds" when it starts, so streams are released at their end instead:
+  (every attempt, retries included): release that attempt's reservation (a success on the
+  replica the admission gate reserved is left to the admission plugin, which releases it with
+  the request's admission in one Redis call). A stream's attempt "succeeds" when it starts, so
+  streams are released at their end instead:
 * ``async_log_success_event`` / ``async_log_failure_event`` (once per request, a stream's at its
   end) and ``async_post_call_streaming_iterator_hook`` (its ``finally`` runs when the client
   disconnects mid-stream): release what the request still holds (``RequestEndHook``, shared
@@ -100,10 +102,11 @@ class RoutingHook(RequestEndHook):
         if request_data.get("stream") or isinstance(response, CustomStreamWrapper):
             return None  # released when the stream ends
         call_id = call_id_of(request_data)
-        if call_id is not None:
+        replica_id = replica_of(request_data)
+        if call_id is not None and not self.strategy.released_with_admission(call_id, replica_id):
             # LiteLLM awaits this hook before it answers: the slot is given back in a task
             # of its own, within the same loop turn, not on the response's path
-            self.spawn(self.strategy.release_attempt(call_id, replica_of(request_data)))
+            self.spawn(self.strategy.release_attempt(call_id, replica_id))
         return None
 
     async def async_post_call_failure_deployment_hook(

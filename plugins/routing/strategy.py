@@ -82,6 +82,9 @@ class LeastBusyStrategy(CustomRoutingStrategyBase):
         """Per request: replicas an attempt failed on (overflow...), avoided by its retries."""
         self.prepicked: dict[str, tuple[float, str]] = {}
         """Per request: the replica the admission gate reserved for it, not yet routed to."""
+        self.adopted: dict[str, tuple[float, str]] = {}
+        """Per request: the replica of the reservation the admission gate took, until the
+        admission plugin releases it with the request's admission (``take_adopted``)."""
 
     # -- installation ----------------------------------------------------------------------
 
@@ -167,8 +170,26 @@ class LeastBusyStrategy(CustomRoutingStrategyBase):
         """``reservation`` was taken for ``call_id`` by the admission gate (with a ``plan_pick``
         plan): its first attempt goes there; released like any other reservation."""
         self.ledger.add(call_id, Held(reservation.replica_id, reservation.reservation_id, False))
-        self.prepicked[call_id] = (time.monotonic(), reservation.replica_id)
+        self.prepicked[call_id] = self.adopted[call_id] = (time.monotonic(), reservation.replica_id)
         PICKS.labels(model, reservation.replica_id, "gate").inc()
+
+    def released_with_admission(self, call_id: str, replica_id: str | None) -> bool:
+        """Whether the reservation of ``call_id``'s attempt on ``replica_id`` (a success) is
+        left to the admission plugin, to be given back with the request's admission."""
+        return replica_id is not None and self.adopted.get(call_id, (0.0, ""))[1] == replica_id
+
+    def take_adopted(self, call_id: str, replica_id: str | None) -> Held | None:
+        """The reservation adopted for ``call_id``, if its attempt on ``replica_id`` just
+        succeeded: the caller gives it back (``give_back`` when it cannot itself)."""
+        if not self.released_with_admission(call_id, replica_id):
+            return None
+        del self.adopted[call_id]
+        self.failed.pop(call_id, None)
+        return self.ledger.take_one(call_id, replica_id)
+
+    async def give_back(self, held: Held) -> None:
+        """Release one reservation taken out of the ledger (``take_adopted``)."""
+        await self._give_back(held)
 
     # -- the decision ----------------------------------------------------------------------
 
@@ -263,6 +284,7 @@ class LeastBusyStrategy(CustomRoutingStrategyBase):
         """The request ``call_id`` ended: give back whatever it still holds."""
         self.failed.pop(call_id, None)
         self.prepicked.pop(call_id, None)
+        self.adopted.pop(call_id, None)
         for held in self.ledger.take_all(call_id):
             await self._give_back(held)
 
@@ -285,8 +307,9 @@ class LeastBusyStrategy(CustomRoutingStrategyBase):
         limit = now - self.settings.lease_ms / 1000.0
         for call_id in [c for c, (t, _) in self.failed.items() if t < limit]:
             del self.failed[call_id]
-        for call_id in [c for c, (t, _) in self.prepicked.items() if t < limit]:
-            del self.prepicked[call_id]
+        for table in (self.prepicked, self.adopted):
+            for call_id in [c for c, (t, _) in table.items() if t < limit]:
+                del table[call_id]
         for held in self.ledger.expire(now):
             log.warning(
                 "routing: reservation %s on %s outlived its lease without a release",
