@@ -56,6 +56,7 @@ from gateway.stack_settings import StackSettings
 from loadtests.arrivals import Arrival, ArrivalSequence
 from loadtests.measure import (
     REST,
+    STOLEN,
     CpuGroups,
     bench_logging,
     cpu_cores,
@@ -1059,6 +1060,8 @@ def bottleneck_lines(doc: dict[str, Any]) -> list[str]:
     lag_run, lag = max(runs, key=lambda r: r[1]["client_lag_p99_ms"])
     worst_proxy, worst_lag = proxy["proxy_cores_max_process"], lag["client_lag_p99_ms"]
     worst_rest = max(s["cpu_cores"][REST] for _, s in runs)
+    stolen_run, stolen = max(runs, key=lambda r: r[1]["cpu_cores"].get(STOLEN, 0.0))
+    worst_stolen = stolen["cpu_cores"].get(STOLEN, 0.0)
     worst_machine = max(s["cpu_cores"]["machine busy"] for _, s in runs)
     typical = sorted(s["proxy_cores_max_process"] for _, s in runs)[len(runs) // 2]
     lines = [
@@ -1066,8 +1069,14 @@ def bottleneck_lines(doc: dict[str, Any]) -> list[str]:
         f"({proxy_run}); one LiteLLM process runs one event loop: near 1.0 it is the bottleneck",
         f"  client: requests left at most {worst_lag:.1f} ms late (p99, {lag_run})",
         f"  machine: up to {worst_machine:.2f} of {doc['cpu_count']} cores busy in a run; "
-        f"outside this benchmark up to {worst_rest:.2f} cores (other work on the machine)",
+        f"outside this benchmark up to {worst_rest:.2f} cores (other work on the machine); "
+        f"stolen by the hypervisor up to {worst_stolen:.2f} cores ({stolen_run})",
     ]
+    if worst_stolen > 0.1:
+        lines.append(
+            f"  => WARNING: the host took up to {worst_stolen:.2f} cores from this virtual "
+            "machine during a run: its latencies are slower and noisier than the code's"
+        )
     if worst_proxy < 0.6 and worst_lag < 50:
         lines.append("  => the proxies and the client had headroom: the replicas set the pace")
     else:

@@ -19,6 +19,7 @@ from typing import Any
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 CLIENTS = "clients (this process)"
 REST = "rest of the machine"
+STOLEN = "stolen by the hypervisor"
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -78,6 +79,13 @@ def machine_busy_s() -> tuple[float, float]:
     return (sum(values) - idle) / CLK_TCK, sum(values) / CLK_TCK
 
 
+def machine_stolen_s() -> float:
+    """CPU seconds the hypervisor ran something else while this machine wanted its CPUs
+    (``steal`` in ``/proc/stat``, all cores summed): a virtual machine on a busy host."""
+    with open("/proc/stat") as f:
+        return int(f.readline().split()[8]) / CLK_TCK
+
+
 def machine_busy_cores(seconds: float = 1.0) -> float:
     """How many cores the whole machine kept busy over the next ``seconds`` (blocks)."""
     busy0, total0 = machine_busy_s()
@@ -110,6 +118,7 @@ class CpuGroups:
         out = {role: group_cpu_s(pgids) for role, pgids in self.groups.items()}
         out[CLIENTS] = time.process_time()
         out["machine"] = machine_busy_s()[0]
+        out[STOLEN] = machine_stolen_s()
         return out
 
 
@@ -117,8 +126,10 @@ def cpu_cores(before: dict[str, float], after: dict[str, float], wall_s: float) 
     """Cores used per role over ``wall_s``; the machine's busy time not in any role is REST."""
     used = {role: (after[role] - before[role]) / wall_s for role in before}
     machine = used.pop("machine")
-    used[REST] = max(0.0, machine - sum(used.values()))
+    stolen = used.pop(STOLEN, 0.0)  # counted in the machine's busy time, in no process
+    used[REST] = max(0.0, machine - stolen - sum(used.values()))
     used["machine busy"] = machine
+    used[STOLEN] = stolen
     return used
 
 

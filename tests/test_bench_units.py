@@ -25,7 +25,15 @@ from loadtests.compare import (
 )
 from loadtests.compare import main as bench_main
 from loadtests.load_settings import LoadSettings, resolve
-from loadtests.measure import histogram_quantile, jsonable, median_standard_error, percentile
+from loadtests.measure import (
+    REST,
+    STOLEN,
+    cpu_cores,
+    histogram_quantile,
+    jsonable,
+    median_standard_error,
+    percentile,
+)
 from loadtests.oracle import OracleReplica, replay_oracle
 from loadtests.report import Record, plot_runs, render_text, summarize
 from loadtests.scenarios import Scenario
@@ -318,6 +326,13 @@ def test_overhead_reports_idle_and_back_to_back_and_judges_idle() -> None:
     doc = {"levels": [], "overhead": overhead, "settings": BenchSettings().model_dump()}
     (line,) = targets(doc)
     assert line.startswith("  MET  the plugins add +0.8 ms p50") and "back to back +1.9 ms" in line
+
+
+def test_cpu_stolen_by_the_hypervisor_is_not_other_work() -> None:
+    before = {"proxies": 0.0, "machine": 0.0, STOLEN: 0.0}
+    after = {"proxies": 4.0, "machine": 12.0, STOLEN: 6.0}  # over 10 s
+    used = cpu_cores(before, after, 10.0)
+    assert used == pytest.approx({"proxies": 0.4, REST: 0.2, "machine busy": 1.2, STOLEN: 0.6})
 
 
 def test_compact_results_keep_the_simulator_keys() -> None:
