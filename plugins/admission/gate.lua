@@ -60,7 +60,7 @@ local queue_limit, max_queue = tonumber(ARGV[9]), tonumber(ARGV[10])
 local channel = ARGV[11]
 local ahead_limit = tonumber(ARGV[12] or '')
 local enqueue_channel = ARGV[13]
-local PICK_FIRST = 14 -- ARGV[PICK_FIRST..]: pick_lib's arguments, then the replica ids
+local PICK_FIRST = 14 -- ARGV[PICK_FIRST..]: enter, poll: the pick; release: the reservation
 local picking = #ARGV >= PICK_FIRST
 local PRIORITY_UNIT = 1099511627776 -- 2^40
 
