@@ -23,10 +23,10 @@ from litellm import Router
 from redis.asyncio import Redis
 
 from gateway.redis_launcher import RedisServer
-from plugins.routing.hook import RoutingHook, installed_strategy
+from plugins.routing.hook import RoutingHook
 from plugins.routing.settings import RoutingSettings
 from plugins.routing.store import RoutingStore
-from plugins.routing.strategy import NoEligibleReplica
+from plugins.routing.strategy import NoEligibleReplica, installed_strategy
 from triage.keyschema import KeySchema
 from triage.paths import free_port
 

@@ -130,7 +130,9 @@ class AdmissionGate:
         """Admit, queue, or refuse ``ticket``; with ``ahead_limit``, refuse it
         (``WAIT_TOO_LONG``) rather than queue it behind more than that many; with ``pick``,
         an admitted ticket's replica is reserved as well (``GateReply.reservation``)."""
-        return await self._call("enter", model, replica_ids, ticket, priority, ahead_limit, pick)
+        return await self._call(
+            "enter", model, replica_ids, ticket, priority, ahead_limit, pick=pick
+        )
 
     async def peek(
         self, model: str, replica_ids: Sequence[str], priority: int, ahead_limit: float | None
@@ -148,7 +150,7 @@ class AdmissionGate:
         pick: PickPlan | None = None,
     ) -> GateReply:
         """A waiter keeps its place, or claims its grant (then, with ``pick``, its replica)."""
-        return await self._call("poll", model, replica_ids, ticket, priority, None, pick)
+        return await self._call("poll", model, replica_ids, ticket, priority, pick=pick)
 
     async def leave(self, model: str, replica_ids: Sequence[str], ticket: str) -> GateReply:
         """A waiter gives up its place (or a grant it has not claimed); frees slots go on."""
@@ -164,7 +166,7 @@ class AdmissionGate:
         """An admitted request ended: its slot goes to the queue's head at once. ``routed``
         (replica id, reservation id; the replica one of ``replica_ids``): the request's routing
         reservation, released in the same call."""
-        return await self._call("release", model, replica_ids, ticket, 0, None, None, routed)
+        return await self._call("release", model, replica_ids, ticket, 0, routed=routed)
 
     async def counts(self, model: str) -> tuple[int, int]:
         """(outstanding, queued) after dropping expired entries: for tests and diagnostics."""

@@ -36,9 +36,9 @@ from plugins.auth.identity import priority_of
 from plugins.loop_lag import MONITOR
 from plugins.overflow import is_upstream_overflow
 from plugins.request_end import RequestEndHook
-from plugins.routing.hook import installed_strategy, proxy_router, replica_of
+from plugins.routing.hook import proxy_router, replica_of
 from plugins.routing.ledger import Held
-from plugins.routing.strategy import LeastBusyStrategy
+from plugins.routing.strategy import LeastBusyStrategy, installed_strategy
 from triage.redis_client import fail_fast_redis
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,7 @@ class AdmissionHook(RequestEndHook):
     async def _finish(
         self, ticket: str, routed: Held | None, strategy: LeastBusyStrategy | None
     ) -> None:
-        pair = (routed.replica_id, routed.reservation_id) if routed and not routed.local else None
+        pair = (routed.replica_id, routed.reservation_id) if routed else None
         if not await self.controller.finish(ticket, pair) and routed and strategy:
             await strategy.give_back(routed)
 

@@ -66,13 +66,6 @@ def proxy_router() -> Router | None:
     return router if isinstance(router, Router) else None
 
 
-def installed_strategy(router: Router | None) -> LeastBusyStrategy | None:
-    """The least-busy strategy choosing ``router``'s deployments, if one is installed."""
-    chooser = router.__dict__.get("async_get_available_deployment") if router else None
-    strategy = getattr(chooser, "__self__", None)
-    return strategy if isinstance(strategy, LeastBusyStrategy) else None
-
-
 class RoutingHook(RequestEndHook):
     # LiteLLM's proxy runs this hook only when the registered class defines it in its own
     # ``__dict__`` (a leaf-class check); inheriting it from ``RequestEndHook`` is not enough

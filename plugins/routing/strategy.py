@@ -67,6 +67,13 @@ def replica_id_of(deployment: dict[str, Any]) -> str:
     return str(replica_id)
 
 
+def installed_strategy(router: Router | None) -> LeastBusyStrategy | None:
+    """The least-busy strategy choosing ``router``'s deployments, if one is installed."""
+    chooser = router.__dict__.get("async_get_available_deployment") if router else None
+    strategy = getattr(chooser, "__self__", None)
+    return strategy if isinstance(strategy, LeastBusyStrategy) else None
+
+
 class LeastBusyStrategy(CustomRoutingStrategyBase):
     def __init__(self, settings: RoutingSettings, router: Router | None = None) -> None:
         self.settings = settings
@@ -95,8 +102,7 @@ class LeastBusyStrategy(CustomRoutingStrategyBase):
         log.info("routing: least-busy strategy installed on router %#x", id(router))
 
     def installed_on(self, router: Router) -> bool:
-        current = router.__dict__.get("async_get_available_deployment")
-        return current is not None and getattr(current, "__self__", None) is self
+        return installed_strategy(router) is self
 
     @property
     def store(self) -> RoutingStore:
@@ -184,7 +190,6 @@ class LeastBusyStrategy(CustomRoutingStrategyBase):
         if not self.released_with_admission(call_id, replica_id):
             return None
         del self.adopted[call_id]
-        self.failed.pop(call_id, None)
         return self.ledger.take_one(call_id, replica_id)
 
     async def give_back(self, held: Held) -> None:
