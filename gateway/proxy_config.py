@@ -47,6 +47,9 @@ class ProxyOptions(BaseModel):
     catalogue_file: Path | None = None
     """A model catalogue (``plugins/catalogue``): its models get a deployment on every server
     they may run on, loaded there on first request."""
+    max_output_tokens: int | None = Field(default=4096, ge=1)
+    """Every deployment's ``model_info.max_output_tokens``: the front door answers 400 to a
+    larger ``max_tokens`` (None: the front door's ``TRIAGE_FRONT_DOOR_MAX_TOKENS_LIMIT``)."""
     router_redis_url: str | None = None
     """Redis for LiteLLM's own Router state (``router_settings`` ``redis_host`` / ``redis_port`` /
     ``redis_password``): how LiteLLM shares ``least-busy`` counts and cooldowns across proxy
@@ -81,11 +84,21 @@ def build_proxy_config(
         "routing_strategy": "least-busy" if opts.routing == "least-busy" else "simple-shuffle",
         "num_retries": opts.num_retries,
     }
+    limits = (
+        {"max_output_tokens": opts.max_output_tokens} if opts.max_output_tokens is not None else {}
+    )
     if opts.router_redis_url is not None:
         router_settings.update(router_redis_settings(opts.router_redis_url))
     return {
         "model_list": [
-            triton_deployment(model_name, r.replica_id, r.api_base, triton_model) for r in replicas
+            triton_deployment(
+                model_name,
+                r.replica_id,
+                r.api_base,
+                triton_model,
+                model_info=limits,
+            )
+            for r in replicas
         ]
         + catalogue_model_list(opts.catalogue_file),
         "litellm_settings": {

@@ -1,4 +1,5 @@
-"""Start the real LiteLLM proxy (``litellm --config``) as a process on a free loopback port."""
+"""Start the real LiteLLM proxy (LiteLLM's own CLI through ``gateway.proxy_main``, which puts
+the front door in front of its app) as a process on a free loopback port."""
 
 from __future__ import annotations
 
@@ -43,10 +44,13 @@ def start_proxy(
     ready_timeout_s: float = 120.0,
     extra_env: dict[str, str] | None = None,
 ) -> LiteLLMProxy:
-    """Start ``litellm --config config_path`` and wait until it answers its readiness probe."""
+    """Start ``litellm --config config_path`` (behind the front door) and wait until it answers
+    its readiness probe."""
     port = free_port()
     argv = [
-        str(venv_bin() / "litellm"),
+        str(venv_bin() / "python"),
+        "-m",
+        "gateway.proxy_main",  # LiteLLM's CLI, its app behind the front door
         "--config",
         str(config_path),
         "--host",

@@ -219,6 +219,21 @@ class AdmissionController:
         log.info("admission: shed %s request (%s), retry after %.1f s", model, reason, seconds)
         return overloaded(model, reason, seconds, wait)
 
+    def shed_early(
+        self, model: str, replica_ids: Sequence[str], priority: int
+    ) -> GatewayError | None:
+        """The 503 for a request the memo already says would be shed, decided before LiteLLM's
+        per-request work (the front door, ``plugins/front_door``): no await, no Redis call.
+        None: let the request in (the gate decides as usual)."""
+        if not self.outage.should_try():
+            return None  # per-process fallback: the hook bounds it
+        started = time.perf_counter()
+        now = time.monotonic()
+        shed = self._shed_from_memo(model, replica_ids, priority, self.ahead_limit(model, now), now)
+        if shed is not None:
+            _decided(model, "shed", "front_door", started)
+        return shed
+
     # -- admission --------------------------------------------------------------------------
 
     async def admit(

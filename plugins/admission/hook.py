@@ -68,6 +68,11 @@ class AdmissionHook(RequestEndHook):
             MONITOR.ensure_started()  # the event loop's own lag, beside the decision times
         return self._controller
 
+    @property
+    def started_controller(self) -> AdmissionController | None:
+        """The controller once a request has made it (None before: nothing to remember yet)."""
+        return self._controller
+
     async def async_pre_call_hook(
         self,
         user_api_key_dict: UserAPIKeyAuth,

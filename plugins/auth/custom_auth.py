@@ -33,6 +33,7 @@ import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from fastapi import Request, status
 from litellm.constants import LITELLM_PROXY_ADMIN_NAME, LITELLM_PROXY_MASTER_KEY_ALIAS
@@ -56,7 +57,7 @@ from plugins.auth.keystore import (
     hash_key,
     key_id_from_hash,
 )
-from plugins.auth.settings import KeysSettings
+from plugins.auth.settings import DEFAULT_PRIORITY, KeysSettings
 
 log = logging.getLogger("triage.auth")
 
@@ -150,6 +151,14 @@ class Authenticator:
                 self.settings.stale_if_error_s,
             )
 
+    def cached(self, key_hash: str) -> tuple[bool, KeyRecord | None]:
+        """(fresh, record) from the cache alone, no I/O: ``(True, None)`` is a key known to be
+        unknown or revoked; ``(False, None)`` means not looked up within the TTL."""
+        cached = self._cache.get(key_hash)
+        if cached is None or cached[0] <= self._clock():
+            return False, None
+        return True, cached[1]
+
     def forget(self, key_hash: str | None = None) -> None:
         """Drop one cached lookup (or all): for tests and for an in-process revoke."""
         if key_hash is None:
@@ -218,16 +227,52 @@ def set_authenticator(authenticator: Authenticator | None) -> Authenticator | No
     return previous
 
 
+@dataclass(frozen=True)
+class CachedIdentity:
+    """A key as the last lookup within the cache's TTL saw it (``cached_identity``)."""
+
+    known: bool
+    """False: no key, or a key the store said is unknown or revoked (answer 401)."""
+    priority: int = DEFAULT_PRIORITY
+    models: tuple[str, ...] = ()
+
+
+def cached_identity(authorization: str | None) -> CachedIdentity | None:
+    """What this process already knows of the key in an ``Authorization`` header, without any
+    I/O (the front door's shortcut, ``plugins/front_door``); None when it does not know (the
+    offline key store is not in use in this process, or the key was not looked up within the
+    cache's TTL): then ``user_api_key_auth`` decides as usual."""
+    authenticator = _authenticator
+    if authenticator is None:
+        return None
+    presented = _bearer_stripped(authorization)
+    if not presented:
+        return CachedIdentity(known=False)
+    master = os.environ.get(MASTER_KEY_ENV)
+    if master and hmac.compare_digest(presented.encode(), master.encode()):
+        return CachedIdentity(known=True, priority=authenticator.settings.admin_priority)
+    fresh, record = authenticator.cached(hash_key(presented))
+    if not fresh:
+        return None
+    if record is None:
+        return CachedIdentity(known=False)
+    return CachedIdentity(known=True, priority=record.priority, models=tuple(record.models))
+
+
+NO_KEY_MESSAGE = (
+    "No API key provided: send 'Authorization: Bearer <key>' (create one with "
+    "'triage keys create --alias NAME')."
+)
+UNKNOWN_KEY_MESSAGE = "Invalid API key: unknown or revoked."
+
+
 async def user_api_key_auth(request: Request, api_key: str | None) -> UserAPIKeyAuth:
     """LiteLLM ``custom_auth`` entry point; see the module docstring for the outcomes."""
     route = get_request_route(request)
     presented = _bearer_stripped(api_key)
     if not presented:
         log.info("rejected request without an API key on %s", route)
-        raise _unauthorized(
-            "No API key provided: send 'Authorization: Bearer <key>' (create one with "
-            "'triage keys create --alias NAME')."
-        )
+        raise _unauthorized(NO_KEY_MESSAGE)
     try:
         authenticator = get_authenticator()
     except ValidationError as exc:
@@ -278,7 +323,7 @@ async def user_api_key_auth(request: Request, api_key: str | None) -> UserAPIKey
         ) from exc
     if record is None:
         log.info("rejected unknown or revoked key %s on %s", key_id, route)
-        raise _unauthorized("Invalid API key: unknown or revoked.")
+        raise _unauthorized(UNKNOWN_KEY_MESSAGE)
     if authenticator.settings.restrict_routes and not key_route_allowed(route):
         log.info("refused key %s (%s) on admin route %s", key_id, record.alias, route)
         raise ProxyException(

@@ -1,0 +1,112 @@
+"""``LiteLLMSide``: what the front door learns from the LiteLLM proxy process it runs in (the
+router's deployments, the registered triage callbacks, the key cache), read without I/O."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import litellm
+from litellm import Router
+
+from plugins.admission.hook import AdmissionHook
+from plugins.auth.custom_auth import NO_KEY_MESSAGE, UNKNOWN_KEY_MESSAGE, cached_identity
+from plugins.auth.model_access import model_allowed
+from plugins.front_door.door import Answer, error_answer
+from plugins.front_door.settings import MODEL_INFO_MAX_OUTPUT, FrontDoorSettings
+from plugins.request_end import RequestEndHook
+from plugins.routing.hook import proxy_router
+
+log = logging.getLogger(__name__)
+
+
+def deployments_limit(deployments: list[dict[str, object]], default: int) -> int:
+    """The smallest ``model_info.max_output_tokens`` among a model's deployments (a request
+    may land on any of them), else ``default``."""
+    limits = []
+    for deployment in deployments:
+        info = deployment.get("model_info")
+        value = info.get(MODEL_INFO_MAX_OUTPUT) if isinstance(info, dict) else None
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            limits.append(value)
+    return min(limits) if limits else default
+
+
+class LiteLLMSide:
+    def __init__(
+        self,
+        settings: FrontDoorSettings,
+        router: Callable[[], Router | None] = proxy_router,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self._router = router
+        self._clock = clock
+        self._limits: dict[str, tuple[float, int]] = {}
+
+    def max_tokens_limit(self, model: str) -> int:
+        now = self._clock()
+        cached = self._limits.get(model)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        router = self._router()
+        deployments = router.get_model_list(model_name=model) if router is not None else None
+        limit = deployments_limit(list(deployments or []), self.settings.max_tokens_limit)
+        if len(self._limits) > 4096:
+            self._limits.clear()
+        self._limits[model] = (now + self.settings.limits_cache_s, limit)
+        return limit
+
+    def shed(self, authorization: str | None, model: str) -> Answer | None:
+        identity = cached_identity(authorization)
+        if identity is None:
+            return None  # not known here yet: LiteLLM authenticates it
+        if not identity.known:
+            from plugins.front_door import metrics
+
+            metrics.REJECTED.labels("unauthorized").inc()
+            return error_answer(
+                401,
+                UNKNOWN_KEY_MESSAGE if authorization else NO_KEY_MESSAGE,
+                "auth_error",
+                "api_key",
+                "401",
+            )
+        if not model_allowed(model, identity.models):
+            return None  # LiteLLM's 403, from the model-access hook
+        admission = _admission_hook()
+        router = self._router()
+        if admission is None or admission.started_controller is None or router is None:
+            return None
+        replica_ids = router.get_model_ids(model_name=model)
+        if not replica_ids:
+            return None  # LiteLLM answers 404 after authentication
+        shed = admission.started_controller.shed_early(model, replica_ids, identity.priority)
+        if shed is None:
+            return None
+        return Answer(503, {"error": shed.to_dict()}, tuple((shed.headers or {}).items()))
+
+    def request_ended(self, call_id: str) -> None:
+        data = {"litellm_call_id": call_id}
+        for hook in _request_end_hooks():
+            hook.spawn(hook.on_request_end(data))
+
+
+def _callbacks() -> list[object]:
+    return [*litellm.callbacks, *litellm.success_callback, *litellm.failure_callback]
+
+
+def _admission_hook() -> AdmissionHook | None:
+    for callback in _callbacks():
+        if isinstance(callback, AdmissionHook):
+            return callback
+    return None
+
+
+def _request_end_hooks() -> list[RequestEndHook]:
+    seen: list[RequestEndHook] = []
+    for callback in _callbacks():
+        if isinstance(callback, RequestEndHook) and all(callback is not s for s in seen):
+            seen.append(callback)
+    return seen
