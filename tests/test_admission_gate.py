@@ -87,9 +87,12 @@ async def test_capacity_is_max_active_plus_allowance_of_healthy_replicas(
     replies = [await gate.enter("m", IDS, f"t{i}", 1) for i in range(6)]
     assert [r.status for r in replies] == [Status.ADMITTED] * 6
     assert replies[-1].capacity == 6 and replies[-1].drain_rps == 8.0
+    # with every slot busy: 2 replicas x max_active 2 / 10 ms
+    assert replies[-1].throughput_rps == pytest.approx(400.0)
     assert (await gate.enter("m", IDS, "t6", 1)).status == Status.WAITING
     await publish(client, s, b={"healthy": False, "state": "unhealthy"})
-    assert (await gate.enter("m", IDS, "t7", 1)).capacity == 3
+    unhealthy_b = await gate.enter("m", IDS, "t7", 1)
+    assert unhealthy_b.capacity == 3 and unhealthy_b.throughput_rps == pytest.approx(200.0)
     for i in range(6):
         await gate.release("m", IDS, f"t{i}")
     await gate.leave("m", IDS, "t6")
@@ -425,7 +428,10 @@ async def test_the_queue_rate_is_learned_from_granted_waiters(
     controllers: Callable[[Redis, AdmissionSettings], AdmissionController],
 ) -> None:
     s = settings(redis_server, stale_after_ms=60_000)
-    await publish(client, s, a={"max_active": 1}, b={"healthy": False})  # 1 slot + 1 allowance
+    # 1 slot + 1 allowance; no service time measured, so no throughput to start from
+    await publish(
+        client, s, a={"max_active": 1, "service_ms": None}, b={"healthy": False, "service_ms": None}
+    )
     ctl = controllers(client, s)
     await ctl.admit("m", IDS, "r1", 1)
     await ctl.admit("m", IDS, "r2", 1)
@@ -586,3 +592,64 @@ async def test_grants_are_numbered_in_their_messages_and_in_every_reply(
         await gate.release("m", IDS, "n3")
     finally:
         await pubsub.aclose()
+
+
+async def test_a_full_queue_is_shed_from_the_memo_with_retry_afters_spread(
+    client: Redis,
+    redis_server: RedisServer,
+    controllers: Callable[[Redis, AdmissionSettings], AdmissionController],
+) -> None:
+    """Queue full: Redis answers once; the next requests are shed by the memo (no Redis round
+    trip, which the front door relies on); each Retry-After lies behind the ones given before
+    it, at the fleet's full-load throughput (max_active 1 / 10 ms = 100/s here)."""
+    s = settings(
+        redis_server, max_queue=2, expected_wait_fraction=0.0, shed_memo_ms=5000,
+        stale_after_ms=60_000, retry_after_min_s=0.001,
+    )  # fmt: skip
+    await publish(client, s, a={"max_active": 1}, b={"healthy": False})  # 1 slot + 1 allowance
+    ctl = controllers(client, s)
+    for t in ("f1", "f2"):
+        await ctl.admit("m", IDS, t, 1)
+    waiters = []
+    for i in range(2):
+        waiters.append(asyncio.create_task(ctl.admit("m", IDS, f"fw{i}", 1)))
+        await asyncio.sleep(0.02)
+    assert await ctl.gate.counts("m") == (2, 2)
+    from_redis, from_memo = decisions("m", "shed", "redis"), decisions("m", "shed", "memo")
+    ctl.memo.clear()
+    waits = []
+    for i in range(4):
+        with pytest.raises(GatewayError) as info:
+            await ctl.admit("m", IDS, f"full{i}", 1)
+        assert info.value.to_dict()["code"] == "queue_full"
+        waits.append(int((info.value.headers or {})["retry-after-ms"]))
+    assert decisions("m", "shed", "redis") == from_redis + 1
+    assert decisions("m", "shed", "memo") == from_memo + 3
+    assert ctl.shed_early("m", IDS, 1) is not None  # the front door's check: no await
+    assert ctl.shed_early("m", IDS, 0) is None  # no memo for that priority: let it in
+    # work ahead 2 queued + itself = 3, then one more per client told before: 30, 40, 50, 60 ms
+    assert waits[:4] == pytest.approx([30, 40, 50, 60], abs=3)
+    for task in waiters:
+        task.cancel()
+    await asyncio.gather(*waiters, return_exceptions=True)
+    await ctl.finish("f1")
+    await ctl.finish("f2")
+    await drained(ctl)
+
+
+async def test_the_fleet_throughput_stands_in_for_the_queue_rate_until_one_is_measured(
+    client: Redis,
+    redis_server: RedisServer,
+    controllers: Callable[[Redis, AdmissionSettings], AdmissionController],
+) -> None:
+    """A burst after an idle spell: no waiter measured yet, yet the expected-wait limit is
+    known from the first answer (max_active 2 / 100 ms = 20 req/s on the healthy replica)."""
+    s = settings(redis_server, stale_after_ms=60_000)
+    await publish(client, s, a={"service_ms": 100.0}, b={"healthy": False})
+    ctl = controllers(client, s)
+    assert ctl.ahead_limit("m", time.monotonic()) is None
+    await ctl.admit("m", IDS, "t1", 1)
+    limit = ctl.ahead_limit("m", time.monotonic())
+    assert limit == pytest.approx(s.expected_wait_fraction * s.max_wait_ms / 1000 * 20.0 - 1)
+    await ctl.finish("t1")
+    await drained(ctl)

@@ -7,7 +7,12 @@ from pydantic import ValidationError
 
 from plugins.admission.errors import ShedReason, overloaded
 from plugins.admission.expected_wait import ahead_limit, ahead_now
-from plugins.admission.retry_after import RetryAfterBand, retry_after_headers, retry_after_s
+from plugins.admission.retry_after import (
+    RetryAfterBand,
+    RetryPromises,
+    retry_after_headers,
+    retry_after_s,
+)
 from plugins.admission.settings import AdmissionSettings
 
 BAND = RetryAfterBand(min_s=1.0, max_s=30.0, unknown_drain_s=5.0)
@@ -96,3 +101,18 @@ def test_priority_queue_limits() -> None:
         redis_url="redis://127.0.0.1:1/0", max_queue=10, priority_max_queue={2: 3}
     )
     assert (s.queue_limit(1), s.queue_limit(2)) == (10, 3)
+
+
+def test_retry_promises_spread_a_burst_at_the_drain_rate() -> None:
+    """A burst turned away at once: the k-th client is told to come back behind the k - 1
+    before it, so they return spread at the rate slots free, not all together."""
+    promises = RetryPromises()
+    waits = []
+    for _ in range(5):
+        waits.append(retry_after_s(4 + promises.pending(100.0, 2.0), 2.0, BAND))
+        promises.add(100.0, 2.0)
+    assert waits == [2.0, 2.5, 3.0, 3.5, 4.0]  # (4 ahead + k - 1) / 2 per second
+    # they come back at the drain rate: 2 s later, 4 of the 5 are expected back
+    assert promises.pending(102.0, 2.0) == pytest.approx(1.0)
+    assert promises.pending(200.0, 2.0) == 0.0
+    assert promises.pending(100.0, None) == 0.0  # no rate, nothing counted

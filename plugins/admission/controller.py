@@ -26,7 +26,7 @@ from plugins.admission.errors import GatewayError, ShedReason, overloaded
 from plugins.admission.expected_wait import ahead_limit, ahead_now
 from plugins.admission.gate import AdmissionGate, GateReply, Status
 from plugins.admission.grants import GrantListener
-from plugins.admission.retry_after import retry_after_s
+from plugins.admission.retry_after import RetryPromises, retry_after_s
 from plugins.admission.settings import AdmissionSettings
 from plugins.routing.fallback import RedisOutage
 from plugins.routing.store import PickPlan, Reservation
@@ -88,6 +88,10 @@ class AdmissionController:
         self.capacity: dict[str, int] = {}
         self.local = Counter[str]()
         self.queue_rate: dict[str, QueueRate] = {}
+        self.throughput: dict[str, float] = {}
+        """Per model: the gate's last ``throughput_rps`` (the fleet's rate with every slot busy)."""
+        self.promised: dict[str, RetryPromises] = {}
+        """Per model: clients told to come back (Retry-After) and not back yet, by estimate."""
         self.memo: dict[tuple[str, int], Memo] = {}
         self.entering: dict[tuple[str, int], set[str]] = {}
         """Per model and priority: tickets of this process's ``enter`` calls awaiting their
@@ -109,6 +113,8 @@ class AdmissionController:
             else alpha * reply.drain_rps + (1 - alpha) * previous
         )
         self.capacity[model] = reply.capacity
+        if reply.throughput_rps > 0:
+            self.throughput[model] = reply.throughput_rps
         metrics.CAPACITY.labels(model).set(reply.capacity)
         metrics.OUTSTANDING.labels(model).set(reply.outstanding)
 
@@ -129,9 +135,12 @@ class AdmissionController:
         return now - rate.at > RATE_MAX_AGE_WAITS * self.settings.max_wait_ms / 1000
 
     def _rate(self, model: str, now: float) -> float | None:
+        """How fast the queue moves: measured from this process's granted waiters; before
+        that (a cold fleet, a burst after an idle spell), the fleet's throughput with every
+        slot busy, which is what a queue that has formed drains at."""
         rate = self.queue_rate.get(model)
         if rate is None or rate.samples < RATE_MIN_SAMPLES or self._forgotten(rate, now):
-            return None
+            return self.throughput.get(model)
         return rate.rps
 
     def ahead_limit(self, model: str, now: float) -> float | None:
@@ -141,7 +150,7 @@ class AdmissionController:
     def _remember(self, model: str, priority: int, reply: GateReply, now: float) -> None:
         """What the next request of this model and priority will find ahead of it."""
         key = (model, priority)
-        if reply.status == Status.WAIT_TOO_LONG:
+        if reply.status in (Status.WAIT_TOO_LONG, Status.QUEUE_FULL):
             self.memo[key] = self._memo(now, reply.ahead, reply)
         elif reply.status == Status.WAITING:
             self.memo[key] = self._memo(now, reply.ahead + 1, reply)
@@ -166,7 +175,12 @@ class AdmissionController:
         memo = self.memo.get((model, priority))
         if memo is None or now - memo.at > self.settings.shed_memo_ms / 1000:
             return None
-        if limit is None or not self.grants.listening or memo.generation != self.grants.generation:
+        if not self.grants.listening or memo.generation != self.grants.generation:
+            return None
+        # the queue's own bound: with max_queue ahead (this priority and better, which the
+        # memo counts) the whole queue is full too; a tier's own lower limit is left to Redis
+        full_at = self.settings.max_queue
+        if full_at < 1 and limit is None:
             return None
         entering = self.entering.get((model, priority), set())
         arrived = self.grants.enqueued_since(
@@ -177,10 +191,15 @@ class AdmissionController:
         granted = self.grants.granted.get(self.gate.grants_channel(model), 0) - memo.grants
         # requests of this process on their way into the queue will be ahead as well
         ahead = ahead_now(memo.ahead, granted) + arrived + len(entering)
-        if ahead <= limit:
+        if ahead < 1:
+            return None  # nobody queued ahead: it may be admitted at once, Redis decides
+        full = full_at >= 1 and ahead >= full_at
+        if not full and (limit is None or ahead <= limit):
             return None
         if now - memo.at > self.settings.shed_memo_ms / 2000:
             self._refresh_memo(model, replica_ids, priority)
+        if full:
+            return self.shed(model, ShedReason.QUEUE_FULL, ahead + 1)
         return self._shed_expected_wait(model, ahead + 1)
 
     def _refresh_memo(self, model: str, replica_ids: Sequence[str], priority: int) -> None:
@@ -208,7 +227,15 @@ class AdmissionController:
         return self.shed(model, ShedReason.EXPECTED_WAIT, work_ahead, wait=f"{wait:.1f} s")
 
     def retry_after(self, model: str, work_ahead: float) -> float:
-        return retry_after_s(work_ahead, self.drain.get(model), self.band)
+        """Retry-After for one more turned-away client: behind the work ahead of it and the
+        clients already told to come back (``RetryPromises``), at the fleet's full-load
+        throughput (the measured drain EWMA while that is unknown)."""
+        rate = self.throughput.get(model) or self.drain.get(model)
+        promised = self.promised.setdefault(model, RetryPromises())
+        now = time.monotonic()
+        seconds = retry_after_s(work_ahead + promised.pending(now, rate), rate, self.band)
+        promised.add(now, rate)
+        return seconds
 
     def shed(
         self, model: str, reason: ShedReason, work_ahead: float, wait: str = ""

@@ -46,7 +46,10 @@
 -- its next request between two calls (its shed memo, controller.py).
 --
 -- Returns {status, capacity, outstanding, queued, ahead, drain_rps as a string, grants so far,
--- enqueues so far}, and when it picked a replica, pick_lib's {chosen index, inflight, score}:
+-- enqueues so far, throughput as a string (the fleet's completions/s when every batch slot is
+-- busy: sum over fresh healthy replicas of max_active / service time, from the sidecars'
+-- service_ms; 0 while none is measured)}, and when it picked a replica, pick_lib's
+-- {chosen index, inflight, score}:
 --   status  1 admitted, 0 waiting (queued), -1 queue full, -2 no capacity (no healthy replica),
 --           -3 unknown ticket (its place expired), -4 expected wait too long (more than
 --           ahead_limit ahead of it), 2 released / left
@@ -94,9 +97,10 @@ if op == 'release' or op == 'leave' then
     redis.call('ZREM', KEYS[FIRST_REPLICA + n + replica - 1], ARGV[PICK_FIRST + 1])
   end
 end
-local slots, healthy, unknown, drain, free, reserved = 0, 0, 0, 0, 0, 0
+local slots, healthy, unknown, drain, free, reserved, throughput = 0, 0, 0, 0, 0, 0, 0
 for i = FIRST_REPLICA, FIRST_REPLICA + n - 1 do
-  local h = redis.call('HMGET', KEYS[i], 'max_active', 'healthy', 'ts_ms', 'drain_rps')
+  local h = redis.call('HMGET', KEYS[i], 'max_active', 'healthy', 'ts_ms', 'drain_rps',
+    'service_ms')
   local max_active, ts = tonumber(h[1]), tonumber(h[3])
   local own = 0
   if max_active == nil or ts == nil or ts < now_ms - stale_after_ms then
@@ -109,6 +113,10 @@ for i = FIRST_REPLICA, FIRST_REPLICA + n - 1 do
     if d ~= nil and d > 0 then
       drain = drain + d
     end
+    local service_ms = tonumber(h[5])
+    if service_ms ~= nil and service_ms > 0 and max_active > 0 then
+      throughput = throughput + max_active * 1000 / service_ms
+    end
   end
   slots = slots + own
   local inflight = KEYS[i + n]
@@ -119,6 +127,7 @@ for i = FIRST_REPLICA, FIRST_REPLICA + n - 1 do
 end
 local capacity = slots + allowance * healthy
 local drain_s = string.format('%.17g', drain)
+local throughput_s = string.format('%.17g', throughput)
 
 -- grant free batch slots to the queue's heads
 local outstanding = redis.call('ZCARD', admitted)
@@ -140,7 +149,7 @@ local granted = tonumber(redis.call('GET', grantseq) or '0')
 local enqueued = tonumber(redis.call('GET', enqueueseq) or '0')
 
 local function answer(status, out, waiting, ahead)
-  return { status, capacity, out, waiting, ahead, drain_s, granted, enqueued }
+  return { status, capacity, out, waiting, ahead, drain_s, granted, enqueued, throughput_s }
 end
 
 -- admitted now: with the pick arguments, the replica is picked and reserved as well
@@ -150,7 +159,7 @@ local function admit(out, waiting)
     local chosen = pick_replica(FIRST_REPLICA, n, pick_params(PICK_FIRST), PICK_FIRST + PICK_ARGS,
       now_ms)
     if chosen then
-      reply[9], reply[10], reply[11] = chosen[1], chosen[2], chosen[3]
+      reply[10], reply[11], reply[12] = chosen[1], chosen[2], chosen[3]
     end
   end
   return reply

@@ -42,6 +42,9 @@ class GateReply:
     """The model's grant number when the gate answered (``grantseq``)."""
     enqueued: int
     """The model's enqueue number when the gate answered (``enqueueseq``)."""
+    throughput_rps: float = 0.0
+    """Completions/s of the model's healthy replicas with every batch slot busy (Σ max_active
+    / service time; 0 while no service time is measured): how fast a full queue moves."""
     reservation: Reservation | None = None
     """Admitted with a ``PickPlan``: the replica reserved for the request (None when the
     script found no eligible replica; the router then picks as usual)."""
@@ -105,17 +108,17 @@ class AdmissionGate:
         if routed is not None:  # release: (replica index, reservation id)
             args += [str(replica_ids.index(routed[0]) + 1), routed[1]]
         reply = await self._script(keys=keys, args=args)
-        drain = reply[5].decode() if isinstance(reply[5], bytes) else str(reply[5])
         return GateReply(
             Status(int(reply[0])),
             int(reply[1]),
             int(reply[2]),
             int(reply[3]),
             int(reply[4]),
-            float(drain),
+            _float(reply[5]),
             int(reply[6]),
             int(reply[7]),
-            pick.reservation(replica_ids, reply[8:11]) if pick and len(reply) >= 11 else None,
+            _float(reply[8]),
+            pick.reservation(replica_ids, reply[9:12]) if pick and len(reply) >= 12 else None,
         )
 
     async def enter(
@@ -178,3 +181,8 @@ class AdmissionGate:
 
     def enqueues_channel(self, model: str) -> str:
         return self._keys.enqueues(model)
+
+
+def _float(value: bytes | str | float) -> float:
+    """A number the script sends as a string (Lua numbers become integers on the way out)."""
+    return float(value.decode() if isinstance(value, bytes) else value)

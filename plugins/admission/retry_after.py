@@ -44,3 +44,27 @@ def retry_after_headers(seconds: float) -> dict[str, str]:
         "Retry-After": str(max(1, math.ceil(seconds))),
         "retry-after-ms": str(max(1, round(seconds * 1000))),
     }
+
+
+@dataclass
+class RetryPromises:
+    """Clients told to come back that have not come back yet, by estimate: each Retry-After
+    given adds one, and they return at the rate the queue drains (``rate_rps``).
+
+    A burst turns many clients away at once. Told the same Retry-After, they would all return
+    together and find room for only as many as drained meanwhile; counted here, the k-th is
+    told to come back behind the k - 1 before it (``retry_after_s(work_ahead + pending)``), so
+    they return spread at the rate slots free up. Without a rate nothing is counted.
+    """
+
+    count: float = 0.0
+    at: float = 0.0
+
+    def pending(self, now: float, rate_rps: float | None) -> float:
+        if rate_rps is None or not math.isfinite(rate_rps) or rate_rps <= 0.0:
+            return 0.0
+        return max(0.0, self.count - rate_rps * max(0.0, now - self.at))
+
+    def add(self, now: float, rate_rps: float | None) -> None:
+        self.count = self.pending(now, rate_rps) + 1.0
+        self.at = now
