@@ -196,6 +196,7 @@ class Sidecar:
             kv_fraction=sample.kv_fraction if sample else 0.0,
             service_ms=self.service_ms(),
             drain_rps=self.window.drain_rps,
+            request_ms=self.window.service_ms,
             healthy=self.health.healthy and self.loaded,
             state=self.health.state if self.loaded else "unloaded",
             source=sample.source if sample else "triton",

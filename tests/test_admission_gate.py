@@ -43,7 +43,12 @@ def settings(redis_server: RedisServer, **overrides: Any) -> AdmissionSettings:
 
 
 def state(replica_id: str, **fields: Any) -> dict[str, str]:
-    gate_defaults: dict[str, Any] = {"max_active": 2, "service_ms": 10.0, "drain_rps": 4.0}
+    gate_defaults: dict[str, Any] = {
+        "max_active": 2,
+        "service_ms": 10.0,
+        "request_ms": 10.0,
+        "drain_rps": 4.0,
+    }
     return replica_state(replica_id, **{**gate_defaults, **fields}).to_redis()
 
 
@@ -430,7 +435,7 @@ async def test_the_queue_rate_is_learned_from_granted_waiters(
     s = settings(redis_server, stale_after_ms=60_000)
     # 1 slot + 1 allowance; no service time measured, so no throughput to start from
     await publish(
-        client, s, a={"max_active": 1, "service_ms": None}, b={"healthy": False, "service_ms": None}
+        client, s, a={"max_active": 1, "request_ms": None}, b={"healthy": False, "request_ms": None}
     )
     ctl = controllers(client, s)
     await ctl.admit("m", IDS, "r1", 1)
@@ -645,7 +650,7 @@ async def test_the_fleet_throughput_stands_in_for_the_queue_rate_until_one_is_me
     """A burst after an idle spell: no waiter measured yet, yet the expected-wait limit is
     known from the first answer (max_active 2 / 100 ms = 20 req/s on the healthy replica)."""
     s = settings(redis_server, stale_after_ms=60_000)
-    await publish(client, s, a={"service_ms": 100.0}, b={"healthy": False})
+    await publish(client, s, a={"request_ms": 100.0}, b={"healthy": False})
     ctl = controllers(client, s)
     assert ctl.ahead_limit("m", time.monotonic()) is None
     await ctl.admit("m", IDS, "t1", 1)

@@ -124,6 +124,10 @@ def test_service_time_reflects_replica_speed(fleet: Fleet) -> None:
     record("service_ms_fast", round(fast.service_ms, 1))
     record("service_ms_slow", round(slow.service_ms, 1))
     assert 1.5 < ratio < 2.6, (fast.service_ms, slow.service_ms)
+    # the mean request time (30 tokens each), whose ratio is the speeds' as well
+    assert fast.request_ms is not None and slow.request_ms is not None
+    assert fast.request_ms > 10 * fast.service_ms
+    assert 1.5 < slow.request_ms / fast.request_ms < 2.6, (fast.request_ms, slow.request_ms)
 
 
 def engine_load(server: TritonServer) -> tuple[int, int]:

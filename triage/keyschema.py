@@ -131,6 +131,12 @@ class ReplicaState(BaseModel):
         "iteration counter), else the mean request service time over the window",
     )
     drain_rps: float | None = Field(default=None, ge=0.0, description="completions per second")
+    request_ms: float | None = Field(
+        default=None,
+        ge=0.0,
+        description="mean request service time (ms, start to last token) over the window, "
+        "kept while idle: with max_active, the replica's throughput at full load",
+    )
     healthy: bool
     state: HealthState
     source: Literal["trtllm", "triton"] = Field(

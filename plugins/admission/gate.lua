@@ -47,8 +47,8 @@
 --
 -- Returns {status, capacity, outstanding, queued, ahead, drain_rps as a string, grants so far,
 -- enqueues so far, throughput as a string (the fleet's completions/s when every batch slot is
--- busy: sum over fresh healthy replicas of max_active / service time, from the sidecars'
--- service_ms; 0 while none is measured)}, and when it picked a replica, pick_lib's
+-- busy: sum over fresh healthy replicas of max_active / mean request time, from the sidecars'
+-- request_ms; 0 while none is measured)}, and when it picked a replica, pick_lib's
 -- {chosen index, inflight, score}:
 --   status  1 admitted, 0 waiting (queued), -1 queue full, -2 no capacity (no healthy replica),
 --           -3 unknown ticket (its place expired), -4 expected wait too long (more than
@@ -100,7 +100,7 @@ end
 local slots, healthy, unknown, drain, free, reserved, throughput = 0, 0, 0, 0, 0, 0, 0
 for i = FIRST_REPLICA, FIRST_REPLICA + n - 1 do
   local h = redis.call('HMGET', KEYS[i], 'max_active', 'healthy', 'ts_ms', 'drain_rps',
-    'service_ms')
+    'request_ms')
   local max_active, ts = tonumber(h[1]), tonumber(h[3])
   local own = 0
   if max_active == nil or ts == nil or ts < now_ms - stale_after_ms then
@@ -113,9 +113,9 @@ for i = FIRST_REPLICA, FIRST_REPLICA + n - 1 do
     if d ~= nil and d > 0 then
       drain = drain + d
     end
-    local service_ms = tonumber(h[5])
-    if service_ms ~= nil and service_ms > 0 and max_active > 0 then
-      throughput = throughput + max_active * 1000 / service_ms
+    local request_ms = tonumber(h[5])
+    if request_ms ~= nil and request_ms > 0 and max_active > 0 then
+      throughput = throughput + max_active * 1000 / request_ms
     end
   end
   slots = slots + own

@@ -44,7 +44,7 @@ class GateReply:
     """The model's enqueue number when the gate answered (``enqueueseq``)."""
     throughput_rps: float = 0.0
     """Completions/s of the model's healthy replicas with every batch slot busy (Σ max_active
-    / service time; 0 while no service time is measured): how fast a full queue moves."""
+    / mean request time; 0 while none is measured): how fast a full queue moves."""
     reservation: Reservation | None = None
     """Admitted with a ``PickPlan``: the replica reserved for the request (None when the
     script found no eligible replica; the router then picks as usual)."""
