@@ -282,6 +282,71 @@ async def test_engine_overflow_is_503(tiny: TritonServer) -> None:
     assert (await busy).usage.completion_tokens == 30
 
 
+def generate_deployment(server: TritonServer, replica_id: str) -> Router:
+    """A Router whose one deployment sends non-streaming calls to /generate (the opt-out)."""
+    return Router(
+        model_list=[
+            triton_deployment(
+                "plain",
+                replica_id,
+                server.http_url,
+                "standin",
+                provider_settings={"non_stream_endpoint": "generate"},
+            )
+        ],
+        num_retries=0,
+    )
+
+
+async def test_non_streaming_answer_is_the_same_from_generate_stream_and_generate(
+    replica: TritonServer,
+) -> None:
+    """Non-streaming calls are collected from /generate_stream (so that a cancel reaches Triton):
+    text, usage and finish_reason are what /generate's single response gives."""
+    router = generate_deployment(replica, "prov-a")
+    common = {"messages": MESSAGES, "seed": 3}
+    full = await litellm.acompletion(
+        model=MODEL, api_base=replica.http_url, max_tokens=20, **common
+    )
+    stop_word = full.choices[0].message.content.split()[4]
+    cases: list[dict[str, Any]] = [
+        {"max_tokens": 20},
+        {"max_tokens": 7, "temperature": 0.5},
+        {"max_tokens": 20, "stop": [stop_word]},
+        {"max_tokens": 20, "stop": stop_word[:2] + "\u00e9"},  # never found
+    ]
+    for params in cases:
+        collected = await litellm.acompletion(
+            model=MODEL, api_base=replica.http_url, **common, **params
+        )
+        plain = await router.acompletion(model="plain", **common, **params)
+        assert collected.choices[0].message.content == plain.choices[0].message.content, params
+        assert collected.choices[0].finish_reason == plain.choices[0].finish_reason, params
+        assert collected.usage.prompt_tokens == plain.usage.prompt_tokens, params
+        assert collected.usage.completion_tokens == plain.usage.completion_tokens, params
+        assert collected.usage.total_tokens == plain.usage.total_tokens, params
+    stopped = await litellm.acompletion(
+        model=MODEL, api_base=replica.http_url, max_tokens=20, stop=[stop_word], **common
+    )
+    assert stopped.choices[0].finish_reason == "stop"
+    assert stop_word not in stopped.choices[0].message.content
+
+
+async def test_engine_overflow_is_503_on_generate_too(tiny: TritonServer) -> None:
+    """The opt-out to /generate classifies the executor's overflow (HTTP 400 there) as 503 too."""
+    busy = asyncio.create_task(
+        litellm.acompletion(model=MODEL, api_base=tiny.http_url, messages=MESSAGES, max_tokens=30)
+    )
+    await wait_active(tiny, 1)
+    with pytest.raises(litellm.ServiceUnavailableError) as info:
+        await generate_deployment(tiny, "prov-tiny").acompletion(
+            model="plain", messages=MESSAGES, max_tokens=5
+        )
+    assert info.value.status_code == 503
+    assert "engine_queue_full" in str(info.value) and "HTTP 400" in str(info.value)
+    assert (await busy).usage.completion_tokens == 30
+
+
 # ---- the production alternative: LiteLLM's openai/ provider on Triton's OpenAI frontend ------
 
 

@@ -8,11 +8,17 @@ Register it in the proxy config::
 
 or in-process with ``register()``. A deployment is ``model: triage_triton/<triton model>`` with
 ``api_base`` = the replica's Triton HTTP URL; the handler posts to
-``{api_base}/v2/models/<triton model>/generate`` (or ``/generate_stream``, SSE).
+``{api_base}/v2/models/<triton model>/generate_stream`` (SSE, one event per step), for
+non-streaming calls too: their events are collected into one answer (setting
+``non_stream_endpoint: generate`` posts them to ``/generate`` instead).
 
-One ``httpx.AsyncClient`` per event loop (normally one: the proxy's) serves all requests, and a
-streaming request is always closed when its consumer stops early (``aclose``, task cancelled,
-client gone), which makes Triton cancel the request in the engine.
+One ``httpx.AsyncClient`` per event loop (normally one: the proxy's) serves all requests, and the
+upstream request is always closed when its caller goes away (a stream's ``aclose``, the task
+cancelled, the proxy's client gone), which makes Triton cancel the request in the engine. Triton
+2.51 notices a closed connection only once a response of that request has been sent (it reads
+nothing from the connection before), so a disconnect cancels a ``/generate_stream`` request at
+its next event, and never a ``/generate`` one: hence non-streaming calls go through
+``/generate_stream`` by default.
 """
 
 from __future__ import annotations
@@ -70,6 +76,8 @@ class PreparedRequest:
     timeout: httpx.Timeout
     settings: TritonProviderSettings
     call_id: str
+    collect: bool = False
+    """A non-streaming call served from ``/generate_stream``: its events make one answer."""
 
     def context(self) -> str:
         return f"call={self.call_id} model={self.model} api_base={self.api_base}"
@@ -122,11 +130,16 @@ class StreamState:
         self.request = request
         self.counter = UsageCounter(request.prompt, request.settings.use_upstream_token_counts)
         self.trimmer = StopTrimmer(request.stops if request.settings.trim_stop else [])
+        self.events = 0
+        self.emitted: list[str] = []
 
     def on_event(self, event: Mapping[str, Any]) -> str:
+        self.events += 1
         text = text_output(event)
         self.counter.add(event, text)
-        return self.trimmer.feed(text)
+        safe = self.trimmer.feed(text)
+        self.emitted.append(safe)
+        return safe
 
     @property
     def stopped(self) -> bool:
@@ -262,17 +275,19 @@ class TritonGenerateHandler(CustomLLM):
                 message=f"{PROVIDER}/{model}: {exc}", model=model, llm_provider=PROVIDER
             ) from exc
         drop = bool(litellm_params.get("drop_params")) or litellm.drop_params is True
+        collect = not stream and settings.non_stream_endpoint == "generate_stream"
+        upstream_stream = stream or collect
         payload = build_payload(
             model,
             prompt,
             optional_params,
-            stream=stream,
+            stream=upstream_stream,
             default_max_tokens=settings.default_max_tokens,
             drop_params=drop,
             exclude_input_in_output=settings.exclude_input_in_output,
             extra_inputs=settings.extra_inputs,
         )
-        endpoint = "generate_stream" if stream else "generate"
+        endpoint = "generate_stream" if upstream_stream else "generate"
         request_headers = dict(headers or {})
         if api_key:
             request_headers.setdefault("Authorization", f"Bearer {api_key}")
@@ -295,6 +310,7 @@ class TritonGenerateHandler(CustomLLM):
             timeout=http_timeout,
             settings=settings,
             call_id=str(litellm_params.get("litellm_call_id") or "-"),
+            collect=collect,
         )
 
     # ---- errors --------------------------------------------------------------------------------
@@ -363,6 +379,88 @@ class TritonGenerateHandler(CustomLLM):
         model_response.usage = litellm.Usage(**usage.as_dict())  # type: ignore[attr-defined]
         return model_response
 
+    def collected_response(
+        self, request: PreparedRequest, state: StreamState, model_response: ModelResponse
+    ) -> ModelResponse:
+        """The one answer of a non-streaming call served from ``/generate_stream``.
+
+        The same text, usage and finish_reason as ``build_response`` makes of ``/generate``'s
+        single response (the events are the deltas of that text).
+        """
+        if state.events == 0:
+            raise self.protocol_error(
+                request, 200, ValueError("the event stream ended without a response")
+            )
+        final = state.final_chunk()
+        choice = model_response.choices[0]
+        choice.message.content = "".join(state.emitted) + final["text"]  # type: ignore[union-attr]
+        choice.finish_reason = final["finish_reason"]
+        model_response.created = int(time.time())
+        model_response.model = request.model
+        model_response.usage = litellm.Usage(**(final["usage"] or {}))  # type: ignore[attr-defined]
+        return model_response
+
+    def deadline_error(self, request: PreparedRequest) -> Exception:
+        """A non-streaming call that got no complete answer within its read timeout (408).
+
+        On ``/generate`` that was httpx's read timeout (no byte before the answer); a collected
+        ``/generate_stream`` call keeps that meaning with a deadline over the whole answer.
+        """
+        return self.upstream_error(
+            request, None, f"ReadTimeout: no complete answer within {request.timeout.read:g} s"
+        )
+
+    async def _acollect(self, request: PreparedRequest, state: StreamState) -> None:
+        """Read a ``/generate_stream`` answer to its end (or to the stop) into ``state``."""
+        try:
+            async with self.async_client().stream(
+                "POST",
+                request.url,
+                json=request.payload,
+                headers=request.headers,
+                timeout=request.timeout,
+            ) as response:
+                if response.status_code != 200:
+                    body = (await response.aread()).decode("utf-8", errors="replace")
+                    raise self.response_error(request, response.status_code, body)
+                async for line in response.aiter_lines():
+                    event = self._event(request, response.status_code, line)
+                    if event is None:
+                        continue
+                    state.on_event(event)
+                    if state.stopped:
+                        break  # leaving the block closes the response: Triton cancels the rest
+        except httpx.TransportError as exc:
+            raise self.transport_error(request, exc) from exc
+
+    def _collect(self, request: PreparedRequest) -> StreamState:
+        """``_acollect`` for the sync client; the deadline is checked between events."""
+        state = StreamState(request)
+        deadline = None if request.timeout.read is None else time.monotonic() + request.timeout.read
+        try:
+            with self.sync_client().stream(
+                "POST",
+                request.url,
+                json=request.payload,
+                headers=request.headers,
+                timeout=request.timeout,
+            ) as response:
+                if response.status_code != 200:
+                    body = response.read().decode("utf-8", errors="replace")
+                    raise self.response_error(request, response.status_code, body)
+                for line in response.iter_lines():
+                    if deadline is not None and time.monotonic() > deadline:
+                        raise self.deadline_error(request)
+                    event = self._event(request, response.status_code, line)
+                    if event is None:
+                        continue
+                    state.on_event(event)
+                    if state.stopped:
+                        break
+        except httpx.TransportError as exc:
+            raise self.transport_error(request, exc) from exc
+        return state
+
     async def acompletion(  # type: ignore[override]
         self,
         model: str,
@@ -394,12 +492,34 @@ class TritonGenerateHandler(CustomLLM):
             stream=False,
         )
         self._pre_call(logging_obj, request)
+        if request.collect:
+            state = StreamState(request)
+            try:
+                async with asyncio.timeout(request.timeout.read):
+                    await self._acollect(request, state)
+            except TimeoutError as exc:  # only our own deadline: httpx's are TransportErrors
+                raise self.deadline_error(request) from exc
+            except asyncio.CancelledError:
+                log.info(
+                    "%s: caller cancelled the call after %d events; upstream request closed",
+                    request.context(),
+                    state.events,
+                )
+                raise
+            return self.collected_response(request, state, model_response)
         try:
             response = await self.async_client().post(
                 request.url, json=request.payload, headers=request.headers, timeout=request.timeout
             )
         except httpx.TransportError as exc:
             raise self.transport_error(request, exc) from exc
+        except asyncio.CancelledError:
+            log.info(
+                "%s: caller cancelled the call; upstream /generate closed (Triton 2.51 "
+                "keeps generating it)",
+                request.context(),
+            )
+            raise
         return self.build_response(request, self._body(request, response), model_response)
 
     def completion(  # type: ignore[override]
@@ -433,6 +553,8 @@ class TritonGenerateHandler(CustomLLM):
             stream=False,
         )
         self._pre_call(logging_obj, request)
+        if request.collect:
+            return self.collected_response(request, self._collect(request), model_response)
         try:
             response = self.sync_client().post(
                 request.url, json=request.payload, headers=request.headers, timeout=request.timeout

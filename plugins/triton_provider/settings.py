@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from functools import lru_cache
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -67,6 +67,13 @@ class TritonProviderSettings(BaseSettings):
     extra_inputs: dict[str, Any] = Field(
         default_factory=dict,
         description="fixed extra inputs merged into every payload, e.g. {end_id: 2, pad_id: 2}",
+    )
+    non_stream_endpoint: Literal["generate_stream", "generate"] = Field(
+        default="generate_stream",
+        description="where non-streaming calls go: generate_stream (stream: true, the events "
+        "collected into one answer, so that a cancelled call cancels the request in Triton, "
+        "which ignores a client that leaves /generate) or generate (models that are not "
+        "decoupled, which cannot stream)",
     )
     connect_timeout_s: float = Field(default=5.0, gt=0)
     max_connections: int = Field(default=1000, ge=1)

@@ -14,7 +14,11 @@ Inside, a scheduler thread imitates TensorRT-LLM's in-flight batcher:
 * each engine step costs ``decode_ms_per_token * (1 + batch_slowdown * (active - 1)) / speed``
   plus, for sequences admitted in that step, ``prefill_ms_per_token * prompt_tokens / speed``;
 * it publishes TensorRT-LLM's metric names (``nv_trt_llm_request_metrics``,
-  ``nv_trt_llm_kv_cache_block_metrics``) through the python backend's custom-metrics API.
+  ``nv_trt_llm_kv_cache_block_metrics``) through the python backend's custom-metrics API;
+* before every step it asks Triton whether each sequence (running or still in the engine queue)
+  was cancelled, and drops a cancelled one at once with a flag-only final response, as
+  TensorRT-LLM's backend does with ``TRITONBACKEND_ResponseFactoryIsCancelled`` and the
+  executor's ``cancelRequest``: its batch slot (or queue place) is free for that very step.
 
 Tokens are words and punctuation (see ``count_tokens``); the text generated is deterministic
 for a given prompt and seed. All knobs are ``parameters`` in ``config.pbtxt``.
@@ -50,7 +54,7 @@ def count_tokens(text: str) -> int:
     return len(TOKEN_RE.findall(text))
 
 
-@dataclass
+@dataclass(eq=False)  # identity: sequences are removed from lists by identity
 class Sequence:
     sender: Any
     request: Any
@@ -64,8 +68,15 @@ class Sequence:
     admitted_at: float = 0.0
 
     def cancelled(self) -> bool:
-        probe = getattr(self.sender, "is_cancelled", None)
-        return bool(probe()) if probe is not None else False
+        """Whether Triton cancelled the request (one IPC round trip to the backend)."""
+        try:
+            return bool(self.sender.is_cancelled())
+        except Exception as exc:  # the engine thread must survive; the next step asks again
+            pb_utils.Logger.log_warn(
+                f"stand-in: could not ask whether a request was cancelled "
+                f"({len(self.generated)}/{self.max_tokens} tokens): {exc}"
+            )
+            return False
 
     def kv_tokens(self) -> int:
         return self.prompt_tokens + len(self.generated)
@@ -167,6 +178,12 @@ class TritonPythonModel:
             description="Requests that ended with a final response and no error",
             kind=pb_utils.MetricFamily.COUNTER,
         )
+        self.cancelled_family = pb_utils.MetricFamily(
+            name="triage_request_cancelled",
+            description="Requests dropped because Triton cancelled them (client gone), "
+            "from the batch or from the engine queue",
+            kind=pb_utils.MetricFamily.COUNTER,
+        )
         # TensorRT-LLM's executor iteration counter: the sidecar's size-independent speed signal
         # (busy time per iteration = time per generated token of each sequence in the batch)
         self.general_family = pb_utils.MetricFamily(
@@ -183,6 +200,7 @@ class TritonPythonModel:
         self.iterations = 0
         self.duration_us = self.duration_family.Metric(labels=labels)
         self.success = self.success_family.Metric(labels=labels)
+        self.cancellations = self.cancelled_family.Metric(labels=labels)
         self.request_metrics["max"].set(self.max_active)
         self.kv_metrics["max"].set(self.kv_blocks)
         self.kv_metrics["tokens_per"].set(self.tokens_per_block)
@@ -279,6 +297,12 @@ class TritonPythonModel:
                     self.cond.wait()
                 if self.stopping:
                     return
+                candidates = list(self.active) + list(self.waiting)
+            step_start = time.monotonic()
+            # between steps: drop what Triton cancelled, before it takes a slot or a step (each
+            # probe is an IPC round trip, ~50 µs; the step's modelled cost includes them)
+            self._drop_cancelled([seq for seq in candidates if seq.cancelled()])
+            with self.cond:
                 admitted: list[Sequence] = []
                 while self.waiting and len(self.active) < self.max_active:
                     seq = self.waiting.popleft()
@@ -289,32 +313,56 @@ class TritonPythonModel:
                 batch = list(self.active)
                 self._publish_metrics()
                 self.cond.notify_all()
+            if not batch:
+                continue
 
             prefill = sum(s.prompt_tokens for s in admitted) * self.prefill_s
             decode = self.decode_s * (1.0 + self.batch_slowdown * (len(batch) - 1))
-            time.sleep((prefill + decode) / self.speed)
+            time.sleep(max(0.0, step_start + (prefill + decode) / self.speed - time.monotonic()))
 
-            outcomes = [(seq, self._step(seq)) for seq in batch]
+            finished = [seq for seq in batch if self._step(seq)]
             self.iterations += 1
             self.iteration_counter.set(self.iterations)
             self.iteration_timestamp.set(time.time() * 1e6)
-            finished = [seq for seq, outcome in outcomes if outcome is not None]
             now = time.monotonic()
-            for seq, outcome in outcomes:
-                if outcome == "completed":
-                    self.duration_us.increment((now - seq.admitted_at) * 1e6)
-                    self.success.increment(1)
+            for seq in finished:
+                self.duration_us.increment((now - seq.admitted_at) * 1e6)
+                self.success.increment(1)
             with self.cond:
                 for seq in finished:
                     self.active.remove(seq)
                 self._publish_metrics()
                 self.cond.notify_all()
 
-    def _step(self, seq: Sequence) -> str | None:
-        """Emit one token for ``seq``: "completed" or "cancelled" when it ends, else None."""
-        if seq.cancelled():
-            seq.sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-            return "cancelled"
+    def _drop_cancelled(self, cancelled: list[Sequence]) -> None:
+        """Free the slots and queue places of cancelled sequences and end their responses."""
+        if not cancelled:
+            return
+        dropped: list[Sequence] = []
+        with self.cond:
+            for seq in cancelled:
+                if seq in self.active:
+                    self.active.remove(seq)
+                elif seq in self.waiting:
+                    self.waiting.remove(seq)
+                else:
+                    continue  # finalize() took it meanwhile and answered it
+                dropped.append(seq)
+            if dropped:
+                self._publish_metrics()
+                self.cond.notify_all()
+        for seq in dropped:
+            self.cancellations.increment(1)
+            where = "batch" if seq.admitted_at else "engine queue"
+            pb_utils.Logger.log_info(
+                f"stand-in {self.model_name}: request cancelled after "
+                f"{len(seq.generated)}/{seq.max_tokens} tokens, dropped from the {where}"
+            )
+            # the python backend needs the final flag even for a cancelled request
+            self._send_final(seq)
+
+    def _step(self, seq: Sequence) -> bool:
+        """Emit one token for ``seq``; True when it is done (length or stop word)."""
         word = VOCAB[int(seq.rng.integers(len(VOCAB)))]
         piece = word if not seq.generated else " " + word
         seq.generated.append(piece)
@@ -324,7 +372,7 @@ class TritonPythonModel:
             self._send(seq, piece, final=done)
         elif done:
             self._send(seq, text, final=True)
-        return "completed" if done else None
+        return done
 
     @staticmethod
     def _send(seq: Sequence, text: str, final: bool) -> None:
@@ -334,6 +382,16 @@ class TritonPythonModel:
             seq.sender.send(pb_utils.InferenceResponse(output_tensors=[out]), flags=flags)
         except Exception as exc:  # the client went away between steps
             pb_utils.Logger.log_warn(f"stand-in: could not send a response: {exc}")
+
+    @staticmethod
+    def _send_final(seq: Sequence) -> None:
+        try:
+            seq.sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        except Exception as exc:  # pb_utils raises its own TritonModelException
+            pb_utils.Logger.log_warn(
+                f"stand-in: could not end a cancelled request ({len(seq.generated)} tokens "
+                f"sent): {exc}"
+            )
 
     def finalize(self) -> None:
         with self.cond:
