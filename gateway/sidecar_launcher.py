@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ class SidecarProcess:
     replica_id: str
     port: int
     process: ManagedProcess
+    ready_timeout_s: float = 30.0
 
     @property
     def url(self) -> str:
@@ -26,8 +28,18 @@ class SidecarProcess:
     def healthy(self) -> bool:
         return httpx.get(f"{self.url}/healthz", timeout=1.0).status_code == 200
 
+    def alive(self) -> bool:
+        return self.process.alive()
+
+    def exit_status(self) -> str:
+        return self.process.exit_status()
+
     def kill(self) -> None:
         self.process.kill()
+
+    def restart(self) -> None:
+        """Start the same command again (same port, same Redis URL) and wait until it publishes."""
+        self.process.restart(self.healthy, self.ready_timeout_s, "publishing to Redis")
 
     def stop(self) -> None:
         self.process.stop()
@@ -43,14 +55,17 @@ def start_sidecar(
     key_prefix: str | None = None,
     extra: dict[str, str] | None = None,
     ready_timeout_s: float = 30.0,
+    port: int = 0,
 ) -> SidecarProcess:
-    port = free_port()
+    """Start ``python -m gateway.sidecar`` for the replica on ``port`` (0: a free one); the
+    Redis URL may carry a user and password (``redis://user:password@host:port/0``): it is
+    passed in the environment, not on the command line, where any local user could read it."""
+    port = port or free_port()
     args = {
         "replica-id": replica_id,
         "model": model,
         "triton-url": server.http_url,
         "metrics-url": server.metrics_url,
-        "redis-url": redis_url,
         "poll-interval-ms": str(poll_interval_ms),
         "port": str(port),
         **({"key-prefix": key_prefix} if key_prefix else {}),
@@ -59,9 +74,12 @@ def start_sidecar(
     argv = [sys.executable, "-m", "gateway.sidecar"]
     for name, value in args.items():
         argv += [f"--{name}", value]
-    process = ManagedProcess(f"sidecar[{replica_id}]", argv, workdir / f"sidecar-{replica_id}.log")
+    env = {**os.environ, "TRIAGE_SIDECAR_REDIS_URL": redis_url}
+    process = ManagedProcess(
+        f"sidecar[{replica_id}]", argv, workdir / f"sidecar-{replica_id}.log", env=env
+    )
     process.start()
-    sidecar = SidecarProcess(replica_id, port, process)
+    sidecar = SidecarProcess(replica_id, port, process, ready_timeout_s)
     # healthy = polling and publishing (the replica itself may still be unhealthy)
     process.wait_until(sidecar.healthy, ready_timeout_s, "publishing to Redis")
     return sidecar

@@ -1,5 +1,12 @@
 """The embedded stack on free loopback ports: Redis, Triton stand-in replicas, a sidecar each,
-and the LiteLLM proxy (one or more processes) with the triage plugins and a fresh virtual key."""
+and the LiteLLM proxy (one or more processes) with the triage plugins and a fresh virtual key.
+
+Redis gets a random password (``settings.redis_auth``) and, where it has ACLs, a user for the
+sidecars (replica state only) and one for the proxies (no writes to the key store); the key is
+created as the default user. ``supervisor()`` builds the loop that ``triage up`` runs to restart
+crashed parts on their ports. ``stack.json`` (mode 0600: it holds the master key, a virtual key
+and the Redis passwords) is removed on stop.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +20,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from gateway.process import start_concurrently
+from gateway.process import ManagedProcess, start_concurrently, stop_concurrently
 from gateway.proxy_config import (
     ProxyOptions,
     ReplicaEndpoint,
@@ -23,12 +30,44 @@ from gateway.proxy_config import (
     write_proxy_config,
 )
 from gateway.proxy_launcher import LiteLLMProxy, start_proxy
-from gateway.redis_launcher import RedisServer
+from gateway.redis_launcher import (
+    PROXY_USER,
+    SIDECAR_USER,
+    RedisServer,
+    new_password,
+    redis_server_version,
+    stack_users,
+)
 from gateway.sidecar_launcher import SidecarProcess, start_sidecar
 from gateway.stack_settings import StackSettings
+from gateway.supervisor import Supervised, Supervisor
 from gateway.triton_launcher import StandinSettings, TritonServer, start_standin_replica
 
 log = logging.getLogger(__name__)
+
+STATE_FILE = "stack.json"
+
+
+@dataclass
+class SupervisedProxy:
+    """A proxy process as the supervisor sees it: restarted with the same command (same port,
+    config and environment)."""
+
+    proxy: LiteLLMProxy
+    ready_timeout_s: float
+
+    @property
+    def process(self) -> ManagedProcess:
+        return self.proxy.process
+
+    def alive(self) -> bool:
+        return self.process.alive()
+
+    def exit_status(self) -> str:
+        return self.process.exit_status()
+
+    def restart(self) -> None:
+        self.process.restart(self.proxy.ready, self.ready_timeout_s, "LiteLLM proxy ready")
 
 
 @dataclass
@@ -51,7 +90,7 @@ class Stack:
         """Start everything; on any failure stop what was started and re-raise."""
         s = self.settings
         try:
-            self.redis = RedisServer(self.workdir).start()
+            self.redis = self._redis_server().start()
             standins = {
                 f"replica-{index}": StandinSettings(
                     model_name=s.model,
@@ -83,7 +122,7 @@ class Stack:
                         rid,
                         server,
                         s.model,
-                        self.redis.url,
+                        self.redis_url(SIDECAR_USER),
                         self.workdir,
                         poll_interval_ms=s.poll_interval_ms,
                         key_prefix=s.key_prefix,
@@ -97,21 +136,64 @@ class Stack:
         except BaseException:
             self.stop()
             raise
-        # private (it holds the master key and a virtual key), and complete when it appears
-        state = self.workdir / "stack.json"
+        self.write_state()
+        return self
+
+    def _redis_server(self) -> RedisServer:
+        if not self.settings.redis_auth:
+            return RedisServer(self.workdir)
+        users = stack_users(self.settings.key_prefix, redis_server_version())
+        return RedisServer(self.workdir, password=new_password(), users=users)
+
+    def redis_url(self, user: str | None = None) -> str:
+        """The URL of ACL user ``user`` where the server has it, else the default user's."""
+        assert self.redis is not None
+        if user is not None and any(u.name == user for u in self.redis.users):
+            return self.redis.url_for(user)
+        return self.redis.url
+
+    @property
+    def state_path(self) -> Path:
+        return self.workdir / STATE_FILE
+
+    def write_state(self) -> Path:
+        """``stack.json``: private (it holds the master key, a virtual key and the Redis
+        passwords), and complete when it appears (written aside, then renamed)."""
+        state = self.state_path
         unfinished = state.with_suffix(".json.partial")
         fd = os.open(unfinished, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as out:
             json.dump(self.describe(), out, indent=2)
         os.replace(unfinished, state)
-        return self
+        return state
+
+    def supervised_parts(self) -> dict[str, Supervised]:
+        """What the supervisor watches, in the order it restarts them: Redis first (the others
+        need it), a replica before its sidecar."""
+        parts: dict[str, Supervised] = {}
+        if self.redis is not None:
+            parts["redis-server"] = self.redis
+        for rid, server in self.replicas.items():
+            parts[f"tritonserver[{rid}]"] = server
+        for rid, sidecar in self.sidecars.items():
+            parts[f"sidecar[{rid}]"] = sidecar
+        for proxy in self.proxies:
+            parts[f"litellm[{proxy.name}]"] = SupervisedProxy(
+                proxy, self.settings.proxy_ready_timeout_s
+            )
+        return parts
+
+    def supervisor(self) -> Supervisor:
+        """The restart loop over every part; ``stack.json`` is rewritten after each restart
+        (a replica's pid changes)."""
+        return Supervisor(self.supervised_parts(), on_restart=lambda name: self.write_state())
 
     async def _create_key(self) -> str:
         from plugins.auth.keystore import KeyStore
         from plugins.auth.settings import KeysSettings
 
         assert self.redis is not None
-        store = KeyStore.from_settings(
+        store = KeyStore.from_settings(  # the default user: the proxies may only read keys
             KeysSettings(redis_url=self.redis.url, key_prefix=self.settings.key_prefix)
         )
         try:
@@ -127,7 +209,7 @@ class Stack:
         options = ProxyOptions(routing=s.routing, num_retries=s.num_retries)
         config = build_proxy_config(s.model, s.model, endpoints, options)
         path = write_proxy_config(config, self.workdir / "proxy.yaml")
-        env = proxy_env(self.redis.url, s.key_prefix, self.master_key)
+        env = proxy_env(self.redis_url(PROXY_USER), s.key_prefix, self.master_key)
         started = start_concurrently(
             {
                 f"proxy-{index}": partial(
@@ -147,6 +229,10 @@ class Stack:
         return {
             "workdir": str(self.workdir),
             "redis_url": self.redis.url if self.redis else None,
+            # the ACL users' URLs (sidecars, proxies); empty without a password or ACLs
+            "redis_users": (
+                {u.name: self.redis.url_for(u.name) for u in self.redis.users} if self.redis else {}
+            ),
             "key_prefix": self.settings.key_prefix,
             "model": self.settings.model,
             "base_url": self.proxies[0].base_url if self.proxies else None,
@@ -172,6 +258,10 @@ class Stack:
                     "speed": speed,
                     "sidecar_url": self.sidecars[rid].url if rid in self.sidecars else None,
                     "pid": server.process.pid if server.process else None,
+                    "sidecar_pid": (
+                        self.sidecars[rid].process.pid if rid in self.sidecars else None
+                    ),
+                    "shm_prefix": server.shm_prefix,
                 }
                 for (rid, server), speed in zip(
                     self.replicas.items(), self.settings.speeds, strict=False
@@ -180,17 +270,11 @@ class Stack:
         }
 
     def stop(self) -> None:
-        """Stop in reverse order of start; every part is attempted even if one fails."""
-        parts: list[Any] = [
-            *self.proxies,
-            *self.sidecars.values(),
-            *self.replicas.values(),
-            self.redis,
-        ]
-        for part in parts:
-            if part is None:
-                continue
-            try:
-                part.stop()
-            except Exception:
-                log.exception("could not stop %r", part)
+        """Stop in reverse order of start, each tier's parts side by side (every part is
+        attempted even if one fails), then remove ``stack.json``."""
+        stop_concurrently(self.proxies)
+        stop_concurrently(self.sidecars.values())
+        stop_concurrently(self.replicas.values())
+        stop_concurrently([self.redis])
+        for path in (self.state_path, self.state_path.with_suffix(".json.partial")):
+            path.unlink(missing_ok=True)

@@ -42,6 +42,15 @@ class StackSettings(BaseSettings):
     )
     num_retries: int = Field(default=2, ge=0, description="router retries on another replica")
     proxy_ready_timeout_s: float = Field(default=120.0, gt=0)
+    redis_auth: bool = Field(
+        default=True,
+        description="a random Redis password, and a sidecar and a proxy ACL user (Redis >= 6); "
+        "false: no authentication (any local client may write the key store)",
+    )
+    supervise: bool = Field(
+        default=True,
+        description="triage up restarts a crashed replica, sidecar, proxy or Redis (backoff)",
+    )
 
     @field_validator("speeds")
     @classmethod

@@ -181,7 +181,11 @@ class TritonServer:
             env=triton_env(),
         )
         self.process.start()
-        self.process.wait_until(self.is_ready, self.ready_timeout_s, "ready")
+        try:
+            self.process.wait_until(self.is_ready, self.ready_timeout_s, "ready")
+        except BaseException:
+            self._clean_shm()  # wait_until stopped the server; its stub may have made some
+            raise
         log.info("triton %s ready at %s (metrics %s)", self.name, self.http_url, self.metrics_url)
         return self
 
@@ -194,11 +198,23 @@ class TritonServer:
                 for m in self.models
             )
 
+    def alive(self) -> bool:
+        return self.process is not None and self.process.alive()
+
+    def exit_status(self) -> str:
+        return self.process.exit_status() if self.process is not None else "not started"
+
     def kill(self) -> None:
         """Crash it (SIGKILL); ``start`` again on the same ports restores it."""
         if self.process is not None:
             self.process.kill()
         self._clean_shm()
+
+    def restart(self) -> None:
+        """After a crash: kill what is left of the old server (its python stubs), remove its
+        shared memory, and start it again on the same ports with the same shm prefix."""
+        self.stop()
+        self.start()
 
     def stop(self) -> None:
         if self.process is not None:
@@ -210,6 +226,7 @@ class TritonServer:
             return
         for region in Path("/dev/shm").glob(f"{self.shm_prefix}*"):
             region.unlink(missing_ok=True)
+            log.info("triton %s: removed shared memory %s", self.name, region.name)
 
 
 def start_standin_replica(

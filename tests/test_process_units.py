@@ -1,14 +1,29 @@
 """``start_concurrently``: starts side by side, keeps the order, and stops the started parts
-when one start fails."""
+when one start fails; ``stop_concurrently``; ``ManagedProcess.stop`` clears the process group of
+a leader killed from outside; ``cancel_starts`` cuts a readiness wait short."""
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from gateway.process import StartError, start_concurrently
+from gateway.process import (
+    ManagedProcess,
+    StartCancelled,
+    StartError,
+    allow_starts,
+    cancel_starts,
+    describe_returncode,
+    group_members,
+    start_concurrently,
+    stop_concurrently,
+)
 
 
 class Part:
@@ -49,3 +64,76 @@ def test_a_failed_start_stops_the_others_and_raises_it() -> None:
             {"replica-0": lambda: good("0"), "replica-1": bad, "replica-2": lambda: good("2")}
         )
     assert len(made) == 2 and all(p.stopped for p in made)
+
+
+def test_stop_concurrently_stops_side_by_side_and_survives_a_failure(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    barrier = threading.Barrier(2, timeout=5)  # both stops must run at once
+
+    class Slow(Part):
+        def stop(self) -> None:
+            barrier.wait()
+            super().stop()
+
+    class Broken(Part):
+        def stop(self) -> None:
+            raise OSError("no such process group")
+
+    slow = [Slow("a"), Slow("b")]
+    stop_concurrently([slow[0], None, Broken("x"), slow[1]])
+    assert all(p.stopped for p in slow)
+    assert "could not stop" in caplog.text and "no such process group" in caplog.text
+
+
+def test_describe_returncode() -> None:
+    assert describe_returncode(None) == "running"
+    assert describe_returncode(0) == "exit code 0"
+    assert describe_returncode(-signal.SIGKILL) == "killed by SIGKILL"
+
+
+def test_stop_kills_what_is_left_of_the_group_of_a_dead_leader(tmp_path: Path) -> None:
+    """The leader SIGKILLed from outside (a crashed tritonserver): its child (a python stub)
+    lives on in the group; ``stop`` kills it and returns once it is gone."""
+    process = ManagedProcess("leader", ["sh", "-c", "sleep 60 & wait"], tmp_path / "leader.log")
+    process.start()
+    deadline = time.monotonic() + 5
+    while len(group_members(process.pid)) < 2:
+        assert time.monotonic() < deadline, "the child never started"
+        time.sleep(0.02)
+    (orphan,) = (pid for pid in group_members(process.pid) if pid != process.pid)
+    os.kill(process.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while process.alive():
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert process.exit_status() == "killed by SIGKILL"
+    assert group_members(process.pid) == [orphan]
+    process.stop()
+    assert group_members(process.pid) == []
+
+
+@pytest.fixture
+def starts_allowed_after() -> Iterator[None]:
+    try:
+        yield
+    finally:
+        allow_starts()
+
+
+@pytest.mark.usefixtures("starts_allowed_after")
+def test_cancel_starts_cuts_a_readiness_wait_short(tmp_path: Path) -> None:
+    process = ManagedProcess("never-ready", ["sleep", "60"], tmp_path / "never.log")
+    process.start()
+    threading.Timer(0.3, cancel_starts).start()
+    began = time.monotonic()
+    with pytest.raises(StartCancelled, match="never-ready: start cancelled before ready"):
+        process.wait_until(lambda: False, timeout_s=30, what="ready")
+    assert time.monotonic() - began < 2
+    assert not process.alive() and process.exit_status() == "killed by SIGTERM"
+    with pytest.raises(StartCancelled, match="not started"):
+        process.start()
+    allow_starts()
+    process.start()
+    assert process.alive()
+    process.stop()

@@ -6,6 +6,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from types import FrameType
 
@@ -25,7 +26,22 @@ commands:
 """
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+"""Each stops ``triage up`` cleanly (SIGHUP: the terminal closed)."""
+
+log = logging.getLogger("triage.up")
+
+
+def say(text: str) -> None:
+    """Print to the terminal, which may be gone (after SIGHUP a write fails with EIO)."""
+    try:
+        print(text, flush=True)
+    except OSError as exc:
+        log.debug("terminal gone, not shown: %r (%s)", text, exc)
+
+
 def cmd_up(argv: Sequence[str]) -> int:
+    from gateway.process import StartCancelled, cancel_starts
     from gateway.stack import Stack
     from gateway.stack_settings import StackSettings
 
@@ -34,35 +50,48 @@ def cmd_up(argv: Sequence[str]) -> int:
     except ValidationError as exc:
         return report_invalid("triage up", exc)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per readiness poll otherwise
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
+        if not stop.is_set():
+            log.info("%s: stopping the stack", signal.Signals(signum).name)
         stop.set()
+        cancel_starts()  # a start or restart under way gives up at once
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, on_signal)
     stack = Stack(settings)
     try:
         stack.start()
         info = stack.describe()
-        print("\ntriage stack ready", flush=True)
+        say("\ntriage stack ready")
         if info["base_url"]:
-            print(f"  base URL  {info['base_url']}/v1  (OpenAI API, model {info['model']!r})")
-            print(f"  API key   {info['api_key']}")
+            say(f"  base URL  {info['base_url']}/v1  (OpenAI API, model {info['model']!r})")
+            say(f"  API key   {info['api_key']}")
             for url in info["proxy_urls"][1:]:
-                print(f"  proxy     {url}")
-        print(f"  redis     {info['redis_url']}")
+                say(f"  proxy     {url}")
+        redis_at = "redis://" + info["redis_url"].split("@")[-1].removeprefix("redis://")
+        secret = "  (password in the state file)" if "@" in info["redis_url"] else ""
+        say(f"  redis     {redis_at}{secret}")
         for rid, replica in info["replicas"].items():
-            print(
+            say(
                 f"  {rid}  triton {replica['triton_url']}  speed {replica['speed']}"
                 f"  sidecar {replica['sidecar_url']}"
             )
-        print(f"  state     {stack.workdir / 'stack.json'}")
-        print("Ctrl-C stops everything.", flush=True)
-        stop.wait()
+        say(f"  state     {stack.state_path}  (removed on stop)")
+        say("Ctrl-C stops everything.")
+        if settings.supervise:
+            stack.supervisor().run(stop)
+        else:
+            stop.wait()
+    except StartCancelled as exc:  # a signal during start-up or during a restart
+        log.info("stopping: %s", exc)
     finally:
-        print("stopping...", flush=True)
+        say("stopping...")
+        began = time.monotonic()
         stack.stop()
+        log.info("stack stopped in %.1f s", time.monotonic() - began)
     return 0
 
 
