@@ -25,7 +25,7 @@ from pathlib import Path
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
-import httpx
+import aiohttp
 
 from gateway.stack import Stack
 from gateway.stack_settings import StackSettings
@@ -89,13 +89,16 @@ async def sample_rss(pid: int, peak: list[float], stop: asyncio.Event) -> None:
         await asyncio.sleep(0.1)
 
 
-async def one(client: httpx.AsyncClient, url: str, body: bytes, headers: dict[str, str]) -> Outcome:
+async def one(
+    session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str]
+) -> Outcome:
     sent = time.perf_counter()
     try:
-        response = await client.post(url, content=body, headers=headers)
-        status = response.status_code
-        retry_ms = response.headers.get("retry-after-ms")
-    except httpx.HTTPError:
+        async with session.post(url, data=body, headers=headers) as response:
+            await response.read()
+            status = response.status
+            retry_ms = response.headers.get("retry-after-ms")
+    except aiohttp.ClientError:
         return Outcome(0, sent, time.perf_counter())
     outcome = Outcome(status, sent, time.perf_counter())
     if status == 503 and retry_ms:
@@ -104,12 +107,12 @@ async def one(client: httpx.AsyncClient, url: str, body: bytes, headers: dict[st
 
 
 async def retry(
-    client: httpx.AsyncClient, url: str, body: bytes, headers: dict[str, str], first: Outcome
+    session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str], first: Outcome
 ) -> None:
     """Wait the Retry-After once (from when the 503 arrived), then try again once."""
     assert first.retry_after_s is not None
     await asyncio.sleep(max(0.0, first.ended + first.retry_after_s - time.perf_counter()))
-    again = await one(client, url, body, headers)
+    again = await one(session, url, body, headers)
     first.retried_status = again.status
 
 
@@ -130,12 +133,16 @@ async def burst(
     peak = [rss_mb(proxy.process.pid)]
     stop = asyncio.Event()
     sampler = asyncio.create_task(sample_rss(proxy.process.pid, peak, stop))
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=0)
-    async with httpx.AsyncClient(limits=limits, timeout=300.0) as client:
-        outcomes = await asyncio.gather(*(one(client, url, body, headers) for _ in range(count)))
+    # aiohttp, one connection per request: its client costs a fifth of httpx's, and the client
+    # shares the machine with the proxy (measured here: a burst of 240 / 720 against a no-op
+    # server takes p50 56 / 214 ms with aiohttp, 300 / 956 ms with httpx)
+    connector = aiohttp.TCPConnector(limit=0, force_close=True)
+    timeout = aiohttp.ClientTimeout(total=300)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        outcomes = await asyncio.gather(*(one(session, url, body, headers) for _ in range(count)))
         shed = [o for o in outcomes if o.status == 503 and o.retry_after_s is not None]
         if retry_503:
-            await asyncio.gather(*(retry(client, url, body, headers, o) for o in shed))
+            await asyncio.gather(*(retry(session, url, body, headers, o) for o in shed))
     stop.set()
     await sampler
     statuses: dict[str, int] = {}
@@ -227,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         stack.stop()
     print(render(capacity, reports, baseline))
+    for report in reports:
+        print(f"{report.multiple:.0f}x statuses: {report.statuses}")
     if args.json is not None:
         payload = {
             "capacity": capacity,

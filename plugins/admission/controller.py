@@ -15,7 +15,7 @@ import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -23,7 +23,7 @@ from redis.exceptions import RedisError
 
 from plugins.admission import metrics
 from plugins.admission.errors import GatewayError, ShedReason, overloaded
-from plugins.admission.expected_wait import ahead_limit, ahead_now
+from plugins.admission.expected_wait import EarlyShed, ahead_limit, ahead_now, early_shed
 from plugins.admission.gate import AdmissionGate, GateReply, Status
 from plugins.admission.grants import GrantListener
 from plugins.admission.retry_after import RetryPromises, retry_after_s
@@ -94,6 +94,10 @@ class AdmissionController:
         """Per model: clients told to come back (Retry-After) and not back yet, by estimate."""
         self.memo: dict[tuple[str, int], Memo] = {}
         self.entering: dict[tuple[str, int], set[str]] = {}
+        self.arriving: dict[str, dict[str, int]] = {}
+        """Per model: tickets (and priorities) the front door let in that have not reached
+        ``admit`` yet: LiteLLM's per-request work lies between the two."""
+        self._reached_gate: dict[str, Callable[[], None]] = {}
         """Per model and priority: tickets of this process's ``enter`` calls awaiting their
         answer."""
         self._background: set[asyncio.Task[None]] = set()
@@ -167,20 +171,17 @@ class AdmissionController:
         priority: int,
         limit: float | None,
         now: float,
+        pipeline: int = 0,
     ) -> GatewayError | None:
-        """The 503 for a request that Redis's recent answer already says would wait too long:
-        for ``shed_memo_ms`` after it, with the grants and the enqueues (from any proxy) seen on
-        the model's channels since, and this process's requests on their way in (not while
-        those channels are lost, or after they were: a message could go uncounted)."""
+        """The 503 for a request that Redis's recent answer already says would find the queue
+        full or wait too long: for ``shed_memo_ms`` after it, with the grants and the enqueues
+        (from any proxy) seen on the model's channels since, this process's requests on their
+        way in, and ``pipeline`` more known to be ahead (not while those channels are lost, or
+        after they were: a message could go uncounted)."""
         memo = self.memo.get((model, priority))
         if memo is None or now - memo.at > self.settings.shed_memo_ms / 1000:
             return None
         if not self.grants.listening or memo.generation != self.grants.generation:
-            return None
-        # the queue's own bound: with max_queue ahead (this priority and better, which the
-        # memo counts) the whole queue is full too; a tier's own lower limit is left to Redis
-        full_at = self.settings.max_queue
-        if full_at < 1 and limit is None:
             return None
         entering = self.entering.get((model, priority), set())
         arrived = self.grants.enqueued_since(
@@ -190,17 +191,86 @@ class AdmissionController:
             return None
         granted = self.grants.granted.get(self.gate.grants_channel(model), 0) - memo.grants
         # requests of this process on their way into the queue will be ahead as well
-        ahead = ahead_now(memo.ahead, granted) + arrived + len(entering)
-        if ahead < 1:
-            return None  # nobody queued ahead: it may be admitted at once, Redis decides
-        full = full_at >= 1 and ahead >= full_at
-        if not full and (limit is None or ahead <= limit):
+        ahead = ahead_now(memo.ahead, granted) + arrived + len(entering) + pipeline
+        # nobody queued ahead: a slot may be free, Redis decides. Otherwise the queue's own
+        # bound: with max_queue ahead (this priority and better, which the memo counts) the
+        # whole queue is full too; a tier's own lower limit is left to Redis
+        verdict = early_shed(ahead if ahead >= 1 else -1.0, self.settings.max_queue, limit)
+        if verdict is None:
             return None
         if now - memo.at > self.settings.shed_memo_ms / 2000:
             self._refresh_memo(model, replica_ids, priority)
-        if full:
-            return self.shed(model, ShedReason.QUEUE_FULL, ahead + 1)
-        return self._shed_expected_wait(model, ahead + 1)
+        return self._early(model, verdict, ahead + 1)
+
+    def _early(self, model: str, verdict: EarlyShed, work_ahead: float) -> GatewayError:
+        if verdict == "queue_full":
+            return self.shed(model, ShedReason.QUEUE_FULL, work_ahead)
+        return self._shed_expected_wait(model, work_ahead)
+
+    def _shed_beyond_capacity(
+        self, model: str, priority: int, limit: float | None, pipeline: int
+    ) -> GatewayError | None:
+        """A burst the gate has not answered yet: ``pipeline`` requests of this process are
+        ahead of this one; even with every slot of the fleet free (``capacity``, last seen)
+        it would queue behind ``pipeline - capacity`` of them."""
+        capacity = self.capacity.get(model)
+        if capacity is None:
+            return None
+        position = pipeline - capacity
+        verdict = early_shed(position, self.settings.max_queue, limit)
+        return None if verdict is None else self._early(model, verdict, position + 1)
+
+    # -- the front door (plugins/front_door): before LiteLLM's per-request work -------------
+
+    def arrive(
+        self,
+        model: str,
+        ticket: str,
+        priority: int,
+        reached_gate: Callable[[], None] | None = None,
+    ) -> None:
+        """The front door let ``ticket`` in: it is on its way to ``admit``, which calls
+        ``reached_gate`` when it gets there."""
+        self.arriving.setdefault(model, {})[ticket] = priority
+        if reached_gate is not None:
+            self._reached_gate[ticket] = reached_gate
+
+    def priority_of(self, model: str, ticket: str) -> int | None:
+        """The priority ``ticket`` arrived with (None: not on its way to the gate)."""
+        return self.arriving.get(model, {}).get(ticket)
+
+    def arrived(self, ticket: str, model: str | None = None) -> None:
+        """``ticket`` reached ``admit`` or ended before it (idempotent)."""
+        models = [model] if model is not None else list(self.arriving)
+        for name in models:
+            waiting = self.arriving.get(name)
+            if waiting is not None and waiting.pop(ticket, None) is not None and not waiting:
+                del self.arriving[name]
+        callback = self._reached_gate.pop(ticket, None)
+        if callback is not None:
+            callback()
+
+    def _arriving_ahead(self, model: str, priority: int, ticket: str | None) -> int:
+        """Requests the front door let in before ``ticket`` (all of them when None) that have
+        not reached the gate, at ``priority`` or better (they are in arrival order)."""
+        ahead = 0
+        for other, p in self.arriving.get(model, {}).items():
+            if other == ticket:
+                break
+            if p <= priority:
+                ahead += 1
+        return ahead
+
+    def _pipeline(self, model: str, priority: int, ticket: str | None) -> int:
+        """This process's requests of ``model`` ahead of ``ticket`` (of ``priority``): let in
+        by the front door before it, or entering the gate, at this priority or better."""
+        arriving = self._arriving_ahead(model, priority, ticket)
+        entering = sum(
+            len(tickets)
+            for (name, p), tickets in self.entering.items()
+            if name == model and p <= priority
+        )
+        return arriving + entering
 
     def _refresh_memo(self, model: str, replica_ids: Sequence[str], priority: int) -> None:
         """Renew the memo off the request's path (``gate.peek``), so that while requests keep
@@ -247,16 +317,25 @@ class AdmissionController:
         return overloaded(model, reason, seconds, wait)
 
     def shed_early(
-        self, model: str, replica_ids: Sequence[str], priority: int
+        self, model: str, replica_ids: Sequence[str], priority: int, ticket: str | None = None
     ) -> GatewayError | None:
-        """The 503 for a request the memo already says would be shed, decided before LiteLLM's
-        per-request work (the front door, ``plugins/front_door``): no await, no Redis call.
-        None: let the request in (the gate decides as usual)."""
+        """The 503 for a request that would be shed, decided before LiteLLM's per-request work
+        (the front door, ``plugins/front_door``): no await, no Redis call. From the memo (with
+        this process's requests ahead in LiteLLM's pipeline), or, in a burst the gate has not
+        answered yet, when even an empty fleet could not take it. None: let it in.
+        ``ticket``: a request the front door let in already (judged again before it enters
+        LiteLLM: only those let in before it are ahead of it); None: a new arrival."""
         if not self.outage.should_try():
             return None  # per-process fallback: the hook bounds it
         started = time.perf_counter()
         now = time.monotonic()
-        shed = self._shed_from_memo(model, replica_ids, priority, self.ahead_limit(model, now), now)
+        limit = self.ahead_limit(model, now)
+        pipeline = self._arriving_ahead(model, priority, ticket)
+        shed = self._shed_from_memo(
+            model, replica_ids, priority, limit, now, pipeline
+        ) or self._shed_beyond_capacity(
+            model, priority, limit, self._pipeline(model, priority, ticket)
+        )
         if shed is not None:
             _decided(model, "shed", "front_door", started)
         return shed
@@ -274,6 +353,7 @@ class AdmissionController:
         """Return when admitted; raise the 503 ``ProxyException`` when shed. With ``picker``,
         the call that admits also reserves the request's replica, handed to the picker."""
         started = time.perf_counter()
+        self.arrived(ticket, model)
         if not self.outage.should_try():
             self._admit_locally(model, replica_ids, ticket, started)
             return

@@ -11,6 +11,9 @@ sheds it at once with ``Retry-After``: the client learns in milliseconds, not af
 from __future__ import annotations
 
 import math
+from typing import Literal
+
+EarlyShed = Literal["queue_full", "expected_wait"]
 
 
 def ahead_limit(queue_rate_rps: float | None, max_wait_s: float, fraction: float) -> float | None:
@@ -32,3 +35,20 @@ def ahead_now(ahead_then: float, granted_since: int) -> float:
     channel) since ``ahead_then`` were: arrivals of a better priority since can only add to
     it, places given up only take from it."""
     return max(0.0, ahead_then - max(0, granted_since))
+
+
+def early_shed(position: float, max_queue: int, limit: float | None) -> EarlyShed | None:
+    """Shed a request before asking Redis? ``position`` is a lower bound on how many requests
+    will be queued ahead of it (< 0: it may find a free slot; then Redis decides).
+
+    ``queue_full`` when even that bound fills the queue (``max_queue``; with ``max_queue`` 0
+    there is no queue, so a certainly full fleet is enough), ``expected_wait`` when it is over
+    the expected-wait ``limit`` (``ahead_limit``), else None.
+    """
+    if position < 0:
+        return None
+    if position >= max_queue:
+        return "queue_full"
+    if limit is not None and position > limit:
+        return "expected_wait"
+    return None

@@ -153,11 +153,12 @@ class Authenticator:
 
     def cached(self, key_hash: str) -> tuple[bool, KeyRecord | None]:
         """(fresh, record) from the cache alone, no I/O: ``(True, None)`` is a key known to be
-        unknown or revoked; ``(False, None)`` means not looked up within the TTL."""
+        unknown or revoked; ``(False, record)`` a key found by a lookup older than the TTL
+        (still in the cache); ``(False, None)`` one not looked up lately."""
         cached = self._cache.get(key_hash)
-        if cached is None or cached[0] <= self._clock():
+        if cached is None:
             return False, None
-        return True, cached[1]
+        return cached[0] > self._clock(), cached[1]
 
     def forget(self, key_hash: str | None = None) -> None:
         """Drop one cached lookup (or all): for tests and for an in-process revoke."""
@@ -229,10 +230,11 @@ def set_authenticator(authenticator: Authenticator | None) -> Authenticator | No
 
 @dataclass(frozen=True)
 class CachedIdentity:
-    """A key as the last lookup within the cache's TTL saw it (``cached_identity``)."""
+    """A key as this process's last lookup saw it (``cached_identity``)."""
 
     known: bool
-    """False: no key, or a key the store said is unknown or revoked (answer 401)."""
+    """False: no key, or a key the store said (within the negative cache's TTL) is unknown or
+    revoked: answer 401."""
     priority: int = DEFAULT_PRIORITY
     models: tuple[str, ...] = ()
 
@@ -240,8 +242,13 @@ class CachedIdentity:
 def cached_identity(authorization: str | None) -> CachedIdentity | None:
     """What this process already knows of the key in an ``Authorization`` header, without any
     I/O (the front door's shortcut, ``plugins/front_door``); None when it does not know (the
-    offline key store is not in use in this process, or the key was not looked up within the
-    cache's TTL): then ``user_api_key_auth`` decides as usual."""
+    offline key store is not in use in this process, or the key was not looked up lately):
+    then ``user_api_key_auth`` decides as usual.
+
+    A known key may come from a lookup older than the cache's TTL (while it is still in the
+    cache): enough to shed its request with a 503 (a revoked key would get a 503 instead of a
+    401: it learns nothing and reaches no replica), never to let it in, which
+    ``user_api_key_auth`` still decides."""
     authenticator = _authenticator
     if authenticator is None:
         return None
@@ -252,10 +259,8 @@ def cached_identity(authorization: str | None) -> CachedIdentity | None:
     if master and hmac.compare_digest(presented.encode(), master.encode()):
         return CachedIdentity(known=True, priority=authenticator.settings.admin_priority)
     fresh, record = authenticator.cached(hash_key(presented))
-    if not fresh:
-        return None
     if record is None:
-        return CachedIdentity(known=False)
+        return CachedIdentity(known=False) if fresh else None
     return CachedIdentity(known=True, priority=record.priority, models=tuple(record.models))
 
 

@@ -10,16 +10,20 @@ Per HTTP request, in order:
 2. **Validation** (``POST`` chat completions and completions): the body is read once and
    checked by ``validation.check_request``; a bad body is answered 400 with OpenAI's envelope
    naming the field. LiteLLM gets the same bytes.
-3. **Shedding**: when the admission plugin's memo already says a request of this model and
-   this key's priority would be shed, the 503 (same envelope, ``Retry-After``,
-   ``retry-after-ms``) goes out at once. Only for keys this process has authenticated within
-   the key cache's TTL (``ProxySide.shed``): an unknown key goes through LiteLLM's
-   authentication as always, so nothing reaches a replica unauthenticated.
-4. **Disconnects**: the request runs in a task of its own while the front door listens to the
+3. **Shedding at arrival** (``ProxySide.let_in``): a key this process knows to be bad gets its
+   401 here; a request that the admission plugin can already tell would be shed (its shed memo,
+   or a burst larger than the whole fleet's capacity and queue) gets the same 503 as the gate's
+   (envelope, ``Retry-After``, ``retry-after-ms``) at once. Only for keys this process has
+   authenticated before: an unknown key goes through LiteLLM's authentication as always, so
+   nothing reaches a replica unauthenticated.
+4. **Pipeline**: at most ``pipeline_size`` requests at once go on into LiteLLM towards the
+   admission gate (``Pipeline``); the rest wait their turn here, and are judged again
+   (``ProxySide.recheck``) when it comes.
+5. **Disconnects**: the request runs in a task of its own while the front door listens to the
    connection; when the client goes away before the answer is complete, the task is
    cancelled (the provider closes its upstream call, so the replica stops generating) and what
    the request held (admission ticket, routing reservation) is given back
-   (``ProxySide.request_ended``). The request's ``x-litellm-call-id`` (LiteLLM's call id, the
+   (``ProxySide.finished``). The request's ``x-litellm-call-id`` (LiteLLM's call id, the
    admission ticket) is set by the front door so that it knows which request that is.
 """
 
@@ -32,6 +36,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Protocol
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -65,9 +70,27 @@ class ProxySide(Protocol):
 
     def max_tokens_limit(self, model: str) -> int: ...
 
-    def shed(self, authorization: str | None, model: str) -> Answer | None: ...
+    def let_in(
+        self,
+        authorization: str | None,
+        model: str,
+        call_id: str,
+        reached_gate: Callable[[], None],
+    ) -> Answer | None:
+        """At arrival. None: the request goes on to LiteLLM (as ``call_id``; ``reached_gate``
+        is called when it reaches the admission gate); else the answer it gets now (401 for a
+        key known to be bad, 503 for a request that would be shed)."""
+        ...
 
-    def request_ended(self, call_id: str) -> None: ...
+    def recheck(self, model: str, call_id: str) -> Answer | None:
+        """Before a request let in goes on into LiteLLM (after its wait in the pipeline): the
+        503 when it would be shed now."""
+        ...
+
+    def finished(self, call_id: str, abandoned: bool) -> None:
+        """The request let in as ``call_id`` is over; ``abandoned``: its client went away
+        first, so what it holds must be given back now."""
+        ...
 
 
 def error_answer(
@@ -103,6 +126,41 @@ async def send_answer(send: Send, answer: Answer) -> None:
     ]
     await send({"type": "http.response.start", "status": answer.status, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+class Pipeline:
+    """At most ``size`` requests at once between the front door and the admission gate.
+
+    LiteLLM's per-request work before the gate (parsing, authentication, logging set-up) is
+    tens of milliseconds of CPU in one event loop. Let a flood into it at once and every answer,
+    the front door's own 503s included, waits behind all of that work. Held here instead, the
+    flood waits in a FIFO at no cost, and each request is judged (``ProxySide.let_in``) the
+    moment it may go on: by then the gate has answered the ones before it, so the shed memo
+    knows the queue is full and the rest get their 503 without entering LiteLLM at all. A slot
+    is freed when the request reaches the gate, when its response starts, when it ends, or
+    after ``hold_max_s`` (a route with no gate must not hold it).
+    """
+
+    def __init__(self, size: int, hold_max_s: float) -> None:
+        self._free = asyncio.Semaphore(size)
+        self._hold_max_s = hold_max_s
+        self._held: dict[str, asyncio.TimerHandle] = {}
+
+    @property
+    def held(self) -> int:
+        return len(self._held)
+
+    async def enter(self, call_id: str) -> None:
+        await self._free.acquire()
+        loop = asyncio.get_running_loop()
+        self._held[call_id] = loop.call_later(self._hold_max_s, self.leave, call_id)
+
+    def leave(self, call_id: str) -> None:
+        """Free ``call_id``'s slot (idempotent)."""
+        handle = self._held.pop(call_id, None)
+        if handle is not None:
+            handle.cancel()
+            self._free.release()
 
 
 class BodyTooLarge(Exception):
@@ -144,6 +202,7 @@ class FrontDoor:
         self.settings = settings
         self.proxy = proxy
         self._clock = clock
+        self.pipeline = Pipeline(settings.pipeline_size, settings.pipeline_hold_max_ms / 1000)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -176,22 +235,39 @@ class FrontDoor:
             )
             await send_answer(send, bad_request(checked))
             return
-        if self.settings.shed:
-            authorization = _header(scope, b"authorization")
-            shed = self.proxy.shed(
-                authorization.decode("latin-1") if authorization else None, checked.model
-            )
-            if shed is not None:
-                metrics.REJECTED.labels("shed").inc()
-                metrics.DECISION.observe(self._clock() - started)
-                await send_answer(send, shed)
-                return
         call_id = str(uuid.uuid4())
-        inner = dict(scope)
-        inner["headers"] = _with_header(
-            scope.get("headers") or (), CALL_ID_HEADER, call_id.encode()
-        )
-        await self._run(inner, body, receive, send, call_id)
+        abandoned = False
+        try:
+            if self.settings.shed:
+                authorization = _header(scope, b"authorization")
+                early = self.proxy.let_in(
+                    authorization.decode("latin-1") if authorization else None,
+                    checked.model,
+                    call_id,
+                    partial(self.pipeline.leave, call_id),
+                )
+                if early is not None:
+                    await self._answer_early(send, early, started)
+                    return
+            await self.pipeline.enter(call_id)
+            if self.settings.shed:  # judged again: the gate has answered those before it
+                late = self.proxy.recheck(checked.model, call_id)
+                if late is not None:
+                    await self._answer_early(send, late, started)
+                    return
+            inner = dict(scope)
+            inner["headers"] = _with_header(
+                scope.get("headers") or (), CALL_ID_HEADER, call_id.encode()
+            )
+            abandoned = await self._run(inner, body, receive, send, call_id)
+        finally:
+            self.pipeline.leave(call_id)
+            self.proxy.finished(call_id, abandoned)
+
+    async def _answer_early(self, send: Send, answer: Answer, started: float) -> None:
+        metrics.REJECTED.labels("shed" if answer.status == 503 else "unauthorized").inc()
+        metrics.DECISION.observe(self._clock() - started)
+        await send_answer(send, answer)
 
     async def _read_body(self, receive: Receive, limit: int) -> bytes:
         chunks: list[bytes] = []
@@ -239,8 +315,9 @@ class FrontDoor:
 
     async def _run(
         self, scope: Scope, body: bytes, receive: Receive, send: Send, call_id: str
-    ) -> None:
-        """Run LiteLLM's app on the buffered body; cancel it when the client goes away first."""
+    ) -> bool:
+        """Run LiteLLM's app on the buffered body; cancel it when the client goes away first.
+        Returns whether it was abandoned so (the client gone before the answer was complete)."""
         gone = asyncio.Event()
         complete = False
         delivered = False
@@ -255,7 +332,9 @@ class FrontDoor:
 
         async def sending(message: Message) -> None:
             nonlocal complete
-            if message["type"] == "http.response.body" and not message.get("more_body", False):
+            if message["type"] == "http.response.start":
+                self.pipeline.leave(call_id)
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
                 complete = True
             await send(message)
 
@@ -278,7 +357,8 @@ class FrontDoor:
                 raise  # the server cancelled us (shutdown), not the client
         finally:
             listener.cancel()
-            if gone.is_set() and not complete:
-                metrics.CANCELLED.inc()
-                log.info("front door: client went away, request %s cancelled", call_id)
-                self.proxy.request_ended(call_id)
+        abandoned = gone.is_set() and not complete
+        if abandoned:
+            metrics.CANCELLED.inc()
+            log.info("front door: client went away, request %s cancelled", call_id)
+        return abandoned

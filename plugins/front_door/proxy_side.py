@@ -10,6 +10,8 @@ from collections.abc import Callable
 import litellm
 from litellm import Router
 
+from plugins.admission.controller import AdmissionController
+from plugins.admission.errors import GatewayError
 from plugins.admission.hook import AdmissionHook
 from plugins.auth.custom_auth import NO_KEY_MESSAGE, UNKNOWN_KEY_MESSAGE, cached_identity
 from plugins.auth.model_access import model_allowed
@@ -58,14 +60,17 @@ class LiteLLMSide:
         self._limits[model] = (now + self.settings.limits_cache_s, limit)
         return limit
 
-    def shed(self, authorization: str | None, model: str) -> Answer | None:
+    def let_in(
+        self,
+        authorization: str | None,
+        model: str,
+        call_id: str,
+        reached_gate: Callable[[], None],
+    ) -> Answer | None:
         identity = cached_identity(authorization)
         if identity is None:
             return None  # not known here yet: LiteLLM authenticates it
         if not identity.known:
-            from plugins.front_door import metrics
-
-            metrics.REJECTED.labels("unauthorized").inc()
             return error_answer(
                 401,
                 UNKNOWN_KEY_MESSAGE if authorization else NO_KEY_MESSAGE,
@@ -75,6 +80,31 @@ class LiteLLMSide:
             )
         if not model_allowed(model, identity.models):
             return None  # LiteLLM's 403, from the model-access hook
+        gated = self._gated(model)
+        if gated is None:
+            return None
+        controller, replica_ids = gated
+        shed = controller.shed_early(model, replica_ids, identity.priority)
+        if shed is not None:
+            return _shed_answer(shed)
+        # ahead of the next ones until it reaches the gate
+        controller.arrive(model, call_id, identity.priority, reached_gate)
+        return None
+
+    def recheck(self, model: str, call_id: str) -> Answer | None:
+        gated = self._gated(model)
+        if gated is None:
+            return None
+        controller, replica_ids = gated
+        priority = controller.priority_of(model, call_id)
+        if priority is None:
+            return None
+        shed = controller.shed_early(model, replica_ids, priority, call_id)
+        return None if shed is None else _shed_answer(shed)
+
+    def _gated(self, model: str) -> tuple[AdmissionController, list[str]] | None:
+        """The admission controller (once it exists) and the model's replicas, when the
+        model is behind the admission gate."""
         admission = _admission_hook()
         router = self._router()
         if admission is None or admission.started_controller is None or router is None:
@@ -82,15 +112,21 @@ class LiteLLMSide:
         replica_ids = router.get_model_ids(model_name=model)
         if not replica_ids:
             return None  # LiteLLM answers 404 after authentication
-        shed = admission.started_controller.shed_early(model, replica_ids, identity.priority)
-        if shed is None:
-            return None
-        return Answer(503, {"error": shed.to_dict()}, tuple((shed.headers or {}).items()))
+        return admission.started_controller, list(replica_ids)
 
-    def request_ended(self, call_id: str) -> None:
+    def finished(self, call_id: str, abandoned: bool) -> None:
+        admission = _admission_hook()
+        if admission is not None and admission.started_controller is not None:
+            admission.started_controller.arrived(call_id)
+        if not abandoned:
+            return  # LiteLLM's own hooks gave back what it held
         data = {"litellm_call_id": call_id}
         for hook in _request_end_hooks():
             hook.spawn(hook.on_request_end(data))
+
+
+def _shed_answer(shed: GatewayError) -> Answer:
+    return Answer(503, {"error": shed.to_dict()}, tuple((shed.headers or {}).items()))
 
 
 def _callbacks() -> list[object]:

@@ -30,6 +30,19 @@ class FrontDoorSettings(BaseSettings):
         description="answer 503 before LiteLLM's per-request work when the admission plugin's "
         "memo already says the request would be shed (known keys only)",
     )
+    pipeline_size: int = Field(
+        default=8,
+        ge=1,
+        le=10_000,
+        description="requests at once between the front door and the admission gate (in "
+        "LiteLLM's per-request work); the rest wait in a FIFO at the front door, where a flood "
+        "is shed without that work",
+    )
+    pipeline_hold_max_ms: int = Field(
+        default=500,
+        ge=1,
+        description="longest a request holds its pipeline slot (for routes with no gate)",
+    )
     cancel_on_disconnect: bool = Field(
         default=True,
         description="a client that disconnects cancels its request: the upstream call is "
