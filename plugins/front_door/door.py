@@ -48,6 +48,9 @@ from plugins.front_door.validation import Endpoint, Rejected, check_request
 log = logging.getLogger(__name__)
 
 CALL_ID_HEADER = b"x-litellm-call-id"
+MAX_CLIENT_CALL_ID = 200
+"""LiteLLM takes call ids up to 256 characters (``MAX_LITELLM_CALL_ID_LENGTH``); a client's
+longer one is replaced, not extended."""
 ROUTES = {
     "/v1/chat/completions": Endpoint.CHAT,
     "/chat/completions": Endpoint.CHAT,
@@ -186,6 +189,18 @@ def _content_length(scope: Scope) -> int | None:
         return None
 
 
+def call_id_for(client_id: bytes | None) -> str:
+    """The request's call id (LiteLLM's ``litellm_call_id``, the admission ticket): unique
+    and unguessable, so that no client can name another request's ticket; a client's own
+    ``x-litellm-call-id`` (for its tracing) is kept as its prefix."""
+    suffix = uuid.uuid4().hex
+    if client_id:
+        text = client_id.decode("latin-1").strip()
+        if 0 < len(text) <= MAX_CLIENT_CALL_ID:
+            return f"{text}.{suffix[:16]}"
+    return str(uuid.UUID(suffix))
+
+
 def _with_header(headers: Iterable[tuple[bytes, bytes]], name: bytes, value: bytes) -> list[Any]:
     return [(k, v) for k, v in headers if k.lower() != name] + [(name, value)]
 
@@ -235,7 +250,7 @@ class FrontDoor:
             )
             await send_answer(send, bad_request(checked))
             return
-        call_id = str(uuid.uuid4())
+        call_id = call_id_for(_header(scope, CALL_ID_HEADER))
         abandoned = False
         try:
             if self.settings.shed:
