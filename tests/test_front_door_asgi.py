@@ -65,6 +65,8 @@ class Inner:
         body = b""
         while True:
             message = await receive()
+            if message["type"] == "http.disconnect":
+                raise OSError("client disconnected")  # as Starlette's ClientDisconnect
             body += message.get("body", b"")
             if not message.get("more_body"):
                 break

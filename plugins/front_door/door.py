@@ -110,7 +110,7 @@ def bad_request(problem: Rejected) -> Answer:
     return error_answer(400, problem.message, "invalid_request_error", problem.param, problem.code)
 
 
-def too_large(limit_mb: float) -> Answer:
+def too_large_answer(limit_mb: float) -> Answer:
     return error_answer(
         413,
         f"the request body is larger than this gateway accepts ({limit_mb:g} MB)",
@@ -227,7 +227,7 @@ class FrontDoor:
         length = _content_length(scope)
         if length is not None and length > limit:
             metrics.REJECTED.labels("request_too_large").inc()
-            await send_answer(send, too_large(self.settings.max_body_mb))
+            await send_answer(send, too_large_answer(self.settings.max_body_mb))
             return
         endpoint = ROUTES.get(scope["path"]) if scope["method"] == "POST" else None
         if endpoint is None:
@@ -238,7 +238,7 @@ class FrontDoor:
             body = await self._read_body(receive, limit)
         except BodyTooLarge:
             metrics.REJECTED.labels("request_too_large").inc()
-            await send_answer(send, too_large(self.settings.max_body_mb))
+            await send_answer(send, too_large_answer(self.settings.max_body_mb))
             return
         except ClientGone:
             return
@@ -300,33 +300,43 @@ class FrontDoor:
                 return b"".join(chunks)
 
     async def _pass_limited(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Any other route: LiteLLM reads the body itself, counted against the limit."""
+        """Any other route: LiteLLM reads the body itself, counted against the limit. Past it,
+        LiteLLM is told the client went away (an exception raised into its body parsing would
+        be taken for a malformed body) and whatever it answers is dropped for the 413."""
         limit = self.settings.max_body_bytes
         size = 0
         started = False
+        too_large = False
 
         async def counted() -> Message:
-            nonlocal size
+            nonlocal size, too_large
+            if too_large:
+                return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request":
                 size += len(message.get("body", b""))
-                if size > limit:
-                    raise BodyTooLarge
+                if size > limit and not started:
+                    too_large = True
+                    return {"type": "http.disconnect"}
             return message
 
         async def tracked(message: Message) -> None:
             nonlocal started
+            if too_large:
+                return
             if message["type"] == "http.response.start":
                 started = True
             await send(message)
 
         try:
             await self.app(scope, counted, tracked)
-        except BodyTooLarge:
-            if started:
+        except Exception:
+            if not too_large:
                 raise
+            log.debug("front door: LiteLLM's answer to a cut-off body", exc_info=True)
+        if too_large:
             metrics.REJECTED.labels("request_too_large").inc()
-            await send_answer(send, too_large(self.settings.max_body_mb))
+            await send_answer(send, too_large_answer(self.settings.max_body_mb))
 
     async def _run(
         self, scope: Scope, body: bytes, receive: Receive, send: Send, call_id: str
