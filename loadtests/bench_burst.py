@@ -7,7 +7,7 @@ For each burst it prints: the answers (200 / 503 / other), how long the 503s too
 exactly the capacity (no excess), the Retry-After given, the share of turned-away clients that
 got in when they waited their Retry-After once and retried, and the proxy's peak RSS.
 
-Run: ``.venv/bin/python -m loadtests.bench_burst [--bursts 3,10,30] [--speeds 1,1,0.5]``
+Run: ``.venv/bin/triage bench-burst [--bursts 3,8,10,30] [--speeds 1,1,0.5]``
 (about 3 minutes; on a quiet machine: the client shares the CPU with the proxy).
 """
 
@@ -203,8 +203,8 @@ async def settle(seconds: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m loadtests.bench_burst", description=__doc__)
-    parser.add_argument("--bursts", default="3,10,30", help="multiples of the capacity")
+    parser = argparse.ArgumentParser(prog="triage bench-burst", description=__doc__)
+    parser.add_argument("--bursts", default="3,8,10,30", help="multiples of the capacity")
     parser.add_argument("--speeds", default="1.0,1.0,0.5", help="one speed per replica")
     parser.add_argument("--max-tokens", type=int, default=50, help="tokens per request")
     parser.add_argument("--idle-s", type=float, default=5.0, help="quiet time between bursts")

@@ -490,3 +490,16 @@ def test_bench_rejects_bad_settings_with_exit_2(
 ) -> None:
     assert bench_main(args) == 2
     assert f"invalid setting {field}" in capsys.readouterr().err
+
+
+def test_burst_report_prints_each_burst_beside_the_baseline() -> None:
+    from loadtests.bench_burst import BurstReport, quantile, render
+
+    assert quantile([1.0, 2.0, 3.0, 4.0], 0.5) == 2.5 and quantile([], 0.5) is None
+    base = BurstReport(1, 24, 24, 0, 0, None, None, 4.0, None, None, 0, None, 370.0)
+    burst = BurstReport(10, 240, 72, 168, 0, 110.0, 130.0, 10.0, 16.0, 26.0, 165, 165 / 168, 372.0)
+    table = render(24, [burst], base)
+    assert "fleet capacity 24" in table
+    row = table.splitlines()[-1]
+    assert row.split()[:5] == ["10x", "240", "72", "168", "0"]
+    assert "2.50x" in row and "98% (165/168)" in row

@@ -22,6 +22,7 @@ commands:
   sidecar   run the load sidecar for one Triton replica
   keys      manage offline virtual keys (create, list, revoke)
   bench     compare LiteLLM's routing with the triage plugins on one fleet (loadtests/README.md)
+  bench-burst  bursts of k x capacity through one proxy: 503 latency, Retry-After, RSS
   build-engine  plan, build and package a TensorRT-LLM replica (--settings FILE [--dry-run])
 """
 
@@ -119,11 +120,18 @@ def cmd_bench(argv: Sequence[str]) -> int:
     return main(list(argv))
 
 
+def cmd_bench_burst(argv: Sequence[str]) -> int:
+    from loadtests.bench_burst import main
+
+    return main(list(argv))
+
+
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "up": cmd_up,
     "sidecar": cmd_sidecar,
     "keys": cmd_keys,
     "bench": cmd_bench,
+    "bench-burst": cmd_bench_burst,
     "build-engine": cmd_build_engine,
 }
 
