@@ -23,6 +23,7 @@ from triage.paths import REPO_ROOT
 ROUTING_CALLBACK = "plugins.routing.proxy_callback.routing"
 ADMISSION_CALLBACK = "plugins.admission.proxy_callback.admission"
 MODEL_ACCESS_CALLBACK = "plugins.auth.model_access.model_access"
+DISCLOSURE_CALLBACK = "plugins.auth.proxy_callback.disclosure"
 CATALOGUE_CALLBACK = "plugins.catalogue.proxy_callback.catalogue"
 CUSTOM_AUTH = "plugins.auth.custom_auth.user_api_key_auth"
 TRITON_PROVIDER = "triage_triton"
@@ -76,6 +77,8 @@ def build_proxy_config(
         callbacks.insert(0, ROUTING_CALLBACK)
     if opts.catalogue_file is not None:  # after the key's model check, before admission
         callbacks.insert(callbacks.index(MODEL_ACCESS_CALLBACK) + 1, CATALOGUE_CALLBACK)
+    # last of the plugins: its failure hook only cleans errors no other plugin has replaced
+    callbacks.append(DISCLOSURE_CALLBACK)
     if opts.prometheus:
         callbacks.append("prometheus")
     router_settings: dict[str, Any] = {
@@ -112,6 +115,9 @@ def build_proxy_config(
         "general_settings": {
             "master_key": "os.environ/LITELLM_MASTER_KEY",
             "custom_auth": CUSTOM_AUTH,
+            # no password form takes the master key: LiteLLM's /login accepts it as the admin
+            # UI's password (UI_USERNAME / UI_PASSWORD default), and the admin UI is off
+            "disable_env_credential_login": True,
         },
     }
 
@@ -136,14 +142,30 @@ def catalogue_model_list(path: Path | None) -> list[dict[str, Any]]:
     return catalogue_deployments(Catalogue.load(path))
 
 
+API_DOCS_OFF = {"NO_DOCS": "True", "NO_REDOC": "True", "NO_OPENAPI": "True"}
+"""LiteLLM serves Swagger UI at ``/``, ReDoc at ``/redoc`` and ``/openapi.json`` to anyone
+unless these are set (``get_docs_url`` / ``get_redoc_url`` / ``get_openapi_url`` in
+``litellm/proxy/utils.py``, read when ``proxy_server`` creates its app)."""
+
+
 def proxy_env(
-    redis_url: str, key_prefix: str, master_key: str, catalogue_file: Path | None = None
+    redis_url: str,
+    key_prefix: str,
+    master_key: str,
+    catalogue_file: Path | None = None,
+    api_docs: bool = False,
 ) -> dict[str, str]:
-    """Environment of a proxy process: LiteLLM's own variables and the plugins' settings."""
+    """Environment of a proxy process: LiteLLM's own variables and the plugins' settings.
+
+    ``api_docs``: serve LiteLLM's API docs (``/``, ``/redoc``, ``/openapi.json``) without a key;
+    off by default (``plugins/auth/README.md``, "What is public"). The admin UI is always off
+    (``DISABLE_ADMIN_UI``): it needs LiteLLM's database and does not take the offline keys."""
     return {
         "LITELLM_MASTER_KEY": master_key,
         "LITELLM_LOCAL_MODEL_COST_MAP": "True",
         "LITELLM_LOG": "ERROR",
+        **({} if api_docs else API_DOCS_OFF),
+        "DISABLE_ADMIN_UI": "True",
         "TRIAGE_ROUTING_REDIS_URL": redis_url,
         "TRIAGE_ROUTING_KEY_PREFIX": key_prefix,
         "TRIAGE_ADMISSION_REDIS_URL": redis_url,

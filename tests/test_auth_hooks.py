@@ -12,18 +12,40 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fastapi import HTTPException
 from litellm.constants import LITELLM_PROXY_MASTER_KEY_ALIAS
 from litellm.proxy._types import LitellmUserRoles, ProxyException, UserAPIKeyAuth
 from redis.asyncio import Redis
 from starlette.requests import Request
 
+from gateway.proxy_config import (
+    ADMISSION_CALLBACK,
+    DISCLOSURE_CALLBACK,
+    ReplicaEndpoint,
+    build_proxy_config,
+    proxy_env,
+)
 from gateway.redis_launcher import RedisServer
 from plugins.auth import custom_auth
+from plugins.auth import model_access as model_access_module
 from plugins.auth.cli import main
 from plugins.auth.custom_auth import Authenticator, set_authenticator, user_api_key_auth
+from plugins.auth.disclosure import (
+    DisclosureHook,
+    public_deployment,
+    public_model_info,
+    scrubbed_client_message,
+)
 from plugins.auth.identity import KEY_SOURCE, key_id_of, priority_of
 from plugins.auth.keystore import KeyStore, hash_key
-from plugins.auth.model_access import ModelAccessHook, model_access, model_allowed
+from plugins.auth.model_access import ModelAccessHook, model_access, model_allowed, model_served
+from plugins.auth.routes import (
+    body_model,
+    key_route_allowed,
+    names_model_in_body,
+    retrieved_model,
+    route_family,
+)
 from plugins.auth.settings import KeysSettings
 from triage.paths import free_port
 
@@ -35,8 +57,17 @@ def fresh_prefix() -> str:
     return f"test-auth-{uuid.uuid4().hex[:8]}:"
 
 
-def http_request(path: str = "/chat/completions") -> Request:
-    return Request({"type": "http", "method": "POST", "path": path, "headers": []})
+def http_request(
+    path: str = "/chat/completions", body: dict[str, Any] | None = None, method: str = "POST"
+) -> Request:
+    raw = json.dumps(body if body is not None else {}).encode()
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": raw, "more_body": False}
+
+    headers = [(b"content-type", b"application/json")]
+    scope = {"type": "http", "method": method, "path": path, "headers": headers}
+    return Request(scope, receive)
 
 
 @pytest.fixture(autouse=True)
@@ -44,6 +75,8 @@ def no_ambient_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("TRIAGE_KEYS_REDIS_URL", "TRIAGE_KEYS_KEY_PREFIX", "TRIAGE_STACK_STATE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("LITELLM_MASTER_KEY", MASTER_KEY)
+    # no proxy router unless a test brings one (``served``): which models exist is unknown
+    monkeypatch.setattr("plugins.auth.model_access.proxy_router", lambda: None)
 
 
 @pytest.fixture
@@ -63,9 +96,14 @@ async def auth(redis_server: RedisServer) -> AsyncIterator[Authenticator]:
         await authenticator.aclose()
 
 
-async def rejected(api_key: str | None, path: str = "/chat/completions") -> ProxyException:
+async def rejected(
+    api_key: str | None,
+    path: str = "/chat/completions",
+    body: dict[str, Any] | None = None,
+    method: str = "POST",
+) -> ProxyException:
     with pytest.raises(ProxyException) as info:
-        await user_api_key_auth(http_request(path), api_key)  # type: ignore[arg-type]
+        await user_api_key_auth(http_request(path, body, method), api_key)  # type: ignore[arg-type]
     return info.value
 
 
@@ -127,7 +165,14 @@ async def test_keys_are_kept_to_model_routes(auth: Authenticator) -> None:
     plaintext, _ = await auth.store.create("routes")
     for path in ("/v1/chat/completions", "/embeddings", "/v1/models", "/model/info"):
         assert (await user_api_key_auth(http_request(path), plaintext)).key_alias == "routes"
-    for path in ("/config/update", "/get/config/callbacks", "/key/generate", "/model/new"):
+    for path in (
+        "/config/update",
+        "/get/config/callbacks",
+        "/key/generate",
+        "/model/new",
+        "/engines/m/chat/completions",  # LiteLLM's aliases skip the front door's validation
+        "/v1/images/generations",
+    ):
         exc = await rejected(plaintext, path)
         assert (exc.code, exc.type, exc.param) == ("403", "auth_error", "route")
         assert path in exc.message
@@ -317,6 +362,262 @@ def test_hook_is_registered_the_way_litellm_looks_for_it() -> None:
 )
 def test_model_allowed(model: str, allowed: list[str], expected: bool) -> None:
     assert model_allowed(model, allowed) is expected
+
+
+# --- routes, and the model a request names -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("route", "family"),
+    [
+        ("/v1/chat/completions", "chat/completions"),
+        ("/chat/completions", "chat/completions"),
+        ("/v1/completions", "completions"),
+        ("/embeddings", "embeddings"),
+        ("/v1/responses", "responses"),
+        ("/openai/v1/responses", "responses"),
+        ("/v1/responses/resp_1/input_items", "responses"),
+        ("/v1/messages", "messages"),
+        ("/v1/messages/count_tokens", "messages"),
+        ("/v1/models", "models"),
+        ("/v1/models/standin", "models"),
+        ("/models/standin", "models"),
+        ("/model/info", "model/info"),
+        ("/v1/model/info", "model/info"),
+        ("/model_group/info", "model/info"),
+        ("/engines/m/chat/completions", None),
+        ("/openai/deployments/m/chat/completions", None),
+        ("/cursor/chat/completions", None),
+        ("/v1/images/generations", None),
+        ("/v2/model/info", None),
+        ("/v1/models/a/b", None),
+        ("/anthropic/v1/messages", None),
+        ("/key/generate", None),
+        ("/", None),
+    ],
+)
+def test_route_families(route: str, family: str | None) -> None:
+    assert route_family(route) == family
+    assert key_route_allowed(route) is (family is not None)
+
+
+def test_model_of_a_request() -> None:
+    assert retrieved_model("/v1/models/standin") == "standin"
+    assert retrieved_model("/models/llama-3.1") == "llama-3.1"
+    assert retrieved_model("/v1/models") is None
+    assert names_model_in_body("/v1/chat/completions", "POST")
+    assert names_model_in_body("/v1/messages/count_tokens", "post")
+    assert not names_model_in_body("/v1/responses/resp_1/cancel", "POST")
+    assert not names_model_in_body("/v1/chat/completions", "GET")
+    assert body_model({"model": "m"}) == "m"
+    for body in ({"model": ""}, {"model": ["m"]}, {}, ["m"], "m", None):
+        assert body_model(body) is None
+
+
+class FakeRouter:
+    def __init__(self, names: set[str]) -> None:
+        self.names = names
+
+    def get_model_list(
+        self, model_name: str | None = None, team_id: str | None = None
+    ) -> list[dict[str, Any]]:
+        return [{"model_name": model_name}] if model_name in self.names else []
+
+
+@pytest.fixture
+def served(monkeypatch: pytest.MonkeyPatch) -> set[str]:
+    """The models the (fake) proxy router serves."""
+    names = {"standin", "other"}
+    monkeypatch.setattr(model_access_module, "proxy_router", lambda: FakeRouter(names))
+    return names
+
+
+INFERENCE_ROUTES = (
+    "/v1/chat/completions",
+    "/completions",
+    "/v1/embeddings",
+    "/v1/responses",
+    "/v1/messages",
+    "/v1/messages/count_tokens",
+)
+
+
+def envelope(exc: ProxyException) -> dict[str, Any]:
+    error = exc.to_dict()
+    assert set(error) == {"message", "type", "param", "code"}
+    return error
+
+
+async def test_model_is_checked_at_authentication(auth: Authenticator, served: set[str]) -> None:
+    """Before LiteLLM's handler: ``/v1/messages`` answers in the same envelope as the rest."""
+    restricted, _ = await auth.store.create("only-standin", models=["standin"])
+    anyone, _ = await auth.store.create("any-model")
+    for path in INFERENCE_ROUTES:
+        ok = await user_api_key_auth(http_request(path, {"model": "standin"}), restricted)
+        assert ok.key_alias == "only-standin"
+        denied = envelope(await rejected(restricted, path, {"model": "other"}))
+        assert (denied["code"], denied["type"], denied["param"]) == (
+            "403",
+            "key_model_access_denied",
+            "model",
+        )
+        for key in (anyone, MASTER_KEY):
+            unknown = await rejected(key, path, {"model": "nope"})
+            assert unknown.code == "404"
+            assert envelope(unknown) == {
+                "message": "model 'nope' does not exist on this gateway",
+                "type": "invalid_request_error",
+                "param": "model",
+                "code": "model_not_found",
+            }
+        # a missing or malformed model is LiteLLM's to answer
+        assert (await user_api_key_auth(http_request(path, {}), anyone)).key_alias == "any-model"
+        assert (await user_api_key_auth(http_request(path, {"model": 5}), anyone)).key_alias
+
+
+async def test_retrieving_a_model_the_key_may_not_use_is_404(
+    auth: Authenticator, served: set[str]
+) -> None:
+    """OpenAI answers ``models.retrieve`` of a model outside the key's reach as of a missing one."""
+    restricted, _ = await auth.store.create("retrieve-only-other", models=["other"])
+    anyone, _ = await auth.store.create("retrieve-any")
+    for key in (anyone, MASTER_KEY):
+        user = await user_api_key_auth(http_request("/v1/models/standin", method="GET"), key)
+        assert user.key_alias in ("retrieve-any", "master")
+    forbidden = await rejected(restricted, "/v1/models/standin", method="GET")
+    missing = await rejected(restricted, "/v1/models/nope", method="GET")
+    for exc, model in ((forbidden, "standin"), (missing, "nope")):
+        assert exc.code == "404"
+        error = envelope(exc)
+        assert error["code"] == "model_not_found"
+        assert error["message"] == (
+            f"model {model!r} does not exist on this gateway or this API key may not use it"
+        )
+    assert (await rejected(anyone, "/v1/models/nope", method="GET")).code == "404"
+
+
+async def test_outside_the_proxy_no_model_is_unknown(
+    auth: Authenticator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(model_access_module, "proxy_router", lambda: None)
+    anyone, _ = await auth.store.create("no-router")
+    user = await user_api_key_auth(http_request("/v1/embeddings", {"model": "x"}), anyone)
+    assert user.key_alias == "no-router"
+    assert model_served("x") is None
+
+
+async def test_listing_hides_models_no_deployment_serves(
+    auth: Authenticator, served: set[str]
+) -> None:
+    """LiteLLM lists a key's ``models`` as given, served or not."""
+    user = await keystore_user(auth, ["standin", "retired"])
+    listed = await model_access.async_filter_listed_models(user, ["standin", "retired"])
+    assert list(listed) == ["standin"]
+
+
+# --- disclosure ------------------------------------------------------------------------------
+
+
+def test_model_info_rows_without_addresses() -> None:
+    row = {
+        "model_name": "standin",
+        "litellm_params": {
+            "model": "triage_triton/standin",
+            "api_base": "http://127.0.0.1:8000",
+            "api_key": "sk-upstream",
+            "aws_secret_access_key": "secret",
+            "tpm": 100,
+        },
+        "model_info": {
+            "id": "replica-0",
+            "max_output_tokens": 4096,
+            "api_base": "http://10.0.0.5:8000",
+            "docs": "https://example.com/model",
+        },
+        "openai_client": "<AsyncOpenAI base_url=http://127.0.0.1:8000>",
+    }
+    public = public_deployment(row)
+    assert public == {
+        "model_name": "standin",
+        "litellm_params": {"model": "triage_triton/standin", "tpm": 100},
+        "model_info": {"id": "replica-0", "max_output_tokens": 4096},
+    }
+    assert public_model_info({"data": [row, "junk"]}) == {"data": [public]}
+    assert public_model_info({"detail": "x"}) == {"data": []}
+
+
+def attribute_error_with_traceback() -> Exception:
+    """What LiteLLM raises for ``/v1/responses`` with ``input: [5]``: an ``APIConnectionError``
+    whose text holds the traceback of the ``AttributeError`` it wraps."""
+    try:
+        getattr(5, "get")  # noqa: B009
+    except AttributeError as inner:
+        wrapped = RuntimeError(
+            "litellm.APIConnectionError: 'int' object has no attribute 'get'\n"
+            "Traceback (most recent call last):\n"
+            '  File "/srv/.venv/lib/python3.11/site-packages/litellm/responses/main.py", '
+            "line 1466, in responses\n    return transform(input)\n"
+            "AttributeError: 'int' object has no attribute 'get'\n"
+        )
+        wrapped.__cause__ = inner
+        return wrapped
+    raise AssertionError("unreachable")
+
+
+def test_client_messages_lose_tracebacks_and_paths() -> None:
+    clean = scrubbed_client_message(attribute_error_with_traceback())
+    assert (
+        clean
+        == "Invalid request format: litellm.APIConnectionError: 'int' object has no attribute 'get'"
+    )
+    assert scrubbed_client_message(ValueError("max_tokens must be an integer >= 1")) is None
+
+
+async def test_failure_hook_replaces_a_leaking_error() -> None:
+    hook = DisclosureHook()
+    key = UserAPIKeyAuth(api_key="a" * 64, metadata={"key_id": "k1"})
+    substitute = await hook.async_post_call_failure_hook({}, attribute_error_with_traceback(), key)
+    assert isinstance(substitute, HTTPException) and isinstance(substitute, ProxyException)
+    assert substitute.status_code == 400
+    error = envelope(substitute)
+    assert (error["code"], error["type"]) == ("400", "invalid_request_error")
+    assert "Traceback" not in error["message"] and ".py" not in error["message"]
+    plain = ProxyException(message="bad", type="invalid_request_error", param="x", code=400)
+    assert await hook.async_post_call_failure_hook({}, plain, key) is None
+
+
+async def test_replica_address_header_for_the_admin_only() -> None:
+    hook = DisclosureHook()
+    key = UserAPIKeyAuth(api_key="a" * 64, user_role=LitellmUserRoles.INTERNAL_USER)
+    admin = UserAPIKeyAuth(
+        api_key=LITELLM_PROXY_MASTER_KEY_ALIAS, user_role=LitellmUserRoles.PROXY_ADMIN
+    )
+    assert await hook.async_post_call_response_headers_hook({}, key, None) == {
+        "x-litellm-model-api-base": ""
+    }
+    assert await hook.async_post_call_response_headers_hook({}, admin, None) is None
+    for name in ("async_post_call_failure_hook", "async_post_call_response_headers_hook"):
+        assert name in vars(DisclosureHook)  # LiteLLM skips inherited no-ops
+
+
+# --- proxy config: what is public --------------------------------------------------------------
+
+
+def test_proxy_config_closes_docs_ui_and_password_login() -> None:
+    config = build_proxy_config("m", "m", [ReplicaEndpoint("r0", "http://127.0.0.1:1")])
+    callbacks = config["litellm_settings"]["callbacks"]
+    assert callbacks[-2:] == [DISCLOSURE_CALLBACK, "prometheus"]
+    assert callbacks.index(ADMISSION_CALLBACK) < callbacks.index(DISCLOSURE_CALLBACK)
+    assert config["general_settings"]["disable_env_credential_login"] is True
+    env = proxy_env("redis://127.0.0.1:1/0", "p:", "sk-master")
+    assert {k: env[k] for k in ("NO_DOCS", "NO_REDOC", "NO_OPENAPI", "DISABLE_ADMIN_UI")} == {
+        "NO_DOCS": "True",
+        "NO_REDOC": "True",
+        "NO_OPENAPI": "True",
+        "DISABLE_ADMIN_UI": "True",
+    }
+    with_docs = proxy_env("redis://127.0.0.1:1/0", "p:", "sk-master", api_docs=True)
+    assert "NO_DOCS" not in with_docs and with_docs["DISABLE_ADMIN_UI"] == "True"
 
 
 # --- identity --------------------------------------------------------------------------------

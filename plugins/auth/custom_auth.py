@@ -13,10 +13,18 @@ LiteLLM calls ``user_api_key_auth(request, api_key)`` for every authenticated ro
   ``models``, ``max_parallel_requests`` and ``metadata`` ``{"priority", "key_id", "key_source"}``;
 * no key, an unknown or a revoked key → ``ProxyException`` 401 (``type: auth_error``), which
   LiteLLM returns as is: ``{"error": {"message", "type", "param", "code": "401"}}``;
-* a live key on a route that is neither an LLM API route nor a model-info route (``/key/*``,
-  ``/config/*``, ``/model/new``...) → 403, unless ``restrict_routes`` is off: LiteLLM runs no
-  route checks of its own after a ``custom_auth`` (``custom_auth_run_common_checks`` would,
-  but its admin-route rejection needs the ``prisma`` package and answers 500 without it);
+* a live key on a route outside the families an SDK user needs (``plugins/auth/routes.py``:
+  chat/completions, completions, embeddings, responses, messages, models, model/info) → 403,
+  unless ``restrict_routes`` is off: LiteLLM runs no route checks of its own after a
+  ``custom_auth`` (``custom_auth_run_common_checks`` would, but its admin-route rejection
+  needs the ``prisma`` package and answers 500 without it);
+* the model a request names is checked here, before LiteLLM's route handler runs, so every
+  route family answers in the same envelope (LiteLLM's ``/v1/messages`` handler would answer
+  its own errors in Anthropic's shape, without ``param`` and ``code``): a key's model outside
+  its ``models`` list → 403 ``key_model_access_denied``; a model no deployment serves → 404
+  ``model_not_found`` (OpenAI's answer; LiteLLM's is a 400 "Invalid model name"), for the
+  master key too; ``GET /v1/models/{id}`` of a model the key may not use → the same 404 as an
+  unknown one, as OpenAI answers and as the listing hides it;
 * Redis unreachable → 503 (``type: service_unavailable``, ``Retry-After``), logged with the store's
   address; a key is never accepted without a successful lookup within the cache TTL;
 * settings invalid (e.g. ``TRIAGE_KEYS_REDIS_URL`` unset) → 500, logged.
@@ -38,24 +46,32 @@ from dataclasses import dataclass
 from fastapi import Request, status
 from litellm.constants import LITELLM_PROXY_ADMIN_NAME, LITELLM_PROXY_MASTER_KEY_ALIAS
 from litellm.proxy._types import (
-    LiteLLMRoutes,
     LitellmUserRoles,
     ProxyErrorTypes,
     ProxyException,
     UserAPIKeyAuth,
 )
 from litellm.proxy.auth.auth_utils import get_request_route
-from litellm.proxy.auth.route_checks import RouteChecks
+from litellm.proxy.common_utils.http_parsing_utils import read_request_body
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 
-from plugins.auth.identity import KEY_SOURCE, MASTER
+from plugins.auth.errors import model_not_found
+from plugins.auth.identity import KEY_SOURCE, MASTER, key_id_of
 from plugins.auth.keystore import (
     CorruptRecordError,
     KeyRecord,
     KeyStore,
     hash_key,
     key_id_from_hash,
+)
+from plugins.auth.model_access import model_access_denied, model_allowed, model_served
+from plugins.auth.routes import (
+    KEY_ROUTES_TEXT,
+    body_model,
+    key_route_allowed,
+    names_model_in_body,
+    retrieved_model,
 )
 from plugins.auth.settings import DEFAULT_PRIORITY, KeysSettings
 
@@ -73,11 +89,6 @@ def _unauthorized(message: str) -> ProxyException:
         param="api_key",
         code=status.HTTP_401_UNAUTHORIZED,
     )
-
-
-def key_route_allowed(route: str) -> bool:
-    """Routes a non-admin key may call: LiteLLM's LLM API routes and the model-info routes."""
-    return RouteChecks.is_llm_api_route(route) or route in LiteLLMRoutes.model_info_routes.value
 
 
 def _bearer_stripped(api_key: str | None) -> str:
@@ -295,7 +306,9 @@ async def user_api_key_auth(request: Request, api_key: str | None) -> UserAPIKey
 
     master = os.environ.get(MASTER_KEY_ENV)
     if master and hmac.compare_digest(presented.encode(), master.encode()):
-        return authenticator.admin()
+        admin = authenticator.admin()
+        await check_requested_model(request, route, admin)
+        return admin
 
     key_hash = hash_key(presented)
     key_id = key_id_from_hash(key_hash)
@@ -330,12 +343,39 @@ async def user_api_key_auth(request: Request, api_key: str | None) -> UserAPIKey
         log.info("rejected unknown or revoked key %s on %s", key_id, route)
         raise _unauthorized(UNKNOWN_KEY_MESSAGE)
     if authenticator.settings.restrict_routes and not key_route_allowed(route):
-        log.info("refused key %s (%s) on admin route %s", key_id, record.alias, route)
+        log.info("refused key %s (%s) on route %s", key_id, record.alias, route)
         raise ProxyException(
-            message=f"API key '{record.alias}' may call model routes only; {route} needs the "
-            "master key.",
+            message=f"API key '{record.alias}' may call the model routes only "
+            f"({KEY_ROUTES_TEXT}); {route} needs the master key.",
             type=ProxyErrorTypes.auth_error,
             param="route",
             code=status.HTTP_403_FORBIDDEN,
         )
-    return authenticator.to_user_api_key_auth(record)
+    user = authenticator.to_user_api_key_auth(record)
+    await check_requested_model(request, route, user)
+    return user
+
+
+async def check_requested_model(request: Request, route: str, user: UserAPIKeyAuth) -> None:
+    """403 / 404 for the model a request names, before LiteLLM's handler sees it (see the
+    module docstring): ``user.models`` is the key's allow-list (``[]`` for the master key: every
+    model); whether a model is served is asked of the proxy's router (not outside the proxy)."""
+    allowed = list(user.models)  # [] = every model (and the master key's)
+    who = key_id_of(user)
+    retrieved = retrieved_model(route) if request.method == "GET" else None
+    if retrieved is not None:
+        if not model_allowed(retrieved, allowed) or model_served(retrieved) is False:
+            log.info("model %r not found for key %s on %s", retrieved, who, route)
+            raise model_not_found(retrieved, " or this API key may not use it" if allowed else "")
+        return
+    if not names_model_in_body(route, request.method):
+        return
+    model = body_model(await read_request_body(request))
+    if model is None:
+        return  # LiteLLM answers a missing or malformed model itself
+    if not model_allowed(model, allowed):
+        log.info("refused model %r for key %s (%s) on %s", model, who, user.key_alias, route)
+        raise model_access_denied(model, user)
+    if model_served(model) is False:
+        log.info("model %r not found for key %s on %s", model, who, route)
+        raise model_not_found(model)

@@ -33,6 +33,7 @@ from plugins.auth.settings import (
     KeysSettings,
 )
 from triage.keyschema import DEFAULT_PREFIX, KeySchema
+from triage.redis_client import sized_redis
 
 log = logging.getLogger("triage.auth.keystore")
 
@@ -162,7 +163,9 @@ class KeyStore:
 
     @classmethod
     def from_settings(cls, settings: KeysSettings) -> KeyStore:
-        client = Redis.from_url(
+        # the proxy looks keys up on its request path: a sized pool that waits for a free
+        # connection (``triage.redis_client``), not redis-py's pool that fails when exhausted
+        client = sized_redis(
             settings.redis_url,
             socket_timeout=settings.redis_timeout_s,
             socket_connect_timeout=settings.redis_timeout_s,

@@ -13,16 +13,23 @@ An empty list allows every model. Entries match exactly, or as shell-style patte
 contain ``*`` (``"llama-*"``); ``"*"`` and LiteLLM's ``"all-proxy-models"`` allow everything.
 
 Keys from LiteLLM's database are left alone: LiteLLM has checked them already, with access
-groups and team models this hook knows nothing about. The hook also hides disallowed models from
-``/v1/models`` and ``/model/info`` for the same keys.
+groups and team models this hook knows nothing about. The hook also hides, for the same keys,
+disallowed models from ``/v1/models``, ``/v1/models/{id}``, ``/model/info`` and
+``/model_group/info``, and names of the key's list that no deployment serves (LiteLLM lists a
+key's ``models`` as given, ``get_key_models`` in ``litellm/proxy/auth/model_checks.py``).
+
+``plugins.auth.custom_auth`` runs the same model check at authentication, before LiteLLM's route
+handler (so ``/v1/messages`` answers it in the OpenAI envelope too); this hook is the second line
+for the paths that bypass it.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Sequence
 from fnmatch import fnmatchcase
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 from fastapi import status
 from litellm.integrations.custom_logger import CustomLogger
@@ -49,6 +56,29 @@ def model_allowed(model: str, allowed: Sequence[str]) -> bool:
         if "*" in entry and fnmatchcase(model, entry):
             return True
     return False
+
+
+class _Router(Protocol):
+    def get_model_list(
+        self, model_name: str | None = None, team_id: str | None = None
+    ) -> list[Any] | None: ...
+
+
+def proxy_router() -> _Router | None:
+    """The LiteLLM proxy's router, when this process is the proxy and has one (no import: a
+    process that has not loaded the proxy has no router to ask)."""
+    proxy_server = sys.modules.get("litellm.proxy.proxy_server")
+    router = getattr(proxy_server, "llm_router", None) if proxy_server is not None else None
+    return router if router is not None and hasattr(router, "get_model_list") else None
+
+
+def model_served(model: str, router: _Router | None = None) -> bool | None:
+    """Whether a deployment serves ``model`` (by name, alias, routing group or wildcard: the
+    channels of ``Router.get_model_list``); None when there is no router to ask."""
+    router = router if router is not None else proxy_router()
+    if router is None:
+        return None
+    return bool(router.get_model_list(model_name=model))
 
 
 def enforced_for(user_api_key_dict: UserAPIKeyAuth) -> bool:
@@ -105,7 +135,11 @@ class ModelAccessHook(CustomLogger):
         if not enforced_for(user_api_key_dict):
             return model_names
         allowed = list(user_api_key_dict.models)
-        return [name for name in model_names if model_allowed(name, allowed)]
+        return [
+            name
+            for name in model_names
+            if model_allowed(name, allowed) and model_served(name) is not False
+        ]
 
 
 model_access = ModelAccessHook()
