@@ -15,6 +15,7 @@ import pytest
 
 from plugins.front_door.door import Answer, FrontDoor, error_answer
 from plugins.front_door.settings import FrontDoorSettings
+from plugins.front_door.validation import Accepted, Rejected
 
 CHAT = json.dumps(
     {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
@@ -33,6 +34,11 @@ class Side:
 
     def max_tokens_limit(self, model: str) -> int:
         return 100
+
+    def body_problem(self, accepted: Accepted, path: str) -> Rejected | None:
+        if "api_base" in accepted.data:
+            return Rejected("api_base is not allowed", None, "param_not_allowed")
+        return None
 
     def let_in(
         self, authorization: str | None, model: str, call_id: str, reached_gate: Callable[[], None]
@@ -255,3 +261,24 @@ async def test_a_route_without_a_gate_frees_its_slot_after_hold_max() -> None:
     assert len(inner.bodies) == 2  # the first never reached a gate: its slot was freed
     inner.release.set()
     await asyncio.wait_for(asyncio.gather(one, two), 1.0)
+
+
+async def test_a_body_the_proxy_refuses_gets_400_before_litellm() -> None:
+    inner, side = Inner(), Side()
+    body = json.dumps({**json.loads(CHAT), "api_base": "http://evil"}).encode()
+    client = Client([body])
+    await door(inner, side)(client.scope(), client.receive, client.send)
+    assert client.status == 400 and client.payload["error"]["code"] == "param_not_allowed"
+    assert inner.bodies == []
+
+
+async def test_an_emptied_internal_header_is_dropped() -> None:
+    async def answer(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        headers = [(b"x-litellm-model-api-base", b""), (b"x-litellm-model-id", b"replica-0")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"{}", "more_body": False})
+
+    client = Client([CHAT])
+    await door(answer, Side())(client.scope(), client.receive, client.send)
+    assert client.sent[0]["headers"] == [(b"x-litellm-model-id", b"replica-0")]

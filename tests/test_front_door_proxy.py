@@ -122,6 +122,7 @@ BAD_INPUTS = [
     ("role wizard", json.dumps(chat(messages=[{"role": "wizard", "content": "hi"}])).encode(), "messages[0].role", "invalid_value"),
     ("messages string", json.dumps(chat(messages="hi")).encode(), "messages", "invalid_type"),
     ("max_tokens 1e9", json.dumps(chat(max_tokens=1_000_000_000)).encode(), "max_tokens", "max_tokens_too_large"),
+    ("api_base in the body", json.dumps(chat(api_base="http://evil.example")).encode(), None, "param_not_allowed"),
 ]  # fmt: skip
 
 
@@ -135,6 +136,22 @@ async def test_bad_input_gets_400_naming_the_field(
     assert_envelope(response, 400, code, param)
 
 
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"model": MODEL, "messages": "hi", "max_tokens": 5}, "messages"),
+        ({"model": MODEL, "messages": [5], "max_tokens": 5}, "messages[0]"),
+        ({"model": MODEL, "messages": MESSAGES}, "max_tokens"),
+    ],
+)
+async def test_anthropic_messages_get_the_same_400s(
+    stack: Stack, client: httpx.AsyncClient, body: dict[str, Any], param: str
+) -> None:
+    response = await client.post(url(stack, "/v1/messages"), json=body, headers=auth(stack))
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param
+
+
 async def test_max_tokens_up_to_the_models_limit_is_served(
     stack: Stack, client: httpx.AsyncClient
 ) -> None:
@@ -143,6 +160,7 @@ async def test_max_tokens_up_to_the_models_limit_is_served(
     assert f"at most {MAX_OUTPUT_TOKENS} " in too_many.json()["error"]["message"]
     ok = await client.post(url(stack), json=chat(3), headers=auth(stack))
     assert ok.status_code == 200, ok.text
+    assert "x-litellm-model-api-base" not in ok.headers  # a replica's address stays inside
 
 
 async def test_keys_and_models_keep_their_answers(stack: Stack, client: httpx.AsyncClient) -> None:

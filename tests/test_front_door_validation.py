@@ -90,3 +90,15 @@ def test_completions_need_a_prompt() -> None:
     assert isinstance(missing, Rejected) and missing.param == "prompt"
     wrong = check(json.dumps({"model": "standin", "prompt": 5}).encode(), Endpoint.COMPLETIONS)
     assert isinstance(wrong, Rejected) and wrong.code == "invalid_type"
+
+
+def test_anthropic_messages_need_max_tokens_and_anthropic_roles() -> None:
+    ok = {"model": "standin", "max_tokens": 5, "messages": OK_MESSAGES}
+    assert check(json.dumps(ok).encode(), Endpoint.MESSAGES) == Accepted("standin", False, 5)
+    no_max = check(json.dumps({**ok, "max_tokens": None}).encode(), Endpoint.MESSAGES)
+    assert isinstance(no_max, Rejected) and no_max.param == "max_tokens"
+    system = {**ok, "messages": [{"role": "system", "content": "x"}]}
+    bad_role = check(json.dumps(system).encode(), Endpoint.MESSAGES)
+    assert isinstance(bad_role, Rejected) and bad_role.param == "messages[0].role"
+    as_string = check(json.dumps({**ok, "messages": "hi"}).encode(), Endpoint.MESSAGES)
+    assert isinstance(as_string, Rejected) and as_string.code == "invalid_type"

@@ -43,7 +43,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from plugins.front_door import metrics
 from plugins.front_door.settings import FrontDoorSettings
-from plugins.front_door.validation import Endpoint, Rejected, check_request
+from plugins.front_door.validation import Accepted, Endpoint, Rejected, check_request
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,11 @@ ROUTES = {
     "/chat/completions": Endpoint.CHAT,
     "/v1/completions": Endpoint.COMPLETIONS,
     "/completions": Endpoint.COMPLETIONS,
+    "/v1/messages": Endpoint.MESSAGES,
 }
+INTERNAL_HEADERS = frozenset({b"x-litellm-model-api-base"})
+"""Response headers that name a replica's address: dropped when empty (the auth plugin empties
+them for every key but the master key; an empty header still tells what the gateway runs)."""
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,11 @@ class ProxySide(Protocol):
     """What the front door asks of the proxy process it runs in (``proxy_side.py``)."""
 
     def max_tokens_limit(self, model: str) -> int: ...
+
+    def body_problem(self, accepted: Accepted, path: str) -> Rejected | None:
+        """A body the proxy's own rules refuse (LiteLLM's ``is_request_body_safe``: no
+        ``api_base``, credentials or callbacks from clients), as a 400."""
+        ...
 
     def let_in(
         self,
@@ -201,6 +210,10 @@ def call_id_for(client_id: bytes | None) -> str:
     return str(uuid.UUID(suffix))
 
 
+def _without_empty_internal(headers: Iterable[tuple[bytes, bytes]]) -> list[Any]:
+    return [(k, v) for k, v in headers if v or k.lower() not in INTERNAL_HEADERS]
+
+
 def _with_header(headers: Iterable[tuple[bytes, bytes]], name: bytes, value: bytes) -> list[Any]:
     return [(k, v) for k, v in headers if k.lower() != name] + [(name, value)]
 
@@ -243,6 +256,8 @@ class FrontDoor:
         except ClientGone:
             return
         checked = check_request(endpoint, body, self.proxy.max_tokens_limit)
+        if not isinstance(checked, Rejected):
+            checked = self.proxy.body_problem(checked, scope["path"]) or checked
         if isinstance(checked, Rejected):
             metrics.REJECTED.labels(checked.code).inc()
             log.info(
@@ -359,6 +374,7 @@ class FrontDoor:
             nonlocal complete
             if message["type"] == "http.response.start":
                 self.pipeline.leave(call_id)
+                message = {**message, "headers": _without_empty_internal(message["headers"])}
             elif message["type"] == "http.response.body" and not message.get("more_body", False):
                 complete = True
             await send(message)

@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import litellm
 from litellm import Router
+from litellm.proxy.auth.auth_utils import is_request_body_safe
 
 from plugins.admission.controller import AdmissionController
 from plugins.admission.errors import GatewayError
@@ -17,6 +18,7 @@ from plugins.auth.custom_auth import NO_KEY_MESSAGE, UNKNOWN_KEY_MESSAGE, cached
 from plugins.auth.model_access import model_allowed
 from plugins.front_door.door import Answer, error_answer
 from plugins.front_door.settings import MODEL_INFO_MAX_OUTPUT, FrontDoorSettings
+from plugins.front_door.validation import Accepted, Rejected
 from plugins.request_end import RequestEndHook
 from plugins.routing.hook import proxy_router
 
@@ -59,6 +61,22 @@ class LiteLLMSide:
             self._limits.clear()
         self._limits[model] = (now + self.settings.limits_cache_s, limit)
         return limit
+
+    def body_problem(self, accepted: Accepted, path: str) -> Rejected | None:
+        from litellm.proxy import proxy_server
+
+        general = getattr(proxy_server, "general_settings", None)
+        try:
+            is_request_body_safe(
+                accepted.data,
+                general if isinstance(general, dict) else {},
+                self._router(),
+                accepted.model,
+                route=path,
+            )
+        except ValueError as exc:
+            return Rejected(str(exc).splitlines()[0][:300], None, "param_not_allowed")
+        return None
 
     def let_in(
         self,

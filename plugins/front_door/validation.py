@@ -11,7 +11,7 @@ not name are LiteLLM's and the provider's business.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
@@ -22,9 +22,15 @@ MAX_CHOICES = 128
 """OpenAI's own bound on ``n``."""
 
 
+ANTHROPIC_ROLES = frozenset({"user", "assistant"})
+"""Roles of Anthropic's messages API (the system prompt is the top-level ``system``)."""
+
+
 class Endpoint(StrEnum):
     CHAT = "chat"
     COMPLETIONS = "completions"
+    MESSAGES = "messages"
+    """Anthropic's ``/v1/messages`` (LiteLLM serves it for every model)."""
 
 
 @dataclass(frozen=True)
@@ -32,6 +38,8 @@ class Accepted:
     model: str
     stream: bool
     max_tokens: int | None
+    data: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    """The parsed body (for the checks that need the proxy's configuration)."""
 
 
 @dataclass(frozen=True)
@@ -49,7 +57,7 @@ def check_request(endpoint: Endpoint, body: bytes, max_tokens_limit: Any) -> Acc
     if not body.strip():
         return Rejected(
             "the request body is empty: send a JSON object with 'model' and "
-            + ("'messages'" if endpoint is Endpoint.CHAT else "'prompt'"),
+            + ("'prompt'" if endpoint is Endpoint.COMPLETIONS else "'messages'"),
             "model",
             "missing_required_parameter",
         )
@@ -81,15 +89,19 @@ def check_request(endpoint: Endpoint, body: bytes, max_tokens_limit: Any) -> Acc
         return Rejected(
             f"'model' must be a non-empty string, not {_json_type(model)}", "model", "invalid_type"
         )
-    problem = (
-        _check_messages(data) if endpoint is Endpoint.CHAT else _check_prompt(data)
-    ) or _check_common(data)
+    if endpoint is Endpoint.CHAT:
+        problem = _check_messages(data, CHAT_ROLES)
+    elif endpoint is Endpoint.MESSAGES:
+        problem = _check_messages(data, ANTHROPIC_ROLES) or _required_max_tokens(data)
+    else:
+        problem = _check_prompt(data)
+    problem = problem or _check_common(data)
     if problem is not None:
         return problem
     max_tokens, problem = _check_max_tokens(data, max_tokens_limit(model))
     if problem is not None:
         return problem
-    return Accepted(model=model, stream=data.get("stream") is True, max_tokens=max_tokens)
+    return Accepted(model, data.get("stream") is True, max_tokens, data)
 
 
 def _json_type(value: Any) -> str:
@@ -106,7 +118,13 @@ def _json_type(value: Any) -> str:
     return "an object"
 
 
-def _check_messages(data: dict[str, Any]) -> Rejected | None:
+def _required_max_tokens(data: dict[str, Any]) -> Rejected | None:
+    if data.get("max_tokens") is None:
+        return Rejected("'max_tokens' is required", "max_tokens", "missing_required_parameter")
+    return None
+
+
+def _check_messages(data: dict[str, Any], roles: frozenset[str]) -> Rejected | None:
     messages = data.get("messages")
     if messages is None:
         return Rejected("'messages' is required", "messages", "missing_required_parameter")
@@ -129,9 +147,9 @@ def _check_messages(data: dict[str, Any]) -> Rejected | None:
             return Rejected(
                 f"'{where}.role' is required", f"{where}.role", "missing_required_parameter"
             )
-        if role not in CHAT_ROLES:
+        if role not in roles:
             return Rejected(
-                f"'{where}.role' must be one of {', '.join(sorted(CHAT_ROLES))}, not "
+                f"'{where}.role' must be one of {', '.join(sorted(roles))}, not "
                 f"{json.dumps(role)[:40]}",
                 f"{where}.role",
                 "invalid_value",
