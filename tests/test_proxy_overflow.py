@@ -10,12 +10,16 @@ Three model groups share one healthy replica; each has one replica that overflow
 ``triton-full``: Triton's queue (503 "Exceeds maximum queue size");
 ``timeout``: Triton's queue timeout ("Request timeout expired", 400 on /generate).
 No sidecars: every replica is "unknown" to the routers, so first attempts spread over both.
+
+A fourth group, ``refused``, has one replica whose port refuses connections (a SIGKILLed
+replica): each request first sent there is retried once, on the other, never on it again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import socket
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -57,6 +61,19 @@ REPLICAS = {
     "ok": StandinSettings(max_active=2, engine_queue_size=0, **FAST),
 }
 GROUPS = {"engine-full": "engine", "triton-full": "triton", "timeout": "timeout"}
+REFUSED = "refused"
+
+
+@pytest.fixture(scope="module")
+def refusing_port() -> Iterator[int]:
+    """A port bound but never listening: every connection to it is refused (and no other
+    process can take it while the tests run)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.bind(("127.0.0.1", 0))
+        yield int(sock.getsockname()[1])
+    finally:
+        sock.close()
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +93,7 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Trit
 def proxy(
     servers: dict[str, TritonServer],
     redis_server: RedisServer,
+    refusing_port: int,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[LiteLLMProxy]:
     workdir = tmp_path_factory.mktemp("overflow-proxy")
@@ -84,6 +102,11 @@ def proxy(
         triton_deployment(group, f"{group}-{role}", servers[name].http_url, "standin")
         for group, bad in GROUPS.items()
         for role, name in (("bad", bad), ("ok", "ok"))
+    ] + [
+        triton_deployment(
+            REFUSED, f"{REFUSED}-bad", f"http://127.0.0.1:{refusing_port}", "standin"
+        ),
+        triton_deployment(REFUSED, f"{REFUSED}-ok", servers["ok"].http_url, "standin"),
     ]
     path = write_proxy_config(config, workdir / "proxy.yaml")
     proxy = start_proxy(
@@ -297,3 +320,27 @@ async def test_unknown_model_is_404_and_bad_request_is_400(
     assert unknown.json()["error"]["code"] == "model_not_found"
     assert bad.status_code == 400, bad.text
     assert set(bad.json()["error"]) >= {"message", "type", "param", "code"}
+
+
+async def test_a_retry_never_goes_back_to_a_replica_that_refuses_connections(
+    servers: dict[str, TritonServer], proxy: LiteLLMProxy, api_key: str
+) -> None:
+    """LiteLLM logs each failed attempt in a task of its own; that event used to make the
+    routing plugin forget where the request had failed, so retries went back to the dead
+    replica (5 of 7 with a SIGKILLed one). Now a request first sent there is retried once."""
+    await wait_idle(servers["ok"])
+    sdk = AsyncOpenAI(base_url=f"{proxy.base_url}/v1", api_key=api_key, max_retries=0)
+    served = Counter()
+    retries: list[int] = []
+    # first attempts are random between the two (both unknown) until LiteLLM cools the dead
+    # one down: ask until one was first sent there
+    while len(retries) < MIN_ASKS or (not any(retries) and len(retries) < MAX_ASKS):
+        raw = await sdk.chat.completions.with_raw_response.create(
+            model=REFUSED, messages=MESSAGES, max_tokens=3
+        )
+        assert raw.parse().choices[0].message.content
+        served[raw.headers["x-litellm-model-id"]] += 1
+        retries.append(int(raw.headers.get("x-litellm-attempted-retries", "0") or 0))
+    assert set(served) == {f"{REFUSED}-ok"}
+    assert any(retries), "no request was first sent to the dead replica: nothing was proven"
+    assert max(retries) == 1, retries  # never back to the replica that refused it

@@ -422,3 +422,44 @@ async def test_fails_open_without_redis_and_recovers(
         unregister(routing_hook)
         await routing_hook.strategy.aclose()
         server.stop()
+
+
+async def test_a_retry_never_goes_back_to_a_replica_that_refused_the_connection(
+    client: Redis, hook: RoutingHook
+) -> None:
+    """r-a's port refuses connections (a SIGKILLed replica whose sidecar has not noticed yet)
+    and it looks the least busy, so every request tries it first. Each retry must go to a
+    replica the request has not failed on: LiteLLM logs every failed attempt
+    (``async_log_failure_event``, in a task of its own, before the retry's pick at times),
+    and that event must not make the request forget where it failed."""
+    from plugins.triton_provider.deployments import triton_deployment
+    from plugins.triton_provider.handler import register
+
+    register()
+    dead = triton_deployment("m", "r-a", f"http://127.0.0.1:{free_port()}", "standin")
+    router = Router(model_list=[dead, *deployments()[1:]], num_retries=3, retry_after=0)
+    hook.strategy.install(router)
+    attempts: list[tuple[str, str]] = []
+    choose = hook.strategy.choose_deployment
+
+    async def spy(model: str, candidates: list[dict[str, Any]], call_id: str) -> dict[str, Any]:
+        if any(seen == call_id for seen, _ in attempts):  # a retry: r-a's slot is back already
+            assert (await inflight(hook))[0] == 0
+        chosen_deployment = await choose(model, candidates, call_id)
+        attempts.append((call_id, str(chosen_deployment["model_info"]["id"])))
+        return chosen_deployment
+
+    hook.strategy.choose_deployment = spy  # type: ignore[method-assign]
+    for i in range(6):
+        # r-b and r-c saturated, r-a idle: the policy prefers r-a (fresh states each time)
+        await publish(client, hook, **{"r-b": {"active": 6}, "r-c": {"active": 6}})
+        response = await router.acompletion(
+            model="m", messages=[{"role": "user", "content": "x"}], litellm_call_id=f"dead-{i}"
+        )
+        assert chosen(response) in {"r-b", "r-c"}
+        await asyncio.sleep(0.05)  # the failed attempt's logging task runs by now
+    on_dead = Counter(call_id for call_id, replica in attempts if replica == "r-a")
+    # tried first (until LiteLLM's cooldown drops r-a after a few failures), never again
+    assert len(on_dead) >= 3 and set(on_dead.values()) == {1}, attempts
+    await eventually(lambda: _zero(hook))
+    assert len(hook.strategy.ledger) == 0

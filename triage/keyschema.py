@@ -10,7 +10,8 @@ Keys, all under a prefix (default ``triage:``):
   fields are those of ``ReplicaState``. Missing or expired means "unknown".
 * ``model:{name}:replicas`` set of replica ids serving the model (membership).
 * ``inflight:{id}`` sorted set: reservations on the replica by all proxies, not yet finished
-  (member = reservation id, score = lease expiry in ms); the count is the unexpired members.
+  (member = reservation id, score = lease expiry in ms, renewed by the holding proxy); the count
+  is the unexpired members (none while the replica is reported down).
 * ``admitted:{model}``, ``queue:{model}``, ``queuelease:{model}``, ``queueseq:{model}``: the
   admission gate (``plugins/admission/gate.lua``).
 * ``apikey:{sha256}`` hash: one virtual key's record (offline key store); ``apikeys`` set of

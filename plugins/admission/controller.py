@@ -6,6 +6,13 @@ this process holds so that each is released once, keeps the drain-rate EWMA per 
 queue's measured rate (for the expected-wait policy, ``expected_wait.py``), sheds on its own for
 ``shed_memo_ms`` after Redis said a wait is too long, and fails open to a per-process bound when
 Redis is unreachable.
+
+The tickets it holds have short leases (``lease_ms``) that a background task renews in one Redis
+call per ``renew_ms`` (``plugins/routing/leases.py``): a dead proxy's tickets, or ones whose
+release was lost to a Redis outage, stop counting within one lease, while a live request keeps
+its ticket however long it runs. A Redis command that finds no free pooled connection in time
+(``PoolExhausted``) is not an outage: the request gets a 503 ``gateway_busy`` with
+``Retry-After`` (a waiter keeps waiting), and nothing falls back to per-process counts.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from redis.exceptions import RedisError
@@ -26,12 +33,18 @@ from plugins.admission.errors import GatewayError, ShedReason, overloaded
 from plugins.admission.expected_wait import EarlyShed, ahead_limit, ahead_now, early_shed
 from plugins.admission.gate import AdmissionGate, GateReply, Status
 from plugins.admission.grants import GrantListener
-from plugins.admission.retry_after import RetryPromises, retry_after_s
+from plugins.admission.retry_after import RetryPromises, retry_after_headers, retry_after_s
 from plugins.admission.settings import AdmissionSettings
 from plugins.routing.fallback import RedisOutage
+from plugins.routing.leases import LeaseRenewer
 from plugins.routing.store import PickPlan, Reservation
+from triage.redis_client import PoolExhausted, PoolWaits
 
 log = logging.getLogger(__name__)
+
+
+BUSY_CODE = "gateway_busy"
+"""The 503's ``code`` when this process found no free Redis connection in time."""
 
 
 @dataclass(frozen=True)
@@ -39,6 +52,7 @@ class Held:
     model: str
     replica_ids: tuple[str, ...]
     local: bool
+    since: float = field(default_factory=time.monotonic)
 
 
 class ReplicaPicker(Protocol):
@@ -104,7 +118,61 @@ class AdmissionController:
         """Background Redis calls (places given back, memo renewals), kept until done."""
         self._refreshing: set[tuple[str, int]] = set()
         self.outage = RedisOutage(settings.redis_retry_ms, settings.log_interval_s)
+        self.pool_waits = PoolWaits("admission", settings.log_interval_s)
         self.grants = GrantListener(gate.client, settings.redis_retry_ms / 1000.0)
+        self.renewer = LeaseRenewer(
+            "admission",
+            lambda: self.gate.client,
+            self._held_in_redis,
+            self._still_held,
+            settings.lease_ms,
+            settings.renew_ms,
+            settings.log_interval_s,
+        )
+
+    # -- leases -----------------------------------------------------------------------------
+
+    def _held_in_redis(self) -> dict[str, list[str]]:
+        """What the renewer renews: ``admitted:{model}`` -> the tickets this process holds
+        there (after dropping the ones held longer than ``max_hold_ms``)."""
+        limit = time.monotonic() - self.settings.max_hold_ms / 1000
+        for ticket in [t for t, h in self.held.items() if h.since < limit]:
+            held = self.held.pop(ticket)
+            log.warning(
+                "admission: %s ticket held for more than %d ms without a release: taken for a "
+                "lost release, no longer renewed",
+                held.model,
+                self.settings.max_hold_ms,
+            )
+            if held.local:
+                self.local[held.model] = max(0, self.local[held.model] - 1)
+        out: dict[str, list[str]] = {}
+        for ticket, held in self.held.items():
+            if not held.local:
+                out.setdefault(self.gate.keys.admitted(held.model), []).append(ticket)
+        return out
+
+    def _still_held(self, key: str, ticket: str) -> bool:
+        held = self.held.get(ticket)
+        return held is not None and not held.local and self.gate.keys.admitted(held.model) == key
+
+    def _busy(self, model: str, exc: PoolExhausted, started: float) -> GatewayError:
+        """The 503 for a request this process could not take to Redis in time: back-pressure
+        (``Retry-After``), not a Redis outage."""
+        seconds = self.retry_after(model, 1.0)
+        self.pool_waits.exhausted(exc, f"admission of a {model} request", "answered 503")
+        metrics.SHED.labels(model, BUSY_CODE).inc()
+        metrics.RETRY_AFTER.labels(model).observe(seconds)
+        _decided(model, "shed", "busy", started)
+        return GatewayError(
+            message=f"the gateway is too busy to admit a {model!r} request right now; retry "
+            f"after {seconds:.1f} s",
+            type="service_unavailable",
+            param=None,
+            status=503,
+            code=BUSY_CODE,
+            headers=retry_after_headers(seconds),
+        )
 
     # -- policy inputs ----------------------------------------------------------------------
 
@@ -285,6 +353,9 @@ class AdmissionController:
         now = time.monotonic()
         try:
             reply = await self.gate.peek(model, replica_ids, priority, self.ahead_limit(model, now))
+        except PoolExhausted as exc:
+            self.pool_waits.exhausted(exc, f"renewing the {model} shed memo", "renewed later")
+            return
         except RedisError as exc:
             self.outage.failed(exc, f"renewing the {model} shed memo")
             return
@@ -372,6 +443,8 @@ class AdmissionController:
                 await self.grants.watch(*channels)
                 plan = picker.plan_pick(ticket) if picker is not None else None
                 reply = await self.gate.enter(model, replica_ids, ticket, priority, limit, plan)
+            except PoolExhausted as exc:
+                raise self._busy(model, exc, started) from exc
             except RedisError as exc:
                 self.outage.failed(exc, f"admission of a {model} request")
                 self._admit_locally(model, replica_ids, ticket, started)
@@ -407,6 +480,7 @@ class AdmissionController:
         reply: GateReply,
     ) -> None:
         self.held[ticket] = Held(model, tuple(replica_ids), False)
+        self.renewer.wake()
         if picker is not None and reply.reservation is not None:
             picker.adopt(model, ticket, reply.reservation)
 
@@ -442,13 +516,20 @@ class AdmissionController:
                     await asyncio.wait_for(granted.wait(), min(remaining, s.poll_ms / 1000.0))
                 granted.clear()
                 plan = picker.plan_pick(ticket) if picker is not None else None
-                # claims a grant (and then reserves the replica with the plan)
-                reply = await self.gate.poll(model, replica_ids, ticket, priority, plan)
+                try:
+                    # claims a grant (and then reserves the replica with the plan)
+                    reply = await self.gate.poll(model, replica_ids, ticket, priority, plan)
+                    if reply.status == Status.LOST:  # our place expired (a long stall): again
+                        reply = await self.gate.enter(
+                            model, replica_ids, ticket, priority, None, plan
+                        )
+                except PoolExhausted as exc:
+                    # this process is busy, Redis is not down: keep waiting, poll again
+                    self.pool_waits.exhausted(exc, f"a {model} waiter's poll", "polled again")
+                    continue
                 self._observe(model, reply)
-                if reply.status == Status.LOST:  # our place expired (a long stall): queue again
-                    reply = await self.gate.enter(model, replica_ids, ticket, priority, None, plan)
-                    if reply.status not in (Status.ADMITTED, Status.WAITING):
-                        raise self.shed(model, ShedReason.QUEUE_FULL, reply.work_ahead)
+                if reply.status not in (Status.ADMITTED, Status.WAITING):
+                    raise self.shed(model, ShedReason.QUEUE_FULL, reply.work_ahead)
                 if reply.status == Status.ADMITTED:
                     admitted = True
                     self._hold(ticket, model, replica_ids, picker, reply)
@@ -479,6 +560,8 @@ class AdmissionController:
     async def _leave(self, model: str, replica_ids: Sequence[str], ticket: str) -> None:
         try:
             await self.gate.leave(model, replica_ids, ticket)
+        except PoolExhausted as exc:
+            self.pool_waits.exhausted(exc, f"leaving the {model} queue", "the place expires")
         except RedisError as exc:
             # the place expires by itself after queue_lease_ms
             self.outage.failed(exc, f"leaving the {model} queue")
@@ -499,7 +582,8 @@ class AdmissionController:
         metrics.ADMITTED.labels(model, "local").inc()
 
     async def aclose(self) -> None:
-        """Stop listening for grants (the proxy's shutdown, tests)."""
+        """Stop renewing leases and listening for grants (the proxy's shutdown, tests)."""
+        await self.renewer.aclose()
         await self.grants.aclose()
 
     # -- release ----------------------------------------------------------------------------
@@ -519,7 +603,17 @@ class AdmissionController:
         try:
             await self.gate.release(held.model, held.replica_ids, ticket, routed)
         except RedisError as exc:
-            self.outage.failed(exc, f"release of a {held.model} admission")  # leases heal it
+            if isinstance(exc, PoolExhausted):
+                self.pool_waits.exhausted(
+                    exc, f"release of a {held.model} admission", "retried with the renewals"
+                )
+            else:
+                self.outage.failed(exc, f"release of a {held.model} admission")
+            # no longer held, so no longer renewed; the renewer retries the release (with the
+            # routing reservation), so it is gone when Redis answers again
+            self.renewer.release_later(self.gate.keys.admitted(held.model), ticket)
+            if routed is not None:
+                self.renewer.release_later(self.gate.keys.inflight(routed[0]), routed[1])
         return routed is not None
 
 

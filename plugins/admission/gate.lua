@@ -1,6 +1,7 @@
 -- Fleet-wide admission gate for one model, shared by every proxy process.
 --
--- KEYS[1]  admitted:{model}   sorted set: ticket -> lease expiry (ms)
+-- KEYS[1]  admitted:{model}   sorted set: ticket -> lease expiry (ms); the proxy holding a
+--                             ticket renews its lease while the request runs (renew.lua)
 -- KEYS[2]  queue:{model}      sorted set: ticket -> priority * 2^40 + arrival sequence
 -- KEYS[3]  queuelease:{model} sorted set: ticket -> expiry of its place in the queue (ms)
 -- KEYS[4]  queueseq:{model}   integer: arrival sequence
@@ -8,7 +9,8 @@
 -- KEYS[6]  enqueueseq:{model} integer: enqueues so far (each enqueue's number is in its message)
 -- KEYS[7..6+N]    replica:{id} hashes of the model's N replicas
 -- KEYS[7+N..6+2N] inflight:{id} routing reservations of the same replicas (sorted sets, score =
---                 lease expiry; empty when the routing plugin is not used)
+--                 lease expiry; empty when the routing plugin is not used); a replica reported
+--                 unhealthy counts none of its reservations (lease_lib.lua)
 -- ARGV     op (enter | poll | leave | release | peek), ticket, priority, lease_ms, queue_lease_ms,
 --          allowance, unknown_slots, stale_after_ms, queue_limit (this priority), max_queue,
 --          grant channel, ahead_limit (enter: the most requests that may be ahead of this one
@@ -67,6 +69,7 @@ local PICK_FIRST = 14 -- ARGV[PICK_FIRST..]: enter, poll: the pick; release: the
 local picking = #ARGV >= PICK_FIRST
 local PRIORITY_UNIT = 1099511627776 -- 2^40
 
+--! include ../routing/lease_lib.lua
 --! include ../routing/pick_lib.lua
 
 local t = redis.call('TIME')
@@ -76,8 +79,9 @@ local admitted, queue, qlease, seq, grantseq = KEYS[1], KEYS[2], KEYS[3], KEYS[4
 local enqueueseq = KEYS[6]
 local FIRST_REPLICA = 7 -- KEYS[FIRST_REPLICA..]: the N replica hashes, then their reservations
 
--- heal: expired admissions (and unclaimed grants) and abandoned places in the queue
-redis.call('ZREMRANGEBYSCORE', admitted, '-inf', now_ms)
+-- heal: ended leases (lease_lib.lua: admissions no proxy renews any more, unclaimed grants)
+-- and abandoned places in the queue
+live_entries(admitted, now_ms)
 local gone = redis.call('ZRANGEBYSCORE', qlease, '-inf', now_ms)
 if #gone > 0 then
   redis.call('ZREM', queue, unpack(gone))
@@ -103,10 +107,13 @@ for i = FIRST_REPLICA, FIRST_REPLICA + n - 1 do
     'request_ms')
   local max_active, ts = tonumber(h[1]), tonumber(h[3])
   local own = 0
+  local down = false
   if max_active == nil or ts == nil or ts < now_ms - stale_after_ms then
     own = unknown_slots
     unknown = unknown + 1
-  elseif h[2] == '1' then
+  elseif h[2] ~= '1' then
+    down = true -- reported unhealthy: no slots, and its reservations do not count (lease_lib)
+  else
     own = max_active
     healthy = healthy + 1
     local d = tonumber(h[4])
@@ -119,9 +126,10 @@ for i = FIRST_REPLICA, FIRST_REPLICA + n - 1 do
     end
   end
   slots = slots + own
-  local inflight = KEYS[i + n]
-  redis.call('ZREMRANGEBYSCORE', inflight, '-inf', now_ms)
-  local taken = redis.call('ZCARD', inflight)
+  -- a down replica's requests are failing and will be retried elsewhere: counting their
+  -- reservations would make them look routed (and count their retries twice); not counted,
+  -- their tickets count as admitted and not yet routed, which is what they are
+  local taken = counted_reservations(KEYS[i + n], now_ms, down)
   reserved = reserved + taken
   free = free + math.max(0, own - taken)
 end
@@ -140,6 +148,9 @@ while free > 0 and outstanding < capacity do
   redis.call('ZREM', queue, head[1])
   redis.call('ZREM', qlease, head[1])
   redis.call('ZADD', admitted, now_ms + queue_lease_ms, head[1])
+  if redis.call('PTTL', admitted) < queue_lease_ms then
+    redis.call('PEXPIRE', admitted, queue_lease_ms)
+  end
   redis.call('PUBLISH', channel, head[1] .. ' ' .. redis.call('INCR', grantseq))
   outstanding = outstanding + 1
   free = free - 1

@@ -66,6 +66,10 @@ class AdmissionGate:
     def client(self) -> Redis:
         return self._client
 
+    @property
+    def keys(self) -> KeySchema:
+        return self._keys
+
     async def _call(
         self,
         op: str,

@@ -1,4 +1,7 @@
-"""Settings of the admission plugin: env ``TRIAGE_ADMISSION_*`` (set by the proxy config)."""
+"""Settings of the admission plugin: env ``TRIAGE_ADMISSION_*`` (set by the proxy config).
+
+The Redis connection pool (size, wait) is shared by every proxy-side client: ``TRIAGE_REDIS_*``
+(``triage.redis_client.RedisPoolSettings``)."""
 
 from __future__ import annotations
 
@@ -6,6 +9,12 @@ from pydantic import Field, RedisDsn, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from plugins.admission.retry_after import RetryAfterBand
+from plugins.routing.leases import (
+    DEFAULT_LEASE_MS,
+    DEFAULT_MAX_HOLD_MS,
+    DEFAULT_RENEW_MS,
+    check_lease_settings,
+)
 from triage.keyschema import DEFAULT_PREFIX
 
 
@@ -52,7 +61,25 @@ class AdmissionSettings(BaseSettings):
         description="a waiter's fallback re-check (its grant wakes it at once; the poll finds a "
         "lost grant message and capacity that grew without a release, and keeps its place)",
     )
-    lease_ms: int = Field(default=900_000, ge=1000, description="admission lease")
+    lease_ms: int = Field(
+        default=DEFAULT_LEASE_MS,
+        ge=1000,
+        description="an admission ticket counts for this long after its last renewal: the "
+        "longest a dead proxy's ticket, or one whose release was lost (a Redis outage), holds "
+        "capacity; shorter heals sooner, but needs renewals that are never that late",
+    )
+    renew_ms: int = Field(
+        default=DEFAULT_RENEW_MS,
+        ge=100,
+        description="every this long the process renews the leases of all the tickets it holds, "
+        "in one Redis call (at most lease_ms / 3)",
+    )
+    max_hold_ms: int = Field(
+        default=DEFAULT_MAX_HOLD_MS,
+        ge=1000,
+        description="a ticket this process has held this long is taken for a lost release "
+        "(logged, no longer renewed): keep it above the longest request, streams included",
+    )
     queue_lease_ms: int = Field(
         default=3000, ge=100, description="a waiting ticket not refreshed for this long is gone"
     )
@@ -69,6 +96,7 @@ class AdmissionSettings(BaseSettings):
         self.band()  # raises ValueError naming the bad bounds
         if self.queue_lease_ms <= 2 * self.poll_ms:
             raise ValueError("queue_lease_ms must exceed 2 x poll_ms")
+        check_lease_settings(self.lease_ms, self.renew_ms, self.max_hold_ms)
         return self
 
     def band(self) -> RetryAfterBand:

@@ -1,10 +1,12 @@
--- Live reservations per replica: for each KEYS[i] = inflight:{id}, drop expired leases and
--- return the count. Used by snapshots and the admission gate (outstanding work).
+-- Live reservations per replica: for each KEYS[i] = inflight:{id}, drop ended leases and return
+-- the count (lease_lib.lua's live_entries). Used by snapshots, tests and diagnostics.
+
+--! include lease_lib.lua
+
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local counts = {}
 for i = 1, #KEYS do
-  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now_ms)
-  counts[i] = redis.call('ZCARD', KEYS[i])
+  counts[i] = live_entries(KEYS[i], now_ms)
 end
 return counts

@@ -10,10 +10,17 @@ Registered in the proxy config (``litellm_settings.callbacks``). Why each hook:
   replica the admission gate reserved is left to the admission plugin, which releases it with
   the request's admission in one Redis call). A stream's attempt "succeeds" when it starts, so
   streams are released at their end instead:
-* ``async_log_success_event`` / ``async_log_failure_event`` (once per request, a stream's at its
-  end) and ``async_post_call_streaming_iterator_hook`` (its ``finally`` runs when the client
-  disconnects mid-stream): release what the request still holds (``RequestEndHook``, shared
-  with the admission plugin).
+* ``async_log_success_event`` (once per request, a stream's at its end),
+  ``async_post_call_failure_hook`` (the proxy answers the request with an error) and
+  ``async_post_call_streaming_iterator_hook`` (its ``finally`` runs when the client disconnects
+  mid-stream): release what the request still holds (``RequestEndHook``, shared with the
+  admission plugin).
+* ``async_log_failure_event`` is *not* a request's end here: LiteLLM logs it for every failed
+  attempt, in a task of its own, while the router may still retry. Ending the request there
+  forgot which replicas it had failed on, so a retry that picked after it could go back to the
+  replica that had just refused it (measured with a SIGKILLed replica: 5 of 7 retries did). It
+  only marks that attempt's replica failed (the deployment failure hook has already released
+  the attempt's reservation).
 * ``relay`` (inside the streaming iterator hook): a stream that overflows before its first chunk
   is restarted on another replica (``stream_restart.py``); LiteLLM's router would not retry it.
 
@@ -45,7 +52,8 @@ def call_id_of(data: Mapping[str, Any]) -> str | None:
 
 
 def replica_of(data: Mapping[str, Any]) -> str | None:
-    """The chosen deployment's ``model_info.id`` in an attempt's kwargs."""
+    """The chosen deployment's ``model_info.id`` in an attempt's kwargs (or in a logging
+    event's, which keeps them under ``litellm_params``)."""
     for name in ("metadata", "litellm_metadata"):
         metadata = data.get(name)
         if isinstance(metadata, Mapping):
@@ -55,6 +63,9 @@ def replica_of(data: Mapping[str, Any]) -> str | None:
     info = data.get("model_info")
     if isinstance(info, Mapping) and info.get("id"):
         return str(info["id"])
+    params = data.get("litellm_params")
+    if isinstance(params, Mapping) and params is not data:
+        return replica_of(params)
     return None
 
 
@@ -112,6 +123,18 @@ class RoutingHook(RequestEndHook):
         call_id = call_id_of(request_data)
         if call_id is not None:
             await self.strategy.release_attempt(call_id, replica_of(request_data), failed=True)
+
+    async def async_log_failure_event(
+        self, kwargs: dict[str, Any], response_obj: Any, start_time: Any, end_time: Any
+    ) -> None:
+        """One attempt failed (LiteLLM logs every attempt's failure, the router may retry):
+        the request goes on, so its failed replicas are kept for its retries' picks (the
+        deployment failure hook has recorded this one and released its reservation already;
+        a late event of a request that has ended records nothing)."""
+        call_id = call_id_of(kwargs)
+        replica_id = replica_of(kwargs)
+        if call_id is not None and replica_id is not None and kwargs.get("stream") is not True:
+            self.strategy.note_failed(call_id, replica_id)
 
     def relay(
         self, response: AsyncIterator[Any], request_data: dict[str, Any]

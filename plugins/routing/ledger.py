@@ -4,8 +4,10 @@ LiteLLM tells us a request ended through several hooks (per attempt: success or 
 request: stream end, failure, client disconnect), some of which may fire for the same attempt.
 The ledger makes each reservation released exactly once by this process: ``take_one`` hands out
 one attempt's reservation, ``take_all`` whatever the request still holds; a second hook for the
-same attempt finds nothing left. Entries older than the lease are dropped (Redis has already
-expired them), so a request whose end is never reported cannot grow the ledger forever.
+same attempt finds nothing left. While an entry is in the ledger its lease in Redis is renewed
+(``leases.py``): the ledger is what this process holds. Entries older than the longest hold
+(``max_hold_ms``) are dropped (taken for a lost release: a request whose end is never reported
+cannot grow the ledger, nor hold a reservation in Redis, forever).
 """
 
 from __future__ import annotations
@@ -50,8 +52,25 @@ class ReservationLedger:
     def take_all(self, call_id: str) -> list[Held]:
         return self._by_call.pop(call_id, [])
 
+    def in_redis(self) -> dict[str, list[str]]:
+        """Replica id -> the ids of the reservations held in Redis (not the local ones)."""
+        out: dict[str, list[str]] = {}
+        for entries in self._by_call.values():
+            for held in entries:
+                if not held.local:
+                    out.setdefault(held.replica_id, []).append(held.reservation_id)
+        return out
+
+    def holds(self, replica_id: str, reservation_id: str) -> bool:
+        """Whether the reservation ``reservation_id`` on ``replica_id`` is still held."""
+        return any(
+            h.reservation_id == reservation_id and h.replica_id == replica_id
+            for entries in self._by_call.values()
+            for h in entries
+        )
+
     def expire(self, now: float | None = None) -> list[Held]:
-        """Drop and return entries older than the lease."""
+        """Drop and return entries older than the longest hold."""
         limit = (time.monotonic() if now is None else now) - self._max_age_s
         dropped: list[Held] = []
         for call_id in list(self._by_call):

@@ -9,6 +9,7 @@
 -- Returns {chosen_index (1-based), new inflight value, score as a "%.17g" string},
 -- or {0} when no candidate is eligible (all unhealthy, or N = 0).
 
+--! include lease_lib.lua
 --! include pick_lib.lua
 
 local t = redis.call('TIME')

@@ -12,8 +12,10 @@
 --                                         `first`: tiebreak, stale_after_ms, kv_threshold,
 --                                         kv_weight, unknown_score, default_service_ms,
 --                                         tie_tolerance, reservation id, lease_ms
--- A candidate's in-flight count is the number of unexpired reservations (expired ones are
--- removed first: a reservation whose release was lost heals when its lease ends).
+-- A candidate's in-flight count is the number of its reservations that count (lease_lib.lua:
+-- ended leases are removed first, so a reservation whose release was lost or whose proxy died
+-- heals one lease after its last renewal; a replica reported down counts none, though it scores
+-- inf anyway).
 -- Returns {chosen_index (1-based), new inflight value, score as a "%.17g" string}, or nil when
 -- no candidate is eligible (all unhealthy, or n = 0).
 --
@@ -21,6 +23,8 @@
 -- same order, so both compute bit-identical scores (see policy.py's docstring). The score is
 -- returned as a string because Redis truncates Lua numbers to integers in replies, and with
 -- %.17g because tostring() keeps only 14 significant digits.
+
+-- Needs lease_lib.lua included before it (pick.lua and gate.lua include both, in that order).
 
 local PICK_ARGS = 9
 
@@ -111,9 +115,8 @@ local function pick_replica(first_key, n, p, first_id, now_ms)
       'max_active', 'kv_fraction', 'service_ms', 'healthy', 'ts_ms'))
     states[i] = s
     fresh[i] = (s ~= nil) and (s.ts >= now_ms - p.stale_after_ms)
-    local reservations = KEYS[first_key + n + i - 1]
-    redis.call('ZREMRANGEBYSCORE', reservations, '-inf', now_ms)
-    inflight[i] = redis.call('ZCARD', reservations)
+    local down = fresh[i] and not s.healthy
+    inflight[i] = counted_reservations(KEYS[first_key + n + i - 1], now_ms, down)
   end
 
   -- Effective service time: own when known (fresh, present, > 0), else the mean of the known.

@@ -1,12 +1,20 @@
-"""Settings of the routing plugin: env ``TRIAGE_ROUTING_*`` (set by the proxy config generator)."""
+"""Settings of the routing plugin: env ``TRIAGE_ROUTING_*`` (set by the proxy config generator).
+
+The Redis connection pool (size, wait) is shared by every proxy-side client: ``TRIAGE_REDIS_*``
+(``triage.redis_client.RedisPoolSettings``)."""
 
 from __future__ import annotations
 
-from pydantic import Field, RedisDsn
+from pydantic import Field, RedisDsn, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from plugins.routing.leases import (
+    DEFAULT_LEASE_MS,
+    DEFAULT_MAX_HOLD_MS,
+    DEFAULT_RENEW_MS,
+    check_lease_settings,
+)
 from plugins.routing.policy import PolicyParams
-from plugins.routing.store import DEFAULT_LEASE_MS
 from triage.keyschema import DEFAULT_PREFIX
 
 
@@ -21,12 +29,35 @@ class RoutingSettings(BaseSettings):
     unknown_score: float = Field(default=1e9, description="score of a replica with no state")
     default_service_ms: float = Field(default=1.0, gt=0.0)
     tie_tolerance: float = Field(default=0.2, ge=0.0, le=1.0, description="near-equal = tied")
-    lease_ms: int = Field(default=DEFAULT_LEASE_MS, ge=1000, description="reservation lease")
+    lease_ms: int = Field(
+        default=DEFAULT_LEASE_MS,
+        ge=1000,
+        description="a reservation counts for this long after its last renewal: the longest a "
+        "dead proxy's reservation, or one whose release was lost, pins a phantom request on "
+        "its replica; shorter heals sooner, but needs renewals that are never that late",
+    )
+    renew_ms: int = Field(
+        default=DEFAULT_RENEW_MS,
+        ge=100,
+        description="every this long the process renews the leases of all the reservations it "
+        "holds, in one Redis call (at most lease_ms / 3)",
+    )
+    max_hold_ms: int = Field(
+        default=DEFAULT_MAX_HOLD_MS,
+        ge=1000,
+        description="a reservation this process has held this long is taken for a lost release "
+        "(logged, no longer renewed): keep it above the longest request, streams included",
+    )
     redis_timeout_ms: int = Field(default=1000, ge=1, description="connect/read timeout")
     redis_retry_ms: int = Field(
         default=1000, ge=0, description="after a Redis failure, per-process counts for this long"
     )
     log_interval_s: float = Field(default=10.0, gt=0, description="Redis-down log interval")
+
+    @model_validator(mode="after")
+    def _leases(self) -> RoutingSettings:
+        check_lease_settings(self.lease_ms, self.renew_ms, self.max_hold_ms)
+        return self
 
     def policy(self) -> PolicyParams:
         return PolicyParams(

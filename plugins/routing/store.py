@@ -4,9 +4,10 @@
 the chosen replica in the same script: one round trip, and every pick is visible to the next one
 at once, from any proxy. A reservation is a member of the sorted set ``inflight:{id}`` whose
 score is its lease expiry: ``release`` removes it (idempotent, so success and failure callbacks
-may both fire), and a reservation whose release was lost (a crashed proxy) stops counting when
-its lease ends. ``snapshot`` reads what the script reads so that tests (and diagnostics) can run
-the Python mirror on the same data.
+may both fire). The process holding a reservation renews its lease while the request runs
+(``leases.py``), so one whose release was lost (a crashed proxy, a Redis outage) stops counting
+one short lease after its last renewal. ``snapshot`` reads what the script reads so that tests
+(and diagnostics) can run the Python mirror on the same data.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 from pydantic import ValidationError
 from redis.asyncio import Redis
 
+from plugins.routing.leases import DEFAULT_LEASE_MS
 from plugins.routing.policy import Candidate, PolicyParams
 from triage.keyschema import KeySchema, ReplicaState
 from triage.lua import lua_source
@@ -32,8 +34,6 @@ PICK_LUA = _HERE / "pick.lua"
 RELEASE_LUA = _HERE / "release.lua"
 COUNT_LUA = _HERE / "count.lua"
 
-DEFAULT_LEASE_MS = 900_000
-"""Lease of a reservation: longer than any request (LiteLLM's default timeout is 600 s)."""
 
 MAX_TIEBREAK = 2**53
 """``tiebreak`` must be in ``[0, MAX_TIEBREAK)``: Lua holds it as an exact double."""
@@ -114,6 +114,10 @@ class RoutingStore:
     @property
     def keys(self) -> KeySchema:
         return self._keys
+
+    @property
+    def client(self) -> Redis:
+        return self._client
 
     async def pick(
         self,

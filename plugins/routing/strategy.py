@@ -14,7 +14,13 @@ gate's script picks and reserves the replica in the call that admits the request
 round trip for both, see ``plan_pick`` / ``adopt``); the first attempt takes that replica when
 the router's filters still allow it, and gives it back for a fresh pick otherwise.
 
+The reservations this process holds (its ledger) have short leases that a background task
+renews in one Redis call per ``renew_ms`` (``leases.py``): a dead proxy's reservations, or ones
+whose release was lost, stop counting within ``lease_ms``.
+
 Redis unreachable → the same policy over per-process in-flight counts (see ``fallback.py``).
+Redis busy (no free pooled connection within the pool timeout: ``PoolExhausted``) is not an
+outage: the pick fails with ``RedisBusy`` (a 503 the router may retry), no per-process counts.
 """
 
 from __future__ import annotations
@@ -35,12 +41,13 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from plugins.routing.fallback import LocalCounts, RedisOutage
+from plugins.routing.leases import LeaseRenewer
 from plugins.routing.ledger import Held, ReservationLedger
 from plugins.routing.policy import choose
 from plugins.routing.settings import RoutingSettings
 from plugins.routing.store import MAX_TIEBREAK, PickPlan, Reservation, RoutingStore
 from triage.keyschema import KeySchema
-from triage.redis_client import fail_fast_redis
+from triage.redis_client import PoolExhausted, PoolWaits, fail_fast_redis
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +64,11 @@ REDIS_ERRORS = Counter("triage_routing_redis_errors", "Redis calls that failed",
 
 class NoEligibleReplica(litellm.ServiceUnavailableError):
     """Every candidate replica is unhealthy (a transient state: retry later)."""
+
+
+class RedisBusy(litellm.ServiceUnavailableError):
+    """No pooled Redis connection became free in time for the pick: this process is
+    overloaded (back-pressure, a 503 to retry later), Redis is not down."""
 
 
 def replica_id_of(deployment: dict[str, Any]) -> str:
@@ -81,9 +93,20 @@ class LeastBusyStrategy(CustomRoutingStrategyBase):
         self._router = router
         self._redis: Redis | None = None
         self._store: RoutingStore | None = None
-        self.ledger = ReservationLedger(max_age_s=settings.lease_ms / 1000.0)
+        self.ledger = ReservationLedger(max_age_s=settings.max_hold_ms / 1000.0)
         self.local = LocalCounts()
         self.outage = RedisOutage(settings.redis_retry_ms, settings.log_interval_s)
+        self.pool_waits = PoolWaits("routing", settings.log_interval_s)
+        self._inflight_prefix = KeySchema(settings.key_prefix).inflight("")
+        self.renewer = LeaseRenewer(
+            "routing",
+            lambda: self.store.client,
+            self._held_in_redis,
+            self._still_held,
+            settings.lease_ms,
+            settings.renew_ms,
+            settings.log_interval_s,
+        )
         self._next_expiry = 0.0
         self.failed: dict[str, tuple[float, set[str]]] = {}
         """Per request: replicas an attempt failed on (overflow...), avoided by its retries."""
@@ -114,9 +137,27 @@ class LeastBusyStrategy(CustomRoutingStrategyBase):
         return self._store
 
     async def aclose(self) -> None:
+        await self.renewer.aclose()
         if self._redis is not None:
             await self._redis.aclose()
         self._redis, self._store = None, None
+
+    # -- leases ------------------------------------------------------------------------------
+
+    def _hold(self, call_id: str, held: Held) -> None:
+        """``held`` is this request's now: in the ledger, its lease renewed while there."""
+        self.ledger.add(call_id, held)
+        if not held.local:
+            self.renewer.wake()
+
+    def _held_in_redis(self) -> dict[str, list[str]]:
+        """What the renewer renews: every reservation in the ledger (after dropping the ones
+        held longer than ``max_hold_ms``)."""
+        self._expire_ledger()
+        return {self._inflight_prefix + r: ids for r, ids in self.ledger.in_redis().items()}
+
+    def _still_held(self, key: str, reservation_id: str) -> bool:
+        return self.ledger.holds(key.removeprefix(self._inflight_prefix), reservation_id)
 
     # -- CustomRoutingStrategyBase ---------------------------------------------------------
 
@@ -175,7 +216,7 @@ class LeastBusyStrategy(CustomRoutingStrategyBase):
     def adopt(self, model: str, call_id: str, reservation: Reservation) -> None:
         """``reservation`` was taken for ``call_id`` by the admission gate (with a ``plan_pick``
         plan): its first attempt goes there; released like any other reservation."""
-        self.ledger.add(call_id, Held(reservation.replica_id, reservation.reservation_id, False))
+        self._hold(call_id, Held(reservation.replica_id, reservation.reservation_id, False))
         self.prepicked[call_id] = self.adopted[call_id] = (time.monotonic(), reservation.replica_id)
         PICKS.labels(model, reservation.replica_id, "gate").inc()
 
@@ -219,6 +260,16 @@ class LeastBusyStrategy(CustomRoutingStrategyBase):
         if self.outage.should_try():
             try:
                 reservation = await self.store.pick_planned(ids, self._plan(call_id))
+            except PoolExhausted as exc:
+                # Redis is fine, this process has more commands in flight than connections:
+                # back-pressure (503, retryable), not per-process counts
+                self.pool_waits.exhausted(exc, f"a pick for model {model}", "answered 503")
+                raise RedisBusy(
+                    message=f"the gateway is too busy to route a {model!r} request right now "
+                    f"({exc}); retry shortly",
+                    model=model,
+                    llm_provider="triage",
+                ) from exc
             except RedisError as exc:
                 REDIS_ERRORS.labels("pick").inc()
                 self.outage.failed(exc, f"pick for model {model}")
@@ -234,9 +285,7 @@ class LeastBusyStrategy(CustomRoutingStrategyBase):
                         model=model,
                         llm_provider="triage",
                     )
-                self.ledger.add(
-                    call_id, Held(reservation.replica_id, reservation.reservation_id, False)
-                )
+                self._hold(call_id, Held(reservation.replica_id, reservation.reservation_id, False))
                 PICKS.labels(model, reservation.replica_id, "redis").inc()
                 log.debug(
                     "routing: %s -> %s (score %.3f, inflight %d)",
@@ -282,6 +331,13 @@ class LeastBusyStrategy(CustomRoutingStrategyBase):
         """Make ``call_id`` avoid ``replica_ids`` (a restarted stream's failed replicas)."""
         self.failed.setdefault(call_id, (time.monotonic(), set()))[1].update(replica_ids)
 
+    def note_failed(self, call_id: str, replica_id: str) -> None:
+        """An attempt of ``call_id`` failed on ``replica_id``: avoided by its retries, if the
+        request is still going (its failures known); an ended request's stays forgotten."""
+        entry = self.failed.get(call_id)
+        if entry is not None:
+            entry[1].add(replica_id)
+
     def failed_replicas(self, call_id: str) -> set[str]:
         return set(self.failed.get(call_id, (0.0, set()))[1])
 
@@ -299,17 +355,28 @@ class LeastBusyStrategy(CustomRoutingStrategyBase):
             return
         try:
             await self.store.release(held.replica_id, held.reservation_id)
+        except PoolExhausted as exc:
+            self.pool_waits.exhausted(
+                exc, f"a release on replica {held.replica_id}", "retried with the renewals"
+            )
+            self.release_later(held)
         except RedisError as exc:
-            # the reservation's lease ends it in Redis; nothing else to undo here
             REDIS_ERRORS.labels("release").inc()
             self.outage.failed(exc, f"release on replica {held.replica_id}")
+            self.release_later(held)
+
+    def release_later(self, held: Held) -> None:
+        """A release of ``held`` (out of the ledger: no longer renewed) failed: the renewer
+        retries it, so it is gone when Redis answers again (else its lease ends it)."""
+        if not held.local:
+            self.renewer.release_later(self._inflight_prefix + held.replica_id, held.reservation_id)
 
     def _expire_ledger(self) -> None:
         now = time.monotonic()
         if now < self._next_expiry:
             return
         self._next_expiry = now + 1.0
-        limit = now - self.settings.lease_ms / 1000.0
+        limit = now - self.settings.max_hold_ms / 1000.0
         for call_id in [c for c, (t, _) in self.failed.items() if t < limit]:
             del self.failed[call_id]
         for table in (self.prepicked, self.adopted):
@@ -317,9 +384,11 @@ class LeastBusyStrategy(CustomRoutingStrategyBase):
                 del table[call_id]
         for held in self.ledger.expire(now):
             log.warning(
-                "routing: reservation %s on %s outlived its lease without a release",
+                "routing: reservation %s on %s held for more than %d ms without a release: "
+                "taken for a lost release, no longer renewed",
                 held.reservation_id or "(local)",
                 held.replica_id,
+                self.settings.max_hold_ms,
             )
             if held.local:
                 self.local.give_back(held.replica_id)
