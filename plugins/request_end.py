@@ -6,14 +6,21 @@ be given back exactly when the request is over. LiteLLM reports that end through
 since more than one may fire for a request):
 
 * ``async_log_success_event``: once per request; for a stream, at its end;
-* ``async_log_failure_event``: once per failed request that is not a stream;
-* ``async_post_call_failure_hook``: a request (stream or not) the proxy answers with an error;
+* ``async_post_call_failure_hook``: a request (stream or not) the proxy answers with an error
+  (its final failure, after the router's retries);
 * ``async_post_call_streaming_iterator_hook``: its ``finally`` ends every stream the proxy
   relays, however it ends (last chunk, error, client disconnect, where no logging event fires).
   The release runs in a task of its own, so that a cancellation cannot cut it short. A stream's
   failure event is not its end: the routing plugin may restart a stream that failed before its
   first chunk on another replica, and the failed attempt's event (fired in a task of its own)
   would otherwise free the request's admission slot while the restarted stream runs.
+
+``async_log_failure_event`` is *not* an end: LiteLLM logs it for every failed attempt, in a task
+of its own, while the router may still retry on another replica. Ending the request there freed
+its admission ticket while it still ran (the gate over-admitted by one per retrying request) and
+made the routing plugin forget which replicas it had failed on. A request that fails for good is
+answered with an error, so ``async_post_call_failure_hook`` ends it; a client that goes away is
+ended by the front door (``plugins/front_door``).
 
 LiteLLM's proxy runs ``async_post_call_streaming_iterator_hook`` only for a callback whose own
 class defines it (``cls.__dict__``), so every registered subclass names it in its class body.
@@ -45,13 +52,6 @@ class RequestEndHook(CustomLogger):
     async def async_log_success_event(
         self, kwargs: dict[str, Any], response_obj: Any, start_time: Any, end_time: Any
     ) -> None:
-        await self.on_request_end(kwargs)
-
-    async def async_log_failure_event(
-        self, kwargs: dict[str, Any], response_obj: Any, start_time: Any, end_time: Any
-    ) -> None:
-        if kwargs.get("stream") is True:
-            return  # ended by the streaming iterator hook's ``finally`` (see above)
         await self.on_request_end(kwargs)
 
     async def async_post_call_failure_hook(

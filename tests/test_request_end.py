@@ -36,3 +36,21 @@ def test_proxy_runs_the_streaming_iterator_and_headers_hooks_of_both_plugins(
         AdmissionHook,
     ]
     assert caps.has_post_call_response_headers
+
+
+async def test_a_failed_attempt_does_not_end_the_request(hooks: list[object]) -> None:
+    """LiteLLM logs a failure event for every failed attempt while the router may retry: the
+    admission ticket stays held (it used to be freed, and the gate over-admitted by one per
+    retrying request); the final failure hook ends it."""
+    from plugins.admission.controller import Held
+
+    admission = hooks[1]
+    assert isinstance(admission, AdmissionHook)
+    controller = admission.controller
+    controller.held["call-1"] = Held("m", ("r",), True)
+    controller.local["m"] = 1
+    kwargs = {"litellm_call_id": "call-1", "model_info": {"id": "r"}}
+    await admission.async_log_failure_event(kwargs, None, None, None)
+    assert "call-1" in controller.held
+    await admission.async_post_call_failure_hook(kwargs, RuntimeError("refused"), None)  # type: ignore[arg-type]
+    assert "call-1" not in controller.held and controller.local["m"] == 0

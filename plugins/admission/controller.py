@@ -33,7 +33,7 @@ from plugins.admission.errors import GatewayError, ShedReason, overloaded
 from plugins.admission.expected_wait import EarlyShed, ahead_limit, ahead_now, early_shed
 from plugins.admission.gate import AdmissionGate, GateReply, Status
 from plugins.admission.grants import GrantListener
-from plugins.admission.retry_after import RetryPromises, retry_after_headers, retry_after_s
+from plugins.admission.retry_after import RetryPromises, retry_after_s
 from plugins.admission.settings import AdmissionSettings
 from plugins.routing.fallback import RedisOutage
 from plugins.routing.leases import LeaseRenewer
@@ -43,7 +43,7 @@ from triage.redis_client import PoolExhausted, PoolWaits
 log = logging.getLogger(__name__)
 
 
-BUSY_CODE = "gateway_busy"
+BUSY_CODE = ShedReason.GATEWAY_BUSY.value
 """The 503's ``code`` when this process found no free Redis connection in time."""
 
 
@@ -164,15 +164,7 @@ class AdmissionController:
         metrics.SHED.labels(model, BUSY_CODE).inc()
         metrics.RETRY_AFTER.labels(model).observe(seconds)
         _decided(model, "shed", "busy", started)
-        return GatewayError(
-            message=f"the gateway is too busy to admit a {model!r} request right now; retry "
-            f"after {seconds:.1f} s",
-            type="service_unavailable",
-            param=None,
-            status=503,
-            code=BUSY_CODE,
-            headers=retry_after_headers(seconds),
-        )
+        return overloaded(model, ShedReason.GATEWAY_BUSY, seconds)
 
     # -- policy inputs ----------------------------------------------------------------------
 

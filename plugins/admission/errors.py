@@ -19,6 +19,7 @@ class ShedReason(StrEnum):
     UPSTREAM_OVERLOADED = "upstream_overloaded"
     LOAD_FAILED = "load_failed"
     MODEL_LOADING = "model_loading"
+    GATEWAY_BUSY = "gateway_busy"
 
 
 MESSAGES = {
@@ -31,6 +32,10 @@ MESSAGES = {
     ShedReason.UPSTREAM_OVERLOADED: "every replica of model {model!r} is full",
     ShedReason.LOAD_FAILED: "model {model!r} could not be loaded",
     ShedReason.MODEL_LOADING: "model {model!r} is still loading after {wait}",
+    ShedReason.GATEWAY_BUSY: (
+        "the gateway is too busy to admit a {model!r} request right now (no free connection "
+        "to its load store)"
+    ),
 }
 
 
