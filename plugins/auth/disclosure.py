@@ -150,6 +150,13 @@ def _str_headers(headers: object) -> dict[str, str]:
     return {str(k): str(v) for k, v in headers.items()}
 
 
+def _reason_of(exc: BaseException) -> str | None:
+    """The machine-readable reason the original answer carried in ``code`` (``load_failed``,
+    ``queue_full``, ...), kept through the substitution; None for a bare status."""
+    reason = getattr(exc, "openai_code", None)
+    return reason if isinstance(reason, str) and reason and not reason.isdigit() else None
+
+
 def _type_of(exc: BaseException, status_code: int) -> str:
     value = getattr(exc, "type", None)
     if isinstance(value, str) and value:
@@ -196,6 +203,7 @@ class DisclosureHook(CustomLogger):
             if isinstance(original_exception, ProxyException)
             else None,
             status_code=status_code,
+            reason=_reason_of(original_exception),
             headers=_str_headers(getattr(original_exception, "headers", None)),
         )
 
