@@ -15,6 +15,6 @@ CANCELLED = Counter(
 )
 DECISION = Histogram(
     "triage_front_door_shed_seconds",
-    "From the request's last body byte to the front door's 503",
+    "From the request reaching the front door (before its body is read) to its early answer",
     buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025),
 )
