@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -243,6 +244,14 @@ async def test_a_client_that_goes_away_stops_the_replica_and_frees_everything(
     freed_s = await until_settled(stack, 5)
     await until_idle(stack, 5)
     stopped_s = time.monotonic() - started
+    figures = {
+        "disconnect_counts_freed_s": round(freed_s, 2),
+        "disconnect_idle_s": round(stopped_s, 2),
+    }
+    print(json.dumps(figures))
+    if path := os.environ.get("TRIAGE_FIGURES"):
+        with open(path, "a") as out:
+            out.write(json.dumps(figures) + "\n")
     assert freed_s < 1.5 and stopped_s < 2.0, (freed_s, stopped_s)  # within ~1 s, sidecar lag
 
 
