@@ -37,6 +37,7 @@ from gateway.sidecar_settings import SidecarSettings
 from gateway.topology import server_topology
 from gateway.triton_metrics import EngineSample, parse_engine_sample
 from triage.keyschema import KeySchema, ReplicaState, ServerState
+from triage.redis_client import cancel_requested
 from triage.settings_errors import report_invalid
 
 log = logging.getLogger("triage.sidecar")
@@ -260,7 +261,7 @@ class Sidecar:
         """Poll at a fixed rate (the next poll is due one interval after the last was due)."""
         interval = self.settings.poll_interval_ms / 1000.0
         next_due = time.monotonic()
-        while True:
+        while not cancel_requested():
             await self.poll_once()
             next_due += interval
             delay = next_due - time.monotonic()

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,24 @@ def redis_server(workdir: Path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+async def no_task_outlives_the_session() -> AsyncIterator[None]:
+    """Every test shares one event loop (``asyncio_default_test_loop_scope = "session"``): a
+    background task a test left behind (a grant listener, a lease renewer) is cancelled here,
+    and one that will not end within 5 s is named in the log (the loop's own shutdown would
+    wait for it forever)."""
+    yield
+    current = asyncio.current_task()
+    left = [t for t in asyncio.all_tasks() if t is not current and not t.done()]
+    for task in left:
+        task.cancel()
+    if not left:
+        return
+    _, pending = await asyncio.wait(left, timeout=5.0)
+    for task in pending:
+        logging.getLogger("tests").error("a task ignores its cancellation: %r", task)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -25,6 +25,7 @@ anything.)
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any
@@ -154,3 +155,12 @@ class PoolWaits:
         )
         self._last_log = now
         self._since_log = 0
+
+
+def cancel_requested() -> bool:
+    """Whether the running task has been asked to stop (``Task.cancel``), even if a library
+    swallowed the ``CancelledError`` (redis-py's reads and connects can turn it into another
+    error, or absorb it in a timed read). A background loop that retries on errors checks this,
+    or a cancellation at shutdown could leave it retrying forever."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0

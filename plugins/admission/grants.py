@@ -28,6 +28,8 @@ from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
+from triage.redis_client import cancel_requested
+
 log = logging.getLogger(__name__)
 
 LISTEN_TIMEOUT_S = 0.5
@@ -134,7 +136,7 @@ class GrantListener:
             return self._pubsub
 
     async def _listen(self) -> None:
-        while not self._closing:
+        while not self._closing and not cancel_requested():
             try:
                 pubsub = self._pubsub or await self._connect()
                 message = await pubsub.get_message(

@@ -44,7 +44,7 @@ from redis.exceptions import RedisError
 
 from triage.keyschema import ReplicaState
 from triage.lua import lua_source
-from triage.redis_client import PoolExhausted, PoolWaits
+from triage.redis_client import PoolExhausted, PoolWaits, cancel_requested
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ class LeaseRenewer:
                 await task
 
     async def _run(self) -> None:
-        while True:
+        while not cancel_requested():
             failing = self._failing_since is not None
             await asyncio.sleep(
                 min(self._renew_s, RETRY_WHILE_FAILING_S) if failing else self._renew_s
