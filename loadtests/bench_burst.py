@@ -189,7 +189,7 @@ def render(capacity: int, reports: list[BurstReport], baseline: BurstReport) -> 
         )
         retry_ok = f"{r.retry_success * 100:.0f}% ({r.retried_ok}/{r.shed})" if r.shed else "-"
         lines.append(
-            f"{r.multiple:>5.0f}x {r.sent:>5} {r.ok:>5} {r.shed:>5} {r.other:>5} "
+            f"{r.multiple:>5g}x {r.sent:>5} {r.ok:>5} {r.shed:>5} {r.other:>5} "
             f"{fmt(r.shed_p50_ms, '10.0f')} {fmt(r.shed_p99_ms, '10.0f')} "
             f"{fmt(r.served_p99_s, '9.2f')} {fmt(ratio, '6.2f')}x "
             f"{fmt(r.retry_after_p50_s, '8.1f')} {fmt(r.retry_after_max_s, '8.1f')} "
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         stack.stop()
     print(render(capacity, reports, baseline))
     for report in reports:
-        print(f"{report.multiple:.0f}x statuses: {report.statuses}")
+        print(f"{report.multiple:g}x statuses: {report.statuses}")
     if args.json is not None:
         payload = {
             "capacity": capacity,
