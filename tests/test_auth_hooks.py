@@ -771,3 +771,26 @@ def test_cli_reads_a_running_stack(
     monkeypatch.setenv("TRIAGE_STACK_STATE", str(tmp_path / "missing.json"))
     assert main(["list"]) == 2
     assert "TRIAGE_STACK_STATE" in capsys.readouterr().err
+
+
+async def test_a_busy_pool_is_503_busy_not_an_outage(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from triage.redis_client import PoolExhausted
+
+    authenticator = Authenticator.from_settings(KeysSettings(redis_url=redis_server.url))
+
+    async def busy(key_hash: str) -> None:
+        raise PoolExhausted("no free connection among 64 after 5.00 s")
+
+    monkeypatch.setattr(authenticator.store, "get", busy)
+    previous = set_authenticator(authenticator)
+    try:
+        with caplog.at_level(logging.WARNING, logger="triage.auth"):
+            exc = await rejected("sk-triage-anything")
+        assert exc.code == "503" and exc.headers.get("Retry-After") == "1"
+        assert "too busy" in exc.message
+        assert "key store busy" in caplog.text and "unreachable" not in caplog.text
+    finally:
+        set_authenticator(previous)
+        await authenticator.aclose()

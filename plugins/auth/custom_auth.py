@@ -74,6 +74,7 @@ from plugins.auth.routes import (
     retrieved_model,
 )
 from plugins.auth.settings import DEFAULT_PRIORITY, KeysSettings
+from triage.redis_client import PoolExhausted
 
 log = logging.getLogger("triage.auth")
 
@@ -314,6 +315,21 @@ async def user_api_key_auth(request: Request, api_key: str | None) -> UserAPIKey
     key_id = key_id_from_hash(key_hash)
     try:
         record = await authenticator.record_for(key_hash)
+    except PoolExhausted as exc:  # Redis is fine: this process has too much in flight
+        log.warning(
+            "key store busy (%s), answering 503 to key %s on %s: %s",
+            authenticator.store.describe(),
+            key_id,
+            route,
+            exc,
+        )
+        raise ProxyException(
+            message="The gateway is too busy to check API keys right now; retry shortly.",
+            type="service_unavailable",
+            param=None,
+            code=status.HTTP_503_SERVICE_UNAVAILABLE,
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        ) from exc
     except (RedisError, OSError) as exc:
         log.error(
             "key store unreachable (%s), refusing key %s on %s: %s: %s",

@@ -62,6 +62,7 @@ class FleetView:
     async def read(self, model: str) -> ModelView:
         servers = self.catalogue.servers_of(model)
         names = list(self.catalogue.models)
+        lease_now_ms = int(time.time() * 1000)
         pipe = self.redis.pipeline(transaction=False)
         pipe.get(self.keys.loading(model))
         for server in servers:
@@ -69,7 +70,8 @@ class FleetView:
             pipe.get(self.keys.load_failed(server, model))
             for name in names:
                 pipe.hgetall(self.keys.replica(replica_id(server, name)))
-                pipe.zcard(self.keys.inflight(replica_id(server, name)))
+                # live reservations only: an entry past its lease no longer counts (leases.py)
+                pipe.zcount(self.keys.inflight(replica_id(server, name)), lease_now_ms, "+inf")
         for name in names:
             pipe.hgetall(self.keys.last_used(name))
         results = iter(await pipe.execute())
