@@ -25,12 +25,17 @@ from google.protobuf import text_format
 from pydantic import BaseModel, Field
 from tritonclient.grpc import model_config_pb2
 
-from gateway.process import ManagedProcess
+from gateway.process import ManagedProcess, StartError
 from triage.paths import STANDIN_REPOSITORY, cache_dir, free_port, pytriton_root, venv_bin
 
 log = logging.getLogger(__name__)
 
 STANDIN_MODEL = "standin"
+
+
+PORT_ATTEMPTS = 3
+PORT_TAKEN = "already in use"
+"""Triton's log line when a port it was given is taken ("Socket '...' already in use")."""
 
 
 class StandinSettings(BaseModel):
@@ -171,8 +176,22 @@ class TritonServer:
         return args + self.extra_args
 
     def start(self) -> TritonServer:
-        if not (self.http_port and self.grpc_port and self.metrics_port):
+        """Start on the given ports, or on free ones; a free port taken by another process
+        before Triton bound it ("already in use": free ports are ephemeral ones, which any
+        outgoing connection may take meanwhile) is replaced, up to ``PORT_ATTEMPTS`` times."""
+        if self.http_port and self.grpc_port and self.metrics_port:
+            return self._start()
+        for attempt in range(1, PORT_ATTEMPTS + 1):
             self.http_port, self.grpc_port, self.metrics_port = (free_port() for _ in range(3))
+            try:
+                return self._start()
+            except StartError as exc:
+                if PORT_TAKEN not in str(exc) or attempt == PORT_ATTEMPTS:
+                    raise
+                log.warning("triton %s: a port was taken before it bound it; new ports", self.name)
+        raise AssertionError("unreachable")
+
+    def _start(self) -> TritonServer:
         self.shm_prefix = self.shm_prefix or f"triage_{self.name}_{uuid.uuid4().hex[:8]}_"
         self.process = ManagedProcess(
             f"tritonserver[{self.name}]",

@@ -183,3 +183,31 @@ def test_triton_queue_overflow_is_503(workdir: Path) -> None:
     assert {r.status_code for r in rejected} == {503}
     assert all("Exceeds maximum queue size" in r.json()["error"] for r in rejected)
     assert all("retry-after" not in r.headers for r in rejected)  # Triton never sends it
+
+
+def test_a_free_port_taken_before_triton_binds_it_is_replaced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Free ports are ephemeral ones: an outgoing connection (or another server) may take one
+    between ``free_port`` and Triton's bind. The launcher then picks new ports (a CI run lost a
+    whole test module's stack to "Socket '127.0.0.1:…' already in use")."""
+    import socket
+
+    import gateway.triton_launcher as launcher
+    from triage.paths import free_port
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    taken_port = taken.getsockname()[1]
+    ports = iter([free_port(), free_port(), taken_port])  # the metrics port is taken
+    monkeypatch.setattr(launcher, "free_port", lambda: next(ports, None) or free_port())
+    try:
+        server = launcher.start_standin_replica("port-race", StandinSettings(), tmp_path, 60.0)
+    finally:
+        taken.close()
+    try:
+        assert taken_port not in (server.http_port, server.grpc_port, server.metrics_port)
+        assert server.is_ready()
+    finally:
+        server.stop()
