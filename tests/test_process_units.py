@@ -137,3 +137,20 @@ def test_cancel_starts_cuts_a_readiness_wait_short(tmp_path: Path) -> None:
     process.start()
     assert process.alive()
     process.stop()
+
+
+def test_free_ports_lie_below_the_ephemeral_range() -> None:
+    """An outgoing connection can take an ephemeral port between ``free_port`` and the server's
+    bind; below the kernel's ephemeral range only another listener can."""
+    import socket
+
+    from triage.paths import LISTEN_PORTS_FROM, ephemeral_ports, free_port
+
+    low, high = ephemeral_ports()
+    assert 0 < low <= high
+    ports = {free_port() for _ in range(20)}
+    if low - LISTEN_PORTS_FROM >= 1000:
+        assert all(LISTEN_PORTS_FROM <= p < low for p in ports), sorted(ports)
+    for port in ports:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import random
 import shutil
 import socket
 import sys
@@ -34,8 +35,37 @@ def pytriton_root() -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+LISTEN_PORTS_FROM = 10_000
+"""Lowest port ``free_port`` hands out."""
+
+
+def ephemeral_ports() -> tuple[int, int]:
+    """The kernel's range of ports for outgoing connections (Linux; 32768-60999 by default)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port free on ``host`` right now (the OS picks it)."""
+    """A port free on ``host`` right now, for a server this project starts.
+
+    Taken below the kernel's ephemeral range when there is room there: a port the OS picks
+    (``bind(0)``) is an ephemeral one, which any outgoing connection may take as its source
+    port between this call and the server's own bind (seen in CI: Triton's metrics port taken,
+    the server exited "already in use"). Below that range only another listener can take it.
+    """
+    low, _ = ephemeral_ports()
+    if low - LISTEN_PORTS_FROM >= 1000:
+        for _ in range(64):
+            port = random.randrange(LISTEN_PORTS_FROM, low)
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                try:
+                    sock.bind((host, port))
+                except OSError:
+                    continue
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
