@@ -1,6 +1,7 @@
 """Start real ``tritonserver`` processes (the binary in the nvidia-pytriton wheel) on loopback.
 
-Pitfalls handled (see DESIGN.md): the wheel's python backend lacks its stub, so a backend folder
+Pitfalls handled (gateway/README.md, "Triton on a machine without a GPU"): the wheel's python
+backend lacks its stub, so a backend folder
 of our own is assembled once per interpreter version; the stub needs the interpreter's LIBDIR and
 ``nvidia_pytriton.libs`` on ``LD_LIBRARY_PATH`` and the venv's ``python3`` first on ``PATH``, or
 it hangs in "loading" forever, hence the readiness deadline; each server gets its own shared

@@ -1,6 +1,7 @@
 """The speed-aware oracle, replayed exactly on a recorded arrival sequence (no proxy, no network).
 
-Each arrival goes, at its arrival time, to the replica with the least expected delay (DESIGN.md):
+Each arrival goes, at its arrival time, to the replica with the least expected delay
+(plugins/routing/README.md):
 ``argmin_i (n_i + 1) × s_i / C_i``, where ``n_i`` is the replica's requests not finished yet
 (running or queued), ``C_i`` its batch slots and ``s_i`` its mean service time (ties: fewer
 requests, then the lower index). A replica serves FCFS with ``C_i`` slots; a request's service

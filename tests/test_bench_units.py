@@ -156,7 +156,7 @@ def test_oracle_queues_fcfs_on_one_replica_and_prefers_the_fast_one() -> None:
 
 
 def test_oracle_matches_the_reference_figures_at_85_percent() -> None:
-    """DESIGN.md: speed-aware oracle, speeds 1/1/0.5, 4 slots, 0.5 s, 85 % -> p95/p99 1.00/1.23 s."""
+    """The design reference: speed-aware oracle, speeds 1/1/0.5, 4 slots, 0.5 s, 85 % -> p95/p99 1.00/1.23 s."""
     seq = ArrivalSequence.poisson(17.0, 1500.0, 1, "fixed:10", "fixed:25", 0.0)
     replicas = [OracleReplica(n, 4, s) for n, s in (("a", 0.02), ("b", 0.02), ("c", 0.04))]
     s = summarize(replay_oracle(seq.arrivals, replicas, 25))

@@ -18,7 +18,8 @@
   completion.
 * ``oracle-sed``: exact in-flight and true speeds: ``max(1, (n + 1) / C) * s`` (ties: fewer
   in-flight, then random).
-* ``oracle-ps``: the same information, ``(n + 1) * s / C`` (DESIGN.md's oracle; same ties).
+* ``oracle-ps``: the same information, ``(n + 1) * s / C`` (the speed-aware oracle of
+  ``loadtests/oracle.py``; same ties).
 
 The ``oracle`` computes, for every replica, when the request would *finish* there: the time its
 FIFO slot frees (from the actual remaining service times of the requests already there, the
@@ -212,7 +213,8 @@ class OracleSedPolicy(Policy):
 
 
 class OraclePsPolicy(OracleSedPolicy):
-    """DESIGN.md's speed-aware oracle: ``argmin (n + 1) * s / C`` (processor sharing)."""
+    """The speed-aware oracle (``loadtests/oracle.py``): ``argmin (n + 1) * s / C``
+    (processor sharing)."""
 
     name = "oracle-ps"
 

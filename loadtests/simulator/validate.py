@@ -37,7 +37,7 @@ REFERENCE_SMALL_FLEET: dict[str, dict[str, float]] = {
     "least-busy": {"p95_s": 1.06, "p99_s": 1.66},
     "oracle": {"p95_s": 1.00, "p99_s": 1.23},
 }
-"""Measured on real hardware (oracle: simulated, DESIGN.md's speed-aware oracle)."""
+"""Measured on real hardware (oracle: simulated, the speed-aware oracle (loadtests/oracle.py))."""
 
 SIM_NAMES = {"simple-shuffle": "random"}
 """Reference name -> simulator policy; ``oracle`` maps to the run's best oracle."""

@@ -13,7 +13,7 @@ With in-flight batching a request that finds a free batch slot (``n < C``) start
 takes about ``s``; one that finds all ``C`` slots taken waits for ``n - C + 1`` completions, one
 every ``s / C`` on average: ``s + (n - C + 1) * s / C = (n + 1) * s / C``. Below saturation the
 score is flat (all replicas of one speed tie, and the tie rules spread by in-flight count), so a
-slow replica is not used while a faster one has a free slot; DESIGN.md's ``(n + 1) * s / C``
+slow replica is not used while a faster one has a free slot; the oracle's ``(n + 1) * s / C``
 (processor sharing) would send work to an idle half-speed replica as soon as the fast ones hold
 one request each, which costs latency (measured in ``tests/test_proxy_skewed.py``).
 
