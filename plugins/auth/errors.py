@@ -12,6 +12,8 @@ machine-readable reason instead (``model_not_found``, as the admission plugin an
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import HTTPException, status
 from litellm.proxy._types import ProxyException
 
@@ -56,17 +58,9 @@ class SubstituteError(EnvelopeError, HTTPException):
     """Returned by a ``CustomLogger.async_post_call_failure_hook`` in place of the original
     error; LiteLLM's ``_handle_llm_api_exception`` raises a ``ProxyException`` as it is."""
 
-    def __init__(
-        self,
-        message: str,
-        type: str,
-        param: str | None,
-        status_code: int,
-        reason: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message, type, param, status_code, reason, headers)
-        self.detail = message
+    def __init__(self, *args: Any, **kwargs: Any) -> None:  # EnvelopeError's arguments
+        super().__init__(*args, **kwargs)
+        self.detail = self.message
 
 
 def model_not_found(model: str, detail: str = "") -> EnvelopeError:
