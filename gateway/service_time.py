@@ -1,4 +1,4 @@
-"""Mean service time and drain rate from cumulative counters over a sliding window."""
+"""Drain rate, mean request time and time per engine iteration, over sliding windows."""
 
 from __future__ import annotations
 
@@ -7,32 +7,46 @@ from dataclasses import dataclass, field
 
 
 @dataclass
-class ServiceTimeWindow:
-    """Feed (time, cumulative duration µs, cumulative completions); read the window's means.
+class CompletionWindow:
+    """Feed (time, cumulative finished requests, active requests); read the window's rates.
 
-    ``service_ms`` = Δduration / Δcompleted over the last ``window_s`` seconds (kept from the
-    previous window while nothing completes, so an idle replica keeps its measured speed);
-    ``drain_rps`` = Δcompleted / Δt. A counter that goes down (server restart) resets the window.
+    ``drain_rps`` = Δfinished / Δt over the last ``window_s`` seconds; ``request_ms`` = the mean
+    time a request spends active in the engine, by Little's law: the time-average of ``active``
+    over the window divided by the completion rate (= ∫active dt / Δfinished). It needs only
+    the signals a real TensorRT-LLM replica exports (the ``active`` gauge and Triton's
+    completion-timed counters), and it excludes the time a request waited in the executor's
+    queue: with ``max_active`` it is the replica's throughput at full load. It is kept from the
+    previous window while nothing finishes, so an idle replica keeps its measured value. A
+    counter that goes down (server restart) resets the window.
     """
 
     window_s: float = 10.0
     samples: deque[tuple[float, float, float]] = field(default_factory=deque)
-    last_service_ms: float | None = None
+    """(t, finished, active-seconds integrated up to t)."""
+    last_active: float = 0.0
+    last_request_ms: float | None = None
 
-    def add(self, t: float, duration_us: float, completed: float) -> None:
-        if self.samples and (duration_us < self.samples[-1][1] or completed < self.samples[-1][2]):
+    def add(self, t: float, finished: float, active: float) -> None:
+        if self.samples and finished < self.samples[-1][1]:
             self.samples.clear()
-        self.samples.append((t, duration_us, completed))
+        if self.samples:
+            t0, _, area0 = self.samples[-1]
+            # trapezoid between two polls: the gauge moved somewhere in between
+            area = area0 + (t - t0) * (self.last_active + active) / 2.0
+        else:
+            area = 0.0
+        self.last_active = active
+        self.samples.append((t, finished, area))
         while len(self.samples) > 2 and self.samples[1][0] <= t - self.window_s:
             self.samples.popleft()
         first, last = self.samples[0], self.samples[-1]
-        done = last[2] - first[2]
+        done = last[1] - first[1]
         if done > 0:
-            self.last_service_ms = (last[1] - first[1]) / done / 1000.0
+            self.last_request_ms = (last[2] - first[2]) / done * 1000.0
 
     @property
-    def service_ms(self) -> float | None:
-        return self.last_service_ms
+    def request_ms(self) -> float | None:
+        return self.last_request_ms
 
     @property
     def drain_rps(self) -> float | None:
@@ -40,7 +54,7 @@ class ServiceTimeWindow:
             return None
         first, last = self.samples[0], self.samples[-1]
         elapsed = last[0] - first[0]
-        return (last[2] - first[2]) / elapsed if elapsed > 0 else None
+        return (last[1] - first[1]) / elapsed if elapsed > 0 else None
 
 
 @dataclass

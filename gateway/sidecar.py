@@ -31,8 +31,9 @@ from pydantic_settings import CliApp
 from redis import asyncio as aioredis
 from redis.exceptions import RedisError
 
+from gateway.backlog import HiddenQueue
 from gateway.health import HealthDebounce
-from gateway.service_time import ServiceTimeWindow, StepTimeWindow
+from gateway.service_time import CompletionWindow, StepTimeWindow
 from gateway.sidecar_settings import SidecarSettings
 from gateway.topology import server_topology
 from gateway.triton_metrics import EngineSample, parse_engine_sample
@@ -96,8 +97,11 @@ class Sidecar:
         self.metrics = metrics
         self.keys = KeySchema(settings.key_prefix)
         self.health = HealthDebounce(threshold=settings.unhealthy_after)
-        self.window = ServiceTimeWindow(window_s=settings.service_window_s)
+        self.window = CompletionWindow(window_s=settings.service_window_s)
         self.steps = StepTimeWindow(window_s=settings.service_window_s)
+        self.hidden = HiddenQueue(window_s=settings.backlog_window_s)
+        self.hidden_queue = 0
+        """The executor's queue behind ``max`` as last estimated (0: none, or no counters)."""
         self.last_sample: EngineSample | None = None
         self.last_sample_ms = 0
         self.last_publish_monotonic: float | None = None
@@ -115,7 +119,7 @@ class Sidecar:
 
     async def sample(self) -> EngineSample:
         s = self.settings
-        assert s.metrics_url is not None and s.engine_model is not None
+        assert s.metrics_url is not None
         server, ready, text = await asyncio.gather(
             # liveness, not readiness: with --strict-readiness one model that failed to load
             # makes the whole server "not ready", though it serves its other models
@@ -129,7 +133,7 @@ class Sidecar:
                 raise ModelNotLoaded(f"model {s.model} is not loaded (HTTP {ready.status_code})")
             raise RuntimeError(f"model {s.model} not ready (HTTP {ready.status_code})")
         text.raise_for_status()
-        return parse_engine_sample(text.text, s.model, s.engine_model, s.counter_pairs)
+        return parse_engine_sample(text.text, s.model, s.engine_model, s.arrivals_model)
 
     async def poll_once(self) -> ReplicaState:
         s = self.settings
@@ -163,10 +167,11 @@ class Sidecar:
             self.last_sample = sample
             self.last_sample_ms = int(time.time() * 1000)
             now = time.monotonic()
-            if sample.duration_us is not None and sample.completed is not None:
-                self.window.add(now, sample.duration_us, sample.completed)
+            if sample.completions is not None:
+                self.window.add(now, sample.completions, sample.active)
             if sample.iterations is not None:
                 self.steps.add(now, sample.iterations, sample.active > 0)
+            self.hidden_queue = self.hidden_queue_estimate(now, sample)
             if before != "healthy":
                 log.info("replica %s healthy (was %s)", s.replica_id, before)
         finally:
@@ -175,13 +180,33 @@ class Sidecar:
         await self.publish(state)
         return state
 
+    def hidden_queue_estimate(self, now: float, sample: EngineSample) -> int:
+        """The executor's queue behind ``max`` (``gateway/backlog.py``); 0 without the gauges
+        or the counters it needs."""
+        if (
+            sample.max_active is None
+            or sample.arrivals is None
+            or sample.completions is None
+            or self.settings.max_active is not None  # configured: the gauge's cap is not used
+        ):
+            return 0
+        return self.hidden.estimate(
+            now, sample.arrivals, sample.completions, sample.active, sample.max_active
+        )
+
     def service_ms(self) -> float | None:
         """The replica's time unit for the routing score (the same basis across a fleet):
         ms per engine iteration when the engine exports its iteration counter (TensorRT-LLM and
-        the stand-in), else the mean request service time."""
+        the stand-in), else the mean time a request is active (Little's law)."""
         if self.last_sample is not None and self.last_sample.iterations is not None:
             return self.steps.step_ms
-        return self.window.service_ms
+        return self.request_ms()
+
+    def request_ms(self) -> float | None:
+        """Mean time a request is active in the engine (None without the ``active`` gauge)."""
+        if self.last_sample is None or self.last_sample.source != "trtllm":
+            return None
+        return self.window.request_ms
 
     def current_state(self) -> ReplicaState:
         s = self.settings
@@ -191,13 +216,15 @@ class Sidecar:
             replica_id=s.replica_id,
             model=s.model,
             api_base=s.api_base or s.triton_url,
-            waiting=sample.waiting if sample else 0,
+            # Triton's own queue + the executor's, estimated (the engine's `waiting` gauge is a
+            # subset of `active`: counting it again would count those requests twice)
+            waiting=(sample.pending + self.hidden_queue) if sample else 0,
             active=sample.active if sample else 0,
             max_active=max_active,
             kv_fraction=sample.kv_fraction if sample else 0.0,
             service_ms=self.service_ms(),
             drain_rps=self.window.drain_rps,
-            request_ms=self.window.service_ms,
+            request_ms=self.request_ms(),
             healthy=self.health.healthy and self.loaded,
             state=self.health.state if self.loaded else "unloaded",
             source=sample.source if sample else "triton",

@@ -7,15 +7,8 @@ from urllib.parse import urlsplit
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from gateway.triton_metrics import DEFAULT_ARRIVALS_MODEL
 from triage.keyschema import DEFAULT_PREFIX, TTL_POLLS
-
-DEFAULT_COUNTER_PAIRS: list[tuple[str, str]] = [
-    # completion-timed counters published by the CPU stand-in (Triton times only execute() of
-    # a decoupled python model, so its own pair below under-reports there)
-    ("triage_request_duration_us", "triage_request_success"),
-    # Triton's per-model statistics
-    ("nv_inference_request_duration_us", "nv_inference_request_success"),
-]
 
 
 class SidecarSettings(BaseSettings):
@@ -30,7 +23,13 @@ class SidecarSettings(BaseSettings):
     model: str = Field(min_length=1, description="Triton model the requests go to")
     engine_model: str | None = Field(
         default=None,
-        description="model whose nv_trt_llm_* gauges to read (tensorrt_llm behind an ensemble)",
+        description="model whose nv_trt_llm_* gauges to read (tensorrt_llm behind an ensemble); "
+        "default: the routed model if it has them, else the only model that has them",
+    )
+    arrivals_model: str | None = Field(
+        default=DEFAULT_ARRIVALS_MODEL,
+        description="model whose nv_inference_request_success counts the requests handed to the "
+        "engine (the stock ensemble's preprocessing step); empty: no hidden-queue estimate",
     )
     triton_url: str = Field(description="Triton HTTP base URL, e.g. http://127.0.0.1:8000")
     metrics_url: str | None = Field(default=None, description="default: Triton host, port 8002")
@@ -44,7 +43,9 @@ class SidecarSettings(BaseSettings):
     max_active: int | None = Field(
         default=None, ge=1, description="slots when the metrics do not say (LLM-API path)"
     )
-    counter_pairs: list[tuple[str, str]] = Field(default_factory=lambda: DEFAULT_COUNTER_PAIRS)
+    backlog_window_s: float = Field(
+        default=30.0, gt=0, description="how long a measured counter drift is remembered"
+    )
     server_id: str | None = Field(
         default=None,
         pattern=r"^[A-Za-z0-9_.\-]{1,64}$",
@@ -70,8 +71,8 @@ class SidecarSettings(BaseSettings):
             self.metrics_url = f"{parts.scheme}://{parts.hostname}:8002/metrics"
         if self.api_base is None:
             self.api_base = self.triton_url
-        if self.engine_model is None:
-            self.engine_model = self.model
+        if self.arrivals_model == "":
+            self.arrivals_model = None
         if self.server_id is None:
             self.server_id = self.replica_id
         return self

@@ -459,7 +459,8 @@ async def replay(
 
 
 async def fleet_busy(client: httpx.AsyncClient, stack: Stack) -> int:
-    """Sequences running or waiting in the stand-ins' engines (Triton metrics)."""
+    """Requests active in the stand-ins' engines (Triton metrics); their executor queues are
+    empty once none is active (the executor admits from its queue whenever it has room)."""
     total = 0
     for server in stack.replicas.values():
         text = (await client.get(server.metrics_url)).text
@@ -467,7 +468,7 @@ async def fleet_busy(client: httpx.AsyncClient, stack: Stack) -> int:
             if family.name != "nv_trt_llm_request_metrics":
                 continue
             for sample in family.samples:
-                if sample.labels.get("request_type") in ("active", "waiting"):
+                if sample.labels.get("request_type") == "active":  # `waiting` is a subset
                     total += int(sample.value)
     return total
 

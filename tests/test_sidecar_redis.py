@@ -17,7 +17,6 @@ import redis
 
 from gateway.redis_launcher import RedisServer
 from gateway.sidecar_launcher import SidecarProcess, start_sidecar
-from gateway.sidecar_settings import DEFAULT_COUNTER_PAIRS
 from gateway.triton_launcher import StandinSettings, TritonServer, start_standin_replica
 from gateway.triton_metrics import parse_engine_sample
 from triage.keyschema import KeySchema, ReplicaState
@@ -131,10 +130,12 @@ def test_service_time_reflects_replica_speed(fleet: Fleet) -> None:
 
 
 def engine_load(server: TritonServer) -> tuple[int, int]:
-    sample = parse_engine_sample(
-        httpx.get(server.metrics_url).text, MODEL, MODEL, DEFAULT_COUNTER_PAIRS
-    )
-    return sample.active, sample.waiting
+    """(active, queued) as Triton's /metrics show them: the executor's queue is no gauge, it is
+    the requests handed to the engine less those ended and those active (Triton's counters)."""
+    sample = parse_engine_sample(httpx.get(server.metrics_url).text, MODEL)
+    assert sample.arrivals is not None and sample.completions is not None
+    hidden = max(0, round(sample.arrivals - sample.completions - sample.active))
+    return sample.active, sample.pending + hidden
 
 
 def lag_behind_engine(fleet: Fleet, replica_id: str, load: tuple[int, int]) -> float:

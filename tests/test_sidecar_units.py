@@ -1,4 +1,4 @@
-"""Pure parts of the sidecar: metrics parsing, health debounce, service-time window, settings."""
+"""Pure parts of the sidecar: metrics parsing, health debounce, windows, hidden queue, settings."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import sys
 
 import pytest
 
+from gateway.backlog import HiddenQueue
 from gateway.health import HealthDebounce
-from gateway.service_time import ServiceTimeWindow
-from gateway.sidecar_settings import DEFAULT_COUNTER_PAIRS, SidecarSettings
+from gateway.service_time import CompletionWindow
+from gateway.sidecar_settings import SidecarSettings
 from gateway.triton_metrics import parse_engine_sample
 
 TRTLLM_TEXT = """\
@@ -20,12 +21,14 @@ nv_inference_pending_request_count{model="tensorrt_llm",version="1"} 0
 # HELP nv_inference_request_success ok
 # TYPE nv_inference_request_success counter
 nv_inference_request_success{model="ensemble",version="1"} 10
-# HELP nv_inference_request_duration_us dur
-# TYPE nv_inference_request_duration_us counter
-nv_inference_request_duration_us{model="ensemble",version="1"} 5000000
+nv_inference_request_success{model="preprocessing",version="1"} 30
+# HELP nv_inference_request_failure failed
+# TYPE nv_inference_request_failure counter
+nv_inference_request_failure{model="ensemble",version="1"} 3
 # HELP nv_trt_llm_request_metrics TRT LLM request metrics
 # TYPE nv_trt_llm_request_metrics gauge
 nv_trt_llm_request_metrics{model="tensorrt_llm",request_type="waiting",version="1"} 3
+nv_trt_llm_request_metrics{model="tensorrt_llm",request_type="scheduled",version="1"} 4
 nv_trt_llm_request_metrics{model="tensorrt_llm",request_type="max",version="1"} 64
 nv_trt_llm_request_metrics{model="tensorrt_llm",request_type="active",version="1"} 7
 # HELP nv_trt_llm_kv_cache_block_metrics KV
@@ -39,20 +42,69 @@ nv_inference_pending_request_count{model="llm",version="1"} 4
 """
 
 
-def test_trtllm_gauges_are_primary_and_triton_queue_adds_to_waiting() -> None:
-    sample = parse_engine_sample(TRTLLM_TEXT, "ensemble", "tensorrt_llm", DEFAULT_COUNTER_PAIRS)
+def test_trtllm_gauges_read_with_their_upstream_meanings() -> None:
+    sample = parse_engine_sample(TRTLLM_TEXT, "ensemble", "tensorrt_llm")
     assert sample.source == "trtllm"
-    assert (sample.active, sample.waiting, sample.max_active) == (7, 3 + 2, 64)
+    # `waiting` (3) is a subset of `active` (7): not added to anything; `max` is the cap
+    assert (sample.active, sample.scheduled, sample.max_active) == (7, 4, 64)
+    assert sample.pending == 2  # Triton's own queues of the ensemble and the engine
     assert sample.kv_fraction == 0.25
-    # the stand-in's pair is absent, so Triton's own counters are used
-    assert (sample.duration_us, sample.completed) == (5_000_000, 10)
+    # finished = the ensemble's successes + failures; arrivals = preprocessing's successes
+    assert (sample.completions, sample.arrivals) == (13, 30)
+
+
+def test_engine_model_is_detected_when_not_configured() -> None:
+    assert parse_engine_sample(TRTLLM_TEXT, "ensemble").engine_model == "tensorrt_llm"
+    two = (
+        TRTLLM_TEXT
+        + TRTLLM_TEXT.split("# HELP nv_trt_llm_request_metrics")[1]
+        .replace("tensorrt_llm", "other_engine")
+        .split("# HELP")[0]
+        .split("\n", 2)[2]
+    )
+    # two engines on one server and none configured: no guess
+    assert parse_engine_sample(two, "ensemble").source == "triton"
+    assert parse_engine_sample(two, "ensemble", "tensorrt_llm").active == 7
 
 
 def test_falls_back_to_pending_count_without_trtllm_gauges() -> None:
-    sample = parse_engine_sample(PLAIN_TEXT, "llm", "llm", DEFAULT_COUNTER_PAIRS)
+    sample = parse_engine_sample(PLAIN_TEXT, "llm", "llm")
     assert sample.source == "triton"
-    assert (sample.waiting, sample.active, sample.max_active) == (4, 0, None)
-    assert sample.duration_us is None
+    assert (sample.pending, sample.active, sample.max_active) == (4, 0, None)
+    assert sample.completions is None and sample.arrivals is None
+
+
+def test_hidden_queue_is_what_exceeds_the_drift_measured_with_room() -> None:
+    q = HiddenQueue(window_s=30)
+    # room in the engine: the queue is empty; 2 requests failed in preprocessing (drift -2)
+    assert q.estimate(0.0, arrivals=10, completions=8 + 2, active=2, max_active=4) == 0
+    assert q.floor == -2
+    # full: 20 arrived, 8 + 2 ended, 4 active -> 6 more than active, plus the 2 of drift
+    assert q.estimate(1.0, arrivals=20, completions=10, active=4, max_active=4) == 8
+    # with room again the floor is measured anew (in-transit requests only raise it: min)
+    assert q.estimate(2.0, arrivals=20, completions=16, active=3, max_active=4) == 0
+    assert q.floor == -2
+    # counters went back: the server restarted, the drift is forgotten
+    assert q.estimate(3.0, arrivals=5, completions=0, active=4, max_active=4) == 1
+    assert q.floor == 0
+
+
+def test_completion_window_little_law() -> None:
+    window = CompletionWindow(window_s=10)
+    assert window.request_ms is None and window.drain_rps is None
+    window.add(0.0, 0.0, 4.0)
+    window.add(1.0, 8.0, 4.0)  # 4 active all along, 8 finished in 1 s: 500 ms each
+    assert window.request_ms == pytest.approx(500.0)
+    assert window.drain_rps == pytest.approx(8.0)
+    window.add(2.0, 12.0, 0.0)  # 4 more finished, 2 active-seconds: still 500 ms each
+    assert window.request_ms == pytest.approx(500.0)
+    window.add(3.0, 12.0, 0.0)  # idle: the measured value is kept
+    assert window.request_ms == pytest.approx(500.0)
+    for t in range(4, 30):  # old samples leave the window: only the new rate counts
+        window.add(float(t), 12.0 + (t - 3) * 20, 2.0)
+    assert window.request_ms == pytest.approx(100.0)
+    window.add(30.0, 0.0, 0.0)  # counters reset (replica restarted)
+    assert len(window.samples) == 1
 
 
 @pytest.mark.parametrize(
@@ -72,27 +124,12 @@ def test_health_debounce(polls: list[bool], states: list[str]) -> None:
     assert [health.observe(ok) for ok in polls] == states
 
 
-def test_service_time_window() -> None:
-    window = ServiceTimeWindow(window_s=10)
-    assert window.service_ms is None
-    window.add(0.0, 0.0, 0.0)
-    window.add(1.0, 2_000_000.0, 4.0)  # 4 requests, 2 s in all: 500 ms each
-    assert window.service_ms == pytest.approx(500.0)
-    assert window.drain_rps == pytest.approx(4.0)
-    window.add(2.0, 2_000_000.0, 4.0)  # idle: the measured speed is kept
-    assert window.service_ms == pytest.approx(500.0)
-    for t in range(3, 30):  # old samples leave the window: only the new speed counts
-        window.add(float(t), 2_000_000.0 + (t - 2) * 1_000_000.0, 4.0 + (t - 2) * 10)
-    assert window.service_ms == pytest.approx(100.0)
-    window.add(30.0, 0.0, 0.0)  # counters reset (replica restarted)
-    assert len(window.samples) == 1
-
-
 def test_settings_derive_defaults() -> None:
     s = SidecarSettings(replica_id="r1", model="m", triton_url="http://127.0.0.1:8000/")
     assert s.metrics_url == "http://127.0.0.1:8002/metrics"
     assert s.api_base == "http://127.0.0.1:8000"
-    assert s.engine_model == "m"
+    assert s.engine_model is None  # detected from the metrics
+    assert s.arrivals_model == "preprocessing"
     assert s.ttl_ms == 4 * s.poll_interval_ms
 
 

@@ -121,22 +121,35 @@ class ReplicaState(BaseModel):
     replica_id: str
     model: str
     api_base: str
-    waiting: int = Field(ge=0, description="queued, not executing (engine queue + Triton queue)")
-    active: int = Field(ge=0, description="sequences executing in the engine's batch")
-    max_active: int = Field(ge=1, description="engine batch slots (C_i)")
+    waiting: int = Field(
+        ge=0,
+        description="queued, not yet active: Triton's own queue + the executor's queue behind "
+        "max_active, estimated from Triton's request counters (no metric shows it)",
+    )
+    active: int = Field(
+        ge=0,
+        description="requests active in the engine (TensorRT-LLM's numActiveRequests; its "
+        "`waiting` gauge is a subset of these, not a queue)",
+    )
+    max_active: int = Field(
+        ge=1, description="the executor's cap on active requests (C_i; TensorRT-LLM's `max`)"
+    )
     kv_fraction: float = Field(ge=0.0, le=1.0, description="KV-cache blocks used / max")
     service_ms: float | None = Field(
         default=None,
         ge=0.0,
         description="the replica's time unit (s_i): ms per engine iteration (TensorRT-LLM "
-        "iteration counter), else the mean request service time over the window",
+        "iteration counter), else the mean time a request is active over the window",
     )
-    drain_rps: float | None = Field(default=None, ge=0.0, description="completions per second")
+    drain_rps: float | None = Field(
+        default=None, ge=0.0, description="finished requests per second (Triton's counters)"
+    )
     request_ms: float | None = Field(
         default=None,
         ge=0.0,
-        description="mean request service time (ms, start to last token) over the window, "
-        "kept while idle: with max_active, the replica's throughput at full load",
+        description="mean time a request is active in the engine (ms, Little's law: mean "
+        "active / finished per second) over the window, kept while idle: with max_active, "
+        "the replica's throughput at full load",
     )
     healthy: bool
     state: HealthState

@@ -3,8 +3,8 @@
 A replica's score estimates the **expected completion time** of one more request on it
 (shortest expected delay; lower is better)::
 
-    n          = max(inflight, active + waiting)        # reserved by proxies vs seen by the engine
-    C          = max_active                             # engine batch slots
+    n          = max(inflight, active + waiting)        # reserved by proxies vs seen at the replica
+    C          = max_active                             # the executor's cap on active requests
     s          = service_ms (or the candidates' mean, or default_service_ms)
     kv_penalty = 1 + kv_weight * max(0, kv_fraction - kv_threshold) / (1 - kv_threshold)
     score      = max(1, (n + 1) / C) * s * kv_penalty
