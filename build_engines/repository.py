@@ -29,6 +29,52 @@ ENSEMBLE = "ensemble"
 ENGINE_MODEL = "tensorrt_llm"
 ENGINE_MODELS = ("ensemble", "preprocessing", "tensorrt_llm", "postprocessing")
 
+REQUIRED_ENGINE_PARAMETERS = (
+    "gpt_model_type",
+    "gpt_model_path",
+    "tokenizer_dir",
+    "guided_decoding_backend",
+    "xgrammar_tokenizer_info_path",
+)
+"""Parameters the C++ ``tensorrtllm`` backend reads without a default (``ModelState::
+GetParameter`` outside any try/catch; ``gpt_model_path`` is read inside one, but an absent or
+missing path fails the load with "Both encoder and decoder model paths are empty"). A
+``tensorrt_llm`` config without one of them fails to load, and the ensemble with it. Checked
+against NVIDIA's sources: ``tests/fixtures/upstream/required_parameters.json``."""
+
+GUIDED_DECODING_OFF = {"guided_decoding_backend": "", "xgrammar_tokenizer_info_path": ""}
+"""Empty values (or unreplaced ``${...}``) turn guided decoding off in the backend."""
+
+
+class RepositoryError(ValueError):
+    """A generated repository the backend would refuse to load."""
+
+
+def missing_engine_parameters(config: model_config_pb2.ModelConfig) -> list[str]:
+    """The required parameters a ``tensorrtllm``-backend config lacks (present but empty is
+    fine: the backend only needs the key), plus an empty ``gpt_model_path``."""
+    missing = [name for name in REQUIRED_ENGINE_PARAMETERS if name not in config.parameters]
+    path = config.parameters.get("gpt_model_path")
+    if path is not None and not path.string_value.strip():
+        missing.append("gpt_model_path (empty)")
+    return missing
+
+
+def check_engine_repository(repository: Path) -> list[str]:
+    """Problems the backend would fail the load on, one sentence each, for every model of
+    ``repository`` on the ``tensorrtllm`` backend."""
+    problems: list[str] = []
+    for path in sorted(repository.glob("*/config.pbtxt")):
+        config = read_config(path)
+        if config.backend != "tensorrtllm":
+            continue
+        for name in missing_engine_parameters(config):
+            problems.append(
+                f"{path}: parameter {name} missing; the tensorrtllm backend fails the load "
+                f"('Cannot find parameter with name: {name.split()[0]}')"
+            )
+    return problems
+
 
 def read_config(path: Path) -> model_config_pb2.ModelConfig:
     return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
@@ -102,6 +148,8 @@ def engine_configs(settings: BuildSettings) -> dict[str, model_config_pb2.ModelC
             "max_beam_width": str(t.max_beam_width),
             "gpu_device_ids": _ids(settings.device_ids),
             "executor_worker_path": t.executor_worker_path,
+            "tokenizer_dir": tokenizer,
+            **GUIDED_DECODING_OFF,
         },
     )
     if t.participant_ids is not None:
@@ -161,6 +209,9 @@ def write_engine_repository(settings: BuildSettings) -> Path:
     for name, config in engine_configs(settings).items():
         _copy_template(ENGINE_TEMPLATES / name, dest / name)
         write_config(config, dest / name / "config.pbtxt")
+    problems = check_engine_repository(dest)
+    if problems:
+        raise RepositoryError("; ".join(problems))
     return dest
 
 

@@ -1,6 +1,6 @@
 """The TensorRT-LLM Triton repositories triage writes: every config parses with Triton's own
-protobuf and carries the settings (queue policy first), the ensemble is wired consistently and
-speaks the CPU stand-in's inputs, and the python models' logic works (without transformers or
+protobuf and carries the settings (queue policy first), every parameter the tensorrtllm backend
+reads without a default, the ensemble is wired consistently and uses NVIDIA's stock names, and the python models' logic works (without transformers or
 tensorrt_llm, through a stand-in ``triton_python_backend_utils``)."""
 
 from __future__ import annotations
@@ -18,14 +18,26 @@ import yaml
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from build_engines.repository import TEMPLATES, read_config, write_repository
+from build_engines.repository import (
+    REQUIRED_ENGINE_PARAMETERS,
+    TEMPLATES,
+    RepositoryError,
+    check_engine_repository,
+    read_config,
+    write_config,
+    write_repository,
+)
 from build_engines.settings import BuildSettings
-from triage.paths import STANDIN_REPOSITORY
 
 REJECT = model_config_pb2.ModelQueuePolicy.REJECT
 ENGINE_TEMPLATES = TEMPLATES / "inflight_batcher_llm"
 LLMAPI_MODEL = TEMPLATES / "llmapi" / "tensorrt_llm"
 SCHEDULED = ("preprocessing", "tensorrt_llm", "postprocessing")
+UPSTREAM = Path(__file__).parent / "fixtures" / "upstream"
+STOCK = json.loads((UPSTREAM / "build_stock_names.json").read_text())
+"""NVIDIA's stock all_models names (upstream paths and commits inside)."""
+REQUIRED = json.loads((UPSTREAM / "required_parameters.json").read_text())
+"""Parameters the tensorrtllm backend reads without a default (upstream paths and commits)."""
 
 
 def settings(tmp_path: Path, **kw: Any) -> BuildSettings:
@@ -165,18 +177,101 @@ def test_ensemble_steps_are_wired_consistently(engine_repo: Path) -> None:
         assert available.get(output.name) == output.data_type
 
 
-def test_ensemble_and_llmapi_speak_the_standin_wire(engine_repo: Path, tmp_path: Path) -> None:
-    standin = parse(STANDIN_REPOSITORY / "standin" / "config.pbtxt")
+def test_ensemble_and_llmapi_use_the_stock_ensemble_names(
+    engine_repo: Path, tmp_path: Path
+) -> None:
+    """Every input of the generated ensemble and of the LLM-API model is an input of NVIDIA's
+    stock ensemble, with its data type and optionality: no private renames (random_seed,
+    min_length, ...), so a client of a stock ensemble works unchanged."""
+    stock = {i["name"]: i for i in STOCK["models"]["ensemble"]["inputs"]}
     llmapi = configs(write_repository(settings(tmp_path, serving="llmapi")))["tensorrt_llm"]
     for model in (configs(engine_repo)["ensemble"], llmapi):
-        inputs = {i.name: i for i in model.input}
-        for wanted in standin.input:
-            assert wanted.name in inputs, f"{model.name} lacks {wanted.name}"
-            assert inputs[wanted.name].data_type == wanted.data_type
-            assert inputs[wanted.name].optional == wanted.optional
+        for given in model.input:
+            assert given.name in stock, f"{model.name}: {given.name} is not a stock input"
+            wanted = stock[given.name]
+            assert model_config_pb2.DataType.Name(given.data_type) == wanted["data_type"]
+            assert given.optional == wanted["optional"], given.name
         assert [o.name for o in model.output] == ["text_output"]
+        names = {i.name for i in model.input}
+        assert {"text_input", "max_tokens", "stream", "seed", "min_tokens"} <= names
         # the provider may send exclude_input_in_output (engine-path deployments)
-        assert "exclude_input_in_output" in inputs
+        assert "exclude_input_in_output" in names
+
+
+@pytest.mark.parametrize("name", ["preprocessing", "tensorrt_llm", "postprocessing"])
+def test_scheduled_models_use_the_stock_names(engine_repo: Path, name: str) -> None:
+    stock = STOCK["models"][name]
+    stock_inputs = {i["name"]: i for i in stock["inputs"]}
+    config = configs(engine_repo)[name]
+    for given in config.input:
+        assert given.name in stock_inputs, f"{name}: {given.name} is not a stock input"
+        wanted = stock_inputs[given.name]["data_type"]
+        assert model_config_pb2.DataType.Name(given.data_type) == wanted, given.name
+    for output in config.output:
+        assert output.name in stock["outputs"], f"{name}: {output.name} is not a stock output"
+
+
+# ---------------------------------------------------------------- parameters the backend needs
+
+
+def test_required_parameters_are_upstreams() -> None:
+    upstream = [p["name"] for p in REQUIRED["required"] + REQUIRED["required_in_effect"]]
+    assert sorted(REQUIRED_ENGINE_PARAMETERS) == sorted(upstream)
+    for source in REQUIRED["sources"]:
+        assert len(source["commit"]) == 40 and source["path"]
+
+
+def test_generated_engine_config_has_every_required_parameter(
+    engine_repo: Path, tmp_path: Path
+) -> None:
+    p = params(configs(engine_repo)["tensorrt_llm"])
+    for name in REQUIRED_ENGINE_PARAMETERS:
+        assert name in p, name
+    # guided decoding off: the backend turns it off on empty values
+    assert (p["guided_decoding_backend"], p["xgrammar_tokenizer_info_path"]) == ("", "")
+    assert p["tokenizer_dir"] == str(tmp_path / "tok")
+    assert p["gpt_model_type"] in REQUIRED["required"][0]["accepted"]
+    assert check_engine_repository(engine_repo) == []
+
+
+@pytest.mark.parametrize(
+    "name", [p["name"] for p in REQUIRED["required"] + REQUIRED["required_in_effect"]]
+)
+def test_the_checker_names_a_removed_parameter(engine_repo: Path, name: str) -> None:
+    path = engine_repo / "tensorrt_llm" / "config.pbtxt"
+    config = read_config(path)
+    del config.parameters[name]
+    write_config(config, path)
+    problems = check_engine_repository(engine_repo)
+    assert len(problems) == 1
+    assert f"parameter {name} missing" in problems[0]
+    assert "tensorrt_llm/config.pbtxt" in problems[0]
+
+
+def test_the_checker_refuses_an_empty_engine_path(engine_repo: Path) -> None:
+    path = engine_repo / "tensorrt_llm" / "config.pbtxt"
+    config = read_config(path)
+    config.parameters["gpt_model_path"].string_value = ""
+    write_config(config, path)
+    (problem,) = check_engine_repository(engine_repo)
+    assert "gpt_model_path (empty)" in problem
+
+
+def test_a_template_without_a_required_parameter_is_not_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import build_engines.repository as repository
+
+    real = repository.engine_configs
+
+    def lacking(s: BuildSettings) -> dict[str, model_config_pb2.ModelConfig]:
+        out = real(s)
+        del out["tensorrt_llm"].parameters["guided_decoding_backend"]
+        return out
+
+    monkeypatch.setattr(repository, "engine_configs", lacking)
+    with pytest.raises(RepositoryError, match="guided_decoding_backend"):
+        write_repository(settings(tmp_path))
 
 
 # ---------------------------------------------------------------- the LLM-API repository
@@ -347,8 +442,8 @@ def test_llmapi_model_logic(pb_utils: types.ModuleType) -> None:
     llm = load(LLMAPI_MODEL / "1" / "model.py", "llmapi_model")
     inputs = {
         "max_tokens": np.array([8], dtype=np.int32),
-        "random_seed": np.array([7], dtype=np.uint64),
-        "min_length": np.array([8], dtype=np.int32),
+        "seed": np.array([7], dtype=np.uint64),
+        "min_tokens": np.array([8], dtype=np.int32),
         "top_k": np.array([5], dtype=np.int32),
         "stop_words": np.array([b"</s>", b""], dtype=object),
     }

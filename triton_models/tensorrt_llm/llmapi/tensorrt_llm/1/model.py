@@ -28,14 +28,14 @@ SAMPLING_FIELDS = {
     "temperature": "temperature",
     "top_p": "top_p",
     "top_k": "top_k",
-    "random_seed": "seed",
+    "seed": "seed",
     "end_id": "end_id",
     "pad_id": "pad_id",
     "repetition_penalty": "repetition_penalty",
     "presence_penalty": "presence_penalty",
     "frequency_penalty": "frequency_penalty",
     "length_penalty": "length_penalty",
-    "min_length": "min_tokens",
+    "min_tokens": "min_tokens",
 }
 LIST_FIELDS = {"stop_words": "stop", "bad_words": "bad"}
 OVERFLOW = "Maximum queue size of {size} has been reached, please try again later"
