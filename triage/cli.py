@@ -24,6 +24,7 @@ commands:
   bench     compare LiteLLM's routing with the triage plugins on one fleet (loadtests/README.md)
   bench-burst  bursts of k x capacity through one proxy: 503 latency, Retry-After, RSS
   build-engine  plan, build and package a TensorRT-LLM replica (--settings FILE [--dry-run])
+  check-replica  what triage will see of a running Triton: models, dialect, queue, metrics (URL)
 """
 
 
@@ -114,6 +115,12 @@ def cmd_build_engine(argv: Sequence[str]) -> int:
     return main(list(argv))
 
 
+def cmd_check_replica(argv: Sequence[str]) -> int:
+    from gateway.check_replica import main
+
+    return main(list(argv))
+
+
 def cmd_bench(argv: Sequence[str]) -> int:
     from loadtests.compare import main
 
@@ -133,6 +140,7 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "bench": cmd_bench,
     "bench-burst": cmd_bench_burst,
     "build-engine": cmd_build_engine,
+    "check-replica": cmd_check_replica,
 }
 
 
