@@ -24,6 +24,7 @@ from build_engines.main import launch_hint, launch_settings, main
 from build_engines.manifest import engine_path_supported
 from build_engines.model_shape import ModelShape, ModelShapeError
 from build_engines.plan import PlanError, estimate_memory, make_plan
+from build_engines.repository import check_engine_repository
 from build_engines.runner import StepFailed, run_step
 from build_engines.settings import BuildSettings, load_settings
 from gateway.tp_launcher import TpReplicaSettings, launch_argv
@@ -509,6 +510,19 @@ def test_repository_only_skips_the_steps(tmp_path: Path, model_dir: Path) -> Non
     assert (out / "triton_repo" / "ensemble" / "config.pbtxt").is_file()
     assert not (out / "engine").exists()
     assert json.loads((out / "manifest.json").read_text())["commands"] == []
+    # what `triage build-engine` wrote is a repository the tensorrtllm backend loads: every
+    # parameter it reads without a default is there (tests/fixtures/upstream/)
+    assert check_engine_repository(out / "triton_repo") == []
+    required = json.loads(
+        (Path(__file__).parent / "fixtures" / "upstream" / "required_parameters.json").read_text()
+    )
+    engine = text_format.Parse(
+        (out / "triton_repo" / "tensorrt_llm" / "config.pbtxt").read_text(),
+        model_config_pb2.ModelConfig(),
+    )
+    for entry in required["required"] + required["required_in_effect"]:
+        assert entry["name"] in engine.parameters, entry["name"]
+    assert engine.parameters["guided_decoding_backend"].string_value == ""  # off
 
 
 def test_llmapi_build_writes_repository_and_manifest(tmp_path: Path, model_dir: Path) -> None:
