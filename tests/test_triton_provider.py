@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,15 @@ from plugins.triton_provider.chat_template import (
     normalize_messages,
 )
 from plugins.triton_provider.deployments import openai_frontend_deployment, triton_deployment
+from plugins.triton_provider.dialects import (
+    DIALECTS,
+    INFLIGHT_BATCHER_LLM,
+    LLMAPI,
+    TextReader,
+    dialect,
+    output_text,
+    sendable_inputs,
+)
 from plugins.triton_provider.errors import (
     ErrorKind,
     classify_upstream_error,
@@ -27,7 +37,11 @@ from plugins.triton_provider.handler import (
     error_text,
     parse_sse_line,
 )
-from plugins.triton_provider.params import build_payload
+from plugins.triton_provider.params import (
+    build_payload,
+    inflight_batcher_payload,
+    llmapi_payload,
+)
 from plugins.triton_provider.settings import (
     TritonProviderSettings,
     deployment_overrides,
@@ -41,6 +55,18 @@ from plugins.triton_provider.tokens import UsageCounter, count_tokens
 QUEUE_FULL = "[request id: <id_unknown>] Exceeds maximum queue size"
 QUEUE_TIMEOUT = "[request id: 7] Request timeout expired"
 ENGINE_FULL = "Maximum queue size of 8 has been reached, please try again later"
+# the stock forms: TensorRT-LLM's executor error (INTERNAL, 500) with its source location and a
+# backtrace, through the ensemble; Triton core's own overflow (UNAVAILABLE, 503) through it too
+ENGINE_FULL_STOCK = (
+    "in ensemble 'ensemble', Maximum queue size of 8 has been reached, please try again later "
+    "(/src/tensorrt_llm/cpp/tensorrt_llm/executor/executorImpl.cpp:1234)\n"
+    "1       0x7f3a2c0d1e2f tensorrt_llm::common::throwRuntimeError(char const*, int, "
+    "std::string const&) + 100\n2       0x7f3a2c0d2000 /opt/tritonserver/backends/tensorrtllm/"
+    "libtriton_tensorrtllm.so(+0x5000)"
+)
+QUEUE_FULL_ENSEMBLE = (
+    "in ensemble 'ensemble', [request id: <id_unknown>] Exceeds maximum queue size"
+)
 
 CLASSIFY_CASES = [
     # (status, message, kind, retryable)
@@ -48,8 +74,11 @@ CLASSIFY_CASES = [
     (400, QUEUE_FULL, ErrorKind.TRITON_QUEUE_FULL, True),
     (503, QUEUE_TIMEOUT, ErrorKind.TRITON_QUEUE_TIMEOUT, True),  # /infer
     (400, QUEUE_TIMEOUT, ErrorKind.TRITON_QUEUE_TIMEOUT, True),  # /generate, /generate_stream
-    (400, ENGINE_FULL, ErrorKind.ENGINE_QUEUE_FULL, True),  # Triton 2.51 /generate: always 400
-    (500, ENGINE_FULL, ErrorKind.ENGINE_QUEUE_FULL, True),  # /infer
+    (400, ENGINE_FULL, ErrorKind.ENGINE_QUEUE_FULL, True),  # a Python model raising no code
+    (500, ENGINE_FULL, ErrorKind.ENGINE_QUEUE_FULL, True),  # INTERNAL (Triton >= 2.42)
+    (500, ENGINE_FULL_STOCK, ErrorKind.ENGINE_QUEUE_FULL, True),  # stock ensemble on /generate
+    (200, ENGINE_FULL_STOCK, ErrorKind.ENGINE_QUEUE_FULL, True),  # ... mid-stream
+    (503, QUEUE_FULL_ENSEMBLE, ErrorKind.TRITON_QUEUE_FULL, True),
     (200, ENGINE_FULL, ErrorKind.ENGINE_QUEUE_FULL, True),  # SSE error event mid-stream
     (404, "Request for unknown model: 'nope' is not found", ErrorKind.MODEL_NOT_FOUND, False),
     (400, "Request for unknown model: 'x' is not found", ErrorKind.MODEL_NOT_FOUND, False),
@@ -94,6 +123,8 @@ EXCEPTION_CASES = [
     (503, QUEUE_FULL, litellm.ServiceUnavailableError, 503),
     (400, QUEUE_TIMEOUT, litellm.ServiceUnavailableError, 503),
     (400, ENGINE_FULL, litellm.ServiceUnavailableError, 503),
+    (500, ENGINE_FULL_STOCK, litellm.ServiceUnavailableError, 503),
+    (503, QUEUE_FULL_ENSEMBLE, litellm.ServiceUnavailableError, 503),
     (400, "model is unloading", litellm.ServiceUnavailableError, 503),
     (None, "ConnectError: refused", litellm.ServiceUnavailableError, 503),
     (None, "ReadTimeout", litellm.Timeout, 408),
@@ -149,53 +180,117 @@ def test_parse_sse_line() -> None:
 # ---- params ---------------------------------------------------------------------------------
 
 
-def payload(params: dict[str, Any], **kw: Any) -> dict[str, Any]:
+def payload(params: dict[str, Any], dialect_name: str = "inflight_batcher_llm", **kw: Any) -> Any:
     kw.setdefault("stream", False)
     kw.setdefault("default_max_tokens", 64)
-    return build_payload("standin", "PROMPT", params, **kw)
+    return build_payload(dialect_name, "standin", "PROMPT", params, **kw)
 
 
+# (OpenAI params, inflight_batcher_llm inputs, llmapi inputs); None: a 400 in that dialect.
+# Besides the expected inputs each payload has text_input, the stream flag and max_tokens (64).
 PARAM_CASES = [
-    ({}, {"max_tokens": 64}),
-    ({"max_tokens": 7}, {"max_tokens": 7}),
-    ({"max_completion_tokens": 9}, {"max_tokens": 9}),
-    ({"max_tokens": 7, "max_completion_tokens": 9}, {"max_tokens": 9}),
-    ({"temperature": 0.5, "top_p": 0.9}, {"temperature": 0.5, "top_p": 0.9}),
-    ({"stop": "END"}, {"stop_words": ["END"]}),
-    ({"stop": ["a", "b"]}, {"stop_words": ["a", "b"]}),
-    ({"stop": []}, {}),
-    ({"seed": 42}, {"random_seed": 42}),
+    ({}, {}, {}),
+    ({"max_tokens": 7}, {"max_tokens": 7}, {"sampling_param_max_tokens": 7}),
+    ({"max_completion_tokens": 9}, {"max_tokens": 9}, {"sampling_param_max_tokens": 9}),
+    (
+        {"max_tokens": 7, "max_completion_tokens": 9},
+        {"max_tokens": 9},
+        {"sampling_param_max_tokens": 9},
+    ),
+    (
+        {"temperature": 0.5, "top_p": 0.9},
+        {"temperature": 0.5, "top_p": 0.9},
+        {"sampling_param_temperature": 0.5, "sampling_param_top_p": 0.9},
+    ),
+    ({"stop": "END"}, {"stop_words": ["END"]}, {"sampling_param_stop": ["END"]}),
+    ({"stop": ["a", "b"]}, {"stop_words": ["a", "b"]}, {"sampling_param_stop": ["a", "b"]}),
+    ({"stop": []}, {}, {}),
+    ({"seed": 42}, {"seed": 42}, {"sampling_param_seed": 42}),
+    ({"seed": 2**64 - 1}, {"seed": 2**64 - 1}, {"sampling_param_seed": 2**64 - 1}),
     (
         {"presence_penalty": 0.1, "frequency_penalty": -0.2},
         {"presence_penalty": 0.1, "frequency_penalty": -0.2},
+        {"sampling_param_presence_penalty": 0.1, "sampling_param_frequency_penalty": -0.2},
     ),
-    ({"top_k": 5, "repetition_penalty": 1.1}, {"top_k": 5, "repetition_penalty": 1.1}),
-    ({"n": 1, "logprobs": False, "tools": []}, {}),  # harmless defaults
-    ({"stream_options": {"include_usage": True}, "max_retries": 0, "user": "u"}, {}),
+    ({"top_k": 5}, {"top_k": 5}, {"sampling_param_top_k": 5}),
+    ({"min_tokens": 3}, {"min_tokens": 3}, None),  # the LLM-API model has no min_tokens input
+    ({"repetition_penalty": 1.1}, {"repetition_penalty": 1.1}, None),
+    ({"n": 1, "logprobs": False, "tools": []}, {}, {}),  # harmless defaults
+    ({"stream_options": {"include_usage": True}, "max_retries": 0, "user": "u"}, {}, {}),
 ]
+DIALECT_FIXED = {
+    "inflight_batcher_llm": ("text_input", "stream", "max_tokens"),
+    "llmapi": ("text_input", "streaming", "sampling_param_max_tokens"),
+}
 
 
-@pytest.mark.parametrize(("params", "expected"), PARAM_CASES)
-def test_params_mapping(params: dict[str, Any], expected: dict[str, Any]) -> None:
-    body = payload(params)
-    assert body["text_input"] == "PROMPT"
-    assert body["stream"] is False
-    assert body.get("max_tokens") == expected.get("max_tokens", 64)
-    extra = {k: v for k, v in body.items() if k not in ("text_input", "stream", "max_tokens")}
-    assert extra == {k: v for k, v in expected.items() if k != "max_tokens"}
+@pytest.mark.parametrize("dialect_name", DIALECTS)
+@pytest.mark.parametrize(("params", "ensemble", "llmapi"), PARAM_CASES)
+def test_params_mapping(
+    dialect_name: str,
+    params: dict[str, Any],
+    ensemble: dict[str, Any],
+    llmapi: dict[str, Any] | None,
+) -> None:
+    expected = ensemble if dialect_name == "inflight_batcher_llm" else llmapi
+    if expected is None:
+        with pytest.raises(litellm.BadRequestError) as info:
+            payload(params, dialect_name)
+        assert next(iter(params)) in str(info.value) and dialect_name in str(info.value)
+        return
+    body = payload(params, dialect_name)
+    text, stream, max_tokens = DIALECT_FIXED[dialect_name]
+    assert (body[text], body[stream], body[max_tokens]) == (
+        "PROMPT",
+        False,
+        expected.get(max_tokens, 64),
+    )
+    extra = {k: v for k, v in body.items() if k not in (text, stream, max_tokens)}
+    assert extra == {k: v for k, v in expected.items() if k != max_tokens}
 
 
-def test_stream_flag_and_fixed_inputs() -> None:
+def test_one_function_per_dialect() -> None:
+    params = {"seed": 1, "stop": "x", "max_tokens": 3}
+    assert inflight_batcher_payload("m", "P", params, stream=True, default_max_tokens=9) == {
+        "text_input": "P",
+        "max_tokens": 3,
+        "stream": True,
+        "seed": 1,
+        "stop_words": ["x"],
+    }
+    assert llmapi_payload("m", "P", params, stream=True, default_max_tokens=9) == {
+        "text_input": "P",
+        "sampling_param_max_tokens": 3,
+        "streaming": True,
+        "sampling_param_seed": 1,
+        "sampling_param_stop": ["x"],
+    }
+    with pytest.raises(ValueError, match="unknown Triton dialect 'vllm'"):
+        build_payload("vllm", "m", "P", {}, stream=False, default_max_tokens=1)
+
+
+@pytest.mark.parametrize("dialect_name", DIALECTS)
+def test_stream_flag_and_fixed_inputs(dialect_name: str) -> None:
+    d = dialect(dialect_name)
     body = payload(
         {"temperature": 1.0},
+        dialect_name,
         stream=True,
         exclude_input_in_output=True,
-        extra_inputs={"end_id": 2, "temperature": 0.0},
+        extra_inputs={"end_id": 2, d.sampling["temperature"]: 0.0},
     )
-    assert body["stream"] is True
-    assert body["exclude_input_in_output"] is True
+    assert body[d.stream] is True
+    assert body[d.exclude_input] is True
     assert body["end_id"] == 2
-    assert body["temperature"] == 1.0  # the request wins over fixed inputs
+    assert body[d.sampling["temperature"]] == 1.0  # the request wins over fixed inputs
+
+
+def test_token_counts_are_asked_for_in_the_ensemble_only() -> None:
+    body = payload({}, token_counts=True)
+    assert body["return_num_input_tokens"] is True and body["return_num_output_tokens"] is True
+    assert "return_num_input_tokens" not in payload({})
+    with pytest.raises(ValueError, match="token-count"):
+        payload({}, "llmapi", token_counts=True)
 
 
 @pytest.mark.parametrize(
@@ -222,6 +317,13 @@ def test_drop_params_drops_unsupported_and_keeps_the_rest() -> None:
     body = payload({"n": 3, "logprobs": True, "temperature": 0.2}, drop_params=True)
     assert body["temperature"] == 0.2
     assert "n" not in body and "logprobs" not in body
+    body = payload({"min_tokens": 2, "temperature": 0.2}, "llmapi", drop_params=True)
+    assert body == {
+        "text_input": "PROMPT",
+        "sampling_param_max_tokens": 64,
+        "streaming": False,
+        "sampling_param_temperature": 0.2,
+    }
 
 
 @pytest.mark.parametrize(
@@ -233,6 +335,10 @@ def test_drop_params_drops_unsupported_and_keeps_the_rest() -> None:
         {"temperature": "hot"},
         {"seed": -1},
         {"seed": 1.5},
+        {"seed": 2**64},
+        {"min_tokens": -1},
+        {"min_tokens": 65},  # more than max_tokens (64)
+        {"min_tokens": 5, "max_tokens": 4},
         {"stop": [1, 2]},
         {"top_p": True},
     ],
@@ -362,8 +468,10 @@ def test_usage_counts_text_by_default() -> None:
     [
         ([{"num_input_tokens": 11, "num_output_tokens": 4}], 11, 4),
         ([{"num_input_tokens": [11], "num_output_tokens": [4]}], 11, 4),
-        ([{"num_output_tokens": 1}, {"num_output_tokens": 2}, {"num_output_tokens": 3}], 3, 3),
-        ([{"num_output_tokens": 2}, {"num_output_tokens": 2}, {"num_output_tokens": 1}], 3, 5),
+        # per response (TensorRT-LLM counts each response's output_ids): a stream's are summed
+        ([{"num_output_tokens": 1}, {"num_output_tokens": 1}, {"num_output_tokens": 1}], 3, 3),
+        ([{"num_output_tokens": 2}, {"num_output_tokens": 3}, {"num_output_tokens": 1}], 3, 6),
+        ([{"num_input_tokens": 7, "num_output_tokens": 1}] * 4, 7, 4),
         ([{"num_output_tokens": 2}, {}], 3, 2),  # not on every event: count the text
     ],
 )
@@ -385,6 +493,112 @@ def test_usage_ignores_upstream_counts_when_told() -> None:
         "completion_tokens": 2,
         "total_tokens": 5,
     }
+
+
+# ---- dialects: upstream facts and responses ---------------------------------------------------
+
+UPSTREAM = json.loads(
+    (Path(__file__).parent / "fixtures" / "upstream" / "provider_dialects.json").read_text()
+)
+# the Python value type of each upstream TYPE_*, as sent in a generate JSON body
+KIND_OF_TYPE = {
+    ("TYPE_STRING", False): "str",
+    ("TYPE_STRING", True): "str_list",
+    ("TYPE_INT32", False): "int",
+    ("TYPE_UINT64", False): "uint",
+    ("TYPE_FP32", False): "float",
+    ("TYPE_BOOL", False): "bool",
+}
+
+
+@pytest.mark.parametrize("dialect_name", DIALECTS)
+def test_every_input_the_provider_sends_is_declared_upstream(dialect_name: str) -> None:
+    facts = UPSTREAM["dialects"][dialect_name]
+    assert all(len(src["commit"]) == 40 for src in facts["sources"]), facts["sources"]
+    declared = facts["inputs"]
+    for name, kind in sendable_inputs(dialect(dialect_name)).items():
+        assert name in declared, f"{dialect_name}: {name} is not an upstream input"
+        spec = declared[name]
+        # text_input is dims [-1] on the LLM-API model but one string there too
+        is_list = spec["dims"] == [-1] and name != "text_input"
+        assert KIND_OF_TYPE[(spec["type"], is_list)] == kind, (name, spec)
+    required = {name for name, spec in declared.items() if not spec["optional"]}
+    sent_always = {dialect(dialect_name).text_input, dialect(dialect_name).max_tokens}
+    assert required <= sent_always
+
+
+@pytest.mark.parametrize("dialect_name", DIALECTS)
+def test_every_payload_uses_declared_names_only(dialect_name: str) -> None:
+    declared = UPSTREAM["dialects"][dialect_name]["inputs"]
+    d = dialect(dialect_name)
+    params: dict[str, Any] = {
+        "max_tokens": 9,
+        "stop": ["x"],
+        "seed": 3,
+        "min_tokens": 2,
+        "temperature": 0.5,
+        "top_p": 0.9,
+        "top_k": 4,
+        "presence_penalty": 0.1,
+        "frequency_penalty": 0.1,
+        "repetition_penalty": 1.1,
+    }
+    body = payload(
+        params,
+        dialect_name,
+        drop_params=True,
+        exclude_input_in_output=True,
+        token_counts=bool(d.token_count_inputs),
+    )
+    assert set(body) <= set(declared), set(body) - set(declared)
+    assert "random_seed" not in body and "min_length" not in body
+
+
+def test_private_stand_in_names_are_gone_from_the_provider() -> None:
+    root = Path(__file__).parent.parent / "plugins" / "triton_provider"
+    for path in root.rglob("*"):
+        if path.suffix in (".py", ".md"):
+            text = path.read_text()
+            assert "random_seed" not in text and "min_length" not in text, path
+
+
+def test_token_count_outputs_exist_in_the_ensemble_only() -> None:
+    assert {"num_input_tokens", "num_output_tokens"} <= set(
+        UPSTREAM["dialects"]["inflight_batcher_llm"]["outputs"]
+    )
+    assert "num_output_tokens" not in UPSTREAM["dialects"]["llmapi"]["outputs"]
+
+
+@pytest.mark.parametrize(
+    ("dialect_name", "outputs", "deltas"),
+    [
+        # the ensemble streams the text of each step
+        ("inflight_batcher_llm", ["Hel", "lo", " world"], ["Hel", "lo", " world"]),
+        ("inflight_batcher_llm", [["a", "b"], "c"], ["ab", "c"]),
+        # the LLM-API model streams the whole text so far
+        ("llmapi", ["Hel", "Hello", "Hello world"], ["Hel", "lo", " world"]),
+        ("llmapi", [["Hel"], ["Hello"], ["Hello"]], ["Hel", "lo", ""]),
+        ("llmapi", ["ab", "aX", "aXc"], ["ab", "", "c"]),  # a revised character is not re-sent
+    ],
+)
+def test_text_reader_turns_responses_into_deltas(
+    dialect_name: str, outputs: list[Any], deltas: list[str]
+) -> None:
+    reader = TextReader(dialect(dialect_name))
+    assert [reader.delta({"text_output": out}) for out in outputs] == deltas
+
+
+def test_output_text_plain_value_or_list() -> None:
+    assert output_text({"text_output": "x"}) == "x"  # /generate: one element, a plain value
+    assert output_text({"text_output": ["x", "y"]}) == "xy"
+    assert output_text({}) == ""
+
+
+def test_dialect_names() -> None:
+    assert dialect("inflight_batcher_llm") is INFLIGHT_BATCHER_LLM
+    assert dialect("llmapi") is LLMAPI
+    with pytest.raises(ValueError, match="inflight_batcher_llm, llmapi"):
+        dialect("ensemble ")
 
 
 # ---- settings and request preparation --------------------------------------------------------
@@ -413,6 +627,22 @@ def test_deployment_overrides() -> None:
         effective_settings(base, {"default_max_tokens": 0})
     with pytest.raises(ValueError, match="invalid"):
         effective_settings(base, {"no_such_setting": 1})
+    assert effective_settings(base, {"dialect": "llmapi"}).dialect == "llmapi"
+    with pytest.raises(
+        ValueError, match=r"(?s)invalid.*dialect.*'inflight_batcher_llm' or 'llmapi'"
+    ):
+        effective_settings(base, {"dialect": "tensorrt_llm"})
+    with pytest.raises(ValueError, match="llmapi dialect has no token-count outputs"):
+        effective_settings(base, {"dialect": "llmapi", "request_token_counts": True})
+
+
+def test_dialect_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert TritonProviderSettings().dialect == "inflight_batcher_llm"
+    monkeypatch.setenv("TRIAGE_TRITON_DIALECT", "llmapi")
+    assert TritonProviderSettings().dialect == "llmapi"
+    monkeypatch.setenv("TRIAGE_TRITON_DIALECT", "nope")
+    with pytest.raises(ValueError):
+        TritonProviderSettings()
 
 
 def prepare(handler: TritonGenerateHandler, **kw: Any) -> Any:
@@ -465,6 +695,29 @@ def test_prepare_applies_per_deployment_settings_from_model_info() -> None:
     assert request.prompt == "1"
 
 
+def test_prepare_speaks_the_deployments_dialect() -> None:
+    handler = TritonGenerateHandler(TritonProviderSettings())
+    llmapi = prepare(
+        handler,
+        optional_params={"max_tokens": 4, "seed": 9, "stop": ["\n"]},
+        litellm_params={"model_info": {"triage_triton": {"dialect": "llmapi"}}},
+    )
+    assert llmapi.dialect is LLMAPI and llmapi.max_tokens == 4
+    assert llmapi.payload["streaming"] is True and "stream" not in llmapi.payload
+    assert llmapi.payload["sampling_param_seed"] == 9
+    assert llmapi.payload["sampling_param_stop"] == ["\n"]
+    assert llmapi.stops == ["\n"]
+    ensemble = prepare(
+        handler,
+        optional_params={"max_tokens": 4, "seed": 9},
+        litellm_params={"model_info": {"triage_triton": {"request_token_counts": True}}},
+    )
+    assert ensemble.dialect is INFLIGHT_BATCHER_LLM
+    assert ensemble.payload["seed"] == 9 and ensemble.payload["return_num_output_tokens"] is True
+    with pytest.raises(litellm.InternalServerError, match=r"(?s)misconfigured.*dialect"):
+        prepare(handler, litellm_params={"model_info": {"triage_triton": {"dialect": "x"}}})
+
+
 def test_prepare_errors() -> None:
     handler = TritonGenerateHandler(TritonProviderSettings())
     with pytest.raises(litellm.BadRequestError, match="api_base"):
@@ -515,6 +768,36 @@ def test_triton_deployment() -> None:
     with pytest.raises(ValueError, match="process-wide"):
         triton_deployment(
             "llama", "rep-a", "http://x:8000", "ensemble", provider_settings={"max_connections": 1}
+        )
+
+
+def test_triton_deployment_dialect() -> None:
+    entry = triton_deployment("llama", "rep-a", "http://x:8000", "tensorrt_llm", dialect="llmapi")
+    assert entry["model_info"] == {"id": "rep-a", "triage_triton": {"dialect": "llmapi"}}
+    assert (
+        "triage_triton"
+        not in triton_deployment("l", "r", "http://x:8000", "ensemble")["model_info"]
+    )
+    same = triton_deployment(
+        "l", "r", "http://x:8000", "e", dialect="llmapi", provider_settings={"dialect": "llmapi"}
+    )
+    assert same["model_info"]["triage_triton"] == {"dialect": "llmapi"}
+    with pytest.raises(ValueError, match="unknown Triton dialect 'vllm'"):
+        triton_deployment("l", "r", "http://x:8000", "e", dialect="vllm")
+    with pytest.raises(ValueError, match="contradicts"):
+        triton_deployment(
+            "l", "r", "http://x:8000", "e", dialect="llmapi", provider_settings={"dialect": "x"}
+        )
+    with pytest.raises(ValueError, match="'inflight_batcher_llm' or 'llmapi'"):
+        triton_deployment("l", "r", "http://x:8000", "e", provider_settings={"dialect": "x"})
+    with pytest.raises(ValueError, match="token-count"):
+        triton_deployment(
+            "l",
+            "r",
+            "http://x:8000",
+            "e",
+            dialect="llmapi",
+            provider_settings={"request_token_counts": True},
         )
 
 

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
+from plugins.triton_provider.dialects import dialect as get_dialect
 from plugins.triton_provider.settings import (
     MODEL_INFO_KEY,
     PROVIDER,
@@ -45,22 +46,33 @@ def triton_deployment(
     api_base: str,
     triton_model: str,
     *,
+    dialect: str | None = None,
     provider_settings: Mapping[str, Any] | None = None,
     model_info: Mapping[str, Any] | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
     """A deployment of ``model_name`` on one replica, served by ``triage_triton``.
 
-    ``provider_settings`` are per-deployment overrides of ``TritonProviderSettings`` (validated
-    here, stored under ``model_info.triage_triton``); ``extra`` goes into ``litellm_params``
-    (``rpm``, ``tpm``, ``timeout``, ...).
+    ``dialect`` is the Triton model's input naming: ``inflight_batcher_llm`` (NVIDIA's stock
+    ``ensemble``, the default when unset) or ``llmapi`` (the LLM-API ``tensorrt_llm`` model);
+    ``provider_settings`` are per-deployment overrides of ``TritonProviderSettings``. Both are
+    validated here (an unknown dialect is a ValueError naming the known ones) and stored under
+    ``model_info.triage_triton``; ``extra`` goes into ``litellm_params`` (``rpm``, ``tpm``,
+    ``timeout``, ...).
     """
     base = _check(model_name, replica_id, api_base)
     if not TRITON_MODEL.match(triton_model):
         raise ValueError(f"triton_model must match {TRITON_MODEL.pattern}, got {triton_model!r}")
     info: dict[str, Any] = {**(model_info or {}), "id": replica_id}
-    if provider_settings:
-        overrides = {MODEL_INFO_KEY: dict(provider_settings)}
+    settings = dict(provider_settings or {})
+    if dialect is not None:
+        if settings.get("dialect", dialect) != dialect:
+            raise ValueError(
+                f"dialect={dialect!r} contradicts provider_settings dialect {settings['dialect']!r}"
+            )
+        settings["dialect"] = get_dialect(dialect).name
+    if settings:
+        overrides = {MODEL_INFO_KEY: settings}
         # fail while building the config, not on the first request
         effective_settings(
             TritonProviderSettings.model_construct(), deployment_overrides(overrides)

@@ -1,15 +1,26 @@
 """Classification of Triton errors, and the LiteLLM exception each one becomes.
 
 ``classify_upstream_error`` is the policy, a pure function of the HTTP status (``None`` when no
-response came back) and the error text. Messages are matched before statuses because Triton
-2.51's ``/generate`` and ``/generate_stream`` answer *every* error that a model puts in a
-response with HTTP 400, whatever its code: the TensorRT-LLM executor's "Maximum queue size of N
-has been reached" (an INTERNAL error, 500 elsewhere) and the queue timeout (503 on ``/infer``)
-both arrive as 400 there, and only their text tells them apart from a real bad request.
+response came back) and the error text. Since Triton 2.42 (server commit 7b7ef51, "Modify HTTP
+frontend to return error code reflecting Triton error", #6713) ``/generate`` and
+``/generate_stream`` answer with the status of the Triton error code of the first response, as
+``/infer`` does (``HttpCodeFromError`` in ``src/http_server.cc``): INTERNAL → 500, NOT_FOUND →
+404, UNAVAILABLE → 503, UNSUPPORTED → 501, INVALID_ARG / UNKNOWN / ALREADY_EXISTS / CANCELLED →
+400. An error after the first event arrives inside a 200 stream (``data: {"error": ...}``). So
 
-``to_litellm_exception`` maps a classification to what LiteLLM understands: everything that
-means "this replica cannot take the request now" is ``litellm.ServiceUnavailableError`` (503),
-which the Router counts against that deployment (cooldown) and retries elsewhere.
+* Triton core's own overflow, "Exceeds maximum queue size" and "Request timeout expired"
+  (UNAVAILABLE), is a 503;
+* TensorRT-LLM's executor overflow, "Maximum queue size of N has been reached, please try again
+  later" (INTERNAL), is a 500, its text followed by " (file:line)" and a backtrace, and prefixed
+  "in ensemble 'ensemble', " when it comes through the ensemble;
+* a Python-backend model (the LLM-API model, our CPU stand-in) sets the code it raises with, so
+  the same texts may come with another status (400 when no code was given).
+
+Messages are therefore matched **before** statuses: every overflow form, whatever its status and
+wherever in the text it stands, is an overload. ``to_litellm_exception`` maps a classification
+to what LiteLLM understands: everything that means "this replica cannot take the request now" is
+``litellm.ServiceUnavailableError`` (503), which the Router counts against that deployment
+(cooldown) and retries elsewhere.
 """
 
 from __future__ import annotations

@@ -40,6 +40,7 @@ from litellm.llms.custom_llm import CustomLLM
 from litellm.types.utils import GenericStreamingChunk, ModelResponse
 
 from plugins.triton_provider.chat_template import ChatTemplateError, chat_template
+from plugins.triton_provider.dialects import Dialect, TextReader, dialect
 from plugins.triton_provider.errors import (
     ErrorKind,
     classify_upstream_error,
@@ -76,6 +77,7 @@ class PreparedRequest:
     timeout: httpx.Timeout
     settings: TritonProviderSettings
     call_id: str
+    dialect: Dialect
     collect: bool = False
     """A non-streaming call served from ``/generate_stream``: its events make one answer."""
 
@@ -110,13 +112,6 @@ def parse_sse_line(line: str) -> dict[str, Any] | None:
     return event
 
 
-def text_output(event: Mapping[str, Any]) -> str:
-    value = event.get("text_output", "")
-    if isinstance(value, list):
-        return "".join(str(v) for v in value)
-    return str(value)
-
-
 def finish_reason(usage: TokenUsage, max_tokens: int, stopped: bool) -> str:
     if stopped:
         return "stop"
@@ -128,6 +123,7 @@ class StreamState:
 
     def __init__(self, request: PreparedRequest) -> None:
         self.request = request
+        self.reader = TextReader(request.dialect)
         self.counter = UsageCounter(request.prompt, request.settings.use_upstream_token_counts)
         self.trimmer = StopTrimmer(request.stops if request.settings.trim_stop else [])
         self.events = 0
@@ -135,7 +131,7 @@ class StreamState:
 
     def on_event(self, event: Mapping[str, Any]) -> str:
         self.events += 1
-        text = text_output(event)
+        text = self.reader.delta(event)
         self.counter.add(event, text)
         safe = self.trimmer.feed(text)
         self.emitted.append(safe)
@@ -168,7 +164,7 @@ def text_chunk(text: str) -> GenericStreamingChunk:
 
 
 class TritonGenerateHandler(CustomLLM):
-    """LiteLLM ``CustomLLM`` for Triton's generate extension (TensorRT-LLM ensemble inputs)."""
+    """LiteLLM ``CustomLLM`` for Triton's generate extension (both TensorRT-LLM dialects)."""
 
     def __init__(self, settings: TritonProviderSettings | None = None) -> None:
         super().__init__()
@@ -277,7 +273,9 @@ class TritonGenerateHandler(CustomLLM):
         drop = bool(litellm_params.get("drop_params")) or litellm.drop_params is True
         collect = not stream and settings.non_stream_endpoint == "generate_stream"
         upstream_stream = stream or collect
+        wire = dialect(settings.dialect)
         payload = build_payload(
+            wire.name,
             model,
             prompt,
             optional_params,
@@ -286,6 +284,7 @@ class TritonGenerateHandler(CustomLLM):
             drop_params=drop,
             exclude_input_in_output=settings.exclude_input_in_output,
             extra_inputs=settings.extra_inputs,
+            token_counts=settings.request_token_counts,
         )
         endpoint = "generate_stream" if upstream_stream else "generate"
         request_headers = dict(headers or {})
@@ -304,12 +303,13 @@ class TritonGenerateHandler(CustomLLM):
             url=f"{base}/v2/models/{quote(model, safe='')}/{endpoint}",
             payload=payload,
             prompt=prompt,
-            max_tokens=payload["max_tokens"],
+            max_tokens=payload[wire.max_tokens],
             stops=stop_words(model, optional_params.get("stop")),
             headers=request_headers,
             timeout=http_timeout,
             settings=settings,
             call_id=str(litellm_params.get("litellm_call_id") or "-"),
+            dialect=wire,
             collect=collect,
         )
 
@@ -367,7 +367,7 @@ class TritonGenerateHandler(CustomLLM):
         request: PreparedRequest, body: Mapping[str, Any], model_response: ModelResponse
     ) -> ModelResponse:
         counter = UsageCounter(request.prompt, request.settings.use_upstream_token_counts)
-        counter.add(body, text_output(body))
+        counter.add(body, TextReader(request.dialect).delta(body))
         usage = counter.usage()
         trimmer = StopTrimmer(request.stops if request.settings.trim_stop else [])
         text = trimmer.feed(counter.text) + trimmer.flush()

@@ -5,7 +5,7 @@ A deployment may override the *per-request* fields through its ``model_info``::
 
     model_info:
       id: replica-a
-      triage_triton: {chat_template: /etc/triage/llama3.jinja, default_max_tokens: 512}
+      triage_triton: {dialect: llmapi, chat_template: /etc/triage/llama3.jinja}
 
 ``model_info`` is the place because the Router stamps the deployment's own ``model_info`` into
 the call (a client cannot set it), whereas extra ``litellm_params`` keys reach the handler mixed
@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROVIDER = "triage_triton"  # the custom_provider_map name and the model prefix
@@ -31,6 +31,14 @@ CLIENT_FIELDS = frozenset({"connect_timeout_s", "max_connections", "max_keepaliv
 
 class TritonProviderSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TRIAGE_TRITON_", extra="forbid", frozen=True)
+
+    dialect: Literal["inflight_batcher_llm", "llmapi"] = Field(
+        default="inflight_batcher_llm",
+        description="the input/output naming of the Triton model: inflight_batcher_llm (NVIDIA's "
+        "stock TensorRT-LLM ensemble: text_input, max_tokens, stream, seed, min_tokens, "
+        "stop_words, ...) or llmapi (the LLM-API tensorrt_llm python model: text_input, "
+        "streaming, sampling_param_*)",
+    )
 
     chat_template: str | None = Field(
         default=None,
@@ -57,12 +65,18 @@ class TritonProviderSettings(BaseSettings):
     use_upstream_token_counts: bool = Field(
         default=True,
         description="prefer num_input_tokens / num_output_tokens outputs when "
-        "the model returns them",
+        "the model returns them (see request_token_counts)",
     )
     exclude_input_in_output: bool | None = Field(
         default=None,
-        description="sent as the ensemble input of that name when set (engine-"
-        "path ensembles that echo the prompt need true)",
+        description="sent when set, as exclude_input_in_output (inflight_batcher_llm; ensembles "
+        "that echo the prompt need true) or sampling_param_exclude_input_from_output (llmapi)",
+    )
+    request_token_counts: bool = Field(
+        default=False,
+        description="inflight_batcher_llm only: send return_num_input_tokens / "
+        "return_num_output_tokens so that the ensemble answers num_input_tokens / "
+        "num_output_tokens (ensembles that declare these inputs only; older ones reject them)",
     )
     extra_inputs: dict[str, Any] = Field(
         default_factory=dict,
@@ -78,6 +92,14 @@ class TritonProviderSettings(BaseSettings):
     connect_timeout_s: float = Field(default=5.0, gt=0)
     max_connections: int = Field(default=1000, ge=1)
     max_keepalive_connections: int = Field(default=200, ge=0)
+
+    @model_validator(mode="after")
+    def _dialect_supports(self) -> TritonProviderSettings:
+        if self.request_token_counts and self.dialect != "inflight_batcher_llm":
+            raise ValueError(
+                f"request_token_counts: the {self.dialect} dialect has no token-count outputs"
+            )
+        return self
 
 
 def deployment_overrides(model_info: Mapping[str, Any] | None) -> dict[str, Any]:

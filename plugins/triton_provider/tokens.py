@@ -3,12 +3,14 @@
 Triton's generate extension returns text only, so usage is counted here: by default with the
 CPU stand-in's rule (words and punctuation marks, ``count_tokens``), which is exact for the
 stand-in and a rough estimate for a real model. When the model returns ``num_input_tokens`` /
-``num_output_tokens`` outputs (newer TensorRT-LLM ensembles can), those win.
+``num_output_tokens`` outputs (newer ``inflight_batcher_llm`` ensembles do when asked with
+``return_num_input_tokens`` / ``return_num_output_tokens``), those win. The output count of a
+response is the number of tokens *in that response* (TensorRT-LLM's backend counts the response's
+``output_ids``): per step in a stream, so the counts of a stream's events are summed.
 """
 
 from __future__ import annotations
 
-import itertools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -57,8 +59,8 @@ def upstream_count(event: Mapping[str, Any], field: str) -> int | None:
 class UsageCounter:
     """Accumulates usage over the events of one response (one event when not streaming).
 
-    Output counts in a stream are taken as cumulative when they strictly increase from event to
-    event (the last one is the total), otherwise as per-event deltas (summed).
+    Output counts are per response (summed over a stream's events); they are used only when
+    every event carries one, else the text is counted.
     """
 
     def __init__(self, prompt: str, use_upstream: bool = True) -> None:
@@ -88,9 +90,7 @@ class UsageCounter:
     def usage(self) -> TokenUsage:
         prompt = self._input if self._input is not None else count_tokens(self._prompt)
         if self._outputs and len(self._outputs) == self._events:
-            outs = self._outputs
-            cumulative = all(b > a for a, b in itertools.pairwise(outs))
-            completion = outs[-1] if cumulative else sum(outs)
+            completion = sum(self._outputs)
         else:
             completion = count_tokens(self.text)
         return TokenUsage(prompt_tokens=prompt, completion_tokens=completion)
