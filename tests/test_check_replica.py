@@ -255,3 +255,23 @@ def test_detects_the_routed_model_and_lists_every_model(tiny: TritonServer) -> N
     assert {m["name"] for m in report.models} == {"noqueue", "foreign", "llmapi"}
     assert set(report.configs) == {"noqueue", "foreign", "llmapi"}
     assert report.routed_model == "foreign"  # the first by name among models taking text_input
+
+
+@pytest.mark.integration
+def test_an_llmapi_standin_is_detected_and_its_missing_gauges_are_warnings(
+    workdir: Path,
+) -> None:
+    if "dialect" not in StandinSettings.model_fields:
+        pytest.skip("this stand-in has no llmapi dialect")
+    settings = StandinSettings.model_validate({"model_name": "llm", "dialect": "llmapi"})
+    server = start_standin_replica("check-llmapi", settings, workdir)
+    try:
+        report = check_replica(server.http_url, metrics_url=server.metrics_url)
+    finally:
+        server.stop()
+    assert (report.routed_model, report.engine_model, report.dialect) == ("llm", "llm", "llmapi")
+    problems = {f.code for f in report.problems}
+    assert not problems & {"no_engine_metrics", "foreign_inputs", "unknown_dialect"}, problems
+    warnings = {f.code for f in report.findings if f.severity == "warning"}
+    assert {"no_request_metrics", "no_max_active"} <= warnings
+    assert report.sidecar["state"]["source"] == "triton"
