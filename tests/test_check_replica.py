@@ -67,6 +67,25 @@ def tiny_model(repo: Path, name: str, inputs: list[str], queue: bool) -> None:
     (repo / name / "config.pbtxt").write_text(textwrap.dedent(config))
 
 
+def tiny_ensemble(repo: Path, name: str, step: str) -> None:
+    """An ensemble ``name`` (text_input, max_tokens -> text_output) over the model ``step``."""
+    (repo / name / "1").mkdir(parents=True)
+    config = f"""
+        name: "{name}"
+        platform: "ensemble"
+        max_batch_size: 8
+        input [ {", ".join(STOCK_WIRE[:2])} ]
+        output [ {{ name: "text_output" data_type: TYPE_STRING dims: [ 1 ] }} ]
+        ensemble_scheduling {{ step [ {{
+          model_name: "{step}" model_version: -1
+          input_map {{ key: "text_input" value: "text_input" }}
+          input_map {{ key: "max_tokens" value: "max_tokens" }}
+          output_map {{ key: "text_output" value: "text_output" }}
+        }} ] }}
+    """
+    (repo / name / "config.pbtxt").write_text(textwrap.dedent(config))
+
+
 STOCK_WIRE = [
     _input("text_input", "TYPE_STRING", optional=False),
     _input("max_tokens", "TYPE_INT32", optional=False),
@@ -162,10 +181,12 @@ def tiny(workdir: Path) -> Iterator[TritonServer]:
     tiny_model(repo, "noqueue", STOCK_WIRE, queue=False)
     tiny_model(repo, "foreign", FOREIGN_WIRE, queue=True)
     tiny_model(repo, "llmapi", LLMAPI_WIRE, queue=True)
+    tiny_model(repo, "engine", STOCK_WIRE[:2], queue=True)
+    tiny_ensemble(repo, "front", "engine")
     server = TritonServer(
         name="check-tiny",
         repository=repo,
-        models=["noqueue", "foreign", "llmapi"],
+        models=["noqueue", "foreign", "llmapi", "front"],
         workdir=workdir,
     )
     server.start()
@@ -250,11 +271,18 @@ def test_the_llmapi_dialect_without_engine_metrics_is_a_warning(tiny: TritonServ
 
 
 @pytest.mark.integration
-def test_detects_the_routed_model_and_lists_every_model(tiny: TritonServer) -> None:
+def test_detects_the_ensemble_and_its_engine_step(tiny: TritonServer) -> None:
     report = check_replica(tiny.http_url, metrics_url=tiny.metrics_url)
-    assert {m["name"] for m in report.models} == {"noqueue", "foreign", "llmapi"}
-    assert set(report.configs) == {"noqueue", "foreign", "llmapi"}
-    assert report.routed_model == "foreign"  # the first by name among models taking text_input
+    names = {"noqueue", "foreign", "llmapi", "engine", "front"}
+    assert {m["name"] for m in report.models} == names
+    assert set(report.configs) == names
+    # the ensemble is what clients call; its step holds the queue (and would hold the gauges)
+    assert (report.routed_model, report.engine_model) == ("front", "engine")
+    assert report.dialect == "inflight_batcher_llm"
+    assert report.queue_policy["model"] == "engine"
+    assert report.queue_policy["policy"]["max_queue_size"] == 8
+    codes = {f.code for f in report.problems}
+    assert codes == {"no_engine_metrics"}, report.problems
 
 
 @pytest.mark.integration
