@@ -23,7 +23,7 @@ from typing import Literal
 
 import httpx
 from google.protobuf import text_format
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 from tritonclient.grpc import model_config_pb2
 
 from gateway.process import ManagedProcess, StartError
@@ -32,20 +32,40 @@ from triage.paths import STANDIN_REPOSITORY, cache_dir, free_port, pytriton_root
 log = logging.getLogger(__name__)
 
 STANDIN_MODEL = "standin"
+ENGINE_MODEL = "tensorrt_llm"
+"""The stock name of the engine model behind NVIDIA's ensemble (the stand-in's default too)."""
 
 
 PORT_ATTEMPTS = 3
 PORT_TAKEN = "already in use"
 """Triton's log line when a port it was given is taken ("Socket '...' already in use")."""
 
+MODEL_NAME = r"^[A-Za-z0-9_.\-]+$"
+
 
 class StandinSettings(BaseModel):
-    """Per-replica knobs of the CPU stand-in LLM (written into its config.pbtxt)."""
+    """Per-replica knobs of the CPU stand-in LLM (written into its config.pbtxt files).
 
-    model_name: str = Field(default=STANDIN_MODEL, pattern=r"^[A-Za-z0-9_.\-]+$")
+    ``dialect="ensemble"``: a Triton ensemble named ``model_name`` (the stock ensemble's inputs)
+    over a decoupled python engine named ``engine_model`` that exports TensorRT-LLM's metrics.
+    ``dialect="llmapi"``: one python model named ``model_name`` with the LLM-API model's inputs
+    and no ``nv_trt_llm_*`` metric (as NVIDIA's ``all_models/llmapi``)."""
+
+    model_name: str = Field(default=STANDIN_MODEL, pattern=MODEL_NAME)
+    dialect: Literal["ensemble", "llmapi"] = "ensemble"
+    engine_model: str = Field(
+        default=ENGINE_MODEL, pattern=MODEL_NAME, description="the engine step's model name"
+    )
     speed: float = Field(default=1.0, gt=0, description="2.0 = twice as fast as the baseline")
-    max_active: int = Field(default=4, ge=1, description="in-flight batch slots")
-    engine_queue_size: int = Field(default=8, ge=0, description="the executor's waiting queue")
+    max_active: int = Field(
+        default=4, ge=1, description="the executor's cap on active requests (exported as max)"
+    )
+    max_batch_size: int | None = Field(
+        default=None, ge=1, description="requests scheduled per iteration (default max_active)"
+    )
+    engine_queue_size: int = Field(
+        default=8, ge=0, description="the executor queue behind max_active (0: none)"
+    )
     engine_queue_full: Literal["reject", "block"] = "reject"
     triton_queue_size: int = Field(default=16, ge=1, description="Triton's max_queue_size")
     queue_timeout_ms: int = Field(default=60_000, ge=1)
@@ -55,27 +75,37 @@ class StandinSettings(BaseModel):
     kv_cache_blocks: int = Field(default=512, ge=1)
     kv_tokens_per_block: int = Field(default=64, ge=1)
 
+    @model_validator(mode="after")
+    def _distinct_names(self) -> StandinSettings:
+        if self.dialect == "ensemble" and self.engine_model == self.model_name:
+            raise ValueError(f"engine_model must differ from model_name ({self.model_name!r})")
+        return self
+
+    def served_models(self) -> list[str]:
+        """The models to load (an ensemble's load also loads its step)."""
+        return [self.model_name]
+
 
 def read_model_config(path: Path) -> model_config_pb2.ModelConfig:
     """Parse a config.pbtxt with Triton's own protobuf (a typo raises ParseError)."""
     return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
 
 
-def write_standin_repository(settings: StandinSettings, dest: Path) -> Path:
-    """A model repository at ``dest`` holding one stand-in model configured by ``settings``."""
-    source = STANDIN_REPOSITORY / STANDIN_MODEL
-    target = dest / settings.model_name
-    if target.exists():
-        shutil.rmtree(target)
-    shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
+def _write_engine(
+    settings: StandinSettings, folder: str, target: Path, name: str, dialect: str
+) -> None:
+    """A stand-in engine (python, decoupled) at ``target`` from ``STANDIN_REPOSITORY/folder``."""
+    source = STANDIN_REPOSITORY / folder
     config = read_model_config(source / "config.pbtxt")
-    config.name = settings.model_name
+    config.name = name
     policy = config.dynamic_batching.default_queue_policy
     policy.max_queue_size = settings.triton_queue_size
     policy.default_timeout_microseconds = settings.queue_timeout_ms * 1000
     params = {
+        "dialect": dialect,
         "speed": settings.speed,
         "max_active": settings.max_active,
+        "max_batch_size": settings.max_batch_size or settings.max_active,
         "engine_queue_size": settings.engine_queue_size,
         "engine_queue_full": settings.engine_queue_full,
         "prefill_ms_per_token": settings.prefill_ms_per_token,
@@ -86,6 +116,41 @@ def write_standin_repository(settings: StandinSettings, dest: Path) -> Path:
     }
     for key, value in params.items():
         config.parameters[key].string_value = str(value)
+    text = text_format.MessageToString(config)
+    if target.exists():
+        shutil.rmtree(target)
+    (target / "1").mkdir(parents=True)
+    shutil.copy2(STANDIN_REPOSITORY / "tensorrt_llm" / "1" / "model.py", target / "1" / "model.py")
+    (target / "config.pbtxt").write_text(text)
+
+
+def write_standin_repository(settings: StandinSettings, dest: Path) -> Path:
+    """Write the stand-in's models into the model repository ``dest`` (created if needed):
+    ``dialect="ensemble"``: ``model_name`` (the ensemble) and ``engine_model`` (its step);
+    ``dialect="llmapi"``: ``model_name`` only."""
+    dest.mkdir(parents=True, exist_ok=True)
+    target = dest / settings.model_name
+    if settings.dialect == "llmapi":
+        _write_engine(settings, "llmapi", target, settings.model_name, "llmapi")
+        return dest
+    for other in dest.glob("*/config.pbtxt"):
+        existing = read_model_config(other)
+        if existing.name != settings.model_name and any(
+            step.model_name == settings.engine_model for step in existing.ensemble_scheduling.step
+        ):
+            raise ValueError(
+                f"{dest}: ensemble {existing.name!r} already uses engine {settings.engine_model!r}"
+                f"; give each stand-in ensemble its own engine_model"
+            )
+    _write_engine(
+        settings, "tensorrt_llm", dest / settings.engine_model, settings.engine_model, "ensemble"
+    )
+    config = read_model_config(STANDIN_REPOSITORY / "ensemble" / "config.pbtxt")
+    config.name = settings.model_name
+    config.ensemble_scheduling.step[0].model_name = settings.engine_model
+    if target.exists():
+        shutil.rmtree(target)
+    (target / "1").mkdir(parents=True)  # an ensemble needs a version folder, even empty
     (target / "config.pbtxt").write_text(text_format.MessageToString(config))
     return dest
 
@@ -256,7 +321,7 @@ def start_standin_replica(
     server = TritonServer(
         name=replica_id,
         repository=repository,
-        models=[settings.model_name],
+        models=settings.served_models(),
         workdir=workdir,
         ready_timeout_s=ready_timeout_s,
     )
