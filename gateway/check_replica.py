@@ -131,6 +131,7 @@ class Report:
     queue_policy: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     sidecar: dict[str, Any] = field(default_factory=dict)
+    deployment: dict[str, Any] = field(default_factory=dict)
     findings: list[Finding] = field(default_factory=list)
 
     def problem(self, code: str, message: str) -> None:
@@ -323,7 +324,8 @@ def check_metrics(report: Report, text: str, engine_model: str, llmapi: bool) ->
         ),
         KV_METRICS: "kv_fraction is published as 0",
         GENERAL_METRICS: (
-            "no iteration_counter: service_ms is the mean request time, not ms per iteration"
+            "no iteration_counter: service_ms is the mean time a request is active (Little's "
+            "law) instead of ms per iteration, and empty without the request gauges"
         ),
     }
     for family in (REQUEST_METRICS, KV_METRICS, GENERAL_METRICS):
@@ -513,6 +515,12 @@ def check_replica(
         return report
     report.routed_model = routed
     check_inputs(report, report.configs[routed])
+    if report.dialect != "unknown":
+        # the LiteLLM deployment the gateway needs for it (plugins/triton_provider)
+        report.deployment = {
+            "litellm_params": {"model": f"triage_triton/{routed}", "api_base": url},
+            "model_info": {"id": replica_id, "triage_triton": {"dialect": report.dialect}},
+        }
     families = metric_families(metrics_text) if metrics_text is not None else {}
     engine = _pick_engine(report.configs, routed, families)
     report.engine_model = engine
@@ -579,6 +587,8 @@ def render(report: Report) -> str:
             f"{state['kv_fraction']:.3f}  service: {report.sidecar['service_basis']}"
         )
         lines.append(f"  run: {report.sidecar['command']}")
+    if report.deployment:
+        lines.append(f"gateway    {json.dumps(report.deployment)}")
     for finding in report.findings:
         lines.append(f"{finding.severity.upper():<10} {finding.code}: {finding.message}")
     lines.append(

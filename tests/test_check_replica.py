@@ -303,3 +303,5 @@ def test_an_llmapi_standin_is_detected_and_its_missing_gauges_are_warnings(
     warnings = {f.code for f in report.findings if f.severity == "warning"}
     assert {"no_request_metrics", "no_max_active"} <= warnings
     assert report.sidecar["state"]["source"] == "triton"
+    assert report.deployment["model_info"]["triage_triton"] == {"dialect": "llmapi"}
+    assert report.deployment["litellm_params"]["model"] == "triage_triton/llm"
