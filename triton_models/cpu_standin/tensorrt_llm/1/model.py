@@ -208,6 +208,16 @@ class TritonPythonModel:
         self.metrics = self.dialect == "ensemble"
         if self.metrics:
             self._init_metrics()
+        # stand-in only, for tests (no real replica has it; the sidecar must not read it):
+        # requests dropped because Triton cancelled them, from the batch or the queue
+        self.cancelled_family = pb_utils.MetricFamily(
+            name="triage_request_cancelled",
+            description="stand-in only: requests dropped because Triton cancelled them",
+            kind=pb_utils.MetricFamily.COUNTER,
+        )
+        self.cancellations = self.cancelled_family.Metric(
+            labels={"model": self.model_name, "version": str(self.model_version)}
+        )
         self.worker = threading.Thread(target=self._run, name="standin-executor", daemon=True)
         self.worker.start()
 
@@ -492,6 +502,7 @@ class TritonPythonModel:
                 self._report([], [], reused=0)
                 self.cond.notify_all()
         for seq in dropped:
+            self.cancellations.increment(1)
             where = "batch" if seq.admitted_at else "executor queue"
             pb_utils.Logger.log_info(
                 f"stand-in {self.model_name}: request cancelled after "
