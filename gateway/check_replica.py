@@ -297,6 +297,16 @@ def check_queue_policy(report: Report, config: dict[str, Any]) -> None:
         )
 
 
+def check_streaming(report: Report, config: dict[str, Any]) -> None:
+    """Streaming needs a decoupled model (Triton refuses a streamed request otherwise)."""
+    if not (config.get("model_transaction_policy") or {}).get("decoupled", False):
+        report.warning(
+            "not_decoupled",
+            f"model {config.get('name', '?')} is not decoupled: streamed requests "
+            "(stream / streaming true) fail; only whole answers work",
+        )
+
+
 def metric_families(text: str) -> dict[str, list[dict[str, str]]]:
     """Label sets per family of interest (counters under their family name)."""
     out: dict[str, list[dict[str, str]]] = {}
@@ -491,10 +501,16 @@ def check_replica(
                 except httpx.HTTPError as exc:
                     report.problem("config_unreadable", f"model {name}: config: {exc}")
             elif state == "UNAVAILABLE":
-                report.problem(
-                    "model_unavailable",
-                    f"model {name} failed to load: {entry.get('reason') or 'no reason given'}",
+                reason = entry.get("reason") or "no reason given"
+                hint = (
+                    " (the tensorrtllm backend reads gpt_model_type, gpt_model_path, "
+                    "tokenizer_dir, guided_decoding_backend and xgrammar_tokenizer_info_path "
+                    "without a default: each must be in config.pbtxt, empty turns guided "
+                    "decoding off; triage build-engine writes them)"
+                    if "Cannot find parameter with name" in reason
+                    else ""
                 )
+                report.problem("model_unavailable", f"model {name} failed to load: {reason}{hint}")
         try:
             response = client.get(metrics_url)
             response.raise_for_status()
@@ -529,6 +545,7 @@ def check_replica(
         report.problem("engine_not_ready", f"the ensemble's engine model {engine} is not ready")
     else:
         check_queue_policy(report, engine_config)
+        check_streaming(report, engine_config)
     if metrics_text is not None:
         check_metrics(report, metrics_text, engine, report.dialect == "llmapi")
         steps = [

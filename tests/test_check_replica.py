@@ -9,6 +9,7 @@ import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from gateway.check_replica import (
@@ -283,6 +284,8 @@ def test_detects_the_ensemble_and_its_engine_step(tiny: TritonServer) -> None:
     assert report.queue_policy["policy"]["max_queue_size"] == 8
     codes = {f.code for f in report.problems}
     assert codes == {"no_engine_metrics"}, report.problems
+    warnings = {f.code for f in report.findings if f.severity == "warning"}
+    assert "not_decoupled" in warnings  # the tiny engine answers whole responses only
 
 
 @pytest.mark.integration
@@ -305,3 +308,31 @@ def test_an_llmapi_standin_is_detected_and_its_missing_gauges_are_warnings(
     assert report.sidecar["state"]["source"] == "triton"
     assert report.deployment["model_info"]["triage_triton"] == {"dialect": "llmapi"}
     assert report.deployment["litellm_params"]["model"] == "triage_triton/llm"
+
+
+BROKEN_MODEL = """
+class TritonPythonModel:
+    def initialize(self, args):
+        raise RuntimeError("Cannot find parameter with name: tokenizer_dir")
+"""
+
+
+@pytest.mark.integration
+def test_a_model_that_failed_to_load_is_named_with_the_reason(workdir: Path) -> None:
+    repo = workdir / "models-check-broken"
+    tiny_model(repo, "good", STOCK_WIRE, queue=True)
+    tiny_model(repo, "broken", STOCK_WIRE, queue=True)
+    (repo / "broken" / "1" / "model.py").write_text(BROKEN_MODEL)
+    server = TritonServer(name="check-broken", repository=repo, models=["good"], workdir=workdir)
+    server.start()
+    try:
+        with httpx.Client(timeout=30) as client:
+            load = client.post(f"{server.http_url}/v2/repository/models/broken/load")
+        assert load.status_code == 400
+        report = check_replica(server.http_url, metrics_url=server.metrics_url)
+    finally:
+        server.stop()
+    problems = {f.code: f.message for f in report.problems}
+    assert "Cannot find parameter with name: tokenizer_dir" in problems["model_unavailable"]
+    assert "triage build-engine writes them" in problems["model_unavailable"]
+    assert report.routed_model == "good"
