@@ -13,8 +13,10 @@ frontend to return error code reflecting Triton error", #6713) ``/generate`` and
 * TensorRT-LLM's executor overflow, "Maximum queue size of N has been reached, please try again
   later" (INTERNAL), is a 500, its text followed by " (file:line)" and a backtrace, and prefixed
   "in ensemble 'ensemble', " when it comes through the ensemble;
-* a Python-backend model (the LLM-API model, our CPU stand-in) sets the code it raises with, so
-  the same texts may come with another status (400 when no code was given).
+* but what reaches the HTTP frontend from a Python-backend model (the LLM-API model, our CPU
+  stand-in) is another matter: measured on the nvidia-pytriton wheel's tritonserver 2.51, the
+  stand-in's executor overflow raised as INTERNAL arrives as **400** on both endpoints, directly
+  and through the ensemble.
 
 Messages are therefore matched **before** statuses: every overflow form, whatever its status and
 wherever in the text it stands, is an overload. ``to_litellm_exception`` maps a classification

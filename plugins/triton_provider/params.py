@@ -3,9 +3,10 @@
 ``inflight_batcher_payload`` (the stock ``ensemble``) and ``llmapi_payload`` (the LLM-API
 ``tensorrt_llm`` python model) are the whole policy: what LiteLLM hands the provider in
 ``optional_params`` goes in, the JSON body of ``/v2/models/{model}/generate[_stream]`` comes out,
-with the dialect's input names (``dialects.py``). A parameter the dialect cannot honour is a 400
-naming it, unless drop_params says to drop it: a stock model rejects an input it does not
-declare ("unexpected inference input"), so nothing is sent on the off chance.
+with the dialect's input names (``dialects.py``). A parameter the dialect has no input for is a
+400 naming it, unless drop_params says to drop it: on ``/generate[_stream]`` Triton does not
+reject a name the model does not declare, it passes it on as a request parameter, which the stock
+models ignore, so sending it anyway would silently drop the client's parameter.
 """
 
 from __future__ import annotations
