@@ -216,17 +216,20 @@ def check_inputs(report: Report, config: dict[str, Any]) -> None:
     if foreign:
         report.problem(
             "foreign_inputs",
-            f"model {model} has inputs unknown to both stock dialects: {', '.join(foreign)} "
-            "(the gateway sends the stock names; a stock name this model lacks is refused "
-            "with 'unexpected inference input', and these are never sent)",
+            f"model {model} has inputs unknown to both stock dialects: {', '.join(foreign)}. "
+            "The gateway sends only stock names, never these; where they rename a stock input, "
+            "the stock name the gateway sends is not declared, and Triton's /generate passes it "
+            "on as a parameter the model ignores (/infer refuses it: 'unexpected inference "
+            "input')",
         )
     if legacy:
         renamed = ", ".join(f"{n} (now {LEGACY_ENSEMBLE_INPUTS[n]})" for n in legacy)
         report.problem(
             "legacy_inputs",
             f"model {model} has the names of the stock ensemble up to tensorrtllm_backend "
-            f"v0.19.0: {renamed}; the gateway sends the current names, which this model refuses "
-            "with 'unexpected inference input'",
+            f"v0.19.0: {renamed}; the gateway sends the current names, which this model does "
+            "not declare: /generate passes them on as parameters the model ignores (no seed, "
+            "no minimum length), /infer refuses them ('unexpected inference input')",
         )
     required_foreign = [n for n in foreign if n in report.inputs["required"]]
     if required_foreign:
