@@ -323,7 +323,9 @@ def _engine_from_metrics(families: dict[str, list[dict[str, str]]]) -> list[str]
     return sorted({labels.get("model", "") for labels in families.get(REQUEST_METRICS, [])} - {""})
 
 
-def check_metrics(report: Report, text: str, engine_model: str, llmapi: bool) -> None:
+def check_metrics(report: Report, text: str, engine_model: str, expects_gauges: bool) -> None:
+    """Missing engine gauges are a problem where an engine exports them (the ``tensorrtllm``
+    backend, an ensemble's engine step), a warning for one python model (the LLM-API way)."""
     families = metric_families(text)
     labelled = {
         name: sorted({labels.get("model", "") for labels in samples} - {""})
@@ -351,7 +353,7 @@ def check_metrics(report: Report, text: str, engine_model: str, llmapi: bool) ->
             else f"{family} absent"
         )
         message = f"{where}: {consequence[family]}"
-        if family == REQUEST_METRICS and not llmapi:
+        if family == REQUEST_METRICS and expects_gauges:
             report.problem("no_engine_metrics", message)
         else:
             report.warning(f"no_{family.removeprefix('nv_trt_llm_')}", message)
@@ -550,7 +552,10 @@ def check_replica(
         check_queue_policy(report, engine_config)
         check_streaming(report, engine_config)
     if metrics_text is not None:
-        check_metrics(report, metrics_text, engine, report.dialect == "llmapi")
+        expects_gauges = (
+            engine_config is not None and engine_config.get("backend") == "tensorrtllm"
+        ) or report.configs[routed].get("platform") == "ensemble"
+        check_metrics(report, metrics_text, engine, expects_gauges)
         steps = [
             step.get("model_name")
             for step in (report.configs[routed].get("ensemble_scheduling") or {}).get("step", [])

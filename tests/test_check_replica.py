@@ -234,9 +234,11 @@ def test_a_model_without_a_queue_policy_is_named(
     assert "no_queue_policy" in codes
     assert "Exceeds maximum queue size" in codes["no_queue_policy"]["message"]
     assert "500" in codes["no_queue_policy"]["message"]
-    # a python model with the ensemble's names and no engine gauges: the sidecar would not
-    # see the engine, named as a problem with its consequence
-    assert "no_engine_metrics" in codes
+    # one python model without engine gauges (the LLM-API way): a warning naming the
+    # consequence, not a problem (an ensemble's engine step without them is one, below)
+    assert "no_engine_metrics" not in codes
+    warnings = {f["code"]: f["message"] for f in report["findings"]}
+    assert "source=triton" in warnings["no_request_metrics"]
     assert report["dialect"] == "inflight_batcher_llm"
     assert report["sidecar"]["state"]["source"] == "triton"
     assert "no_queue_policy" in captured.err

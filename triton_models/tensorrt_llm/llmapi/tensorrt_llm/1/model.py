@@ -1,8 +1,9 @@
 """TensorRT-LLM's LLM API (PyTorch backend) as a Triton python model (written for triage).
 
-The wire is the CPU stand-in's and the inflight-batcher ensemble's (``text_input``,
-``max_tokens``, ``stream``, sampling inputs → ``text_output``), so the gateway has one provider
-for every replica. ``model.yaml`` (next to this file) holds the ``tensorrt_llm.LLM`` arguments
+The wire is NVIDIA's stock inflight-batcher *ensemble's* (``text_input``, ``max_tokens``,
+``stream``, ``seed``, ``min_tokens``, ... → ``text_output``; the gateway's
+``inflight_batcher_llm`` dialect), not NVIDIA's LLM-API model's (``streaming``,
+``sampling_param_*``). ``model.yaml`` (next to this file) holds the ``tensorrt_llm.LLM`` arguments
 (``model``, ``tensor_parallel_size``, ...; the LLM API starts its own MPI workers for TP>1).
 ``gpu_device_ids`` (config.pbtxt) becomes ``CUDA_VISIBLE_DEVICES`` before tensorrt_llm is
 imported. At most ``max_active + engine_queue_size`` requests are in flight; the next one gets
@@ -23,7 +24,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 import yaml
 
-# stand-in / ensemble input -> tensorrt_llm.SamplingParams field
+# stock ensemble input -> tensorrt_llm.SamplingParams field
 SAMPLING_FIELDS = {
     "temperature": "temperature",
     "top_p": "top_p",
