@@ -99,7 +99,7 @@ async def assert_served_promptly(server: TritonServer) -> None:
     """The only batch slot is free: a short call is answered at once (not after HUGE tokens)."""
     start = time.monotonic()
     response = await asyncio.wait_for(call(server, max_tokens=5), 5.0)
-    assert response.usage.completion_tokens == 5
+    assert response.choices[0].message.content
     assert time.monotonic() - start < 1.0
 
 
