@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 STANDIN_MODEL = "standin"
 ENGINE_MODEL = "tensorrt_llm"
 """The stock name of the engine model behind NVIDIA's ensemble (the stand-in's default too)."""
+PREPROCESSING_MODEL = "preprocessing"
+"""The stock ensemble's first step (text to token ids), the stand-in's too."""
 
 
 PORT_ATTEMPTS = 3
@@ -101,6 +103,10 @@ def _write_engine(
     policy = config.dynamic_batching.default_queue_policy
     policy.max_queue_size = settings.triton_queue_size
     policy.default_timeout_microseconds = settings.queue_timeout_ms * 1000
+    if settings.engine_queue_full == "block":
+        # one request per execute(): the instance holds at each request it cannot queue, so
+        # the next ones wait in Triton's queue (a batch would wait inside execute() instead)
+        config.dynamic_batching.preferred_batch_size[:] = [1]
     params = {
         "dialect": dialect,
         "speed": settings.speed,
@@ -126,7 +132,8 @@ def _write_engine(
 
 def write_standin_repository(settings: StandinSettings, dest: Path) -> Path:
     """Write the stand-in's models into the model repository ``dest`` (created if needed):
-    ``dialect="ensemble"``: ``model_name`` (the ensemble) and ``engine_model`` (its step);
+    ``dialect="ensemble"``: ``model_name`` (the ensemble), ``preprocessing`` and
+    ``engine_model`` (its steps);
     ``dialect="llmapi"``: ``model_name`` only."""
     dest.mkdir(parents=True, exist_ok=True)
     target = dest / settings.model_name
@@ -145,9 +152,20 @@ def write_standin_repository(settings: StandinSettings, dest: Path) -> Path:
     _write_engine(
         settings, "tensorrt_llm", dest / settings.engine_model, settings.engine_model, "ensemble"
     )
+    # the stock first step, stateless: ensembles in one repository share it
+    preprocessing = dest / PREPROCESSING_MODEL
+    if preprocessing.exists():
+        shutil.rmtree(preprocessing)
+    shutil.copytree(
+        STANDIN_REPOSITORY / PREPROCESSING_MODEL,
+        preprocessing,
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
     config = read_model_config(STANDIN_REPOSITORY / "ensemble" / "config.pbtxt")
     config.name = settings.model_name
-    config.ensemble_scheduling.step[0].model_name = settings.engine_model
+    for step in config.ensemble_scheduling.step:
+        if step.model_name == ENGINE_MODEL:
+            step.model_name = settings.engine_model
     if target.exists():
         shutil.rmtree(target)
     (target / "1").mkdir(parents=True)  # an ensemble needs a version folder, even empty

@@ -58,7 +58,9 @@ def test_repository_config_is_valid_triton_protobuf(tmp_path: Path) -> None:
     assert written.parameters["max_batch_size"].string_value == "2"
     assert written.dynamic_batching.default_queue_policy.max_queue_size == 3
     served = read_model_config(tmp_path / MODEL / "config.pbtxt")
-    assert (served.name, served.ensemble_scheduling.step[0].model_name) == (MODEL, ENGINE)
+    steps = [step.model_name for step in served.ensemble_scheduling.step]
+    assert (served.name, steps) == (MODEL, ["preprocessing", ENGINE])
+    assert (tmp_path / "preprocessing" / "1" / "model.py").is_file()
     assert (tmp_path / MODEL / "1").is_dir()
 
 

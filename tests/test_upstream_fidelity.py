@@ -200,7 +200,10 @@ def test_the_stand_in_configs_declare_the_stock_inputs() -> None:
     assert input_drift(llmapi, fixture("llmapi_inputs.json")) == []
     # the engine step takes the stock tensorrt_llm model's names for what the ensemble maps
     renames = fixture("ensemble_inputs.json")["tensorrt_llm_step_renames"]
-    step = ensemble.ensemble_scheduling.step[0]
+    preprocessing, step = ensemble.ensemble_scheduling.step
+    assert (preprocessing.model_name, step.model_name) == ("preprocessing", ENGINE)
+    assert preprocessing.input_map["QUERY"] == "text_input"
+    assert preprocessing.input_map["REQUEST_OUTPUT_LEN"] == "max_tokens"
     for ensemble_name, engine_name in renames.items():
         assert step.input_map[engine_name] == ensemble_name
 

@@ -73,9 +73,10 @@ BACKTRACE = (
     "TRITONBACKEND_ModelInstanceExecute",
 )
 
-# input names per dialect: (text, max tokens, stream, seed, stop words)
+# input names per dialect: (prompt, max tokens, stream, seed, stop words); the ensemble's
+# preprocessing step turns text into token ids (input_ids) and passes stop words as text
 INPUTS = {
-    "ensemble": ("text_input", "request_output_len", "streaming", "seed", "stop_words"),
+    "ensemble": ("input_ids", "request_output_len", "streaming", "seed", "stop_words"),
     "llmapi": (
         "text_input",
         "sampling_param_max_tokens",
@@ -356,23 +357,29 @@ class TritonPythonModel:
         return None
 
     def _parse(self, request: Any, sender: Any) -> Sequence:
-        text_name, max_name, stream_name, seed_name, stop_name = self.names
-        text = _scalar(request, text_name)
-        if text is None:
-            raise ValueError(f"{text_name} is required")
-        prompt = text.decode("utf-8") if isinstance(text, bytes) else str(text)
+        prompt_name, max_name, stream_name, seed_name, stop_name = self.names
+        tensor = pb_utils.get_input_tensor_by_name(request, prompt_name)
+        if tensor is None:
+            raise ValueError(f"{prompt_name} is required")
+        if self.dialect == "ensemble":
+            ids = tensor.as_numpy().reshape(-1).astype(np.int32)
+            prompt_bytes, prompt_tokens = ids.tobytes(), int(ids.size)
+        else:
+            text = tensor.as_numpy().reshape(-1)[0]
+            prompt = text.decode("utf-8") if isinstance(text, bytes) else str(text)
+            prompt_bytes, prompt_tokens = prompt.encode(), count_tokens(prompt)
         max_tokens_raw = _scalar(request, max_name)
         max_tokens = int(max_tokens_raw) if max_tokens_raw is not None else 16
         if max_tokens < 1:
             raise ValueError(f"{max_name} must be >= 1, got {max_tokens}")
         stream = bool(_scalar(request, stream_name) or False)
         seed = _scalar(request, seed_name)
-        digest = hashlib.sha256(prompt.encode()).digest()
+        digest = hashlib.sha256(prompt_bytes).digest()
         base = int.from_bytes(digest[:8], "little")
         rng = np.random.default_rng(base ^ int(seed) if seed is not None else base)
         return Sequence(
             sender=sender,
-            prompt_tokens=max(1, count_tokens(prompt)),
+            prompt_tokens=max(1, prompt_tokens),
             max_tokens=max_tokens,
             stream=stream,
             stop_words=_strings(request, stop_name),
