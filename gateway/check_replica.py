@@ -527,6 +527,12 @@ def check_replica(
                 f"metrics at {metrics_url}: {exc}; the sidecar would publish nothing (pass "
                 "--metrics-url where Triton serves them elsewhere)",
             )
+    return analyse(report, metrics_text, model, replica_id)
+
+
+def analyse(report: Report, metrics_text: str | None, model: str | None, replica_id: str) -> Report:
+    """The checks on what was read (``report.configs``, the metrics text): pure, no I/O."""
+    url = report.url
     routed = model or _pick_routed(report.configs)
     if routed is None:
         report.problem("no_text_model", "no ready model takes text_input")

@@ -15,6 +15,8 @@ import pytest
 from gateway.check_replica import (
     ENSEMBLE_INPUTS,
     LLMAPI_INPUTS,
+    Report,
+    analyse,
     check_replica,
     detect_dialect,
     main,
@@ -156,6 +158,108 @@ def test_queue_policy_of() -> None:
         "timeout_ms": 60000.0,
         "timeout_action": "REJECT",
     }
+
+
+def _json_config(name: str, model: dict, **extra: object) -> dict:
+    """A model's configuration as Triton's /v2/models/<m>/config shows it."""
+    inputs = [
+        {"name": i["name"], "data_type": i["data_type"], "optional": i["optional"]}
+        for i in model["inputs"]
+    ]
+    outputs = [{"name": o, "data_type": "TYPE_STRING"} for o in model["outputs"]]
+    return {"name": name, "input": inputs, "output": outputs, **extra}
+
+
+def stock_engine_replica() -> tuple[Report, str]:
+    """What check-replica reads from NVIDIA's stock inflight_batcher_llm repository served by
+    the C++ backend: the configs of build_stock_names.json, the queue policy of the stock
+    tensorrt_llm template (max_queue_size only), and the backend's gauges."""
+    models = STOCK["models"]
+    steps = [{"model_name": m} for m in ("preprocessing", "tensorrt_llm", "postprocessing")]
+    configs = {
+        "ensemble": _json_config(
+            "ensemble",
+            models["ensemble"],
+            platform="ensemble",
+            ensemble_scheduling={"step": steps},
+        ),
+        "preprocessing": _json_config("preprocessing", models["preprocessing"], backend="python"),
+        "postprocessing": _json_config(
+            "postprocessing", models["postprocessing"], backend="python"
+        ),
+        "tensorrt_llm": _json_config(
+            "tensorrt_llm",
+            models["tensorrt_llm"],
+            backend="tensorrtllm",
+            model_transaction_policy={"decoupled": True},
+            dynamic_batching={"default_queue_policy": {"max_queue_size": "64"}},
+        ),
+    }
+    report = Report(url="http://10.0.0.5:8000", metrics_url="http://10.0.0.5:8002/metrics")
+    report.configs = configs
+    report.models = [{"name": n, "version": "1", "state": "READY"} for n in configs]
+    engine = 'model="tensorrt_llm",version="1"'
+    metrics = "\n".join(
+        [
+            "# TYPE nv_trt_llm_request_metrics gauge",
+            *(
+                f'nv_trt_llm_request_metrics{{{engine},request_type="{kind}"}} {value}'
+                for kind, value in (("active", 3), ("max", 64), ("scheduled", 3), ("waiting", 0))
+            ),
+            "# TYPE nv_trt_llm_kv_cache_block_metrics gauge",
+            f'nv_trt_llm_kv_cache_block_metrics{{{engine},kv_cache_block_type="fraction"}} 0.25',
+            "# TYPE nv_trt_llm_general_metrics gauge",
+            f'nv_trt_llm_general_metrics{{{engine},general_type="iteration_counter"}} 1000',
+            "# TYPE nv_inference_pending_request_count gauge",
+            'nv_inference_pending_request_count{model="ensemble",version="1"} 0',
+            "",
+        ]
+    )
+    return report, metrics
+
+
+def test_a_stock_engine_replica_passes_with_a_timeout_warning() -> None:
+    report, metrics = stock_engine_replica()
+    analyse(report, metrics, None, "llama-a")
+    assert report.ok, report.problems
+    assert (report.routed_model, report.engine_model) == ("ensemble", "tensorrt_llm")
+    assert report.dialect == "inflight_batcher_llm"
+    assert report.inputs["foreign"] == [] and report.inputs["legacy"] == []
+    warnings = {f.code for f in report.findings if f.severity == "warning"}
+    assert warnings == {"no_queue_timeout"}  # the stock template sets max_queue_size only
+    state = report.sidecar["state"]
+    assert (state["source"], state["active"], state["max_active"]) == ("trtllm", 3, 64)
+    assert state["kv_fraction"] == 0.25
+    assert (
+        "--engine-model tensorrt_llm --arrivals-model preprocessing" in (report.sidecar["command"])
+    )
+    assert report.deployment["litellm_params"]["model"] == "triage_triton/ensemble"
+
+
+def test_a_pre_2025_stock_ensemble_is_named() -> None:
+    report, metrics = stock_engine_replica()
+    for item in report.configs["ensemble"]["input"]:
+        item["name"] = {"seed": "random_seed", "min_tokens": "min_length"}.get(
+            item["name"], item["name"]
+        )
+    analyse(report, metrics, None, "old")
+    assert {f.code for f in report.problems} == {"legacy_inputs"}
+    assert report.inputs["legacy"] == ["min_length", "random_seed"]
+
+
+def test_a_stock_llmapi_model_has_no_queue_policy() -> None:
+    config = _json_config(
+        "tensorrt_llm",
+        {"inputs": STOCK["llmapi"]["inputs"], "outputs": ["text_output"]},
+        backend="python",
+    )
+    report = Report(url="http://h:8000", metrics_url="http://h:8002/metrics")
+    report.configs = {"tensorrt_llm": config}
+    analyse(report, "", None, "b")
+    assert report.dialect == "llmapi"
+    assert {f.code for f in report.problems} == {"no_queue_policy"}
+    warnings = {f.code for f in report.findings if f.severity == "warning"}
+    assert {"no_request_metrics", "no_max_active", "not_decoupled"} <= warnings
 
 
 def test_bad_url_and_unreachable_server_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
