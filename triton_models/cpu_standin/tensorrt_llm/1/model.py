@@ -407,10 +407,13 @@ class TritonPythonModel:
     @staticmethod
     def _fail(sender: Any, message: str, code: Any) -> None:
         error = pb_utils.TritonError(message, code)
-        sender.send(
-            pb_utils.InferenceResponse(output_tensors=[], error=error),
-            flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
-        )
+        try:
+            sender.send(
+                pb_utils.InferenceResponse(output_tensors=[], error=error),
+                flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
+            )
+        except Exception as exc:  # the client went away (a cancelled request, at shutdown)
+            pb_utils.Logger.log_warn(f"stand-in: could not send an error ({message}): {exc}")
 
     # ---- executor loop ----------------------------------------------------------------------
     def _schedule(self) -> tuple[list[Sequence], list[Sequence]]:
@@ -515,8 +518,14 @@ class TritonPythonModel:
                 f"stand-in {self.model_name}: request cancelled after "
                 f"{len(seq.generated)}/{seq.max_tokens} tokens, dropped from the {where}"
             )
-            # the python backend needs the final flag even for a cancelled request
-            self._send_final(seq)
+            if self.dialect == "llmapi":
+                # the LLM-API model's cancellation_loop answers with this error
+                self._fail(
+                    seq.sender, "Request cancelled by client", pb_utils.TritonError.CANCELLED
+                )
+            else:
+                # the python backend needs the final flag even for a cancelled request
+                self._send_final(seq)
 
     def _step(self, seq: Sequence) -> bool:
         """Emit one token for ``seq``; True when it is done (length or stop word)."""
