@@ -707,6 +707,14 @@ def test_prepare_speaks_the_deployments_dialect() -> None:
     assert llmapi.payload["sampling_param_seed"] == 9
     assert llmapi.payload["sampling_param_stop"] == ["\n"]
     assert llmapi.stops == ["\n"]
+    # the completion alone, by default, in both dialects; null: not sent
+    assert llmapi.payload["sampling_param_exclude_input_from_output"] is True
+    assert prepare(handler).payload["exclude_input_in_output"] is True
+    unset = prepare(
+        handler,
+        litellm_params={"model_info": {"triage_triton": {"exclude_input_in_output": None}}},
+    )
+    assert "exclude_input_in_output" not in unset.payload
     ensemble = prepare(
         handler,
         optional_params={"max_tokens": 4, "seed": 9},

@@ -68,9 +68,12 @@ class TritonProviderSettings(BaseSettings):
         "the model returns them (see request_token_counts)",
     )
     exclude_input_in_output: bool | None = Field(
-        default=None,
-        description="sent when set, as exclude_input_in_output (inflight_batcher_llm; ensembles "
-        "that echo the prompt need true) or sampling_param_exclude_input_from_output (llmapi)",
+        default=True,
+        description="sent as exclude_input_in_output (inflight_batcher_llm) or "
+        "sampling_param_exclude_input_from_output (llmapi): true (default) so that the answer "
+        "is the completion alone, as OpenAI's is (the stock LLM-API model's own default for an "
+        "absent input is false, the ensemble's depends on its tensorrt_llm config); null: not "
+        "sent, for models without that input",
     )
     request_token_counts: bool = Field(
         default=False,
