@@ -206,6 +206,8 @@ class TritonPythonModel:
         self.active: list[Sequence] = []
         self.stopping = False
         self.iterations = 0
+        self.last_batch: list[Sequence] = []
+        self.last_context: list[Sequence] = []
         self.metrics = self.dialect == "ensemble"
         if self.metrics:
             self._init_metrics()
@@ -464,6 +466,7 @@ class TritonPythonModel:
                     seq.admitted_at = time.monotonic()
                     self.active.append(seq)
                 batch, context = self._schedule()
+                self.last_batch, self.last_context = batch, context
                 self.iterations += 1
                 self._report(batch, context, reused=0)
                 self.cond.notify_all()
@@ -508,8 +511,10 @@ class TritonPythonModel:
                 else:
                     continue  # finalize() took it meanwhile and answered it
                 dropped.append(seq)
-            if dropped:
-                self._report([], [], reused=0)
+            if dropped:  # the last iteration's batch, less what was dropped
+                batch = [s for s in self.last_batch if s in self.active]
+                context = [s for s in self.last_context if s in self.active]
+                self._report(batch, context, reused=0)
                 self.cond.notify_all()
         for seq in dropped:
             self.cancellations.increment(1)
