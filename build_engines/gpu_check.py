@@ -7,7 +7,7 @@ Runs only where everything is there: an NVIDIA GPU (nvidia-smi), Triton with the
 backend (the ``nvcr.io/nvidia/tritonserver:<yy.mm>-trtllm-python-py3`` container), tensorrt-llm
 1.2.x, torch, transformers, mpirun. Otherwise it says what is missing and exits 77 ("skipped").
 The model is made locally (``tiny_model``: byte-level BPE trained on this repository's Markdown,
-random Llama weights); nothing is downloaded. Every request sends ``min_length = max_tokens``, so
+random Llama weights); nothing is downloaded. Every request sends ``min_tokens = max_tokens``, so
 the engine generates exactly ``max_tokens`` tokens and tokens/s = requests × max_tokens / wall time.
 
 Exit codes: 0 every path served and measured, 1 a path failed, 2 invalid settings, 77 skipped.
@@ -159,7 +159,7 @@ def direct_sender(
     client: httpx.AsyncClient, triton_url: str, model: str, max_tokens: int
 ) -> Callable[[], Awaitable[int]]:
     url = f"{triton_url}/v2/models/{model}/generate"
-    body = {"text_input": PROMPT, "max_tokens": max_tokens, "min_length": max_tokens}
+    body = {"text_input": PROMPT, "max_tokens": max_tokens, "min_tokens": max_tokens}
 
     async def send() -> int:
         response = await client.post(url, json=body)
@@ -271,7 +271,7 @@ def replica_settings(
 
 
 def gateway_config(replica: TpReplicaSettings, max_tokens: int) -> dict[str, Any]:
-    """The proxy config: one deployment on the replica, ``min_length`` fixed to max_tokens."""
+    """The proxy config: one deployment on the replica, ``min_tokens`` fixed to max_tokens."""
     endpoint = ReplicaEndpoint(replica.replica_id, replica.triton_url)
     config = build_proxy_config(MODEL_NAME, replica.routed_model, [endpoint])
     config["model_list"] = [
@@ -280,7 +280,7 @@ def gateway_config(replica: TpReplicaSettings, max_tokens: int) -> dict[str, Any
             endpoint.replica_id,
             endpoint.api_base,
             replica.routed_model,
-            provider_settings={"extra_inputs": {"min_length": max_tokens}},
+            provider_settings={"extra_inputs": {"min_tokens": max_tokens}},
         )
     ]
     return config

@@ -35,6 +35,7 @@ from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
 
 from gateway.process import ManagedProcess
 from gateway.sidecar_settings import SidecarSettings
+from gateway.triton_metrics import DEFAULT_ARRIVALS_MODEL
 from triage.keyschema import DEFAULT_PREFIX
 from triage.settings_errors import report_invalid
 
@@ -168,6 +169,8 @@ def sidecar_settings(settings: TpReplicaSettings) -> SidecarSettings:
         replica_id=settings.replica_id,
         model=settings.routed_model,
         engine_model=settings.engine_model if settings.serving == "engine" else None,
+        # the LLM-API model has no preprocessing step and exports no engine gauges
+        arrivals_model=DEFAULT_ARRIVALS_MODEL if settings.serving == "engine" else "",
         triton_url=settings.triton_url,
         metrics_url=settings.metrics_url,
         redis_url=settings.redis_url,
@@ -185,6 +188,7 @@ def sidecar_argv(settings: TpReplicaSettings, python: str = sys.executable) -> l
         "replica_id",
         "model",
         "engine_model",
+        "arrivals_model",
         "triton_url",
         "metrics_url",
         "redis_url",
@@ -195,6 +199,8 @@ def sidecar_argv(settings: TpReplicaSettings, python: str = sys.executable) -> l
     )
     for name in fields:
         value = getattr(sidecar, name)
+        if name == "arrivals_model" and value is None:
+            value = ""  # explicitly none (the setting's default is the preprocessing step)
         if value is not None:
             argv += [f"--{name.replace('_', '-')}", str(value)]
     return argv

@@ -108,7 +108,7 @@ def test_a_replica_full_of_direct_calls_publishes_its_hidden_queue_and_is_avoide
     wait_for(lambda: all(state(keys, client, r) is not None for r in servers), 5)
     # the free replica has one request running: room for more, but not idle
     with cf.ThreadPoolExecutor(DIRECT + 1) as pool:
-        free_one = pool.submit(direct_call, servers["free"], 100)
+        free_one = pool.submit(direct_call, servers["free"], 400)
         busy = [pool.submit(direct_call, servers["busy"], 100) for _ in range(DIRECT)]
         wait_for(
             lambda: (

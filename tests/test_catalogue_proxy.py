@@ -75,8 +75,14 @@ def small_catalogue_doc(urls: dict[str, str]) -> dict[str, Any]:
 
 def write_repository(dest: Path) -> Path:
     for name in TRITON_MODELS:
+        # Each ensemble gets its own engine; "broken" is one python model (the LLM-API shape)
+        # so that its model.py is the one Triton fails to load.
+        shape: dict[str, Any] = (
+            {"dialect": "llmapi"} if name == "broken" else {"engine_model": f"{name}_engine"}
+        )
         write_standin_repository(
-            StandinSettings(model_name=name, decode_ms_per_token=5.0, max_active=4), dest
+            StandinSettings(model_name=name, decode_ms_per_token=5.0, max_active=4, **shape),
+            dest,
         )
     (dest / "broken" / "1" / "model.py").write_text(
         "class TritonPythonModel:\n"

@@ -7,7 +7,8 @@ and with every replica full it is answered 503 + Retry-After + the envelope, as 
 
 Three model groups share one healthy replica; each has one replica that overflows its own way:
 ``engine-full``: the executor's queue ("Maximum queue size of N ...", 400 on /generate);
-``triton-full``: Triton's queue (503 "Exceeds maximum queue size");
+``triton-full``: Triton's queue ("Exceeds maximum queue size"; 400 through the ensemble on
+/generate, the step's error prefixed "in ensemble 'standin', ");
 ``timeout``: Triton's queue timeout ("Request timeout expired", 400 on /generate).
 No sidecars: every replica is "unknown" to the routers, so first attempts spread over both.
 
@@ -138,8 +139,8 @@ async def wait_idle(server: TritonServer, timeout_s: float = 20.0) -> None:
     async with httpx.AsyncClient(timeout=5) as client:
         while True:
             text = (await client.get(server.metrics_url)).text
-            sample = parse_engine_sample(text, "standin", "standin", [])
-            if sample.active == 0 and sample.waiting == 0:
+            sample = parse_engine_sample(text, "standin")
+            if sample.active == 0 and sample.pending == 0:
                 return
             assert asyncio.get_running_loop().time() < deadline, f"{server.name} stays busy"
             await asyncio.sleep(0.1)

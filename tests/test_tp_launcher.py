@@ -126,9 +126,12 @@ def test_sidecar_for_the_engine_path() -> None:
 
 def test_sidecar_for_the_llmapi_path() -> None:
     sidecar = sidecar_settings(tp_settings(1, serving="llmapi", max_active=32))
-    assert (sidecar.model, sidecar.engine_model, sidecar.max_active) == (
+    # the LLM-API model exports no nv_trt_llm_* gauges and has no preprocessing step: the
+    # sidecar reads Triton's counters of the routed model and the configured slots
+    assert (sidecar.model, sidecar.engine_model, sidecar.arrivals_model, sidecar.max_active) == (
         "tensorrt_llm",
-        "tensorrt_llm",
+        None,
+        None,
         32,
     )
 

@@ -80,23 +80,18 @@ class Replica:
         )
 
 
-STANDIN_STREAMS_DELTAS = (
-    "the stand-in's llmapi dialect streams each step's text, but NVIDIA's LLM-API model sends "
-    "the whole text so far on every response (all_models/llmapi/tensorrt_llm/1/model.py "
-    "_create_response: output.text; NVIDIA/TensorRT-LLM b35ac1b6): fix the stand-in"
-)
-
-
-def streams_whole_text(server: TritonServer) -> bool:
-    """Whether the LLM-API model's streamed ``text_output`` grows (the upstream behaviour)."""
-    body = {"text_input": "probe", "sampling_param_max_tokens": 3, "streaming": True}
-    url = f"{server.http_url}/v2/models/{TRITON_MODEL}/generate_stream"
-    texts = [
+def streamed_texts(replica: Replica) -> list[str]:
+    """The ``text_output`` of each response of a 3-token stream straight from Triton."""
+    if replica.standin_dialect == "llmapi":
+        body = {"text_input": "probe", "sampling_param_max_tokens": 3, "streaming": True}
+    else:
+        body = {"text_input": "probe", "max_tokens": 3, "stream": True}
+    url = f"{replica.http_url}/v2/models/{TRITON_MODEL}/generate_stream"
+    return [
         json.loads(line[5:])["text_output"]
         for line in httpx.post(url, json=body, timeout=30).text.splitlines()
         if line.startswith("data:")
     ]
-    return len(texts) == 3 and texts[2].startswith(texts[1]) and texts[1].startswith(texts[0])
 
 
 async def _start(
@@ -106,8 +101,6 @@ async def _start(
     server = start_standin_replica(name, settings, workdir, ready_timeout_s=90)
     try:
         register()
-        if standin_dialect == "llmapi" and not streams_whole_text(server):
-            pytest.xfail(STANDIN_STREAMS_DELTAS)
         yield Replica(server, standin_dialect)
     finally:
         # idle keep-alive connections would hold tritonserver's shutdown for its grace period
@@ -144,6 +137,19 @@ async def started(call: Any, delay_s: float = 0.3) -> asyncio.Task[Any]:
     await asyncio.sleep(delay_s)
     assert not task.done(), task
     return task
+
+
+async def test_the_llmapi_standin_streams_the_whole_text_so_far(replica: Replica) -> None:
+    """As NVIDIA's LLM-API model does (all_models/llmapi/tensorrt_llm/1/model.py
+    _create_response sends CompletionOutput.text; NVIDIA/TensorRT-LLM b35ac1b6); the
+    ensemble's engine streams each step's text."""
+    texts = streamed_texts(replica)
+    assert len(texts) == 3 and all(texts)
+    if replica.standin_dialect == "llmapi":
+        assert texts[1].startswith(texts[0]) and texts[2].startswith(texts[1])
+        assert len(texts[0]) < len(texts[1]) < len(texts[2])
+    else:
+        assert all(" " not in t.strip() for t in texts)  # one word each
 
 
 async def test_non_streaming_runs_to_length_with_usage(replica: Replica) -> None:

@@ -355,7 +355,7 @@ def test_under_load_waiting_is_a_subset_of_active_and_the_queue_is_in_no_metric(
 ) -> None:
     """4 active at most, 2 per batch, a KV cache that holds 3 sequences, 8 more queued: at every
     scrape waiting = active - scheduled, waiting <= active <= max, scheduled <= batch size; the
-    queued requests show in no metric (no family appears, Triton's pending count stays 0)."""
+    queued requests show in no metric (no family appears, Triton's pending count stays about 0)."""
     settings = StandinSettings(
         max_active=4,
         max_batch_size=2,
@@ -396,8 +396,14 @@ def test_under_load_waiting_is_a_subset_of_active_and_the_queue_is_in_no_metric(
         assert s["waiting"] == s["active"] - s["scheduled"], s
         assert 0 <= s["waiting"] <= s["active"] <= s["max"] == 4, s
         assert s["scheduled"] <= 2, s
-        assert s.get(f"pending_{MODEL}", 0) == 0 and s.get(f"pending_{ENGINE}", 0) == 0, s
+        # Triton's pending count holds a request only between its scheduler and the model's
+        # execute (at most the one being handed over), never the executor's queue of 8
+        assert s.get(f"pending_{MODEL}", 0) <= 1 and s.get(f"pending_{ENGINE}", 0) <= 1, s
     assert max(s["active"] for s in scrapes) == 4  # the cap was reached: 8 were queued
+    handed_over = [
+        s for s in scrapes if s.get(f"pending_{MODEL}", 0) + s.get(f"pending_{ENGINE}", 0)
+    ]
+    assert len(handed_over) <= 0.2 * len(scrapes), handed_over
     assert max(s["waiting"] for s in scrapes) >= 1  # active beyond the batch or the cache
     # idle: every gauge of the request family back to 0 except max
     for family in text_string_to_metric_families(final):

@@ -17,6 +17,7 @@ def catalogue_deployments(catalogue: Catalogue) -> list[dict[str, Any]]:
             replica_id(server, name),
             catalogue.servers[server].api_base,
             entry.triton_model,
+            dialect=entry.dialect,
         )
         for name, entry in catalogue.models.items()
         for server in catalogue.servers_of(name)

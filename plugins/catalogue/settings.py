@@ -12,6 +12,7 @@ The file names every Triton server the gateway may load models on and every mode
         pinned_on: [server-2]        # preferred, in order
         min_devices: 2               # tensor-parallel size
         min_device_memory_mb: 40000
+        dialect: inflight_batcher_llm  # or llmapi (NVIDIA's LLM-API model); the default
 
 A server's topology (device count and memory) is not in the file: its sidecar publishes it.
 """
@@ -24,6 +25,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, RedisDsn, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from plugins.triton_provider.dialects import DEFAULT_DIALECT, DialectName
 from triage.keyschema import DEFAULT_PREFIX
 
 NAME = r"^[A-Za-z0-9_.\-]{1,40}$"
@@ -43,6 +45,11 @@ class CatalogueModel(BaseModel):
     pinned_on: list[str] = Field(default_factory=list, description="preferred servers, in order")
     min_devices: int = Field(default=1, ge=1, description="devices one replica needs (TP size)")
     min_device_memory_mb: int = Field(default=0, ge=0, description="memory per device")
+    dialect: DialectName = Field(
+        default=DEFAULT_DIALECT,
+        description="the Triton model's input names: NVIDIA's stock inflight_batcher_llm "
+        "ensemble or the llmapi model",
+    )
 
 
 class Catalogue(BaseModel):

@@ -82,14 +82,14 @@ def test_tiny_build_plan_is_valid_for_tp_1_2_4(tmp_path: Path) -> None:
         assert plan.memory.total_mb < 4_000
 
 
-def test_gateway_config_fixes_min_length(tmp_path: Path) -> None:
+def test_gateway_config_fixes_min_tokens(tmp_path: Path) -> None:
     replica = TpReplicaSettings(replica_id="gpu-engine", repository=tmp_path, http_port=8123)
     (deployment,) = gateway_config(replica, max_tokens=48)["model_list"]
     assert deployment["litellm_params"] == {
         "model": "triage_triton/ensemble",
         "api_base": "http://127.0.0.1:8123",
     }
-    assert deployment["model_info"]["triage_triton"] == {"extra_inputs": {"min_length": 48}}
+    assert deployment["model_info"]["triage_triton"] == {"extra_inputs": {"min_tokens": 48}}
     assert deployment["model_info"]["id"] == "gpu-engine"
 
 

@@ -540,7 +540,9 @@ class TritonPythonModel:
         text = "".join(seq.generated)
         done = len(seq.generated) >= seq.max_tokens or any(w in text for w in seq.stop_words)
         if seq.stream:
-            self._send(seq, piece, final=done)
+            # the ensemble's postprocessing-less engine streams each step's text; NVIDIA's
+            # LLM-API model sends CompletionOutput.text, the whole text so far, every time
+            self._send(seq, text if self.dialect == "llmapi" else piece, final=done)
         elif done:
             self._send(seq, text, final=True)
         return done
