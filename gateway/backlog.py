@@ -9,15 +9,20 @@ drift (a request that failed in preprocessing counts as ended but never as arriv
 
 The drift is measured whenever the queue must be empty, that is while the engine has room
 (``active < max``; the executor admits from its queue as soon as a slot frees): the floor is the
-lowest ``arrivals - completions - active`` seen then over the last ``window_s``. While the engine
-is full, the estimate is what exceeds that floor. This sees requests that reached the replica
-without passing through any triage proxy, which the proxies' reservations cannot.
+median of ``arrivals - completions - active`` seen then over the last ``window_s``. The median,
+not the lowest: the counters move at once while the engine's gauges follow its iteration stats,
+so a scrape can count a request as ended while it is still active (one low value), or as
+arrived before it is active (one high value); such a transient must not move the floor for a
+whole window. While the engine is full, the estimate is what exceeds that floor. This sees
+requests that reached the replica without passing through any triage proxy, which the proxies'
+reservations cannot.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from statistics import median_low
 
 
 @dataclass
@@ -43,6 +48,6 @@ class HiddenQueue:
             self.floors.append((t, raw))
             while len(self.floors) > 1 and self.floors[0][0] <= t - self.window_s:
                 self.floors.popleft()
-            self.floor = min(value for _, value in self.floors)
+            self.floor = median_low(value for _, value in self.floors)
             return 0
         return max(0, round(raw - self.floor))

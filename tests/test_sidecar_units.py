@@ -81,11 +81,20 @@ def test_hidden_queue_is_what_exceeds_the_drift_measured_with_room() -> None:
     assert q.floor == -2
     # full: 20 arrived, 8 + 2 ended, 4 active -> 6 more than active, plus the 2 of drift
     assert q.estimate(1.0, arrivals=20, completions=10, active=4, max_active=4) == 8
-    # with room again the floor is measured anew (in-transit requests only raise it: min)
-    assert q.estimate(2.0, arrivals=20, completions=16, active=3, max_active=4) == 0
+    # with room again the floor is measured anew: a request that the counters count as ended
+    # while the gauges still show it active (-3), or one in transit between the steps (-1),
+    # shows in one scrape and does not move it
+    assert q.estimate(2.0, arrivals=20, completions=18, active=4, max_active=5) == 0
+    assert q.estimate(2.1, arrivals=20, completions=19, active=4, max_active=5) == 0
+    assert q.estimate(2.2, arrivals=21, completions=19, active=3, max_active=5) == 0
     assert q.floor == -2
+    # a lasting drift (4 more requests failed in preprocessing) does, once it is most of the
+    # window's samples
+    for t in range(3, 8):
+        q.estimate(float(t), arrivals=21, completions=25, active=2, max_active=5)
+    assert q.floor == -6
     # counters went back: the server restarted, the drift is forgotten
-    assert q.estimate(3.0, arrivals=5, completions=0, active=4, max_active=4) == 1
+    assert q.estimate(8.0, arrivals=5, completions=0, active=4, max_active=4) == 1
     assert q.floor == 0
 
 
