@@ -66,7 +66,10 @@ def build_proxy_config(
     triton_model: str,
     replicas: list[ReplicaEndpoint],
     options: ProxyOptions | None = None,
+    dialect: str | None = None,
 ) -> dict[str, Any]:
+    """The proxy's config: ``model_name`` served by ``triton_model`` on ``replicas``, in the
+    provider's ``dialect`` (``plugins/triton_provider/dialects.py``; None: its default)."""
     opts = options or ProxyOptions()
     # order matters for pre-call hooks: refuse a key's forbidden model (403) before it takes
     # an admission slot; the routing hook only (re-)installs the strategy
@@ -99,6 +102,7 @@ def build_proxy_config(
                 r.replica_id,
                 r.api_base,
                 triton_model,
+                dialect=dialect,
                 model_info=limits,
             )
             for r in replicas

@@ -41,7 +41,12 @@ from gateway.redis_launcher import (
 from gateway.sidecar_launcher import SidecarProcess, start_sidecar
 from gateway.stack_settings import StackSettings
 from gateway.supervisor import Supervised, Supervisor
-from gateway.triton_launcher import StandinSettings, TritonServer, start_standin_replica
+from gateway.triton_launcher import (
+    PROVIDER_DIALECT,
+    StandinSettings,
+    TritonServer,
+    start_standin_replica,
+)
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +99,7 @@ class Stack:
             standins = {
                 f"replica-{index}": StandinSettings(
                     model_name=s.model,
+                    dialect=s.dialect,
                     speed=speed,
                     max_active=s.max_active,
                     engine_queue_size=s.engine_queue_size,
@@ -126,6 +132,7 @@ class Stack:
                         self.workdir,
                         poll_interval_ms=s.poll_interval_ms,
                         key_prefix=s.key_prefix,
+                        extra=self._sidecar_extra(),
                     )
                     for rid, server in self.replicas.items()
                 }
@@ -202,12 +209,21 @@ class Stack:
             await store.aclose()
         return key
 
+    def _sidecar_extra(self) -> dict[str, str]:
+        """The LLM-API model exports no engine gauges and has no preprocessing step: its
+        sidecar takes the slots from the settings and estimates no hidden queue."""
+        if self.settings.dialect == "llmapi":
+            return {"max-active": str(self.settings.max_active), "arrivals-model": ""}
+        return {}
+
     def _start_proxies(self) -> None:
         s = self.settings
         assert self.redis is not None
         endpoints = [ReplicaEndpoint(rid, server.http_url) for rid, server in self.replicas.items()]
         options = ProxyOptions(routing=s.routing, num_retries=s.num_retries)
-        config = build_proxy_config(s.model, s.model, endpoints, options)
+        config = build_proxy_config(
+            s.model, s.model, endpoints, options, dialect=PROVIDER_DIALECT[s.dialect]
+        )
         path = write_proxy_config(config, self.workdir / "proxy.yaml")
         env = proxy_env(self.redis_url(PROXY_USER), s.key_prefix, self.master_key)
         started = start_concurrently(

@@ -22,6 +22,11 @@ class StackSettings(BaseSettings):
         description="speed factor per replica, e.g. [1.0,1.0,0.5]; default all 1.0",
     )
     model: str = Field(default="standin", pattern=r"^[A-Za-z0-9_.\-]+$")
+    dialect: Literal["ensemble", "llmapi"] = Field(
+        default="ensemble",
+        description="stand-in shape: NVIDIA's stock ensemble over a tensorrt_llm engine, or the "
+        "LLM-API model (no engine gauges; Triton's cancel reaches it)",
+    )
     max_active: int = Field(default=4, ge=1)
     engine_queue_size: int = Field(default=8, ge=0)
     decode_ms_per_token: float = Field(default=20.0, gt=0)

@@ -45,6 +45,10 @@ PORT_TAKEN = "already in use"
 MODEL_NAME = r"^[A-Za-z0-9_.\-]+$"
 
 
+PROVIDER_DIALECT: dict[str, str] = {"ensemble": "inflight_batcher_llm", "llmapi": "llmapi"}
+"""The Triton provider's dialect that speaks to each stand-in shape."""
+
+
 class StandinSettings(BaseModel):
     """Per-replica knobs of the CPU stand-in LLM (written into its config.pbtxt files).
 

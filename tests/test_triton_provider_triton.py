@@ -21,7 +21,12 @@ import litellm
 import pytest
 from litellm import Router
 
-from gateway.triton_launcher import StandinSettings, TritonServer, start_standin_replica
+from gateway.triton_launcher import (
+    PROVIDER_DIALECT,
+    StandinSettings,
+    TritonServer,
+    start_standin_replica,
+)
 from plugins.triton_provider import (
     openai_frontend_deployment,
     register,
@@ -41,7 +46,7 @@ MESSAGES = [
     {"role": "user", "content": "Tell me about queues."},
 ]
 # the stand-in's dialect -> the provider's name for it
-DIALECTS = {"ensemble": "inflight_batcher_llm", "llmapi": "llmapi"}
+DIALECTS = PROVIDER_DIALECT
 
 
 class Replica:
