@@ -297,13 +297,18 @@ class TritonServer:
         return self
 
     def is_ready(self) -> bool:
+        """Ready, its models ready, and its metrics served: tritonserver starts the metrics
+        endpoint last, after HTTP answers, and exits when its port is taken (a ready HTTP
+        alone once hid a metrics port another process held)."""
         with httpx.Client(timeout=1.0) as client:
             if client.get(f"{self.http_url}/v2/health/ready").status_code != 200:
                 return False
-            return all(
+            if not all(
                 client.get(f"{self.http_url}/v2/models/{m}/ready").status_code == 200
                 for m in self.models
-            )
+            ):
+                return False
+            return client.get(self.metrics_url).status_code == 200
 
     def alive(self) -> bool:
         return self.process is not None and self.process.alive()

@@ -68,7 +68,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 @dataclass
 class Outcome:
-    kind: str  # ok | error (an answer with the envelope) | cut (connection lost) | lost
+    kind: str
+    """ok | error (an answer with the envelope) | broken (a stream that had sent content, then
+    the envelope: its replica died under it) | cut (connection lost) | lost"""
     seconds: float
     proxy: int
     detail: str = ""
@@ -102,12 +104,16 @@ class Load:
             ) as response:
                 if response.status_code != 200:
                     return done(*classify(response.status_code, await response.aread()))
-                finished = False
+                finished = content = False
                 async for line in response.aiter_lines():
                     if line.startswith("data: [DONE]"):
                         finished = True
                     elif line.startswith("data: ") and '"error"' in line[:40]:
-                        return done("error", line[:200])
+                        # after content the stream cannot move to another replica unseen
+                        return done("broken" if content else "error", line[:200])
+                    elif line.startswith("data: ") and not content:
+                        choices = json.loads(line[6:]).get("choices") or [{}]
+                        content = bool((choices[0].get("delta") or {}).get("content"))
                 return done("ok") if finished else done("lost", "stream ended without [DONE]")
         except httpx.TransportError as exc:
             return done("cut", type(exc).__name__)
@@ -199,8 +205,10 @@ async def under_load(
         {
             "fault": fault,
             "requests": len(load.outcomes),
-            **{kind: kinds.get(kind, 0) for kind in ("ok", "error", "cut", "lost")},
-            "errors": dict(Counter(o.detail for o in load.outcomes if o.kind == "error")),
+            **{kind: kinds.get(kind, 0) for kind in ("ok", "error", "broken", "cut", "lost")},
+            "errors": dict(
+                Counter(o.detail for o in load.outcomes if o.kind in ("error", "broken"))
+            ),
             "ok_p99_s": round(statistics.quantiles(latencies, n=100)[98], 2),
             "heal_s": round(healed, 2),
         }
@@ -222,7 +230,10 @@ async def test_replica_sigkill(stack: Stack) -> None:
         await wait_for_state(stack, "replica-0", lambda s: s.healthy, 30.0)
 
     kinds, healed, _ = await under_load(stack, "replica SIGKILL", kill)
-    assert kinds["cut"] == 0 and kinds["error"] == 0, kinds
+    # every request the dead replica had not started answering is retried or restarted
+    # elsewhere; a stream it was answering ends with the envelope (at most the streams running
+    # there: 2 of the 6 clients stream at a time)
+    assert kinds["cut"] == kinds["error"] == 0 and kinds["broken"] <= 2, kinds
     assert healed < HEAL_S
 
 
@@ -235,7 +246,7 @@ async def test_replica_sigstop_for_20_s(stack: Stack) -> None:
             os.kill(pid_of(stack, "replica-1"), signal.SIGCONT)
 
     kinds, healed, _ = await under_load(stack, "replica SIGSTOP 20 s", freeze)
-    assert kinds["cut"] == 0 and kinds["error"] == 0, kinds
+    assert kinds["cut"] == kinds["error"] == kinds["broken"] == 0, kinds
     assert healed < HEAL_S
 
 
@@ -249,7 +260,7 @@ async def test_sidecar_stalled(stack: Stack) -> None:
             os.kill(sidecar, signal.SIGCONT)
 
     kinds, healed, _ = await under_load(stack, "sidecar stalled 5 s", stall)
-    assert kinds["cut"] == 0 and kinds["error"] == 0, kinds
+    assert kinds["cut"] == kinds["error"] == kinds["broken"] == 0, kinds
     assert healed < HEAL_S
 
 
@@ -263,7 +274,7 @@ async def test_redis_killed_and_restarted_on_the_same_data(stack: Stack) -> None
         await asyncio.to_thread(redis.start)  # same port, same append-only file
 
     kinds, healed, _ = await under_load(stack, "Redis SIGKILL 5 s, restarted", outage)
-    assert kinds["cut"] == 0 and kinds["error"] == 0, kinds
+    assert kinds["cut"] == kinds["error"] == kinds["broken"] == 0, kinds
     assert healed < HEAL_S
 
 
@@ -279,7 +290,7 @@ async def test_a_proxy_killed_mid_request(stack: Stack) -> None:
         await asyncio.to_thread(proxy.process.restart, proxy.ready, 120.0, "LiteLLM proxy ready")
     cut_elsewhere = [o for o in load.outcomes if o.kind == "cut" and o.proxy != 1]
     assert not cut_elsewhere, cut_elsewhere[:3]
-    assert kinds["error"] == 0, kinds
+    assert kinds["error"] == kinds["broken"] == 0, kinds
     assert healed < HEAL_S
 
 
@@ -303,5 +314,5 @@ async def test_client_disconnects_under_load(stack: Stack) -> None:
             await asyncio.gather(*(leave(i % 2, i % 2 == 0) for i in range(10)))
 
     kinds, healed, _ = await under_load(stack, "10 client disconnects under load", disconnects)
-    assert kinds["cut"] == 0 and kinds["error"] == 0, kinds
+    assert kinds["cut"] == kinds["error"] == kinds["broken"] == 0, kinds
     assert healed < HEAL_S
