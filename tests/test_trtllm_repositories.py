@@ -388,8 +388,15 @@ class WordTokenizer:
 
 
 def test_all_python_models_compile() -> None:
-    for path in TEMPLATES.rglob("model.py"):
-        compile(path.read_text(), str(path), "exec")
+    paths = sorted(p.relative_to(TEMPLATES).as_posix() for p in TEMPLATES.rglob("model.py"))
+    # every python model of the templates (an empty glob must not pass)
+    assert paths == [
+        "inflight_batcher_llm/postprocessing/1/model.py",
+        "inflight_batcher_llm/preprocessing/1/model.py",
+        "llmapi/tensorrt_llm/1/model.py",
+    ]
+    for path in paths:
+        compile((TEMPLATES / path).read_text(), path, "exec")
 
 
 def test_preprocessing(pb_utils: types.ModuleType) -> None:
