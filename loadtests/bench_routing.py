@@ -310,9 +310,9 @@ async def bench_decisions(
         results[f"triage choose_deployment, {settings.concurrency} concurrent"] = summary_us(
             decide, wall
         )
-        if strategy.outage.fallback_picks:
+        if strategy.outage.fallbacks:
             raise RuntimeError(
-                f"{strategy.outage.fallback_picks} picks fell back to local counts: Redis failed"
+                f"{strategy.outage.fallbacks} picks fell back to local counts: Redis failed"
             )
         results.update(await redis_baseline(stack, strategy, deployments, n))
 

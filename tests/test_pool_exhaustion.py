@@ -154,6 +154,7 @@ async def test_admission_waits_for_connections_and_never_falls_back(
         tickets = [f"t{i}" for i in range(CONCURRENT)]
         await asyncio.gather(*(controller.admit("m", IDS, t, 0) for t in tickets))
         assert not controller.outage.down and controller.outage.should_try()
+        assert controller.outage.owner == "admission"  # its outage logs name it
         assert not any(h.local for h in controller.held.values())
         assert await controller.gate.counts("m") == (CONCURRENT, 0)
         assert await asyncio.gather(*(controller.finish(t) for t in tickets)) == [False] * len(
@@ -212,7 +213,7 @@ async def test_routing_waits_for_connections_and_never_routes_by_local_counts(
     try:
         calls = [f"c{i}" for i in range(CONCURRENT)]
         await asyncio.gather(*(strategy.choose_deployment("m", deployments(), c) for c in calls))
-        assert not strategy.outage.down and strategy.outage.fallback_picks == 0
+        assert not strategy.outage.down and strategy.outage.fallbacks == 0
         assert sum(await strategy.store.inflight(IDS)) == CONCURRENT
         await asyncio.gather(*(strategy.release_request(c) for c in calls))
         assert await strategy.store.inflight(IDS) == [0, 0]
@@ -235,11 +236,11 @@ async def test_routing_answers_busy_when_no_connection_frees_in_time(
         await asyncio.sleep(0.05)
         with pytest.raises(RedisBusy):
             await strategy.choose_deployment("m", deployments(), "busy-1")
-        assert not strategy.outage.down and strategy.outage.fallback_picks == 0
+        assert not strategy.outage.down and strategy.outage.fallbacks == 0
         assert len(strategy.ledger) == 0
         await holder
         chosen = await strategy.choose_deployment("m", deployments(), "busy-2")
-        assert chosen["model_info"]["id"] in IDS and strategy.outage.fallback_picks == 0
+        assert chosen["model_info"]["id"] in IDS and strategy.outage.fallbacks == 0
         await strategy.release_request("busy-2")
     finally:
         await strategy.aclose()

@@ -35,7 +35,7 @@ from plugins.admission.gate import AdmissionGate, GateReply, Status
 from plugins.admission.grants import GrantListener
 from plugins.admission.retry_after import RetryPromises, retry_after_s
 from plugins.admission.settings import AdmissionSettings
-from plugins.routing.fallback import RedisOutage
+from plugins.redis_outage import RedisOutage
 from plugins.routing.leases import LeaseRenewer
 from plugins.routing.store import PickPlan, Reservation
 from triage.redis_client import PoolExhausted, PoolWaits
@@ -117,7 +117,13 @@ class AdmissionController:
         self._background: set[asyncio.Task[None]] = set()
         """Background Redis calls (places given back, memo renewals), kept until done."""
         self._refreshing: set[tuple[str, int]] = set()
-        self.outage = RedisOutage(settings.redis_retry_ms, settings.log_interval_s)
+        self.outage = RedisOutage(
+            settings.redis_retry_ms,
+            settings.log_interval_s,
+            owner="admission",
+            fallback="admitting by a per-process bound on outstanding requests, no queue",
+            unit="admissions",
+        )
         self.pool_waits = PoolWaits("admission", settings.log_interval_s)
         self.grants = GrantListener(gate.client, settings.redis_retry_ms / 1000.0)
         self.renewer = LeaseRenewer(
@@ -569,7 +575,7 @@ class AdmissionController:
             raise self.shed(model, ShedReason.QUEUE_FULL, self.local[model] - capacity + 1)
         _decided(model, "admitted", "fallback", started)
         self.local[model] += 1
-        self.outage.fallback_picks += 1
+        self.outage.fallbacks += 1
         self.held[ticket] = Held(model, tuple(replica_ids), True)
         metrics.ADMITTED.labels(model, "local").inc()
 

@@ -40,7 +40,8 @@ from prometheus_client import Counter, Histogram
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from plugins.routing.fallback import LocalCounts, RedisOutage
+from plugins.redis_outage import RedisOutage
+from plugins.routing.fallback import LocalCounts
 from plugins.routing.leases import LeaseRenewer
 from plugins.routing.ledger import Held, ReservationLedger
 from plugins.routing.policy import choose
@@ -95,7 +96,13 @@ class LeastBusyStrategy(CustomRoutingStrategyBase):
         self._store: RoutingStore | None = None
         self.ledger = ReservationLedger(max_age_s=settings.max_hold_ms / 1000.0)
         self.local = LocalCounts()
-        self.outage = RedisOutage(settings.redis_retry_ms, settings.log_interval_s)
+        self.outage = RedisOutage(
+            settings.redis_retry_ms,
+            settings.log_interval_s,
+            owner="routing",
+            fallback="routing by per-process in-flight counts",
+            unit="picks",
+        )
         self.pool_waits = PoolWaits("routing", settings.log_interval_s)
         self._inflight_prefix = KeySchema(settings.key_prefix).inflight("")
         self.renewer = LeaseRenewer(
@@ -309,7 +316,7 @@ class LeastBusyStrategy(CustomRoutingStrategyBase):
         chosen = choose(candidates, self.params, 0, random.randrange(MAX_TIEBREAK))
         assert chosen is not None  # unknown replicas are always eligible
         self.local.take(chosen)
-        self.outage.fallback_picks += 1
+        self.outage.fallbacks += 1
         self.ledger.add(call_id, Held(chosen, "", True))
         PICKS.labels(model, chosen, "local").inc()
         PICK_SECONDS.observe(time.perf_counter() - started)
