@@ -117,6 +117,26 @@ async def test_unknown_replicas_count_default_slots_and_all_unhealthy_sheds(
     assert (await gate.enter("m", IDS, "u1", 1)).status == Status.NO_CAPACITY
 
 
+@pytest.mark.parametrize(
+    ("field", "value"), [("max_active", "0"), ("kv_fraction", "1.5"), ("active", "-1")]
+)
+async def test_a_replica_the_router_holds_invalid_is_unknown_to_the_gate_too(
+    client: Redis, redis_server: RedisServer, field: str, value: str
+) -> None:
+    """One reading of a replica hash for routing and admission (pick_lib.lua's read_replica):
+    a hash with ``max_active = 0`` used to give the gate a healthy replica with no slots while
+    the router took it for unknown."""
+    s = settings(redis_server, unknown_replica_slots=3)
+    gate = AdmissionGate(client, s)
+    await publish(client, s)
+    await client.hset(KeySchema(s.key_prefix).replica("a"), field, value)
+    reply = await gate.enter("m", IDS, "v0", 1)
+    # a: unknown, 3 slots and no allowance; b: 2 slots + 1 allowance
+    assert (reply.status, reply.capacity) == (Status.ADMITTED, 6)
+    assert reply.throughput_rps == pytest.approx(200.0)  # b alone is measured
+    await gate.release("m", IDS, "v0")
+
+
 async def test_queue_is_fifo_within_priority_and_priority_first(
     client: Redis, redis_server: RedisServer
 ) -> None:

@@ -23,7 +23,8 @@
 --              reservation id), released in this same call
 --
 -- slots       = sum over replicas: fresh and healthy -> max_active; fresh and unhealthy -> 0;
---               missing or stale -> unknown_slots
+--               missing, invalid (pick_lib.lua's read_replica, as the router reads it) or
+--               stale -> unknown_slots
 -- capacity    = slots + allowance per fresh healthy replica
 -- outstanding = live tickets in admitted
 -- free slots  = sum over replicas of max(0, its slots - its routing reservations), less the
@@ -103,26 +104,27 @@ if op == 'release' or op == 'leave' then
 end
 local slots, healthy, unknown, drain, free, reserved, throughput = 0, 0, 0, 0, 0, 0, 0
 for i = FIRST_REPLICA, FIRST_REPLICA + n - 1 do
-  local h = redis.call('HMGET', KEYS[i], 'max_active', 'healthy', 'ts_ms', 'drain_rps',
-    'request_ms')
-  local max_active, ts = tonumber(h[1]), tonumber(h[3])
+  -- the same reading as the pick's (pick_lib.lua): a hash the router holds invalid (missing
+  -- field, max_active < 1, kv_fraction out of [0, 1], ...) is unknown here too
+  local s = read_replica(KEYS[i])
   local own = 0
   local down = false
-  if max_active == nil or ts == nil or ts < now_ms - stale_after_ms then
+  if s == nil or s.ts < now_ms - stale_after_ms then
     own = unknown_slots
     unknown = unknown + 1
-  elseif h[2] ~= '1' then
+  elseif not s.healthy then
     down = true -- reported unhealthy: no slots, and its reservations do not count (lease_lib)
   else
-    own = max_active
+    own = s.max_active
     healthy = healthy + 1
-    local d = tonumber(h[4])
+    local h = redis.call('HMGET', KEYS[i], 'drain_rps', 'request_ms')
+    local d = tonumber(h[1])
     if d ~= nil and d > 0 then
       drain = drain + d
     end
-    local request_ms = tonumber(h[5])
-    if request_ms ~= nil and request_ms > 0 and max_active > 0 then
-      throughput = throughput + max_active * 1000 / request_ms
+    local request_ms = tonumber(h[2])
+    if request_ms ~= nil and request_ms > 0 then
+      throughput = throughput + own * 1000 / request_ms
     end
   end
   slots = slots + own

@@ -108,11 +108,17 @@ local function bytes_less(a, b)
   return la < lb
 end
 
+-- The replica hash at `key`, parsed (nil = unknown): the one reading of a replica's state for
+-- the pick and for the admission gate (gate.lua), so that both agree on which are valid.
+local function read_replica(key)
+  return parse(redis.call('HMGET', key, 'waiting', 'active', 'max_active', 'kv_fraction',
+    'service_ms', 'healthy', 'ts_ms'))
+end
+
 local function pick_replica(first_key, n, p, first_id, now_ms)
   local states, fresh, inflight = {}, {}, {}
   for i = 1, n do
-    local s = parse(redis.call('HMGET', KEYS[first_key + i - 1], 'waiting', 'active',
-      'max_active', 'kv_fraction', 'service_ms', 'healthy', 'ts_ms'))
+    local s = read_replica(KEYS[first_key + i - 1])
     states[i] = s
     fresh[i] = (s ~= nil) and (s.ts >= now_ms - p.stale_after_ms)
     local down = fresh[i] and not s.healthy
