@@ -177,7 +177,7 @@ class AdmissionGate:
 
     async def counts(self, model: str) -> tuple[int, int]:
         """(outstanding, queued) after dropping expired entries: for tests and diagnostics."""
-        reply = await self._call("release", model, [], "", 0)  # releasing "" is a no-op
+        reply = await self.peek(model, [], 0, None)  # changes nothing but the grants
         return reply.outstanding, reply.queued
 
     def grants_channel(self, model: str) -> str:
