@@ -9,6 +9,7 @@ from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from triage.keyschema import DEFAULT_PREFIX
+from triage.speeds import check_speeds
 
 
 class StackSettings(BaseSettings):
@@ -60,11 +61,4 @@ class StackSettings(BaseSettings):
     @field_validator("speeds")
     @classmethod
     def _speeds(cls, speeds: list[float], info: ValidationInfo) -> list[float]:
-        replicas = info.data.get("replicas", 2)
-        if not speeds:
-            return [1.0] * replicas
-        if len(speeds) != replicas:
-            raise ValueError(f"{len(speeds)} values for {replicas} replicas")
-        if any(s <= 0 for s in speeds):
-            raise ValueError("every speed must be > 0")
-        return speeds
+        return check_speeds(speeds, info.data.get("replicas", 2))

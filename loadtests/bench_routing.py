@@ -65,6 +65,7 @@ from loadtests.measure import (
 from plugins.routing.store import RoutingStore
 from triage.keyschema import KeySchema
 from triage.settings_errors import report_invalid
+from triage.speeds import check_speeds
 
 if TYPE_CHECKING:  # imports litellm: done at run time only after LITELLM_LOCAL_MODEL_COST_MAP
     from plugins.routing.strategy import LeastBusyStrategy
@@ -116,14 +117,7 @@ class BenchSettings(BaseSettings):
     @field_validator("speeds")
     @classmethod
     def _speeds(cls, speeds: list[float], info: ValidationInfo) -> list[float]:
-        replicas = info.data.get("replicas", 3)
-        if not speeds:
-            return [1.0] * replicas
-        if len(speeds) != replicas:
-            raise ValueError(f"{len(speeds)} speeds for {replicas} replicas")
-        if any(not (math.isfinite(s) and s > 0) for s in speeds):
-            raise ValueError("every speed must be finite and > 0")
-        return speeds
+        return check_speeds(speeds, info.data.get("replicas", 3))
 
     @field_validator("strategies")
     @classmethod

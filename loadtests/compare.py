@@ -78,6 +78,7 @@ from loadtests.traffic import (
     retry_after_s,
 )
 from triage.settings_errors import report_invalid
+from triage.speeds import check_speeds
 
 log = logging.getLogger("triage.bench")
 
@@ -155,12 +156,7 @@ class BenchSettings(BaseSettings):
     @field_validator("speeds")
     @classmethod
     def _speeds(cls, speeds: list[float], info: ValidationInfo) -> list[float]:
-        replicas = info.data.get("replicas", 3)
-        if len(speeds) != replicas:
-            raise ValueError(f"{len(speeds)} speeds for {replicas} replicas")
-        if any(not (math.isfinite(s) and s > 0) for s in speeds):
-            raise ValueError("every speed must be finite and > 0")
-        return speeds
+        return check_speeds(speeds, info.data.get("replicas", 3))
 
     @field_validator("loads")
     @classmethod
