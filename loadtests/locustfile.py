@@ -11,7 +11,9 @@ load is the wanted fraction of the fleet's capacity. Each request: streamed or n
 (``--stream-fraction``), prompt and output lengths from the distributions, 503/429 retried after
 ``Retry-After`` (up to ``--max-retries``). At the end (on the master in distributed mode) the
 report: per-replica share, latency/TTFT percentiles, 503 share, goodput, lost requests, and PNG
-plots, in ``--report-dir``. Exit code 1 when any request was lost (no answer with a body).
+plots, in ``--report-dir``. Exit code 1 when any request was lost (no answer with a body); a
+request still running when the run ended (its drain included) is reported as cut by the run's
+end, apart from the lost ones, and does not fail the run.
 
 Locust is imported first: it monkey-patches the standard library with gevent, which must happen
 before anything imports ssl. This file never imports LiteLLM.
@@ -344,15 +346,36 @@ class ChatUser(FastHttpUser):
         COLLECTOR.start()
         t0, p0 = time.time(), time.perf_counter()
         retries = 0
-        while True:
-            result = self._attempt(body, headers, stream, p0)
-            outcome, status, replica, ttft, tokens, detail, wait = result
-            if outcome == "shed" and retries < settings.max_retries:
-                retries += 1
-                delay = wait if wait is not None else float(2 ** (retries - 1))
-                gevent.sleep(min(delay, settings.max_retry_wait_s))
-                continue
-            break
+        try:
+            while True:
+                result = self._attempt(body, headers, stream, p0)
+                outcome, status, replica, ttft, tokens, detail, wait = result
+                if outcome == "shed" and retries < settings.max_retries:
+                    retries += 1
+                    delay = wait if wait is not None else float(2 ** (retries - 1))
+                    gevent.sleep(min(delay, settings.max_retry_wait_s))
+                    continue
+                break
+        except gevent.GreenletExit:
+            # Locust stopped this user (the run ended, drain included) while the request was
+            # still running or waiting to retry: the run cut it, the stack did not lose it
+            COLLECTOR.add(
+                Record(
+                    t=t0,
+                    latency_s=time.perf_counter() - p0,
+                    outcome="cut",
+                    status=0,
+                    replica=None,
+                    ttft_s=None,
+                    tokens=0,
+                    stream=stream,
+                    retries=retries,
+                    tier=self.key.label(),
+                    retry_after_s=None,
+                    detail="cut by the run's end",
+                )
+            )
+            raise
         COLLECTOR.add(
             Record(
                 t=t0,

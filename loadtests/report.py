@@ -10,9 +10,11 @@ Outcomes of a logical request (its retries included):
   "not now", normally with ``Retry-After``);
 * ``error``: any other answer carrying the OpenAI error envelope (also an error event inside a
   stream);
+* ``cut``: still running (or waiting to retry) when the load generator stopped its users at
+  the run's end, drain included: the run cut it, not the stack (a longer drain lets it finish);
 * ``lost``: no answer with a body: a transport error, a timeout, a malformed or truncated answer,
-  or a request that started and never ended before the run stopped (``started`` minus the
-  records counts those). Must be 0.
+  or a request that started and never got a record (``started`` minus the records counts those:
+  a worker that died). Must be 0.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Any, Literal
 
 from loadtests.measure import percentile
 
-Outcome = Literal["ok", "shed", "error", "lost"]
+Outcome = Literal["ok", "shed", "error", "cut", "lost"]
 ANSWERED: frozenset[str] = frozenset({"ok", "shed", "error"})
 
 
@@ -127,6 +129,7 @@ def summarize(
         "shed": len(shed),
         "errors": by_outcome["error"],
         "lost": lost,
+        "cut": by_outcome["cut"],
         "lost_unanswered": unanswered,
         "lost_failed": by_outcome["lost"],
         "shed_share": len(shed) / n_started if n_started else 0.0,
@@ -190,7 +193,13 @@ def render_text(summary: Mapping[str, Any], title: str = "load run") -> str:
         f"== {title} ==",
         f"requests  started {s['started']}  ok {s['ok']}  503/429 {s['shed']} "
         f"({100 * s['shed_share']:.1f} %)  errors {s['errors']}  LOST {s['lost']}"
-        + (f" (failed {s['lost_failed']}, unanswered {s['lost_unanswered']})" if s["lost"] else ""),
+        + (f" (failed {s['lost_failed']}, unanswered {s['lost_unanswered']})" if s["lost"] else "")
+        + (
+            f"  cut by the run's end {s['cut']} (still running when it stopped: a longer "
+            "--drain-s lets them finish)"
+            if s.get("cut")
+            else ""
+        ),
         f"offered   {fmt_s(s['offered_rps'])} req/s   goodput {fmt_s(s['goodput_rps'])} req/s, "
         f"{fmt_s(s['goodput_tokens_per_s'], 1)} tokens/s   retries {s['retries']} "
         f"(on {s['retried_requests']} requests)",

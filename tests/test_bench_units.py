@@ -201,6 +201,21 @@ def test_summarize_counts_outcomes_lost_and_shares() -> None:
     assert "LOST 3" in text and "a 66.7 %" in text and "tier batch" in text
 
 
+def test_requests_cut_by_the_runs_end_are_not_lost() -> None:
+    """Locust stops its users at the run's end: a request still running then is ``cut``,
+    reported apart and not counted as lost (a run with a short drain used to end "LOST 17",
+    exit code 1, with nothing lost by the stack)."""
+    records = [
+        rec(0.0, 1.0, replica="a"),
+        rec(1.0, 9.0, "cut", detail="cut by the run's end"),
+        rec(2.0, 8.0, "cut", detail="cut by the run's end", stream=True),
+    ]
+    s = summarize(records, started=3)
+    assert (s["ok"], s["cut"], s["lost"], s["lost_unanswered"], s["answered"]) == (1, 2, 0, 0, 1)
+    text = render_text(s, "unit")
+    assert "LOST 0" in text and "cut by the run's end 2" in text
+
+
 def test_summarize_answer_bound_and_empty_runs() -> None:
     records = [rec(0.0, 1.0, replica="a"), rec(0.5, 12.0, "shed", status=503), rec(1.0, 20.0)]
     s = summarize(records, answer_bound_s=12.5)

@@ -112,3 +112,49 @@ def test_headless_locust_run_loses_nothing_and_reports(stack: Stack, tmp_path: P
     stats = (tmp_path / "csv" / "run_stats.csv").read_text()
     assert "chat stream" in stats and "TTFT" in stats
     assert "LOST 0" in output
+
+
+@pytest.mark.timeout(120)
+def test_requests_running_when_the_run_ends_are_cut_not_lost(stack: Stack, tmp_path: Path) -> None:
+    """No drain and long answers: the requests still running when Locust stops its users are
+    reported as cut by the run's end, and the run's verdict stays "nothing lost" (exit 0)."""
+    assert stack.redis is not None
+    keys = asyncio.run(
+        create_tier_keys(stack.redis.url, stack.settings.key_prefix, parse_tiers("standard:1:1"))
+    )
+    report_dir = tmp_path / "report"
+    argv = [
+        sys.executable,
+        "-m",
+        "locust",
+        "-f",
+        str(REPO_ROOT / "loadtests" / "locustfile.py"),
+        "--headless",
+        "--only-summary",
+        "--stack-state",
+        str(stack.workdir / "stack.json"),
+        "--keys-file",
+        str(write_keys(keys, tmp_path / "keys.json")),
+        "--scenario",
+        "steady",
+        "--load",
+        "0.5",
+        "--duration-s",
+        "6",
+        "--drain-s",
+        "0",
+        "--output-tokens",
+        "fixed:400",
+        "--report-dir",
+        str(report_dir),
+    ]
+    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "PYTHONPATH": str(REPO_ROOT)}
+    done = subprocess.run(argv, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=90)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-4000:]
+    summary = json.loads((report_dir / "report.json").read_text())["summary"]
+    assert summary["cut"] > 0 and summary["lost"] == 0, summary
+    assert (
+        summary["ok"] + summary["shed"] + summary["errors"] + summary["cut"] == summary["started"]
+    )
+    assert "LOST 0" in output and "cut by the run's end" in output
