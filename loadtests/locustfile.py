@@ -359,20 +359,12 @@ class ChatUser(FastHttpUser):
         except gevent.GreenletExit:
             # Locust stopped this user (the run ended, drain included) while the request was
             # still running or waiting to retry: the run cut it, the stack did not lose it
+            latency_s = time.perf_counter() - p0
+            tier = self.key.label()
+            detail = "cut by the run's end"
             COLLECTOR.add(
                 Record(
-                    t=t0,
-                    latency_s=time.perf_counter() - p0,
-                    outcome="cut",
-                    status=0,
-                    replica=None,
-                    ttft_s=None,
-                    tokens=0,
-                    stream=stream,
-                    retries=retries,
-                    tier=self.key.label(),
-                    retry_after_s=None,
-                    detail="cut by the run's end",
+                    t0, latency_s, "cut", stream=stream, retries=retries, tier=tier, detail=detail
                 )
             )
             raise

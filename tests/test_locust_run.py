@@ -46,17 +46,15 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         stack.stop()
 
 
-@pytest.mark.timeout(150)
-def test_headless_locust_run_loses_nothing_and_reports(stack: Stack, tmp_path: Path) -> None:
+def run_locust(
+    stack: Stack, tmp_path: Path, tiers: str, *args: str, timeout_s: float
+) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """``locust --headless`` on ``loadtests/locustfile.py`` against the stack with keys of
+    ``tiers``, the scenario ``args``: (the finished process, the report folder)."""
     assert stack.redis is not None
     keys = asyncio.run(
-        create_tier_keys(
-            stack.redis.url,
-            stack.settings.key_prefix,
-            parse_tiers("interactive:0:2,standard:1:1,batch:2:1"),
-        )
+        create_tier_keys(stack.redis.url, stack.settings.key_prefix, parse_tiers(tiers))
     )
-    keys_file = write_keys(keys, tmp_path / "keys.json")
     report_dir = tmp_path / "report"
     argv = [
         sys.executable,
@@ -69,7 +67,24 @@ def test_headless_locust_run_loses_nothing_and_reports(stack: Stack, tmp_path: P
         "--stack-state",
         str(stack.workdir / "stack.json"),
         "--keys-file",
-        str(keys_file),
+        str(write_keys(keys, tmp_path / "keys.json")),
+        *args,
+        "--report-dir",
+        str(report_dir),
+    ]
+    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "PYTHONPATH": str(REPO_ROOT)}
+    done = subprocess.run(
+        argv, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout_s
+    )
+    return done, report_dir
+
+
+@pytest.mark.timeout(150)
+def test_headless_locust_run_loses_nothing_and_reports(stack: Stack, tmp_path: Path) -> None:
+    done, report_dir = run_locust(
+        stack,
+        tmp_path,
+        "interactive:0:2,standard:1:1,batch:2:1",
         "--scenario",
         "steady",
         "--load",
@@ -82,12 +97,7 @@ def test_headless_locust_run_loses_nothing_and_reports(stack: Stack, tmp_path: P
         "uniform:8,24",
         "--csv",
         str(tmp_path / "csv" / "run"),
-        "--report-dir",
-        str(report_dir),
-    ]
-    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "PYTHONPATH": str(REPO_ROOT)}
-    done = subprocess.run(
-        argv, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=RUN_S + 60
+        timeout_s=RUN_S + 60,
     )
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-4000:]
@@ -118,23 +128,10 @@ def test_headless_locust_run_loses_nothing_and_reports(stack: Stack, tmp_path: P
 def test_requests_running_when_the_run_ends_are_cut_not_lost(stack: Stack, tmp_path: Path) -> None:
     """No drain and long answers: the requests still running when Locust stops its users are
     reported as cut by the run's end, and the run's verdict stays "nothing lost" (exit 0)."""
-    assert stack.redis is not None
-    keys = asyncio.run(
-        create_tier_keys(stack.redis.url, stack.settings.key_prefix, parse_tiers("standard:1:1"))
-    )
-    report_dir = tmp_path / "report"
-    argv = [
-        sys.executable,
-        "-m",
-        "locust",
-        "-f",
-        str(REPO_ROOT / "loadtests" / "locustfile.py"),
-        "--headless",
-        "--only-summary",
-        "--stack-state",
-        str(stack.workdir / "stack.json"),
-        "--keys-file",
-        str(write_keys(keys, tmp_path / "keys.json")),
+    done, report_dir = run_locust(
+        stack,
+        tmp_path,
+        "standard:1:1",
         "--scenario",
         "steady",
         "--load",
@@ -145,11 +142,8 @@ def test_requests_running_when_the_run_ends_are_cut_not_lost(stack: Stack, tmp_p
         "0",
         "--output-tokens",
         "fixed:400",
-        "--report-dir",
-        str(report_dir),
-    ]
-    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "PYTHONPATH": str(REPO_ROOT)}
-    done = subprocess.run(argv, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=90)
+        timeout_s=90,
+    )
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-4000:]
     summary = json.loads((report_dir / "report.json").read_text())["summary"]

@@ -106,7 +106,7 @@ local slots, healthy, unknown, drain, free, reserved, throughput = 0, 0, 0, 0, 0
 for i = FIRST_REPLICA, FIRST_REPLICA + n - 1 do
   -- the same reading as the pick's (pick_lib.lua): a hash the router holds invalid (missing
   -- field, max_active < 1, kv_fraction out of [0, 1], ...) is unknown here too
-  local s = read_replica(KEYS[i])
+  local s, h = read_replica(KEYS[i], 'drain_rps', 'request_ms')
   local own = 0
   local down = false
   if s == nil or s.ts < now_ms - stale_after_ms then
@@ -117,12 +117,11 @@ for i = FIRST_REPLICA, FIRST_REPLICA + n - 1 do
   else
     own = s.max_active
     healthy = healthy + 1
-    local h = redis.call('HMGET', KEYS[i], 'drain_rps', 'request_ms')
-    local d = tonumber(h[1])
+    local d = tonumber(h[8])
     if d ~= nil and d > 0 then
       drain = drain + d
     end
-    local request_ms = tonumber(h[2])
+    local request_ms = tonumber(h[9])
     if request_ms ~= nil and request_ms > 0 then
       throughput = throughput + own * 1000 / request_ms
     end

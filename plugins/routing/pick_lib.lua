@@ -110,9 +110,11 @@ end
 
 -- The replica hash at `key`, parsed (nil = unknown): the one reading of a replica's state for
 -- the pick and for the admission gate (gate.lua), so that both agree on which are valid.
-local function read_replica(key)
-  return parse(redis.call('HMGET', key, 'waiting', 'active', 'max_active', 'kv_fraction',
-    'service_ms', 'healthy', 'ts_ms'))
+-- Extra field names (...) are read in the same HMGET; the raw values come second, from index 8.
+local function read_replica(key, ...)
+  local h = redis.call('HMGET', key, 'waiting', 'active', 'max_active', 'kv_fraction',
+    'service_ms', 'healthy', 'ts_ms', ...)
+  return parse(h), h
 end
 
 local function pick_replica(first_key, n, p, first_id, now_ms)
