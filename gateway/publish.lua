@@ -3,20 +3,24 @@
 -- another writer's sample (the catalogue's cold loader marks a replica healthy the moment its
 -- load returns) must not overwrite it with what it saw before the load ("unloaded").
 --
--- KEYS[1] replica hash, KEYS[2] the model's replica set, KEYS[3] server hash
--- ARGV[1] when this poll began (ms since the epoch), ARGV[2] TTL (ms), ARGV[3] replica id,
--- ARGV[4] number of replica-hash field/value arguments that follow; then those, then the
--- server hash's field/value pairs.
+-- KEY.replica the replica hash, KEY.replicas the model's replica set, KEY.server the server hash
+-- ARG.poll_started_ms when this poll began (ms since the epoch), ARG.ttl_ms, ARG.replica_id,
+-- ARG.replica_fields the number of replica-hash field/value arguments that follow the fixed
+-- ones; then those, then the server hash's field/value pairs (PUBLISH in gateway/sidecar.py).
 -- Returns 1 when the replica hash was written, 0 when a fresher fact was kept.
-local stored = tonumber(redis.call('HGET', KEYS[1], 'sample_ts_ms') or '0') or 0
-local n = tonumber(ARGV[4])
+
+--! protocol publish
+
+local stored = tonumber(redis.call('HGET', KEY.replica, 'sample_ts_ms') or '0') or 0
+local n = ARG.replica_fields
+local first = FIXED_ARGS + 1
 local written = 0
-if stored <= tonumber(ARGV[1]) then
-  redis.call('HSET', KEYS[1], unpack(ARGV, 5, 4 + n))
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+if stored <= ARG.poll_started_ms then
+  redis.call('HSET', KEY.replica, unpack(ARGV, first, first + n - 1))
+  redis.call('PEXPIRE', KEY.replica, ARG.ttl_ms)
   written = 1
 end
-redis.call('SADD', KEYS[2], ARGV[3])
-redis.call('HSET', KEYS[3], unpack(ARGV, 5 + n, #ARGV))
-redis.call('PEXPIRE', KEYS[3], ARGV[2])
+redis.call('SADD', KEY.replicas, ARG.replica_id)
+redis.call('HSET', KEY.server, unpack(ARGV, first + n, #ARGV))
+redis.call('PEXPIRE', KEY.server, ARG.ttl_ms)
 return written

@@ -38,6 +38,7 @@ from gateway.sidecar_settings import SidecarSettings
 from gateway.topology import server_topology
 from gateway.triton_metrics import EngineSample, parse_engine_sample
 from triage.keyschema import KeySchema, ReplicaState, ServerState
+from triage.lua import ScriptProtocol, fields, lua_source
 from triage.redis_client import cancel_requested
 from triage.settings_errors import report_invalid
 
@@ -76,6 +77,15 @@ class SidecarMetrics:
 
 
 PUBLISH_LUA = Path(__file__).with_name("publish.lua")
+PUBLISH = ScriptProtocol(
+    "publish",
+    keys=("replica", "replicas", "server"),
+    args=fields(
+        ("poll_started_ms", "int"), ("ttl_ms", "int"), "replica_id", ("replica_fields", "int")
+    ),
+)
+"""``publish.lua``: after the fixed arguments, the replica hash's field/value pairs, then the
+server hash's; replies 1 when the replica hash was written, 0 when a fresher one was kept."""
 
 
 def flat(mapping: dict[str, str]) -> list[str]:
@@ -107,7 +117,7 @@ class Sidecar:
         self.last_publish_monotonic: float | None = None
         self.last_state: ReplicaState | None = None
         self._redis_error_logged_at = 0.0
-        self._publish_script = redis_client.register_script(PUBLISH_LUA.read_text())
+        self._publish_script = redis_client.register_script(lua_source(PUBLISH_LUA, PUBLISH))
         self.poll_started_ms = 0
         """When the current poll began: a replica fact stored after it is fresher than ours."""
         self.loaded = True
@@ -250,19 +260,18 @@ class Sidecar:
         try:
             replica_fields = flat(state.to_redis())
             written = await self._publish_script(
-                keys=[
-                    self.keys.replica(s.replica_id),
-                    self.keys.model_replicas(s.model),
-                    self.keys.server(s.server_id),
-                ],
-                args=[
-                    self.poll_started_ms,
-                    s.ttl_ms,
-                    s.replica_id,
-                    len(replica_fields),
-                    *replica_fields,
-                    *flat(self.server_state().to_redis()),
-                ],
+                keys=PUBLISH.keys_for(
+                    replica=self.keys.replica(s.replica_id),
+                    replicas=self.keys.model_replicas(s.model),
+                    server=self.keys.server(s.server_id),
+                ),
+                args=PUBLISH.argv(
+                    [*replica_fields, *flat(self.server_state().to_redis())],
+                    poll_started_ms=self.poll_started_ms,
+                    ttl_ms=s.ttl_ms,
+                    replica_id=s.replica_id,
+                    replica_fields=len(replica_fields),
+                ),
             )
             if not written:
                 log.debug(

@@ -190,6 +190,9 @@ CORRUPT = [
     ("garbage kv", {"kv_fraction": "lots"}),
     ("negative service", {"service_ms": "-3"}),
     ("empty ts", {"ts_ms": ""}),
+    ("negative drain", {"drain_rps": "-1"}),  # the gate's fields: one validity rule for both
+    ("garbage request_ms", {"request_ms": "soon"}),
+    ("nan request_ms", {"request_ms": "nan"}),
 ]
 
 

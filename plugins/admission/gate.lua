@@ -1,26 +1,32 @@
 -- Fleet-wide admission gate for one model, shared by every proxy process.
 --
--- KEYS[1]  admitted:{model}   sorted set: ticket -> lease expiry (ms); the proxy holding a
---                             ticket renews its lease while the request runs (renew.lua)
--- KEYS[2]  queue:{model}      sorted set: ticket -> priority * 2^40 + arrival sequence
--- KEYS[3]  queuelease:{model} sorted set: ticket -> expiry of its place in the queue (ms)
--- KEYS[4]  queueseq:{model}   integer: arrival sequence
--- KEYS[5]  grantseq:{model}   integer: grants so far (each grant's number is in its message)
--- KEYS[6]  enqueueseq:{model} integer: enqueues so far (each enqueue's number is in its message)
--- KEYS[7..6+N]    replica:{id} hashes of the model's N replicas
--- KEYS[7+N..6+2N] inflight:{id} routing reservations of the same replicas (sorted sets, score =
---                 lease expiry; empty when the routing plugin is not used); a replica reported
---                 unhealthy counts none of its reservations (lease_lib.lua)
--- ARGV     op (enter | poll | leave | release | peek), ticket, priority, lease_ms, queue_lease_ms,
+-- The protocol (KEYS, ARGV and the reply, by name) is declared once, in plugins/admission/gate.py
+-- (GATE); the policy it applies is plugins/admission/rules.py, which this script mirrors and a
+-- property test compares it with (tests/test_gate_parity.py).
+--
+-- KEY.admitted     admitted:{model}   sorted set: ticket -> lease expiry (ms); the proxy holding
+--                                     a ticket renews its lease while the request runs (renew.lua)
+-- KEY.queue        queue:{model}      sorted set: ticket -> priority * 2^40 + arrival sequence
+-- KEY.queue_lease  queuelease:{model} sorted set: ticket -> expiry of its place in the queue (ms)
+-- KEY.queue_seq    queueseq:{model}   integer: arrival sequence
+-- KEY.grant_seq    grantseq:{model}   integer: grants so far (each grant's number is in its
+--                                     message)
+-- KEY.enqueue_seq  enqueueseq:{model} integer: enqueues so far (each enqueue's number is in its
+--                                     message)
+-- then (variable) the replica:{id} hashes of the model's N replicas, then the inflight:{id}
+--   routing reservations of the same replicas (sorted sets, score = lease expiry; empty when the
+--   routing plugin is not used); a replica reported unhealthy counts none of its reservations
+--   (lease_lib.lua)
+-- ARG      op (enter | poll | leave | release | peek), ticket, priority, lease_ms, queue_lease_ms,
 --          allowance, unknown_slots, stale_after_ms, queue_limit (this priority), max_queue,
---          grant channel, ahead_limit (enter: the most requests that may be ahead of this one
---          in the queue, from the expected-wait policy in expected_wait.py; '' = no limit),
---          enqueue channel, then optionally (when the routing plugin routes this model):
---            enter, poll: pick_lib's PICK_ARGS values and the N replica ids: an admitted
---              request (enter, or poll claiming its grant) also gets its replica picked and
---              reserved, in this same atomic call;
---            release: the request's routing reservation (its replica's index in 1..N, its
---              reservation id), released in this same call
+--          grant_channel, ahead_limit (enter: the most requests that may be ahead of this one in
+--          the queue, from the expected-wait policy in expected_wait.py; none = no limit),
+--          enqueue_channel, routed_index and routed_reservation (release: the request's routing
+--          reservation, its replica's index in 1..N and its id, released in this same call;
+--          0 and '' for none),
+--          then optionally (enter, poll; when the routing plugin routes this model): pick_params
+--          (pick_lib.lua) and the N replica ids: an admitted request (enter, or poll claiming its
+--          grant) also gets its replica picked and reserved, in this same atomic call
 --
 -- slots       = sum over replicas: fresh and healthy -> max_active; fresh and unhealthy -> 0;
 --               missing, invalid (pick_lib.lua's read_replica, as the router reads it) or
@@ -48,37 +54,29 @@
 -- ("<enqueue number> <priority> <ticket>"): with the grants, every proxy can tell how many are ahead of
 -- its next request between two calls (its shed memo, controller.py).
 --
--- Returns {status, capacity, outstanding, queued, ahead, drain_rps as a string, grants so far,
--- enqueues so far, throughput as a string (the fleet's completions/s when every batch slot is
--- busy: sum over fresh healthy replicas of max_active / mean request time, from the sidecars'
--- request_ms; 0 while none is measured)}, and when it picked a replica, pick_lib's
--- {chosen index, inflight, score}:
+-- Replies REPLY{status, capacity, outstanding, queued, ahead, drain_rps, grants (so far),
+-- enqueued (so far), throughput_rps (the fleet's completions/s when every batch slot is busy:
+-- sum over fresh healthy replicas of max_active * 1000 / request_ms, from the sidecars; 0 while
+-- none is measured), picked_index, picked_inflight, picked_score (pick_lib's pick when it
+-- picked a replica; picked_index 0 when it did not)}:
 --   status  1 admitted, 0 waiting (queued), -1 queue full, -2 no capacity (no healthy replica),
 --           -3 unknown ticket (its place expired), -4 expected wait too long (more than
 --           ahead_limit ahead of it), 2 released / left
 
-local op, ticket = ARGV[1], ARGV[2]
-local priority = tonumber(ARGV[3])
-local lease_ms, queue_lease_ms = tonumber(ARGV[4]), tonumber(ARGV[5])
-local allowance, unknown_slots = tonumber(ARGV[6]), tonumber(ARGV[7])
-local stale_after_ms = tonumber(ARGV[8])
-local queue_limit, max_queue = tonumber(ARGV[9]), tonumber(ARGV[10])
-local channel = ARGV[11]
-local ahead_limit = tonumber(ARGV[12] or '')
-local enqueue_channel = ARGV[13]
-local PICK_FIRST = 14 -- ARGV[PICK_FIRST..]: enter, poll: the pick; release: the reservation
-local picking = #ARGV >= PICK_FIRST
-local PRIORITY_UNIT = 1099511627776 -- 2^40
-
+--! protocol gate
 --! include ../routing/lease_lib.lua
 --! include ../routing/pick_lib.lua
+
+local op, ticket, priority = ARG.op, ARG.ticket, ARG.priority
+local lease_ms, queue_lease_ms = ARG.lease_ms, ARG.queue_lease_ms
+local picking = #ARGV > FIXED_ARGS -- ARGV[FIXED_ARGS + 1..]: pick_params, then the replica ids
+local PRIORITY_UNIT = 1099511627776 -- 2^40
 
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
-local admitted, queue, qlease, seq, grantseq = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local enqueueseq = KEYS[6]
-local FIRST_REPLICA = 7 -- KEYS[FIRST_REPLICA..]: the N replica hashes, then their reservations
+local admitted, queue, qlease = KEY.admitted, KEY.queue, KEY.queue_lease
+local FIRST_REPLICA = FIXED_KEYS + 1 -- KEYS[FIRST_REPLICA..]: replica hashes, then reservations
 
 -- heal: ended leases (lease_lib.lua: admissions no proxy renews any more, unclaimed grants)
 -- and abandoned places in the queue
@@ -89,41 +87,40 @@ if #gone > 0 then
   redis.call('ZREM', qlease, unpack(gone))
 end
 
-local n = (#KEYS - FIRST_REPLICA + 1) / 2
+local n = (#KEYS - FIXED_KEYS) / 2
 
 if op == 'release' or op == 'leave' then
   -- leave: a waiter gives up (timeout, client gone); a grant it had not claimed goes too
   redis.call('ZREM', admitted, ticket)
   redis.call('ZREM', queue, ticket)
   redis.call('ZREM', qlease, ticket)
-  if op == 'release' and ARGV[PICK_FIRST] then
+  if op == 'release' and ARG.routed_index > 0 then
     -- the request's routing reservation ends with it: its batch slot is granted below at once
-    local replica = tonumber(ARGV[PICK_FIRST])
-    redis.call('ZREM', KEYS[FIRST_REPLICA + n + replica - 1], ARGV[PICK_FIRST + 1])
+    redis.call('ZREM', KEYS[FIRST_REPLICA + n + ARG.routed_index - 1], ARG.routed_reservation)
   end
 end
+
+-- the fleet (rules.py: fleet): slots, capacity, free batch slots, drain, throughput
 local slots, healthy, unknown, drain, free, reserved, throughput = 0, 0, 0, 0, 0, 0, 0
 for i = FIRST_REPLICA, FIRST_REPLICA + n - 1 do
   -- the same reading as the pick's (pick_lib.lua): a hash the router holds invalid (missing
   -- field, max_active < 1, kv_fraction out of [0, 1], ...) is unknown here too
-  local s, h = read_replica(KEYS[i], 'drain_rps', 'request_ms')
+  local s = read_replica(KEYS[i])
   local own = 0
   local down = false
-  if s == nil or s.ts < now_ms - stale_after_ms then
-    own = unknown_slots
+  if s == nil or s.ts < now_ms - ARG.stale_after_ms then
+    own = ARG.unknown_slots
     unknown = unknown + 1
   elseif not s.healthy then
     down = true -- reported unhealthy: no slots, and its reservations do not count (lease_lib)
   else
     own = s.max_active
     healthy = healthy + 1
-    local d = tonumber(h[8])
-    if d ~= nil and d > 0 then
-      drain = drain + d
+    if s.drain_rps ~= nil and s.drain_rps > 0 then
+      drain = drain + s.drain_rps
     end
-    local request_ms = tonumber(h[9])
-    if request_ms ~= nil and request_ms > 0 then
-      throughput = throughput + own * 1000 / request_ms
+    if s.request_ms ~= nil and s.request_ms > 0 then
+      throughput = throughput + own * 1000 / s.request_ms
     end
   end
   slots = slots + own
@@ -134,11 +131,9 @@ for i = FIRST_REPLICA, FIRST_REPLICA + n - 1 do
   reserved = reserved + taken
   free = free + math.max(0, own - taken)
 end
-local capacity = slots + allowance * healthy
-local drain_s = string.format('%.17g', drain)
-local throughput_s = string.format('%.17g', throughput)
+local capacity = slots + ARG.allowance * healthy
 
--- grant free batch slots to the queue's heads
+-- grant free batch slots to the queue's heads (rules.py: grants)
 local outstanding = redis.call('ZCARD', admitted)
 free = free - math.max(0, outstanding - reserved)
 while free > 0 and outstanding < capacity do
@@ -152,37 +147,52 @@ while free > 0 and outstanding < capacity do
   if redis.call('PTTL', admitted) < queue_lease_ms then
     redis.call('PEXPIRE', admitted, queue_lease_ms)
   end
-  redis.call('PUBLISH', channel, head[1] .. ' ' .. redis.call('INCR', grantseq))
+  redis.call('PUBLISH', ARG.grant_channel, head[1] .. ' ' .. redis.call('INCR', KEY.grant_seq))
   outstanding = outstanding + 1
   free = free - 1
 end
 local queued = redis.call('ZCARD', queue)
-local granted = tonumber(redis.call('GET', grantseq) or '0')
-local enqueued = tonumber(redis.call('GET', enqueueseq) or '0')
+local granted = tonumber(redis.call('GET', KEY.grant_seq) or '0')
+local enqueued = tonumber(redis.call('GET', KEY.enqueue_seq) or '0')
 
 local function answer(status, out, waiting, ahead)
-  return { status, capacity, out, waiting, ahead, drain_s, granted, enqueued, throughput_s }
+  return {
+    status = status,
+    capacity = capacity,
+    outstanding = out,
+    queued = waiting,
+    ahead = ahead,
+    drain_rps = drain,
+    grants = granted,
+    enqueued = enqueued,
+    throughput_rps = throughput,
+    picked_index = 0,
+    picked_inflight = 0,
+    picked_score = 0,
+  }
 end
 
 -- admitted now: with the pick arguments, the replica is picked and reserved as well
 local function admit(out, waiting)
   local reply = answer(1, out, waiting, 0)
   if picking then
-    local chosen = pick_replica(FIRST_REPLICA, n, pick_params(PICK_FIRST), PICK_FIRST + PICK_ARGS,
+    local first = FIXED_ARGS + 1
+    local chosen = pick_replica(FIRST_REPLICA, n, pick_params(first), first + PICK_PARAMS_COUNT,
       now_ms)
     if chosen then
-      reply[10], reply[11], reply[12] = chosen[1], chosen[2], chosen[3]
+      reply.picked_index, reply.picked_inflight = chosen.index, chosen.inflight
+      reply.picked_score = chosen.score
     end
   end
-  return reply
+  return REPLY(reply)
 end
 
 local function too_long(ahead)
-  return ahead_limit ~= nil and ahead > ahead_limit
+  return ARG.ahead_limit ~= nil and ahead > ARG.ahead_limit
 end
 
 if op == 'release' or op == 'leave' then
-  return answer(2, outstanding, queued, 0)
+  return REPLY(answer(2, outstanding, queued, 0))
 end
 
 local function hold(expiry_ms)
@@ -193,44 +203,45 @@ local function hold(expiry_ms)
 end
 
 if op == 'peek' then
-  -- what a new request of this priority would find: everything queued at its priority or
-  -- better is ahead of it (it would arrive last); nothing changes but the grants above
+  -- what a new request of this priority would find (rules.py: peek): everything queued at its
+  -- priority or better is ahead of it (it would arrive last); nothing changes but the grants
   local ahead = redis.call('ZCOUNT', queue, '-inf', '(' .. ((priority + 1) * PRIORITY_UNIT))
   if too_long(ahead) then
-    return answer(-4, outstanding, queued, ahead)
+    return REPLY(answer(-4, outstanding, queued, ahead))
   end
-  return answer(0, outstanding, queued, ahead)
+  return REPLY(answer(0, outstanding, queued, ahead))
 end
 
 if op == 'enter' then
+  -- rules.py: enter
   if redis.call('ZSCORE', admitted, ticket) then
-    return answer(1, outstanding, queued, 0)
+    return REPLY(answer(1, outstanding, queued, 0))
   end
-  local score = priority * PRIORITY_UNIT + redis.call('INCR', seq)
+  local score = priority * PRIORITY_UNIT + redis.call('INCR', KEY.queue_seq)
   local ahead = redis.call('ZCOUNT', queue, '-inf', '(' .. score)
   if ahead == 0 and outstanding < capacity then
     hold(now_ms + lease_ms)
     return admit(outstanding + 1, queued)
   end
   if healthy + unknown == 0 then
-    return answer(-2, outstanding, queued, ahead)
+    return REPLY(answer(-2, outstanding, queued, ahead))
   end
   local same = redis.call('ZCOUNT', queue, priority * PRIORITY_UNIT,
     '(' .. ((priority + 1) * PRIORITY_UNIT))
-  if queued >= max_queue or same >= queue_limit then
-    return answer(-1, outstanding, queued, ahead)
+  if queued >= ARG.max_queue or same >= ARG.queue_limit then
+    return REPLY(answer(-1, outstanding, queued, ahead))
   end
   if too_long(ahead) then
-    return answer(-4, outstanding, queued, ahead)
+    return REPLY(answer(-4, outstanding, queued, ahead))
   end
   redis.call('ZADD', queue, score, ticket)
   redis.call('ZADD', qlease, now_ms + queue_lease_ms, ticket)
   redis.call('PEXPIRE', queue, queue_lease_ms * 10)
   redis.call('PEXPIRE', qlease, queue_lease_ms * 10)
-  redis.call('PEXPIRE', seq, queue_lease_ms * 10)
-  enqueued = redis.call('INCR', enqueueseq)
-  redis.call('PUBLISH', enqueue_channel, enqueued .. ' ' .. priority .. ' ' .. ticket)
-  return answer(0, outstanding, queued + 1, ahead)
+  redis.call('PEXPIRE', KEY.queue_seq, queue_lease_ms * 10)
+  enqueued = redis.call('INCR', KEY.enqueue_seq)
+  redis.call('PUBLISH', ARG.enqueue_channel, enqueued .. ' ' .. priority .. ' ' .. ticket)
+  return REPLY(answer(0, outstanding, queued + 1, ahead))
 end
 
 -- poll: a waiter claims its grant (the admission's full lease from now), or keeps its place
@@ -240,9 +251,9 @@ if redis.call('ZSCORE', admitted, ticket) then
 end
 local rank = redis.call('ZRANK', queue, ticket)
 if rank == false then
-  return answer(-3, outstanding, queued, 0)
+  return REPLY(answer(-3, outstanding, queued, 0))
 end
 redis.call('ZADD', qlease, now_ms + queue_lease_ms, ticket)
 redis.call('PEXPIRE', queue, queue_lease_ms * 10)
 redis.call('PEXPIRE', qlease, queue_lease_ms * 10)
-return answer(0, outstanding, queued, rank)
+return REPLY(answer(0, outstanding, queued, rank))

@@ -7,27 +7,53 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import IntEnum
 from pathlib import Path
 
 from redis.asyncio import Redis
 
+from plugins.admission.rules import Status
 from plugins.admission.settings import AdmissionSettings
-from plugins.routing.store import PickPlan, Reservation
+from plugins.routing.store import PICK_PARAMS, PICKED, PickPlan, Reservation
 from triage.keyschema import KeySchema
-from triage.lua import lua_source
+from triage.lua import ScriptProtocol, fields, lua_source
 
 GATE_LUA = Path(__file__).with_name("gate.lua")
 
-
-class Status(IntEnum):
-    ADMITTED = 1
-    WAITING = 0
-    QUEUE_FULL = -1
-    NO_CAPACITY = -2
-    LOST = -3
-    WAIT_TOO_LONG = -4
-    DONE = 2
+GATE = ScriptProtocol(
+    "gate",
+    keys=("admitted", "queue", "queue_lease", "queue_seq", "grant_seq", "enqueue_seq"),
+    args=fields(
+        "op",
+        "ticket",
+        ("priority", "int"),
+        ("lease_ms", "int"),
+        ("queue_lease_ms", "int"),
+        ("allowance", "int"),
+        ("unknown_slots", "int"),
+        ("stale_after_ms", "int"),
+        ("queue_limit", "int"),
+        ("max_queue", "int"),
+        "grant_channel",
+        ("ahead_limit", "opt_float"),
+        "enqueue_channel",
+        ("routed_index", "int"),
+        "routed_reservation",
+    ),
+    reply=fields(
+        ("status", "int"),
+        ("capacity", "int"),
+        ("outstanding", "int"),
+        ("queued", "int"),
+        ("ahead", "int"),
+        ("drain_rps", "float"),
+        ("grants", "int"),
+        ("enqueued", "int"),
+        ("throughput_rps", "float"),
+        *((f"picked_{f.name}", f.kind) for f in PICKED),
+    ),
+)
+"""``gate.lua``: after the fixed keys, the N replica hashes and their N reservation sets; after
+the fixed arguments, optionally (enter, poll) ``PICK_PARAMS`` and the N replica ids."""
 
 
 @dataclass(frozen=True)
@@ -60,7 +86,7 @@ class AdmissionGate:
         self._client = client
         self._settings = settings
         self._keys = KeySchema(settings.key_prefix)
-        self._script = client.register_script(lua_source(GATE_LUA))
+        self._script = client.register_script(lua_source(GATE_LUA, GATE, PICK_PARAMS))
 
     @property
     def client(self) -> Redis:
@@ -82,47 +108,40 @@ class AdmissionGate:
         routed: tuple[str, str] | None = None,
     ) -> GateReply:
         s = self._settings
-        keys = [
-            self._keys.admitted(model),
-            self._keys.queue(model),
-            self._keys.queue_lease(model),
-            self._keys.queue_seq(model),
-            self._keys.grant_seq(model),
-            self._keys.enqueue_seq(model),
-            *(self._keys.replica(r) for r in replica_ids),
-            *(self._keys.inflight(r) for r in replica_ids),  # the routing plugin's reservations
-        ]
-        args = [
-            op,
-            ticket,
-            str(priority),
-            str(s.lease_ms),
-            str(s.queue_lease_ms),
-            str(s.queue_allowance),
-            str(s.unknown_replica_slots),
-            str(s.stale_after_ms),
-            str(s.queue_limit(priority)),
-            str(s.max_queue),
-            self._keys.grants(model),
-            "" if ahead_limit is None else repr(float(ahead_limit)),
-            self._keys.enqueues(model),
-        ]
-        if pick is not None:
-            args += [*pick.args(), *replica_ids]
-        if routed is not None:  # release: (replica index, reservation id)
-            args += [str(replica_ids.index(routed[0]) + 1), routed[1]]
-        reply = await self._script(keys=keys, args=args)
+        k = self._keys
+        keys = GATE.keys_for(
+            [*(k.replica(r) for r in replica_ids), *(k.inflight(r) for r in replica_ids)],
+            admitted=k.admitted(model),
+            queue=k.queue(model),
+            queue_lease=k.queue_lease(model),
+            queue_seq=k.queue_seq(model),
+            grant_seq=k.grant_seq(model),
+            enqueue_seq=k.enqueue_seq(model),
+        )
+        args = GATE.argv(
+            [*pick.args(), *replica_ids] if pick is not None else [],
+            op=op,
+            ticket=ticket,
+            priority=priority,
+            lease_ms=s.lease_ms,
+            queue_lease_ms=s.queue_lease_ms,
+            allowance=s.queue_allowance,
+            unknown_slots=s.unknown_replica_slots,
+            stale_after_ms=s.stale_after_ms,
+            queue_limit=s.queue_limit(priority),
+            max_queue=s.max_queue,
+            grant_channel=k.grants(model),
+            ahead_limit=ahead_limit,
+            enqueue_channel=k.enqueues(model),
+            routed_index=0 if routed is None else replica_ids.index(routed[0]) + 1,
+            routed_reservation="" if routed is None else routed[1],
+        )
+        reply, _ = GATE.decode(await self._script(keys=keys, args=args))
+        picked = {f.name: reply.pop(f"picked_{f.name}") for f in PICKED}
         return GateReply(
-            Status(int(reply[0])),
-            int(reply[1]),
-            int(reply[2]),
-            int(reply[3]),
-            int(reply[4]),
-            _float(reply[5]),
-            int(reply[6]),
-            int(reply[7]),
-            _float(reply[8]),
-            pick.reservation(replica_ids, reply[9:12]) if pick and len(reply) >= 12 else None,
+            status=Status(reply.pop("status")),
+            **reply,
+            reservation=None if pick is None else pick.reservation(replica_ids, **picked),
         )
 
     async def enter(
@@ -185,8 +204,3 @@ class AdmissionGate:
 
     def enqueues_channel(self, model: str) -> str:
         return self._keys.enqueues(model)
-
-
-def _float(value: bytes | str | float) -> float:
-    """A number the script sends as a string (Lua numbers become integers on the way out)."""
-    return float(value.decode() if isinstance(value, bytes) else value)

@@ -1,6 +1,7 @@
 -- Live reservations per replica: for each KEYS[i] = inflight:{id}, drop ended leases and return
 -- the count (lease_lib.lua's live_entries). Used by snapshots, tests and diagnostics.
 
+--! protocol count
 --! include lease_lib.lua
 
 local t = redis.call('TIME')

@@ -43,12 +43,16 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from triage.keyschema import ReplicaState
-from triage.lua import lua_source
+from triage.lua import ScriptProtocol, fields, lua_source
 from triage.redis_client import PoolExhausted, PoolWaits, cancel_requested
 
 log = logging.getLogger(__name__)
 
 RENEW_LUA = Path(__file__).with_name("renew.lua")
+RENEW = ScriptProtocol("renew", args=fields(("lease_ms", "int"), "mode"))
+"""``renew.lua``: KEYS the sorted sets; after ``lease_ms`` and ``mode`` (renew | restore |
+release), per key the number of its members, then the members; replies the missing members
+per key."""
 
 DEFAULT_LEASE_MS = 8_000
 """Lease of a ticket or a reservation after its last renewal: the longest a dead proxy's entry,
@@ -270,9 +274,9 @@ class LeaseRenewer:
     async def _call(self, keys: list[str], entries: Entries, mode: str) -> dict[str, list[str]]:
         client = self._client()
         if self._script is None or self._script_client is not client:
-            self._script = client.register_script(lua_source(RENEW_LUA))
+            self._script = client.register_script(lua_source(RENEW_LUA, RENEW))
             self._script_client = client
-        args: list[str] = [str(self._lease_ms), mode]
+        args = RENEW.argv(lease_ms=self._lease_ms, mode=mode)
         for key in keys:
             members = list(entries[key])
             args.append(str(len(members)))

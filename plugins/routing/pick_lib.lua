@@ -8,39 +8,26 @@
 --                                         reservation id, score = lease expiry in ms since the
 --                                         epoch), same candidate order
 --   ARGV[first_id .. first_id+n-1]        the candidates' replica ids
---   p                                     pick_params(first): PICK_ARGS values of ARGV from
---                                         `first`: tiebreak, stale_after_ms, kv_threshold,
---                                         kv_weight, unknown_score, default_service_ms,
---                                         tie_tolerance, reservation id, lease_ms
+--   p                                     pick_params(first): the PICK_PARAMS_COUNT values of
+--                                         ARGV from `first`, by name (PICK_PARAMS in
+--                                         plugins/routing/store.py declares them)
 -- A candidate's in-flight count is the number of its reservations that count (lease_lib.lua:
 -- ended leases are removed first, so a reservation whose release was lost or whose proxy died
 -- heals one lease after its last renewal; a replica reported down counts none, though it scores
 -- inf anyway).
--- Returns {chosen_index (1-based), new inflight value, score as a "%.17g" string}, or nil when
--- no candidate is eligible (all unhealthy, or n = 0).
+-- Returns {index = the chosen candidate (1-based), inflight = its reservations now, score}, or
+-- nil when no candidate is eligible (all unhealthy, or n = 0).
 --
 -- Every number is a double (Lua 5.1). The arithmetic follows policy.py step by step in the
--- same order, so both compute bit-identical scores (see policy.py's docstring). The score is
--- returned as a string because Redis truncates Lua numbers to integers in replies, and with
--- %.17g because tostring() keeps only 14 significant digits.
+-- same order, so both compute bit-identical scores (see policy.py's docstring). The scripts' REPLY
+-- sends the score as a "%.17g" string: Redis truncates Lua numbers to integers in replies, and
+-- tostring() keeps only 14 significant digits.
 
 -- Needs lease_lib.lua included before it (pick.lua and gate.lua include both, in that order).
 
-local PICK_ARGS = 9
-
-local function pick_params(first)
-  return {
-    tiebreak = tonumber(ARGV[first]),
-    stale_after_ms = tonumber(ARGV[first + 1]),
-    kv_threshold = tonumber(ARGV[first + 2]),
-    kv_weight = tonumber(ARGV[first + 3]),
-    unknown_score = tonumber(ARGV[first + 4]),
-    default_service_ms = tonumber(ARGV[first + 5]),
-    tie_tolerance = tonumber(ARGV[first + 6]),
-    reservation = ARGV[first + 7],
-    lease_ms = tonumber(ARGV[first + 8]),
-  }
-end
+-- pick_params(first): the policy's parameters from ARGV[first..], by name, and PICK_PARAMS_COUNT
+-- (generated from PICK_PARAMS in plugins/routing/store.py):
+--! protocol pick_params
 
 -- A number from a hash field; nil for missing (false), empty, garbage or nan.
 local function num(v)
@@ -63,8 +50,20 @@ local function int(v)
   return x
 end
 
+-- An optional non-negative number field: false = invalid; nil = absent or empty.
+local function optional(v)
+  if not v or v == '' then
+    return nil
+  end
+  local x = num(v)
+  if x == nil or x < 0 then
+    return false
+  end
+  return x
+end
+
 -- The replica's state, or nil when the hash is missing or invalid (= unknown). Mirrors the
--- validation of ReplicaState for the fields read here.
+-- validation of ReplicaState (triage/keyschema.py) for the fields read here.
 local function parse(h)
   local waiting, active, max_active = int(h[1]), int(h[2]), int(h[3])
   local kv, ts = num(h[4]), int(h[7])
@@ -77,12 +76,9 @@ local function parse(h)
   if waiting < 0 or active < 0 or max_active < 1 or kv < 0 or kv > 1 then
     return nil
   end
-  local service = nil
-  if h[5] and h[5] ~= '' then
-    service = num(h[5])
-    if service == nil or service < 0 then
-      return nil
-    end
+  local service, drain, request_ms = optional(h[5]), optional(h[8]), optional(h[9])
+  if service == false or drain == false or request_ms == false then
+    return nil
   end
   return {
     waiting = waiting,
@@ -92,6 +88,8 @@ local function parse(h)
     service = service,
     healthy = (h[6] == '1'),
     ts = ts,
+    drain_rps = drain,
+    request_ms = request_ms,
   }
 end
 
@@ -110,11 +108,9 @@ end
 
 -- The replica hash at `key`, parsed (nil = unknown): the one reading of a replica's state for
 -- the pick and for the admission gate (gate.lua), so that both agree on which are valid.
--- Extra field names (...) are read in the same HMGET; the raw values come second, from index 8.
-local function read_replica(key, ...)
-  local h = redis.call('HMGET', key, 'waiting', 'active', 'max_active', 'kv_fraction',
-    'service_ms', 'healthy', 'ts_ms', ...)
-  return parse(h), h
+local function read_replica(key)
+  return parse(redis.call('HMGET', key, 'waiting', 'active', 'max_active', 'kv_fraction',
+    'service_ms', 'healthy', 'ts_ms', 'drain_rps', 'request_ms'))
 end
 
 local function pick_replica(first_key, n, p, first_id, now_ms)
@@ -192,5 +188,5 @@ local function pick_replica(first_key, n, p, first_id, now_ms)
   if redis.call('PTTL', key) < p.lease_ms then
     redis.call('PEXPIRE', key, p.lease_ms) -- the set lives as long as its longest lease
   end
-  return { chosen, redis.call('ZCARD', key), string.format('%.17g', scores[chosen]) }
+  return { index = chosen, inflight = redis.call('ZCARD', key), score = scores[chosen] }
 end

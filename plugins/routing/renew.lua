@@ -1,7 +1,9 @@
 -- Renew the leases of the entries one proxy process still holds, in one call per interval.
 --
--- KEYS[1..K]  sorted sets (admitted:{model}, inflight:{id}): member -> lease expiry (ms)
--- ARGV        lease_ms, mode, then per key: the number of members, then the members
+-- KEYS        (none fixed) K sorted sets (admitted:{model}, inflight:{id}): member -> lease
+--             expiry (ms)
+-- ARGV        ARG.lease_ms, ARG.mode (RENEW in plugins/routing/leases.py), then per key: the
+--             number of members, then the members
 --   mode 'renew'    only members still present get the new expiry (ZADD XX): a member
 --                   released while this call was on its way stays released
 --   mode 'restore'  the members are added back (Redis lost them: a restart without its data,
@@ -12,13 +14,15 @@
 -- Every key's own TTL is kept at least one lease (the set lives as long as its longest lease).
 -- Returns, per key, the members that were missing ('renew' only; empty for the other modes).
 
+--! protocol renew
+
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local lease_ms = tonumber(ARGV[1])
-local restore = ARGV[2] == 'restore'
-local release = ARGV[2] == 'release'
+local lease_ms = ARG.lease_ms
+local restore = ARG.mode == 'restore'
+local release = ARG.mode == 'release'
 local expiry = now_ms + lease_ms
-local arg = 3
+local arg = FIXED_ARGS + 1
 local missing = {}
 for i = 1, #KEYS do
   local key = KEYS[i]

@@ -17,7 +17,6 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from pydantic import ValidationError
 from redis.asyncio import Redis
@@ -25,7 +24,7 @@ from redis.asyncio import Redis
 from plugins.routing.leases import DEFAULT_LEASE_MS
 from plugins.routing.policy import Candidate, PolicyParams
 from triage.keyschema import KeySchema, ReplicaState
-from triage.lua import lua_source
+from triage.lua import ArgGroup, ScriptProtocol, fields, lua_source
 
 log = logging.getLogger(__name__)
 
@@ -35,17 +34,35 @@ RELEASE_LUA = _HERE / "release.lua"
 COUNT_LUA = _HERE / "count.lua"
 
 
+PICK_PARAMS = ArgGroup(
+    "pick_params",
+    fields(
+        ("tiebreak", "int"),
+        ("stale_after_ms", "int"),
+        ("kv_threshold", "float"),
+        ("kv_weight", "float"),
+        ("unknown_score", "float"),
+        ("default_service_ms", "float"),
+        ("tie_tolerance", "float"),
+        "reservation",
+        ("lease_ms", "int"),
+    ),
+)
+"""The policy's parameters and the reservation to take, as ``pick_lib.lua`` reads them (after
+the pick's own arguments in ``pick.lua``, after the gate's in ``gate.lua``)."""
+PICKED = fields(("index", "int"), ("inflight", "int"), ("score", "float"))
+"""What a pick answers: the chosen candidate (1-based; 0 = none eligible), its reservations
+now, its score."""
+PICK = ScriptProtocol("pick", args=fields(("n", "int")), reply=PICKED)
+"""``pick.lua``: KEYS the N replica hashes then their reservation sets; ARGV ``n``, then
+``PICK_PARAMS``, then the N replica ids."""
+RELEASE = ScriptProtocol("release", keys=("inflight",), args=fields("reservation"))
+"""``release.lua``: replies the replica's live reservations (a number)."""
+COUNT = ScriptProtocol("count")
+"""``count.lua``: KEYS the reservation sets; replies their live counts, in order."""
+
 MAX_TIEBREAK = 2**53
 """``tiebreak`` must be in ``[0, MAX_TIEBREAK)``: Lua holds it as an exact double."""
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
-def _float_arg(value: float) -> str:
-    """Shortest round-trip form: Lua's ``tonumber`` (strtod) reads back the same double."""
-    return repr(float(value))
 
 
 @dataclass(frozen=True)
@@ -79,26 +96,27 @@ class PickPlan:
             raise ValueError(f"lease_ms must be >= 1, got {self.lease_ms}")
 
     def args(self) -> list[str]:
-        """``pick_lib.lua``'s ``PICK_ARGS`` values, in its order."""
+        """``PICK_PARAMS``, encoded."""
         p = self.params
-        return [
-            str(self.tiebreak),
-            str(int(p.stale_after_ms)),
-            _float_arg(p.kv_threshold),
-            _float_arg(p.kv_weight),
-            _float_arg(p.unknown_score),
-            _float_arg(p.default_service_ms),
-            _float_arg(p.tie_tolerance),
-            self.reservation_id,
-            str(int(self.lease_ms)),
-        ]
-
-    def reservation(self, replica_ids: Sequence[str], reply: Sequence[Any]) -> Reservation:
-        """The reservation a script's ``{chosen index, inflight, score}`` reply describes."""
-        index, inflight, score = reply
-        return Reservation(
-            replica_ids[int(index) - 1], self.reservation_id, int(inflight), float(_text(score))
+        return PICK_PARAMS.argv(
+            tiebreak=self.tiebreak,
+            stale_after_ms=int(p.stale_after_ms),
+            kv_threshold=p.kv_threshold,
+            kv_weight=p.kv_weight,
+            unknown_score=p.unknown_score,
+            default_service_ms=p.default_service_ms,
+            tie_tolerance=p.tie_tolerance,
+            reservation=self.reservation_id,
+            lease_ms=int(self.lease_ms),
         )
+
+    def reservation(
+        self, replica_ids: Sequence[str], index: int, inflight: int, score: float
+    ) -> Reservation | None:
+        """The reservation a pick's ``PICKED`` fields describe (None: index 0, none taken)."""
+        if index == 0:
+            return None
+        return Reservation(replica_ids[index - 1], self.reservation_id, inflight, score)
 
 
 class RoutingStore:
@@ -107,9 +125,9 @@ class RoutingStore:
     def __init__(self, client: Redis, keys: KeySchema | None = None) -> None:
         self._client = client
         self._keys = keys if keys is not None else KeySchema()
-        self._pick = client.register_script(lua_source(PICK_LUA))
-        self._release = client.register_script(lua_source(RELEASE_LUA))
-        self._count = client.register_script(lua_source(COUNT_LUA))
+        self._pick = client.register_script(lua_source(PICK_LUA, PICK, PICK_PARAMS))
+        self._release = client.register_script(lua_source(RELEASE_LUA, RELEASE))
+        self._count = client.register_script(lua_source(COUNT_LUA, COUNT))
 
     @property
     def keys(self) -> KeySchema:
@@ -145,14 +163,16 @@ class RoutingStore:
         if len(set(ids)) != len(ids):
             raise ValueError(f"duplicate replica ids: {ids}")
         keys = [self._keys.replica(r) for r in ids] + [self._keys.inflight(r) for r in ids]
-        reply = await self._pick(keys=keys, args=[str(len(ids)), *plan.args(), *ids])
-        if int(reply[0]) == 0:
-            return None
-        return plan.reservation(ids, reply)
+        args = PICK.argv([*plan.args(), *ids], n=len(ids))
+        reply, _ = PICK.decode(await self._pick(keys=PICK.keys_for(keys), args=args))
+        return plan.reservation(ids, **reply)
 
     async def release(self, replica_id: str, reservation_id: str) -> int:
         """Give back one reservation (idempotent); returns the replica's live reservations."""
-        value = await self._release(keys=[self._keys.inflight(replica_id)], args=[reservation_id])
+        value = await self._release(
+            keys=RELEASE.keys_for(inflight=self._keys.inflight(replica_id)),
+            args=RELEASE.argv(reservation=reservation_id),
+        )
         return int(value)
 
     async def inflight(self, replica_ids: Sequence[str]) -> list[int]:
