@@ -17,6 +17,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from loadtests.scenarios import Scenario, ScenarioKind
 from loadtests.traffic import KeyTier, LengthDist, StandinTiming, load_keys
+from plugins.admission.settings import AdmissionSettings
 
 STACK_STATE_ENV = "TRIAGE_STACK_STATE"  # the same variable ``triage keys`` reads
 
@@ -55,8 +56,18 @@ class LoadSettings(BaseSettings):
         description="kill: shell command run instead of SIGKILL to the stack's PID "
         "($TRIAGE_KILL_REPLICA names the replica)",
     )
-    drain_s: float = Field(
-        default=15.0, ge=0, description="after the arrivals: in-flight requests may finish"
+    drain_s: float | None = Field(
+        default=None,
+        ge=0,
+        description="after the arrivals: in-flight requests may finish for this long; default "
+        "the longest one may still take (max_wait_s + the longest service + max_retries x "
+        "max_retry_wait_s); the run ends sooner once every request is answered",
+    )
+    max_wait_s: float = Field(
+        default=AdmissionSettings.model_fields["max_wait_ms"].default / 1000,
+        ge=0,
+        description="the gateway's longest queue wait (the admission plugin's max_wait_ms), for "
+        "the default drain",
     )
     capacity_rps: float | None = Field(
         default=None, gt=0, description="fleet capacity, req/s; default computed from stack.json"
@@ -90,7 +101,8 @@ class LoadSettings(BaseSettings):
                 raise ValueError(f"not an http(s) URL: {url!r}")
         return ",".join(urls)
 
-    def scenario_spec(self) -> Scenario:
+    def scenario_spec(self, drain_s: float | None = None) -> Scenario:
+        """The schedule; ``drain_s`` when this run's drain is worked out (``Resolved.drain_s``)."""
         return Scenario(
             kind=self.scenario,
             duration_s=self.duration_s,
@@ -101,7 +113,7 @@ class LoadSettings(BaseSettings):
             burst_at_s=self.burst_at_s,
             burst_s=self.burst_s,
             kill_at_s=self.kill_at_s,
-            drain_s=self.drain_s,
+            drain_s=drain_s if drain_s is not None else (self.drain_s or 0.0),
         )
 
     def prompt_dist(self) -> LengthDist:
@@ -121,6 +133,8 @@ class Resolved(BaseModel):
     replica_ids: list[str] = Field(default_factory=list)
     replica_pids: dict[str, int] = Field(default_factory=dict)
     speeds: list[float] = Field(default_factory=list)
+    drain_s: float = 15.0
+    """The drain: ``--drain-s``, or the longest a request may still take (``default_drain_s``)."""
 
 
 def read_stack_state(path: Path | None) -> dict[str, Any] | None:
@@ -136,6 +150,14 @@ def read_stack_state(path: Path | None) -> dict[str, Any] | None:
     if not isinstance(data, dict):
         raise ValueError(f"{path}: not a stack.json object")
     return data
+
+
+def default_drain_s(settings: LoadSettings, longest_service_s: float) -> float:
+    """The longest a request sent as the arrivals stop may still take: its wait in the gateway's
+    queue, its service on the slowest replica, and every Retry-After wait it may be asked for
+    (the run ends sooner when all are answered: ``ScenarioShape``)."""
+    retries = settings.max_retries * settings.max_retry_wait_s
+    return settings.max_wait_s + min(longest_service_s, settings.request_timeout_s) + retries
 
 
 def resolve(settings: LoadSettings, host: str | None) -> Resolved:
@@ -171,7 +193,17 @@ def resolve(settings: LoadSettings, host: str | None) -> Resolved:
         capacity = timing.fleet_rps(
             speeds, settings.output_dist().mean(), settings.prompt_dist().mean()
         )
+    longest_service = settings.request_timeout_s
+    if stack and replicas and "standin" in stack:
+        timing = StandinTiming.from_mapping(stack["standin"])
+        longest_service = timing.service_s(
+            settings.output_dist().upper(), settings.prompt_dist().upper(), min(speeds)
+        )
+    drain = settings.drain_s
+    if drain is None:
+        drain = default_drain_s(settings, longest_service)
     return Resolved(
+        drain_s=drain,
         base_urls=urls,
         keys=keys,
         model=model,

@@ -26,7 +26,7 @@ import locust  # noqa: F401
 from locust import FastHttpUser, LoadTestShape, events, task
 from locust.argument_parser import LocustArgumentParser
 from locust.env import Environment
-from locust.runners import MasterRunner, WorkerRunner
+from locust.runners import WORKER_REPORT_INTERVAL, MasterRunner, WorkerRunner
 
 import json
 import logging
@@ -170,9 +170,9 @@ def configure(environment: Environment) -> None:
             environment.host = STATE.resolved.base_urls[0]
     ChatUser.network_timeout = settings.request_timeout_s
     ChatUser.connection_timeout = min(10.0, settings.request_timeout_s)
-    if not environment.stop_timeout:
-        # stopping users must let their request finish, or it would count as lost
-        environment.stop_timeout = max(settings.drain_s, 1.0)
+    if not environment.stop_timeout and STATE.resolved is not None:
+        # stopping users must let their request finish, or it would be cut
+        environment.stop_timeout = max(STATE.resolved.drain_s, 1.0)
 
 
 @events.init.add_listener
@@ -252,7 +252,7 @@ def write_report(settings: LoadSettings, resolved: Resolved | None) -> int:
     """Summary (text + JSON) and plots in ``report_dir``; returns the lost count."""
     records = sorted(COLLECTOR.records, key=lambda r: r.t)
     ids = resolved.replica_ids if resolved else []
-    scenario = settings.scenario_spec()
+    scenario = settings.scenario_spec(resolved.drain_s if resolved else None)
     summary = summarize(records, COLLECTOR.started, ids, window_s=scenario.duration_s)
     summary["late_arrivals"] = COLLECTOR.late_arrivals
     capacity = resolved.capacity_rps if resolved else float("nan")
@@ -490,7 +490,8 @@ class ChatUser(FastHttpUser):
 
 class ScenarioShape(LoadTestShape):
     """Users = offered load x capacity / user rate, per ``--scenario``; kills a replica in the
-    ``kill`` scenario; ends after the drain."""
+    ``kill`` scenario; ends after the drain, or during it once every request is answered (with
+    workers: as far as their last reports tell)."""
 
     def reset_time(self) -> None:
         super().reset_time()
@@ -500,8 +501,12 @@ class ScenarioShape(LoadTestShape):
         settings, resolved = STATE.settings, STATE.resolved
         if settings is None or resolved is None:
             return None
-        scenario = settings.scenario_spec()
+        scenario = settings.scenario_spec(resolved.drain_s)
         t = self.get_run_time()
+        # workers' counts reach the master with their reports: wait two report intervals
+        settle = 2 * WORKER_REPORT_INTERVAL if isinstance(self.runner, MasterRunner) else 0.0
+        if t >= scenario.duration_s + settle and COLLECTOR.started == len(COLLECTOR.records):
+            return None  # draining, and every request is answered: the run is over
         if scenario.kind == "kill" and t >= scenario.kill_at_s and not getattr(self, "killed", 0):
             self.killed = True
             kill_replica(settings, resolved)

@@ -10,7 +10,8 @@ moment of a run. The Locust shape (``locustfile.ScenarioShape``) turns them into
 | ``kill`` | ``load`` throughout; one replica is killed (SIGKILL) at ``kill_at_s`` |
 
 Every scenario then drains for ``drain_s``: no new requests, the ones in flight finish (a
-request still unanswered at the end counts as lost).
+request still running at the end is reported as cut by the run's end; the Locust shape ends the
+drain early once every request is answered).
 """
 
 from __future__ import annotations

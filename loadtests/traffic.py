@@ -112,6 +112,26 @@ class LengthDist:
                 value = rng.choice(a)
         return min(self.high, max(self.low, round(value)))
 
+    def upper(self) -> float:
+        """A length few samples exceed: the largest for fixed, uniform and choice; mean + 3 SD
+        (normal), median x e^(3 sigma) (lognormal), mean x ln 1000 (exp: 1 in 1000 longer);
+        clipped to ``[min, max]``."""
+        a = self.args
+        match self.kind:
+            case "fixed":
+                value = a[0]
+            case "uniform":
+                value = math.floor(a[1])
+            case "choice":
+                value = max(a)
+            case "normal":
+                value = a[0] + 3 * a[1]
+            case "lognormal":
+                value = a[0] * math.exp(3 * a[1])
+            case "exp":
+                value = a[0] * math.log(1000)
+        return float(min(self.high, max(self.low, value)))
+
     def mean(self) -> float:
         """The mean before clipping (clipping moves it little for sensible specs)."""
         a = self.args

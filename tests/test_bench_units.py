@@ -488,6 +488,53 @@ def test_load_settings_validate_and_resolve_a_stack(tmp_path: Path) -> None:
         resolve(LoadSettings(api_key="k"), host="http://x")
 
 
+def test_the_default_drain_is_the_longest_a_request_may_still_take(tmp_path: Path) -> None:
+    """max_wait + the longest service on the slowest replica + every Retry-After wait;
+    ``--drain-s`` wins when given."""
+    state = {
+        "api_key": "k",
+        "proxy_urls": ["http://127.0.0.1:1"],
+        "standin": {"max_active": 4, "decode_ms_per_token": 20.0, "batch_slowdown": 0.0},
+        "replicas": {"a": {"speed": 1.0}, "b": {"speed": 0.5}},
+    }
+    (tmp_path / "stack.json").write_text(json.dumps(state))
+    settings = LoadSettings(
+        stack_state=tmp_path,
+        output_tokens="uniform:8,400",
+        prompt_tokens="fixed:1",
+        max_retries=2,
+        max_retry_wait_s=5,
+        max_wait_s=10,
+    )
+    longest = 400 * 0.020 / 0.5 + 0.2 * 1 / 0.5 / 1000  # 400 tokens at half speed
+    assert resolve(settings, host=None).drain_s == pytest.approx(10 + longest + 2 * 5)
+    given = settings.model_copy(update={"drain_s": 3.0})
+    assert resolve(given, host=None).drain_s == 3.0
+    assert settings.scenario_spec(7.0).end_s == settings.duration_s + 7.0
+    # without the stand-in's timing, the per-attempt timeout bounds the service
+    blind = resolve(LoadSettings(api_key="k", capacity_rps=1.0, max_retries=0), host="http://x")
+    assert blind.drain_s == pytest.approx(10.0 + 120.0)
+
+
+@pytest.mark.parametrize(
+    ("spec", "upper"),
+    [
+        ("fixed:25", 25),
+        ("uniform:16,64", 64),
+        ("choice:16,256,64", 256),
+        ("normal:100,10", 130),
+        ("exp:10", 10 * math.log(1000)),
+        ("lognormal:100,0.5;max=300", 300),
+    ],
+)
+def test_length_dist_upper_is_a_length_few_samples_exceed(spec: str, upper: float) -> None:
+    dist = LengthDist.parse(spec)
+    assert dist.upper() == pytest.approx(upper)
+    rng = random.Random(1)
+    samples = [dist.sample(rng) for _ in range(5000)]
+    assert sum(x > dist.upper() + 0.5 for x in samples) <= 10
+
+
 @pytest.mark.parametrize(
     ("args", "field"),
     [

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -81,6 +82,7 @@ def run_locust(
 
 @pytest.mark.timeout(150)
 def test_headless_locust_run_loses_nothing_and_reports(stack: Stack, tmp_path: Path) -> None:
+    started = time.monotonic()
     done, report_dir = run_locust(
         stack,
         tmp_path,
@@ -91,22 +93,24 @@ def test_headless_locust_run_loses_nothing_and_reports(stack: Stack, tmp_path: P
         "0.35",
         "--duration-s",
         str(RUN_S - 6),
-        "--drain-s",
-        "6",
         "--output-tokens",
         "uniform:8,24",
         "--csv",
         str(tmp_path / "csv" / "run"),
         timeout_s=RUN_S + 60,
     )
+    elapsed = time.monotonic() - started
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-4000:]
+    # the default drain (max wait + longest service + 3 Retry-After waits of up to 30 s: over
+    # 100 s) is a bound: the run ends once every request is answered
+    assert elapsed < RUN_S + 30, elapsed
 
     report = json.loads((report_dir / "report.json").read_text())
     summary = report["summary"]
     print("\n" + (report_dir / "report.txt").read_text())
     assert summary["started"] > 20, summary
-    assert summary["lost"] == 0, summary
+    assert summary["lost"] == 0 and summary["cut"] == 0, summary
     assert summary["ok"] + summary["shed"] + summary["errors"] == summary["started"]
     assert summary["ok"] >= 0.9 * summary["started"], summary
     assert set(summary["share"]) == set(stack.replicas)
