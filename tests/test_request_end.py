@@ -42,15 +42,15 @@ async def test_a_failed_attempt_does_not_end_the_request(hooks: list[object]) ->
     """LiteLLM logs a failure event for every failed attempt while the router may retry: the
     admission ticket stays held (it used to be freed, and the gate over-admitted by one per
     retrying request); the final failure hook ends it."""
-    from plugins.admission.controller import Held
+    from plugins.request_ticket import Admission
 
     admission = hooks[1]
     assert isinstance(admission, AdmissionHook)
     controller = admission.controller
-    controller.held["call-1"] = Held("m", ("r",), True)
+    controller.book.open("call-1").admission = Admission(controller, "m", ("r",), local=True)
     controller.local["m"] = 1
     kwargs = {"litellm_call_id": "call-1", "model_info": {"id": "r"}}
     await admission.async_log_failure_event(kwargs, None, None, None)
-    assert "call-1" in controller.held
+    assert controller.holds("call-1")
     await admission.async_post_call_failure_hook(kwargs, RuntimeError("refused"), None)  # type: ignore[arg-type]
-    assert "call-1" not in controller.held and controller.local["m"] == 0
+    assert not controller.holds("call-1") and controller.local["m"] == 0

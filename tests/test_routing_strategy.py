@@ -26,7 +26,7 @@ from gateway.redis_launcher import RedisServer
 from plugins.routing.hook import RoutingHook
 from plugins.routing.settings import RoutingSettings
 from plugins.routing.store import RoutingStore
-from plugins.routing.strategy import NoEligibleReplica, installed_strategy
+from plugins.routing.strategy import NoEligibleReplica
 from triage.keyschema import KeySchema
 from triage.paths import free_port
 
@@ -124,7 +124,7 @@ async def test_picks_least_busy_and_releases_on_success(client: Redis, hook: Rou
     response = await router.acompletion(model="m", messages=[{"role": "user", "content": "hi"}])
     assert chosen(response) == "r-b"
     await eventually(lambda: _zero(hook))
-    assert len(hook.strategy.ledger) == 0
+    assert hook.strategy.held() == []
 
 
 async def _zero(hook: RoutingHook) -> bool:
@@ -180,7 +180,7 @@ async def reserve(hook: RoutingHook, replica_id: str, call_id: str) -> str:
     store = hook.strategy.store
     reservation = await store.pick_planned([replica_id], plan)
     assert reservation is not None and reservation.replica_id == replica_id
-    hook.strategy.adopt("m", call_id, reservation)
+    hook.strategy.adopt("m", hook.strategy.book.open(call_id), reservation)
     return reservation.reservation_id
 
 
@@ -191,8 +191,8 @@ async def test_a_replica_reserved_with_the_admission_is_routed_to_then_released(
     less busy now), with no second pick, and the reservation is given back at the end."""
     router = Router(model_list=deployments())
     hook.strategy.install(router)
-    assert installed_strategy(router) is hook.strategy
-    assert installed_strategy(Router(model_list=deployments())) is None  # LiteLLM's own
+    assert hook.strategy.installed_on(router) and hook.strategy.book.picker is hook.strategy
+    assert not hook.strategy.installed_on(Router(model_list=deployments()))  # LiteLLM's own
     await publish(client, hook, **{"r-b": {"active": 6}, "r-c": {"active": 5}})
     await reserve(hook, "r-c", "pre-1")
     assert await inflight(hook) == [0, 0, 1]
@@ -201,35 +201,30 @@ async def test_a_replica_reserved_with_the_admission_is_routed_to_then_released(
     )
     assert chosen(response) == "r-c"
     await eventually(lambda: _zero(hook))
-    assert len(hook.strategy.ledger) == 0 and not hook.strategy.prepicked
+    assert hook.strategy.held() == [] and hook.strategy.book.get("pre-1") is None
     response = await router.acompletion(model="m", messages=[{"role": "user", "content": "x"}])
     assert chosen(response) == "r-a"  # the others pick as before
 
 
-async def test_a_success_on_the_adopted_replica_is_left_to_the_admission_release(
+async def test_the_request_end_gives_back_the_adopted_reservation_once(
     client: Redis, hook: RoutingHook
 ) -> None:
-    """The routing hook does not release the gate's reservation after a success: the
-    admission plugin takes it (``take_adopted``) to release it with the admission."""
+    """Without the admission plugin's release, the routing plugin gives the gate's reservation
+    back when the request ends (once: a second end finds the ticket ended)."""
     router = Router(model_list=deployments())
     hook.strategy.install(router)
     await publish(client, hook)
-    reservation_id = await reserve(hook, "r-b", "pre-4")
+    await reserve(hook, "r-b", "pre-4")
+    ticket = hook.strategy.book.get("pre-4")
     response = await router.acompletion(
         model="m", messages=[{"role": "user", "content": "x"}], litellm_call_id="pre-4"
     )
     assert chosen(response) == "r-b"
-    # what the admission plugin's success hook does next (no await in between: LiteLLM's
-    # success logging, which ends the request, has not run yet)
-    assert hook.strategy.take_adopted("pre-4", "r-a") is None  # not that attempt's replica
-    held = hook.strategy.take_adopted("pre-4", "r-b")
-    assert held is not None and held.reservation_id == reservation_id
-    assert hook.strategy.take_adopted("pre-4", "r-b") is None  # once
-    assert await inflight(hook) == [0, 1, 0]  # the routing hook left it to the admission
-    await hook.strategy.give_back(held)
-    assert await inflight(hook) == [0, 0, 0]
+    await eventually(lambda: _zero(hook))
+    assert ticket is not None and ticket.ended and hook.strategy.held() == []
+    assert not await hook.strategy.book.end("pre-4")  # ended once
     await hook.on_request_end({"litellm_call_id": "pre-4"})
-    assert not hook.strategy.adopted and len(hook.strategy.ledger) == 0
+    assert await inflight(hook) == [0, 0, 0]
 
 
 async def test_with_admission_one_call_admits_and_picks_and_one_releases_both(
@@ -262,7 +257,10 @@ async def test_with_admission_one_call_admits_and_picks_and_one_releases_both(
     try:
         data: dict[str, Any] = {"model": "m", "litellm_call_id": "fold-1"}
         await admission.async_pre_call_hook(UserAPIKeyAuth(), None, data, "acompletion")
-        assert hook.strategy.prepicked["fold-1"][1] == "r-b"  # the least busy
+        ticket = hook.strategy.book.get("fold-1")
+        assert ticket is not None and ticket.routing is not None
+        assert ticket.routing.prepicked == "r-b"  # the least busy
+        assert ticket.admission is not None and ticket.admission.owner is admission.controller
         assert await inflight(hook) == [0, 1, 0]
         response = await router.acompletion(
             model="m", messages=[{"role": "user", "content": "x"}], litellm_call_id="fold-1"
@@ -277,7 +275,7 @@ async def test_with_admission_one_call_admits_and_picks_and_one_releases_both(
         assert released == []  # no release.lua call: the gate's release took the reservation
         await hook.on_request_end(data)  # LiteLLM's success logging: nothing left to release
         await admission.on_request_end(data)
-        assert released == [] and len(hook.strategy.ledger) == 0
+        assert released == [] and hook.strategy.held() == []
     finally:
         proxy_server.llm_router = saved
         await admission.controller.aclose()
@@ -297,7 +295,7 @@ async def test_a_reserved_replica_the_router_filtered_out_is_given_back(
     )
     assert chosen(response) == "r-b"
     await eventually(lambda: _zero(hook))
-    assert len(hook.strategy.ledger) == 0
+    assert hook.strategy.held() == []
 
 
 async def test_a_reservation_of_a_request_that_never_routed_is_released_at_its_end(
@@ -309,7 +307,7 @@ async def test_a_reservation_of_a_request_that_never_routed_is_released_at_its_e
     assert await inflight(hook) == [0, 1, 0]
     await hook.on_request_end({"litellm_call_id": "pre-3"})
     assert await inflight(hook) == [0, 0, 0]
-    assert not hook.strategy.prepicked and len(hook.strategy.ledger) == 0
+    assert hook.strategy.book.get("pre-3") is None and hook.strategy.held() == []
 
 
 async def test_failure_releases_every_attempt(client: Redis, hook: RoutingHook) -> None:
@@ -323,7 +321,7 @@ async def test_failure_releases_every_attempt(client: Redis, hook: RoutingHook) 
     with pytest.raises(litellm.InternalServerError):
         await router.acompletion(model="m", messages=[{"role": "user", "content": "x"}])
     await eventually(lambda: _zero(hook))
-    assert len(hook.strategy.ledger) == 0
+    assert hook.strategy.held() == []
 
 
 async def test_stream_released_at_end_not_at_start(client: Redis, hook: RoutingHook) -> None:
@@ -462,4 +460,4 @@ async def test_a_retry_never_goes_back_to_a_replica_that_refused_the_connection(
     # tried first (until LiteLLM's cooldown drops r-a after a few failures), never again
     assert len(on_dead) >= 3 and set(on_dead.values()) == {1}, attempts
     await eventually(lambda: _zero(hook))
-    assert len(hook.strategy.ledger) == 0
+    assert hook.strategy.held() == []

@@ -665,13 +665,13 @@ def test_prepare_builds_url_payload_and_timeout() -> None:
     request = prepare(handler)
     # non-streaming calls are collected from generate_stream, so that a cancel reaches Triton
     assert request.url == "http://triton-a:8000/v2/models/standin/generate_stream"
-    assert request.payload["stream"] is True and request.collect
+    assert request.payload["stream"] is True and request.upstream_stream
     assert request.payload["text_input"].endswith("<|im_start|>assistant\n")
     assert request.max_tokens == 5
     assert request.timeout == httpx.Timeout(30.0, connect=5.0)
     streaming = prepare(handler, stream=True, timeout=10, api_key="k")
     assert streaming.url.endswith("/v2/models/standin/generate_stream")
-    assert streaming.payload["stream"] is True and not streaming.collect
+    assert streaming.payload["stream"] is True and streaming.upstream_stream
     assert streaming.timeout.read == 10.0
     assert streaming.headers == {"Authorization": "Bearer k"}
     plain = prepare(
@@ -679,7 +679,7 @@ def test_prepare_builds_url_payload_and_timeout() -> None:
         litellm_params={"model_info": {"triage_triton": {"non_stream_endpoint": "generate"}}},
     )
     assert plain.url == "http://triton-a:8000/v2/models/standin/generate"
-    assert plain.payload["stream"] is False and not plain.collect
+    assert plain.payload["stream"] is False and not plain.upstream_stream
 
 
 def test_prepare_applies_per_deployment_settings_from_model_info() -> None:

@@ -110,7 +110,6 @@ async def _start(
     finally:
         # idle keep-alive connections would hold tritonserver's shutdown for its grace period
         await triton_generate.aclose()
-        triton_generate.close()
         server.stop()
 
 

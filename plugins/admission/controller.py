@@ -1,8 +1,9 @@
 """Admission decisions for one proxy process: admit, wait in the fleet-wide queue, or shed.
 
 The fleet-wide state lives in Redis (``gate.lua``); this class runs the wait (woken by the
-grant channel, with a slow fallback poll that also keeps the place alive), keeps the tickets
-this process holds so that each is released once, keeps the drain-rate EWMA per model and the
+grant channel, with a slow fallback poll that also keeps the place alive), puts each admission
+in the request's ticket (``plugins/request_ticket.py``: released once, with the routing
+reservation the gate took, when the request ends), keeps the drain-rate EWMA per model and the
 queue's measured rate (for the expected-wait policy, ``expected_wait.py``), sheds on its own for
 ``shed_memo_ms`` after Redis said a wait is too long, and fails open to a per-process bound when
 Redis is unreachable.
@@ -23,8 +24,8 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any
 
 from redis.exceptions import RedisError
 
@@ -36,8 +37,8 @@ from plugins.admission.grants import GrantListener
 from plugins.admission.retry_after import RetryPromises, retry_after_s
 from plugins.admission.settings import AdmissionSettings
 from plugins.redis_outage import RedisOutage
+from plugins.request_ticket import TICKETS, Admission, ReplicaPicker, RequestTicket, TicketBook
 from plugins.routing.leases import LeaseRenewer
-from plugins.routing.store import PickPlan, Reservation
 from triage.redis_client import PoolExhausted, PoolWaits
 
 log = logging.getLogger(__name__)
@@ -45,23 +46,6 @@ log = logging.getLogger(__name__)
 
 BUSY_CODE = ShedReason.GATEWAY_BUSY.value
 """The 503's ``code`` when this process found no free Redis connection in time."""
-
-
-@dataclass(frozen=True)
-class Held:
-    model: str
-    replica_ids: tuple[str, ...]
-    local: bool
-    since: float = field(default_factory=time.monotonic)
-
-
-class ReplicaPicker(Protocol):
-    """The routing strategy, when it lets the gate pick the replica in the call that admits
-    (``plugins.routing.strategy.LeastBusyStrategy``)."""
-
-    def plan_pick(self, call_id: str) -> PickPlan | None: ...
-
-    def adopt(self, model: str, call_id: str, reservation: Reservation) -> None: ...
 
 
 RATE_MIN_SAMPLES = 3
@@ -93,11 +77,13 @@ class Memo:
 
 
 class AdmissionController:
-    def __init__(self, gate: AdmissionGate, settings: AdmissionSettings) -> None:
+    def __init__(
+        self, gate: AdmissionGate, settings: AdmissionSettings, book: TicketBook = TICKETS
+    ) -> None:
         self.gate = gate
         self.settings = settings
         self.band = settings.band()
-        self.held: dict[str, Held] = {}
+        self.book = book
         self.drain: dict[str, float] = {}
         self.capacity: dict[str, int] = {}
         self.local = Counter[str]()
@@ -138,29 +124,40 @@ class AdmissionController:
 
     # -- leases -----------------------------------------------------------------------------
 
+    def admissions(self) -> list[RequestTicket]:
+        """The tickets holding an admission of this controller's."""
+        return [
+            t for t in self.book.tickets() if t.admission is not None and t.admission.owner is self
+        ]
+
+    def holds(self, call_id: str) -> bool:
+        """Whether the request ``call_id`` holds an admission of this controller's."""
+        ticket = self.book.get(call_id)
+        return ticket is not None and ticket.admission is not None and (
+            ticket.admission.owner is self
+        )
+
     def _held_in_redis(self) -> dict[str, list[str]]:
         """What the renewer renews: ``admitted:{model}`` -> the tickets this process holds
-        there (after dropping the ones held longer than ``max_hold_ms``)."""
-        limit = time.monotonic() - self.settings.max_hold_ms / 1000
-        for ticket in [t for t, h in self.held.items() if h.since < limit]:
-            held = self.held.pop(ticket)
-            log.warning(
-                "admission: %s ticket held for more than %d ms without a release: taken for a "
-                "lost release, no longer renewed",
-                held.model,
-                self.settings.max_hold_ms,
-            )
-            if held.local:
-                self.local[held.model] = max(0, self.local[held.model] - 1)
+        there (after dropping the tickets held longer than ``max_hold_ms``)."""
+        self.book.expire(self.settings.max_hold_ms / 1000)
         out: dict[str, list[str]] = {}
-        for ticket, held in self.held.items():
-            if not held.local:
-                out.setdefault(self.gate.keys.admitted(held.model), []).append(ticket)
+        for ticket in self.admissions():
+            assert ticket.admission is not None
+            if not ticket.admission.local:
+                key = self.gate.keys.admitted(ticket.admission.model)
+                out.setdefault(key, []).append(ticket.call_id)
         return out
 
-    def _still_held(self, key: str, ticket: str) -> bool:
-        held = self.held.get(ticket)
-        return held is not None and not held.local and self.gate.keys.admitted(held.model) == key
+    def _still_held(self, key: str, call_id: str) -> bool:
+        ticket = self.book.get(call_id)
+        held = ticket.admission if ticket is not None and ticket.call_id == call_id else None
+        return (
+            held is not None
+            and held.owner is self
+            and not held.local
+            and self.gate.keys.admitted(held.model) == key
+        )
 
     def _busy(self, model: str, exc: PoolExhausted, started: float) -> GatewayError:
         """The 503 for a request this process could not take to Redis in time: back-pressure
@@ -471,13 +468,15 @@ class AdmissionController:
 
     def _hold(
         self,
-        ticket: str,
+        call_id: str,
         model: str,
         replica_ids: Sequence[str],
         picker: ReplicaPicker | None,
         reply: GateReply,
     ) -> None:
-        self.held[ticket] = Held(model, tuple(replica_ids), False)
+        """Admitted: the request's ticket holds the admission (and the gate's pick)."""
+        ticket = self.book.open(call_id)
+        ticket.admission = Admission(self, model, tuple(replica_ids), local=False)
         self.renewer.wake()
         if picker is not None and reply.reservation is not None:
             picker.adopt(model, ticket, reply.reservation)
@@ -576,7 +575,7 @@ class AdmissionController:
         _decided(model, "admitted", "fallback", started)
         self.local[model] += 1
         self.outage.fallbacks += 1
-        self.held[ticket] = Held(model, tuple(replica_ids), True)
+        self.book.open(ticket).admission = Admission(self, model, tuple(replica_ids), local=True)
         metrics.ADMITTED.labels(model, "local").inc()
 
     async def aclose(self) -> None:
@@ -586,20 +585,26 @@ class AdmissionController:
 
     # -- release ----------------------------------------------------------------------------
 
-    async def finish(self, ticket: str, routed: tuple[str, str] | None = None) -> bool:
-        """The request ``ticket`` ended (any way): free its slot, once. ``routed`` (replica id,
-        reservation id): its routing reservation, given back in the same Redis call when it
-        can be. Returns whether ``routed`` was given back."""
-        held = self.held.pop(ticket, None)
-        if held is None:
-            return False
+    async def finish(self, call_id: str) -> bool:
+        """The request ``call_id`` ended (any way): its ticket is released, once
+        (``TicketBook.end``). Returns whether this call released it."""
+        return await self.book.end(call_id)
+
+    async def release(self, ticket: RequestTicket) -> None:
+        """``TicketOwner``: free the request's slot, with the routing reservation the gate took
+        for it (``Routing.adopted``) in the same Redis call when it can."""
+        held = ticket.admission
+        assert held is not None
         if held.local:
             self.local[held.model] = max(0, self.local[held.model] - 1)
-            return False
-        if routed is not None and routed[0] not in held.replica_ids:
-            routed = None
+            return
+        adopted = ticket.routing.adopted if ticket.routing is not None else None
+        routed = None
+        if adopted is not None and not adopted.local and adopted.replica_id in held.replica_ids:
+            ticket.take(adopted)  # given back here, not by the router
+            routed = (adopted.replica_id, adopted.reservation_id)
         try:
-            await self.gate.release(held.model, held.replica_ids, ticket, routed)
+            await self.gate.release(held.model, held.replica_ids, ticket.call_id, routed)
         except RedisError as exc:
             if isinstance(exc, PoolExhausted):
                 self.pool_waits.exhausted(
@@ -609,10 +614,22 @@ class AdmissionController:
                 self.outage.failed(exc, f"release of a {held.model} admission")
             # no longer held, so no longer renewed; the renewer retries the release (with the
             # routing reservation), so it is gone when Redis answers again
-            self.renewer.release_later(self.gate.keys.admitted(held.model), ticket)
+            self.renewer.release_later(self.gate.keys.admitted(held.model), ticket.call_id)
             if routed is not None:
                 self.renewer.release_later(self.gate.keys.inflight(routed[0]), routed[1])
-        return routed is not None
+
+    def dropped(self, ticket: RequestTicket) -> None:
+        """``TicketOwner``: held longer than ``max_hold_ms``, taken for a lost release."""
+        held = ticket.admission
+        assert held is not None
+        log.warning(
+            "admission: %s ticket held for more than %d ms without a release: taken for a "
+            "lost release, no longer renewed",
+            held.model,
+            self.settings.max_hold_ms,
+        )
+        if held.local:
+            self.local[held.model] = max(0, self.local[held.model] - 1)
 
 
 def _decided(model: str, outcome: str, source: str, started: float) -> None:

@@ -2,11 +2,12 @@
 
 * ``async_pre_call_hook``: admit, wait in the fleet-wide queue, or raise the 503 (envelope,
   ``Retry-After``, ``retry-after-ms``); an unknown model is a 404 with the envelope.
-* ``async_post_call_success_deployment_hook`` (a request that is not a stream succeeded): free
-  the admission slot at once, with the routing reservation the gate took for it, in one Redis
-  call (the freed batch slot goes to a waiter in that same call);
-* ``async_log_success_event`` / ``async_log_failure_event`` / ``async_post_call_failure_hook`` /
-  the streaming iterator's ``finally`` (client disconnect): free the admission slot, once.
+* ``async_post_call_success_deployment_hook`` (a request that is not a stream succeeded): the
+  request's ticket is released at once (``plugins/request_ticket.py``): the admission slot and
+  the routing reservation the gate took for it, in one Redis call (the freed batch slot goes to
+  a waiter in that same call);
+* ``async_log_success_event`` / ``async_post_call_failure_hook`` / the streaming iterator's
+  ``finally`` (client disconnect): the request's end (``RequestEndHook``): its ticket, once.
 * ``async_post_call_failure_hook``: an upstream overflow that survived the router's retries on
   other replicas (every replica full) reaches the client as 503 + ``Retry-After`` + envelope,
   not as LiteLLM's 500 / 429 with only ``llm_provider-retry-after``.
@@ -36,9 +37,8 @@ from plugins.auth.identity import priority_of
 from plugins.loop_lag import MONITOR
 from plugins.overflow import is_upstream_overflow
 from plugins.request_end import RequestEndHook
-from plugins.routing.hook import proxy_router, replica_of
-from plugins.routing.ledger import Held
-from plugins.routing.strategy import LeastBusyStrategy, installed_strategy
+from plugins.request_ticket import TICKETS, TicketBook
+from plugins.routing.hook import proxy_router
 from triage.redis_client import fail_fast_redis
 
 log = logging.getLogger(__name__)
@@ -53,9 +53,10 @@ class AdmissionHook(RequestEndHook):
     # ``__dict__`` (a leaf-class check); inheriting it from ``RequestEndHook`` is not enough
     async_post_call_streaming_iterator_hook = RequestEndHook.async_post_call_streaming_iterator_hook
 
-    def __init__(self, settings: AdmissionSettings) -> None:
+    def __init__(self, settings: AdmissionSettings, book: TicketBook = TICKETS) -> None:
         super().__init__()
         self.settings = settings
+        self.book = book
         self._controller: AdmissionController | None = None
 
     @property
@@ -63,7 +64,7 @@ class AdmissionHook(RequestEndHook):
         if self._controller is None:  # created on first use, inside the proxy's event loop
             client = fail_fast_redis(str(self.settings.redis_url), self.settings.redis_timeout_ms)
             self._controller = AdmissionController(
-                AdmissionGate(client, self.settings), self.settings
+                AdmissionGate(client, self.settings), self.settings, self.book
             )
             MONITOR.ensure_started()  # the event loop's own lag, beside the decision times
         return self._controller
@@ -90,12 +91,13 @@ class AdmissionHook(RequestEndHook):
         ticket = data.get("litellm_call_id")
         if not ticket:
             ticket = data["litellm_call_id"] = str(uuid.uuid4())
+        picker = self.book.picker  # the triage routing plugin: pick in the same call
         await self.controller.admit(
             str(model),
             list(replica_ids),
             str(ticket),
             priority_of(user_api_key_dict),
-            installed_strategy(router),  # the triage routing plugin: pick in the same call
+            picker if picker is not None and picker.installed_on(router) else None,
         )
         return None
 
@@ -105,20 +107,10 @@ class AdmissionHook(RequestEndHook):
         if request_data.get("stream") or isinstance(response, CustomStreamWrapper):
             return None  # a stream ends after its last chunk
         ticket = request_data.get("litellm_call_id")
-        if not ticket:
-            return None
-        strategy = installed_strategy(proxy_router())
-        routed = strategy.take_adopted(str(ticket), replica_of(request_data)) if strategy else None
-        # LiteLLM awaits this hook before it answers: the release runs in a task of its own
-        self.spawn(self._finish(str(ticket), routed, strategy))
+        if ticket:
+            # LiteLLM awaits this hook before it answers: the release runs in a task of its own
+            self.spawn(self.book.end(str(ticket)))
         return None
-
-    async def _finish(
-        self, ticket: str, routed: Held | None, strategy: LeastBusyStrategy | None
-    ) -> None:
-        pair = (routed.replica_id, routed.reservation_id) if routed else None
-        if not await self.controller.finish(ticket, pair) and routed and strategy:
-            await strategy.give_back(routed)
 
     async def async_post_call_failure_hook(
         self,
@@ -177,4 +169,4 @@ class AdmissionHook(RequestEndHook):
     async def on_request_end(self, data: Mapping[str, Any]) -> None:
         ticket = data.get("litellm_call_id")
         if ticket:
-            await self.controller.finish(str(ticket))
+            await self.book.end(str(ticket))

@@ -5,16 +5,16 @@ Registered in the proxy config (``litellm_settings.callbacks``). Why each hook:
 * ``async_pre_call_hook`` (every proxy request, before routing): re-installs the strategy when
   the proxy's router was rebuilt or re-initialised (``routing_strategy_init`` drops custom
   strategies), so the override survives config reloads.
-* ``async_post_call_success_deployment_hook`` / ``async_post_call_failure_deployment_hook``
-  (every attempt, retries included): release that attempt's reservation (a success on the
-  replica the admission gate reserved is left to the admission plugin, which releases it with
-  the request's admission in one Redis call). A stream's attempt "succeeds" when it starts, so
-  streams are released at their end instead:
+* ``async_post_call_failure_deployment_hook`` (every failed attempt, retries included): give
+  back that attempt's reservation and mark its replica failed in the request's ticket.
+* ``async_post_call_success_deployment_hook``: a request that is not a stream succeeded: it is
+  over, its ticket is released (``plugins/request_ticket.py``: with the admission plugin, the
+  admission and the gate's reservation go back in one Redis call). A stream's attempt
+  "succeeds" when it starts, so streams are released at their end instead:
 * ``async_log_success_event`` (once per request, a stream's at its end),
   ``async_post_call_failure_hook`` (the proxy answers the request with an error) and
   ``async_post_call_streaming_iterator_hook`` (its ``finally`` runs when the client disconnects
-  mid-stream): release what the request still holds (``RequestEndHook``, shared with the
-  admission plugin).
+  mid-stream): the request's end (``RequestEndHook``, shared with the admission plugin).
 * ``async_log_failure_event`` is *not* a request's end here: LiteLLM logs it for every failed
   attempt, in a task of its own, while the router may still retry. Ending the request there
   forgot which replicas it had failed on, so a retry that picked after it could go back to the
@@ -24,8 +24,8 @@ Registered in the proxy config (``litellm_settings.callbacks``). Why each hook:
 * ``relay`` (inside the streaming iterator hook): a stream that overflows before its first chunk
   is restarted on another replica (``stream_restart.py``); LiteLLM's router would not retry it.
 
-Each reservation is given back once whatever the order of these (see ``ledger.py``); one that
-is never given back expires with its lease.
+The ticket is released once whatever the order of these (``TicketBook.end``); a reservation
+that is never given back expires with its lease.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from litellm.proxy._types import UserAPIKeyAuth
 from plugins.request_end import RequestEndHook
 from plugins.routing.settings import RoutingSettings
 from plugins.routing.strategy import LeastBusyStrategy
-from plugins.routing.stream_restart import relay_with_restarts, restart_ids
+from plugins.routing.stream_restart import relay_with_restarts
 
 log = logging.getLogger(__name__)
 
@@ -106,11 +106,10 @@ class RoutingHook(RequestEndHook):
         if request_data.get("stream") or isinstance(response, CustomStreamWrapper):
             return None  # released when the stream ends
         call_id = call_id_of(request_data)
-        replica_id = replica_of(request_data)
-        if call_id is not None and not self.strategy.released_with_admission(call_id, replica_id):
-            # LiteLLM awaits this hook before it answers: the slot is given back in a task
-            # of its own, within the same loop turn, not on the response's path
-            self.spawn(self.strategy.release_attempt(call_id, replica_id))
+        if call_id is not None:
+            # LiteLLM awaits this hook before it answers: the ticket is released in a task of
+            # its own, within the same loop turn, not on the response's path
+            self.spawn(self.strategy.book.end(call_id))
         return None
 
     async def async_post_call_failure_deployment_hook(
@@ -144,6 +143,4 @@ class RoutingHook(RequestEndHook):
     async def on_request_end(self, data: Mapping[str, Any]) -> None:
         call_id = call_id_of(data)
         if call_id is not None:
-            await self.strategy.release_request(call_id)
-        for restart_id in restart_ids(data):
-            await self.strategy.release_request(restart_id)
+            await self.strategy.book.end(call_id)  # a stream's restarts share its ticket

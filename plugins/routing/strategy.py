@@ -6,17 +6,17 @@ Per request (never per client), ``async_get_available_deployment``:
    checks, cooldowns, ``async_filter_deployments`` callbacks);
 2. runs ``pick.lua`` over those replicas (``model_info.id`` = replica id) in one Redis round trip:
    the policy of ``policy.py`` picks the lowest expected completion time and reserves a slot;
-3. records the reservation in the process's ledger under the request's ``litellm_call_id``, to be
-   released by ``RoutingHook`` when the attempt or the request ends.
+3. records the reservation in the request's ticket (``plugins/request_ticket.py``, by its
+   ``litellm_call_id``), given back when the attempt fails or the request ends.
 
 With the admission plugin in the same proxy, step 2 usually happened already: the admission
 gate's script picks and reserves the replica in the call that admits the request (one Redis
 round trip for both, see ``plan_pick`` / ``adopt``); the first attempt takes that replica when
 the router's filters still allow it, and gives it back for a fresh pick otherwise.
 
-The reservations this process holds (its ledger) have short leases that a background task
-renews in one Redis call per ``renew_ms`` (``leases.py``): a dead proxy's reservations, or ones
-whose release was lost, stop counting within ``lease_ms``.
+The reservations this process's tickets hold have short leases that a background task renews
+in one Redis call per ``renew_ms`` (``leases.py``): a dead proxy's reservations, or ones whose
+release was lost, stop counting within ``lease_ms``.
 
 Redis unreachable → the same policy over per-process in-flight counts (see ``fallback.py``).
 Redis busy (no free pooled connection within the pool timeout: ``PoolExhausted``) is not an
@@ -41,9 +41,9 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from plugins.redis_outage import RedisOutage
+from plugins.request_ticket import TICKETS, Held, RequestTicket, Routing, TicketBook
 from plugins.routing.fallback import LocalCounts
 from plugins.routing.leases import LeaseRenewer
-from plugins.routing.ledger import Held, ReservationLedger
 from plugins.routing.policy import choose
 from plugins.routing.settings import RoutingSettings
 from plugins.routing.store import MAX_TIEBREAK, PickPlan, Reservation, RoutingStore
@@ -80,21 +80,19 @@ def replica_id_of(deployment: dict[str, Any]) -> str:
     return str(replica_id)
 
 
-def installed_strategy(router: Router | None) -> LeastBusyStrategy | None:
-    """The least-busy strategy choosing ``router``'s deployments, if one is installed."""
-    chooser = router.__dict__.get("async_get_available_deployment") if router else None
-    strategy = getattr(chooser, "__self__", None)
-    return strategy if isinstance(strategy, LeastBusyStrategy) else None
-
-
 class LeastBusyStrategy(CustomRoutingStrategyBase):
-    def __init__(self, settings: RoutingSettings, router: Router | None = None) -> None:
+    def __init__(
+        self,
+        settings: RoutingSettings,
+        router: Router | None = None,
+        book: TicketBook = TICKETS,
+    ) -> None:
         self.settings = settings
         self.params = settings.policy()
         self._router = router
         self._redis: Redis | None = None
         self._store: RoutingStore | None = None
-        self.ledger = ReservationLedger(max_age_s=settings.max_hold_ms / 1000.0)
+        self.book = book
         self.local = LocalCounts()
         self.outage = RedisOutage(
             settings.redis_retry_ms,
@@ -115,24 +113,23 @@ class LeastBusyStrategy(CustomRoutingStrategyBase):
             settings.log_interval_s,
         )
         self._next_expiry = 0.0
-        self.failed: dict[str, tuple[float, set[str]]] = {}
-        """Per request: replicas an attempt failed on (overflow...), avoided by its retries."""
-        self.prepicked: dict[str, tuple[float, str]] = {}
-        """Per request: the replica the admission gate reserved for it, not yet routed to."""
-        self.adopted: dict[str, tuple[float, str]] = {}
-        """Per request: the replica of the reservation the admission gate took, until the
-        admission plugin releases it with the request's admission (``take_adopted``)."""
 
     # -- installation ----------------------------------------------------------------------
 
     def install(self, router: Router) -> None:
-        """Make this strategy ``router``'s deployment chooser (again, after a re-init)."""
+        """Make this strategy ``router``'s deployment chooser (again, after a re-init), and
+        this process's replica picker (``TicketBook.picker``)."""
         self._router = router
         router.set_custom_routing_strategy(self)
+        self.book.picker = self
         log.info("routing: least-busy strategy installed on router %#x", id(router))
 
-    def installed_on(self, router: Router) -> bool:
-        return installed_strategy(router) is self
+    def installed_on(self, router: Router | None) -> bool:
+        """Whether ``router`` chooses its deployments with this strategy (LiteLLM's
+        ``set_custom_routing_strategy`` binds our method on the router instance; a re-init
+        drops it)."""
+        chooser = router.__dict__.get("async_get_available_deployment") if router else None
+        return getattr(chooser, "__self__", None) is self
 
     @property
     def store(self) -> RoutingStore:
@@ -151,20 +148,43 @@ class LeastBusyStrategy(CustomRoutingStrategyBase):
 
     # -- leases ------------------------------------------------------------------------------
 
-    def _hold(self, call_id: str, held: Held) -> None:
-        """``held`` is this request's now: in the ledger, its lease renewed while there."""
-        self.ledger.add(call_id, held)
+    def _routing(self, ticket: RequestTicket) -> Routing:
+        if ticket.routing is None:
+            ticket.routing = Routing(self)
+        return ticket.routing
+
+    def _hold(self, ticket: RequestTicket, held: Held) -> None:
+        """``held`` is this request's now: in its ticket, its lease renewed while there."""
+        self._routing(ticket).reservations.append(held)
         if not held.local:
             self.renewer.wake()
 
+    def held(self) -> list[Held]:
+        """Every reservation this strategy's tickets hold (diagnostics, tests)."""
+        return [
+            h
+            for t in self.book.tickets()
+            if t.routing is not None and t.routing.owner is self
+            for h in t.routing.reservations
+        ]
+
     def _held_in_redis(self) -> dict[str, list[str]]:
-        """What the renewer renews: every reservation in the ledger (after dropping the ones
-        held longer than ``max_hold_ms``)."""
-        self._expire_ledger()
-        return {self._inflight_prefix + r: ids for r, ids in self.ledger.in_redis().items()}
+        """What the renewer renews: every reservation the tickets hold in Redis (after dropping
+        the tickets held longer than ``max_hold_ms``)."""
+        self._expire()
+        out: dict[str, list[str]] = {}
+        for held in self.held():
+            if not held.local:
+                out.setdefault(self._inflight_prefix + held.replica_id, []).append(
+                    held.reservation_id
+                )
+        return out
 
     def _still_held(self, key: str, reservation_id: str) -> bool:
-        return self.ledger.holds(key.removeprefix(self._inflight_prefix), reservation_id)
+        replica_id = key.removeprefix(self._inflight_prefix)
+        return any(
+            h.replica_id == replica_id and h.reservation_id == reservation_id for h in self.held()
+        )
 
     # -- CustomRoutingStrategyBase ---------------------------------------------------------
 
@@ -220,29 +240,15 @@ class LeastBusyStrategy(CustomRoutingStrategyBase):
         reservation_id = f"{call_id}:{uuid.uuid4().hex[:8]}"  # unique per attempt
         return PickPlan(self.params, random.getrandbits(32), reservation_id, self.settings.lease_ms)
 
-    def adopt(self, model: str, call_id: str, reservation: Reservation) -> None:
-        """``reservation`` was taken for ``call_id`` by the admission gate (with a ``plan_pick``
-        plan): its first attempt goes there; released like any other reservation."""
-        self._hold(call_id, Held(reservation.replica_id, reservation.reservation_id, False))
-        self.prepicked[call_id] = self.adopted[call_id] = (time.monotonic(), reservation.replica_id)
+    def adopt(self, model: str, ticket: RequestTicket, reservation: Reservation) -> None:
+        """``reservation`` was taken for ``ticket`` by the admission gate (with a
+        ``plan_pick`` plan): its first attempt goes there; the admission's release gives it
+        back in the same Redis call (``Routing.adopted``)."""
+        held = Held(reservation.replica_id, reservation.reservation_id, False)
+        self._hold(ticket, held)
+        routing = self._routing(ticket)
+        routing.prepicked, routing.adopted = reservation.replica_id, held
         PICKS.labels(model, reservation.replica_id, "gate").inc()
-
-    def released_with_admission(self, call_id: str, replica_id: str | None) -> bool:
-        """Whether the reservation of ``call_id``'s attempt on ``replica_id`` (a success) is
-        left to the admission plugin, to be given back with the request's admission."""
-        return replica_id is not None and self.adopted.get(call_id, (0.0, ""))[1] == replica_id
-
-    def take_adopted(self, call_id: str, replica_id: str | None) -> Held | None:
-        """The reservation adopted for ``call_id``, if its attempt on ``replica_id`` just
-        succeeded: the caller gives it back (``give_back`` when it cannot itself)."""
-        if not self.released_with_admission(call_id, replica_id):
-            return None
-        del self.adopted[call_id]
-        return self.ledger.take_one(call_id, replica_id)
-
-    async def give_back(self, held: Held) -> None:
-        """Release one reservation taken out of the ledger (``take_adopted``)."""
-        await self._give_back(held)
 
     # -- the decision ----------------------------------------------------------------------
 
@@ -252,16 +258,17 @@ class LeastBusyStrategy(CustomRoutingStrategyBase):
         """Pick and reserve one of ``deployments`` for the request ``call_id``."""
         started = time.perf_counter()
         by_id = {replica_id_of(d): d for d in deployments}
-        tried = self.failed.get(call_id, (0.0, set()))[1]
+        self._expire()
+        ticket = self.book.open(call_id)
+        routing = self._routing(ticket)
         # a retry goes to a replica this request has not failed on, while there is one
-        ids = [r for r in by_id if r not in tried] or list(by_id)
-        self._expire_ledger()
-        prepicked = self.prepicked.pop(call_id, None)
+        ids = [r for r in by_id if r not in ticket.failed] or list(by_id)
+        prepicked, routing.prepicked = routing.prepicked, None
         if prepicked is not None:
-            if prepicked[1] in ids:
-                return by_id[prepicked[1]]
+            if prepicked in ids:
+                return by_id[prepicked]
             # the router's filters (cooldown...) dropped it since: give it back, pick anew
-            held = self.ledger.take_one(call_id, prepicked[1])
+            held = ticket.take_reservation(prepicked)
             if held is not None:
                 await self._give_back(held)
         if self.outage.should_try():
@@ -292,7 +299,7 @@ class LeastBusyStrategy(CustomRoutingStrategyBase):
                         model=model,
                         llm_provider="triage",
                     )
-                self._hold(call_id, Held(reservation.replica_id, reservation.reservation_id, False))
+                self._hold(ticket, Held(reservation.replica_id, reservation.reservation_id, False))
                 PICKS.labels(model, reservation.replica_id, "redis").inc()
                 log.debug(
                     "routing: %s -> %s (score %.3f, inflight %d)",
@@ -302,14 +309,14 @@ class LeastBusyStrategy(CustomRoutingStrategyBase):
                     reservation.inflight,
                 )
                 return by_id[reservation.replica_id]
-        return self._choose_locally(model, ids, by_id, call_id, started)
+        return self._choose_locally(model, ids, by_id, ticket, started)
 
     def _choose_locally(
         self,
         model: str,
         ids: list[str],
         by_id: dict[str, dict[str, Any]],
-        call_id: str,
+        ticket: RequestTicket,
         started: float,
     ) -> dict[str, Any]:
         candidates = [(r, None, self.local.get(r)) for r in ids]
@@ -317,7 +324,7 @@ class LeastBusyStrategy(CustomRoutingStrategyBase):
         assert chosen is not None  # unknown replicas are always eligible
         self.local.take(chosen)
         self.outage.fallbacks += 1
-        self.ledger.add(call_id, Held(chosen, "", True))
+        self._hold(ticket, Held(chosen, "", True))
         PICKS.labels(model, chosen, "local").inc()
         PICK_SECONDS.observe(time.perf_counter() - started)
         return by_id[chosen]
@@ -327,34 +334,51 @@ class LeastBusyStrategy(CustomRoutingStrategyBase):
     async def release_attempt(
         self, call_id: str, replica_id: str | None, failed: bool = False
     ) -> None:
-        """One attempt of ``call_id`` on ``replica_id`` ended (success or failure)."""
+        """One attempt of ``call_id`` on ``replica_id`` ended; ``failed``: it failed there (the
+        request's retries avoid that replica). The request goes on: its ticket stays."""
+        ticket = self.book.get(call_id)
+        if ticket is None:
+            return
         if failed and replica_id is not None:
-            self.failed.setdefault(call_id, (time.monotonic(), set()))[1].add(replica_id)
-        held = self.ledger.take_one(call_id, replica_id)
+            ticket.failed.add(replica_id)
+        held = ticket.take_reservation(replica_id)
         if held is not None:
             await self._give_back(held)
 
-    def avoid(self, call_id: str, replica_ids: set[str]) -> None:
-        """Make ``call_id`` avoid ``replica_ids`` (a restarted stream's failed replicas)."""
-        self.failed.setdefault(call_id, (time.monotonic(), set()))[1].update(replica_ids)
-
     def note_failed(self, call_id: str, replica_id: str) -> None:
         """An attempt of ``call_id`` failed on ``replica_id``: avoided by its retries, if the
-        request is still going (its failures known); an ended request's stays forgotten."""
-        entry = self.failed.get(call_id)
-        if entry is not None:
-            entry[1].add(replica_id)
+        request is still going; an ended request's ticket is gone and stays so."""
+        ticket = self.book.get(call_id)
+        if ticket is not None:
+            ticket.failed.add(replica_id)
 
     def failed_replicas(self, call_id: str) -> set[str]:
-        return set(self.failed.get(call_id, (0.0, set()))[1])
+        ticket = self.book.get(call_id)
+        return set(ticket.failed) if ticket is not None else set()
 
     async def release_request(self, call_id: str) -> None:
-        """The request ``call_id`` ended: give back whatever it still holds."""
-        self.failed.pop(call_id, None)
-        self.prepicked.pop(call_id, None)
-        self.adopted.pop(call_id, None)
-        for held in self.ledger.take_all(call_id):
+        """The request ``call_id`` ended: its ticket is released (``TicketBook.end``)."""
+        await self.book.end(call_id)
+
+    # -- TicketOwner -----------------------------------------------------------------------
+
+    async def release(self, ticket: RequestTicket) -> None:
+        """Give back every reservation ``ticket`` still holds (the admission's release took the
+        gate's reservation already, when it could)."""
+        for held in ticket.take_reservations():
             await self._give_back(held)
+
+    def dropped(self, ticket: RequestTicket) -> None:
+        for held in ticket.take_reservations():
+            log.warning(
+                "routing: reservation %s on %s held for more than %d ms without a release: "
+                "taken for a lost release, no longer renewed",
+                held.reservation_id or "(local)",
+                held.replica_id,
+                self.settings.max_hold_ms,
+            )
+            if held.local:
+                self.local.give_back(held.replica_id)
 
     async def _give_back(self, held: Held) -> None:
         if held.local:
@@ -373,29 +397,15 @@ class LeastBusyStrategy(CustomRoutingStrategyBase):
             self.release_later(held)
 
     def release_later(self, held: Held) -> None:
-        """A release of ``held`` (out of the ledger: no longer renewed) failed: the renewer
+        """A release of ``held`` (out of its ticket: no longer renewed) failed: the renewer
         retries it, so it is gone when Redis answers again (else its lease ends it)."""
         if not held.local:
             self.renewer.release_later(self._inflight_prefix + held.replica_id, held.reservation_id)
 
-    def _expire_ledger(self) -> None:
+    def _expire(self) -> None:
+        """Drop the tickets held longer than ``max_hold_ms`` (at most once a second)."""
         now = time.monotonic()
         if now < self._next_expiry:
             return
         self._next_expiry = now + 1.0
-        limit = now - self.settings.max_hold_ms / 1000.0
-        for call_id in [c for c, (t, _) in self.failed.items() if t < limit]:
-            del self.failed[call_id]
-        for table in (self.prepicked, self.adopted):
-            for call_id in [c for c, (t, _) in table.items() if t < limit]:
-                del table[call_id]
-        for held in self.ledger.expire(now):
-            log.warning(
-                "routing: reservation %s on %s held for more than %d ms without a release: "
-                "taken for a lost release, no longer renewed",
-                held.reservation_id or "(local)",
-                held.replica_id,
-                self.settings.max_hold_ms,
-            )
-            if held.local:
-                self.local.give_back(held.replica_id)
+        self.book.expire(self.settings.max_hold_ms / 1000.0, now)

@@ -8,7 +8,8 @@ client at that point, so the routing hook restarts the request itself:
 
 1. the failed attempt's reservation is released and its replica marked failed;
 2. the request is sent again through the proxy's router, under a new call id
-   (``<call id>.restart<n>``) that avoids every replica this request failed on;
+   (``<call id>.restart<n>``) that joins the request's ticket (``TicketBook.alias``), so its
+   pick avoids every replica this request failed on;
 3. at most ``router.num_retries`` restarts, and none once every replica of the model failed:
    then the last error goes on to the admission plugin, which answers 503 + Retry-After.
 
@@ -119,10 +120,9 @@ async def _restart(
     if router is None or not call_id or not is_upstream_overflow(exc):
         return None
     previous = restart_ids(request_data)
-    attempt_id = previous[-1] if previous else call_id
     replica = replica_of_stream(failed_stream)
-    await strategy.release_attempt(attempt_id, replica, failed=True)
-    avoid = strategy.failed_replicas(attempt_id)
+    await strategy.release_attempt(call_id, replica, failed=True)
+    avoid = strategy.failed_replicas(call_id)
     if replica is not None:
         avoid.add(replica)
     model = str(request_data.get("model") or "")
@@ -138,7 +138,7 @@ async def _restart(
         return None
     new_id = f"{call_id}.restart{len(previous) + 1}"
     STREAM_RESTARTS.labels(model).inc()
-    strategy.avoid(new_id, avoid)
+    strategy.book.alias(new_id, call_id).failed.update(avoid)
     request_data[RESTARTS_KEY] = [*previous, new_id]
     log.info(
         "routing: stream for %s overflowed on %s before its first chunk (%s); restart %s avoids %s",

@@ -24,14 +24,15 @@ its next event, and never a ``/generate`` one: hence non-streaming calls go thro
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Coroutine, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -60,6 +61,7 @@ from plugins.triton_provider.tokens import TokenUsage, UsageCounter
 log = logging.getLogger(__name__)
 
 MAX_ERROR_TEXT = 2000
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -78,8 +80,9 @@ class PreparedRequest:
     settings: TritonProviderSettings
     call_id: str
     dialect: Dialect
-    collect: bool = False
-    """A non-streaming call served from ``/generate_stream``: its events make one answer."""
+    upstream_stream: bool = True
+    """Posted to ``/generate_stream`` (streams, and non-streaming calls by default: their
+    events make one answer); False: ``/generate``, one answer."""
 
     def context(self) -> str:
         return f"call={self.call_id} model={self.model} api_base={self.api_base}"
@@ -173,7 +176,6 @@ class TritonGenerateHandler(CustomLLM):
         self._async_clients: weakref.WeakKeyDictionary[
             asyncio.AbstractEventLoop, httpx.AsyncClient
         ] = weakref.WeakKeyDictionary()
-        self._sync_client: httpx.Client | None = None
 
     # ---- configuration and clients ---------------------------------------------------------
     @property
@@ -209,26 +211,15 @@ class TritonGenerateHandler(CustomLLM):
                 self._async_clients[loop] = client
         return client
 
-    def sync_client(self) -> httpx.Client:
-        limits, timeout = self._limits()
-        with self._lock:
-            if self._sync_client is None or self._sync_client.is_closed:
-                self._sync_client = httpx.Client(limits=limits, timeout=timeout)
-            return self._sync_client
-
     async def aclose(self) -> None:
         """Close the running loop's client (idle keep-alive connections delay Triton's exit)."""
-        loop = asyncio.get_running_loop()
+        await self.aclose_loop(asyncio.get_running_loop())
+
+    async def aclose_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         with self._lock:
             client = self._async_clients.pop(loop, None)
         if client is not None:
             await client.aclose()
-
-    def close(self) -> None:
-        with self._lock:
-            client, self._sync_client = self._sync_client, None
-        if client is not None:
-            client.close()
 
     # ---- request preparation (pure apart from reading a template file) ---------------------
     def prepare(
@@ -271,8 +262,7 @@ class TritonGenerateHandler(CustomLLM):
                 message=f"{PROVIDER}/{model}: {exc}", model=model, llm_provider=PROVIDER
             ) from exc
         drop = bool(litellm_params.get("drop_params")) or litellm.drop_params is True
-        collect = not stream and settings.non_stream_endpoint == "generate_stream"
-        upstream_stream = stream or collect
+        upstream_stream = stream or settings.non_stream_endpoint == "generate_stream"
         wire = dialect(settings.dialect)
         payload = build_payload(
             wire.name,
@@ -310,7 +300,7 @@ class TritonGenerateHandler(CustomLLM):
             settings=settings,
             call_id=str(litellm_params.get("litellm_call_id") or "-"),
             dialect=wire,
-            collect=collect,
+            upstream_stream=upstream_stream,
         )
 
     # ---- errors --------------------------------------------------------------------------------
@@ -340,7 +330,7 @@ class TritonGenerateHandler(CustomLLM):
     ) -> Exception:
         return self.upstream_error(request, status_code, f"malformed response from Triton: {exc}")
 
-    # ---- non-streaming -------------------------------------------------------------------------
+    # ---- the one core: a call's upstream events ----------------------------------------------
     def _pre_call(self, logging_obj: Any, request: PreparedRequest) -> None:
         if logging_obj is not None:
             logging_obj.pre_call(
@@ -349,44 +339,74 @@ class TritonGenerateHandler(CustomLLM):
                 additional_args={"complete_input_dict": request.payload, "api_base": request.url},
             )
 
-    def _body(self, request: PreparedRequest, response: httpx.Response) -> dict[str, Any]:
-        if response.status_code != 200:
-            raise self.response_error(request, response.status_code, response.text)
+    def _event(
+        self, request: PreparedRequest, status_code: int, line: str
+    ) -> dict[str, Any] | None:
         try:
-            body = response.json()
+            event = parse_sse_line(line)
         except ValueError as exc:
-            raise self.protocol_error(request, response.status_code, exc) from exc
+            raise self.protocol_error(request, status_code, exc) from exc
+        if event is not None and "error" in event:
+            raise self.upstream_error(request, status_code, str(event["error"]))
+        return event
+
+    def _body(self, request: PreparedRequest, status_code: int, text: str) -> dict[str, Any]:
+        """``/generate``'s one answer: a JSON object, or an error."""
+        try:
+            body = json.loads(text)
+        except ValueError as exc:
+            raise self.protocol_error(request, status_code, exc) from exc
         if not isinstance(body, dict):
-            raise self.protocol_error(request, response.status_code, ValueError(repr(body)[:200]))
+            raise self.protocol_error(request, status_code, ValueError(repr(body)[:200]))
         if "error" in body:
-            raise self.upstream_error(request, response.status_code, str(body["error"]))
+            raise self.upstream_error(request, status_code, str(body["error"]))
         return body
 
-    @staticmethod
-    def build_response(
-        request: PreparedRequest, body: Mapping[str, Any], model_response: ModelResponse
-    ) -> ModelResponse:
-        counter = UsageCounter(request.prompt, request.settings.use_upstream_token_counts)
-        counter.add(body, TextReader(request.dialect).delta(body))
-        usage = counter.usage()
-        trimmer = StopTrimmer(request.stops if request.settings.trim_stop else [])
-        text = trimmer.feed(counter.text) + trimmer.flush()
-        choice = model_response.choices[0]
-        choice.message.content = text  # type: ignore[union-attr]
-        choice.finish_reason = finish_reason(usage, request.max_tokens, trimmer.stopped)
-        model_response.created = int(time.time())
-        model_response.model = request.model
-        model_response.usage = litellm.Usage(**usage.as_dict())  # type: ignore[attr-defined]
-        return model_response
+    async def _events(
+        self, request: PreparedRequest, state: StreamState
+    ) -> AsyncIterator[dict[str, Any]]:
+        """The upstream's responses to ``request``, in order: each ``/generate_stream`` event,
+        or ``/generate``'s one answer; errors (HTTP, in-band, transport, malformed) raised as
+        LiteLLM exceptions. Closing the generator (a stop word in ``state``, or the consumer
+        stopped or was cancelled) closes the upstream request, which makes Triton cancel it in
+        the engine."""
+        try:
+            async with self.async_client().stream(
+                "POST",
+                request.url,
+                json=request.payload,
+                headers=request.headers,
+                timeout=request.timeout,
+            ) as response:
+                status = response.status_code
+                if status != 200:
+                    body = (await response.aread()).decode("utf-8", errors="replace")
+                    raise self.response_error(request, status, body)
+                if not request.upstream_stream:
+                    text = (await response.aread()).decode("utf-8", errors="replace")
+                    yield self._body(request, status, text)
+                    return
+                async for line in response.aiter_lines():
+                    event = self._event(request, status, line)
+                    if event is not None:
+                        yield event
+        except httpx.TransportError as exc:
+            raise self.transport_error(request, exc) from exc
+        except (GeneratorExit, asyncio.CancelledError):
+            if not state.stopped:  # not our own stop at a stop word: the caller went away
+                log.info(
+                    "%s: the caller stopped after %d events; upstream request closed%s",
+                    request.context(),
+                    state.events,
+                    "" if request.upstream_stream else " (Triton 2.51 keeps generating it)",
+                )
+            raise
 
     def collected_response(
         self, request: PreparedRequest, state: StreamState, model_response: ModelResponse
     ) -> ModelResponse:
-        """The one answer of a non-streaming call served from ``/generate_stream``.
-
-        The same text, usage and finish_reason as ``build_response`` makes of ``/generate``'s
-        single response (the events are the deltas of that text).
-        """
+        """The one answer of a non-streaming call: the text of all its responses (one from
+        ``/generate``, the events of ``/generate_stream``), its usage and finish_reason."""
         if state.events == 0:
             raise self.protocol_error(
                 request, 200, ValueError("the event stream ended without a response")
@@ -403,300 +423,114 @@ class TritonGenerateHandler(CustomLLM):
     def deadline_error(self, request: PreparedRequest) -> Exception:
         """A non-streaming call that got no complete answer within its read timeout (408).
 
-        On ``/generate`` that was httpx's read timeout (no byte before the answer); a collected
+        On ``/generate`` that is httpx's read timeout (no byte before the answer); a collected
         ``/generate_stream`` call keeps that meaning with a deadline over the whole answer.
         """
         return self.upstream_error(
             request, None, f"ReadTimeout: no complete answer within {request.timeout.read:g} s"
         )
 
-    async def _acollect(self, request: PreparedRequest, state: StreamState) -> None:
-        """Read a ``/generate_stream`` answer to its end (or to the stop) into ``state``."""
-        try:
-            async with self.async_client().stream(
-                "POST",
-                request.url,
-                json=request.payload,
-                headers=request.headers,
-                timeout=request.timeout,
-            ) as response:
-                if response.status_code != 200:
-                    body = (await response.aread()).decode("utf-8", errors="replace")
-                    raise self.response_error(request, response.status_code, body)
-                async for line in response.aiter_lines():
-                    event = self._event(request, response.status_code, line)
-                    if event is None:
-                        continue
-                    state.on_event(event)
-                    if state.stopped:
-                        break  # leaving the block closes the response: Triton cancels the rest
-        except httpx.TransportError as exc:
-            raise self.transport_error(request, exc) from exc
+    async def _run(self, request: PreparedRequest, state: StreamState) -> AsyncIterator[str]:
+        """``_events`` through ``state``: the texts to send on (stop words held back); stops
+        reading (and closes the upstream request) at a stop word."""
+        async with contextlib.aclosing(self._events(request, state)) as events:
+            async for event in events:
+                text = state.on_event(event)
+                if text:
+                    yield text
+                if state.stopped:
+                    break  # leaving the block closes the response: Triton cancels the rest
 
-    def _collect(self, request: PreparedRequest) -> StreamState:
-        """``_acollect`` for the sync client; the deadline is checked between events."""
+    def _request(self, call: Mapping[str, Any], stream: bool) -> PreparedRequest:
+        """A LiteLLM ``CustomLLM`` call (LiteLLM passes every argument by name), prepared."""
+        request = self.prepare(
+            model=call["model"],
+            messages=call["messages"],
+            api_base=call.get("api_base"),
+            api_key=call.get("api_key"),
+            optional_params=call.get("optional_params") or {},
+            litellm_params=call.get("litellm_params"),
+            headers=call.get("headers"),
+            timeout=call.get("timeout"),
+            stream=stream,
+        )
+        self._pre_call(call.get("logging_obj"), request)
+        return request
+
+    # ---- LiteLLM's four entry points, all on the one core ------------------------------------
+    async def acompletion(self, *args: Any, **call: Any) -> ModelResponse:  # type: ignore[override]
+        """A non-streaming call: its responses collected into one answer."""
+        _by_name(args)
+        request = self._request(call, stream=False)
         state = StreamState(request)
-        deadline = None if request.timeout.read is None else time.monotonic() + request.timeout.read
+        collecting = self._run(request, state)
         try:
-            with self.sync_client().stream(
-                "POST",
-                request.url,
-                json=request.payload,
-                headers=request.headers,
-                timeout=request.timeout,
-            ) as response:
-                if response.status_code != 200:
-                    body = response.read().decode("utf-8", errors="replace")
-                    raise self.response_error(request, response.status_code, body)
-                for line in response.iter_lines():
-                    if deadline is not None and time.monotonic() > deadline:
-                        raise self.deadline_error(request)
-                    event = self._event(request, response.status_code, line)
-                    if event is None:
-                        continue
-                    state.on_event(event)
-                    if state.stopped:
-                        break
-        except httpx.TransportError as exc:
-            raise self.transport_error(request, exc) from exc
-        return state
-
-    async def acompletion(  # type: ignore[override]
-        self,
-        model: str,
-        messages: list[dict[str, Any]],
-        api_base: str | None,
-        custom_prompt_dict: dict[str, Any],
-        model_response: ModelResponse,
-        print_verbose: Callable[..., Any],
-        encoding: Any,
-        api_key: str | None,
-        logging_obj: Any,
-        optional_params: dict[str, Any],
-        acompletion: bool | None = None,
-        litellm_params: dict[str, Any] | None = None,
-        logger_fn: Callable[..., Any] | None = None,
-        headers: dict[str, str] | None = None,
-        timeout: float | httpx.Timeout | None = None,
-        client: Any = None,
-    ) -> ModelResponse:
-        request = self.prepare(
-            model=model,
-            messages=messages,
-            api_base=api_base,
-            api_key=api_key,
-            optional_params=optional_params,
-            litellm_params=litellm_params,
-            headers=headers,
-            timeout=timeout,
-            stream=False,
-        )
-        self._pre_call(logging_obj, request)
-        if request.collect:
-            state = StreamState(request)
-            try:
+            if request.upstream_stream:  # a deadline over the whole answer (see deadline_error)
                 async with asyncio.timeout(request.timeout.read):
-                    await self._acollect(request, state)
-            except TimeoutError as exc:  # only our own deadline: httpx's are TransportErrors
-                raise self.deadline_error(request) from exc
-            except asyncio.CancelledError:
-                log.info(
-                    "%s: caller cancelled the call after %d events; upstream request closed",
-                    request.context(),
-                    state.events,
-                )
-                raise
-            return self.collected_response(request, state, model_response)
-        try:
-            response = await self.async_client().post(
-                request.url, json=request.payload, headers=request.headers, timeout=request.timeout
-            )
-        except httpx.TransportError as exc:
-            raise self.transport_error(request, exc) from exc
-        except asyncio.CancelledError:
-            log.info(
-                "%s: caller cancelled the call; upstream /generate closed (Triton 2.51 "
-                "keeps generating it)",
-                request.context(),
-            )
-            raise
-        return self.build_response(request, self._body(request, response), model_response)
-
-    def completion(  # type: ignore[override]
-        self,
-        model: str,
-        messages: list[dict[str, Any]],
-        api_base: str | None,
-        custom_prompt_dict: dict[str, Any],
-        model_response: ModelResponse,
-        print_verbose: Callable[..., Any],
-        encoding: Any,
-        api_key: str | None,
-        logging_obj: Any,
-        optional_params: dict[str, Any],
-        acompletion: bool | None = None,
-        litellm_params: dict[str, Any] | None = None,
-        logger_fn: Callable[..., Any] | None = None,
-        headers: dict[str, str] | None = None,
-        timeout: float | httpx.Timeout | None = None,
-        client: Any = None,
-    ) -> ModelResponse:
-        request = self.prepare(
-            model=model,
-            messages=messages,
-            api_base=api_base,
-            api_key=api_key,
-            optional_params=optional_params,
-            litellm_params=litellm_params,
-            headers=headers,
-            timeout=timeout,
-            stream=False,
-        )
-        self._pre_call(logging_obj, request)
-        if request.collect:
-            return self.collected_response(request, self._collect(request), model_response)
-        try:
-            response = self.sync_client().post(
-                request.url, json=request.payload, headers=request.headers, timeout=request.timeout
-            )
-        except httpx.TransportError as exc:
-            raise self.transport_error(request, exc) from exc
-        return self.build_response(request, self._body(request, response), model_response)
-
-    # ---- streaming -----------------------------------------------------------------------------
-    def _event(
-        self, request: PreparedRequest, status_code: int, line: str
-    ) -> dict[str, Any] | None:
-        try:
-            event = parse_sse_line(line)
-        except ValueError as exc:
-            raise self.protocol_error(request, status_code, exc) from exc
-        if event is not None and "error" in event:
-            raise self.upstream_error(request, status_code, str(event["error"]))
-        return event
+                    async for _ in collecting:
+                        pass
+            else:
+                async for _ in collecting:
+                    pass
+        except TimeoutError as exc:  # only our own deadline: httpx's are TransportErrors
+            raise self.deadline_error(request) from exc
+        finally:
+            await collecting.aclose()
+        return self.collected_response(request, state, call["model_response"])
 
     async def astreaming(  # type: ignore[override]
-        self,
-        model: str,
-        messages: list[dict[str, Any]],
-        api_base: str | None,
-        custom_prompt_dict: dict[str, Any],
-        model_response: ModelResponse,
-        print_verbose: Callable[..., Any],
-        encoding: Any,
-        api_key: str | None,
-        logging_obj: Any,
-        optional_params: dict[str, Any],
-        acompletion: bool | None = None,
-        litellm_params: dict[str, Any] | None = None,
-        logger_fn: Callable[..., Any] | None = None,
-        headers: dict[str, str] | None = None,
-        timeout: float | httpx.Timeout | None = None,
-        client: Any = None,
+        self, *args: Any, **call: Any
     ) -> AsyncIterator[GenericStreamingChunk]:
-        request = self.prepare(
-            model=model,
-            messages=messages,
-            api_base=api_base,
-            api_key=api_key,
-            optional_params=optional_params,
-            litellm_params=litellm_params,
-            headers=headers,
-            timeout=timeout,
-            stream=True,
-        )
-        self._pre_call(logging_obj, request)
+        """A stream: one chunk per text the upstream sends, then the final chunk (usage,
+        finish_reason)."""
+        _by_name(args)
+        request = self._request(call, stream=True)
         state = StreamState(request)
-        http = self.async_client()
-        try:
-            async with http.stream(
-                "POST",
-                request.url,
-                json=request.payload,
-                headers=request.headers,
-                timeout=request.timeout,
-            ) as response:
-                if response.status_code != 200:
-                    body = (await response.aread()).decode("utf-8", errors="replace")
-                    raise self.response_error(request, response.status_code, body)
-                async for line in response.aiter_lines():
-                    event = self._event(request, response.status_code, line)
-                    if event is None:
-                        continue
-                    text = state.on_event(event)
-                    if text:
-                        yield text_chunk(text)
-                    if state.stopped:
-                        break  # leaving the block closes the response: Triton cancels the rest
-        except httpx.TransportError as exc:
-            raise self.transport_error(request, exc) from exc
-        except (GeneratorExit, asyncio.CancelledError):
-            log.info(
-                "%s: consumer stopped the stream early; upstream request closed", request.context()
-            )
-            raise
+        async with contextlib.aclosing(self._run(request, state)) as texts:
+            async for text in texts:
+                yield text_chunk(text)
         yield state.final_chunk()
 
+    def completion(self, *args: Any, **call: Any) -> ModelResponse:  # type: ignore[override]
+        """Sync callers (the SDK's ``litellm.completion``; never the proxy): ``acompletion`` on
+        a private event loop."""
+        return _run_sync(self, self.acompletion(*args, **call))
+
     def streaming(  # type: ignore[override]
-        self,
-        model: str,
-        messages: list[dict[str, Any]],
-        api_base: str | None,
-        custom_prompt_dict: dict[str, Any],
-        model_response: ModelResponse,
-        print_verbose: Callable[..., Any],
-        encoding: Any,
-        api_key: str | None,
-        logging_obj: Any,
-        optional_params: dict[str, Any],
-        acompletion: bool | None = None,
-        litellm_params: dict[str, Any] | None = None,
-        logger_fn: Callable[..., Any] | None = None,
-        headers: dict[str, str] | None = None,
-        timeout: float | httpx.Timeout | None = None,
-        client: Any = None,
+        self, *args: Any, **call: Any
     ) -> Iterator[GenericStreamingChunk]:
-        request = self.prepare(
-            model=model,
-            messages=messages,
-            api_base=api_base,
-            api_key=api_key,
-            optional_params=optional_params,
-            litellm_params=litellm_params,
-            headers=headers,
-            timeout=timeout,
-            stream=True,
-        )
-        self._pre_call(logging_obj, request)
-        state = StreamState(request)
-        try:
-            with self.sync_client().stream(
-                "POST",
-                request.url,
-                json=request.payload,
-                headers=request.headers,
-                timeout=request.timeout,
-            ) as response:
-                if response.status_code != 200:
-                    body = response.read().decode("utf-8", errors="replace")
-                    raise self.response_error(request, response.status_code, body)
-                for line in response.iter_lines():
-                    event = self._event(request, response.status_code, line)
-                    if event is None:
-                        continue
-                    text = state.on_event(event)
-                    if text:
-                        yield text_chunk(text)
-                    if state.stopped:
-                        break
-        except httpx.TransportError as exc:
-            raise self.transport_error(request, exc) from exc
-        except GeneratorExit:
-            log.info(
-                "%s: consumer stopped the stream early; upstream request closed", request.context()
-            )
-            raise
-        yield state.final_chunk()
+        """Sync callers: ``astreaming``, stepped on a private event loop."""
+        return _iterate_sync(self, self.astreaming(*args, **call))
+
+
+def _by_name(args: tuple[Any, ...]) -> None:
+    if args:
+        raise TypeError(f"{PROVIDER}: LiteLLM passes a custom provider's arguments by name")
+
+
+def _run_sync(handler: TritonGenerateHandler, work: Coroutine[Any, Any, T]) -> T:
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(work)
+    finally:
+        loop.run_until_complete(handler.aclose_loop(loop))
+        loop.close()
+
+
+def _iterate_sync(handler: TritonGenerateHandler, chunks: AsyncIterator[T]) -> Iterator[T]:
+    loop = asyncio.new_event_loop()
+    try:
+        while True:
+            try:
+                yield loop.run_until_complete(anext(chunks))
+            except StopAsyncIteration:
+                return
+    finally:
+        closing = getattr(chunks, "aclose", None)
+        if closing is not None:
+            loop.run_until_complete(closing())
+        loop.run_until_complete(handler.aclose_loop(loop))
+        loop.close()
 
 
 triton_generate = TritonGenerateHandler()
