@@ -152,6 +152,10 @@ unless these are set (``get_docs_url`` / ``get_redoc_url`` / ``get_openapi_url``
 ``litellm/proxy/utils.py``, read when ``proxy_server`` creates its app)."""
 
 
+STORE_USERS = ("ROUTING", "ADMISSION", "KEYS", "CATALOGUE")
+"""The plugins that read the load store, by their settings' env prefix (``TRIAGE_<NAME>_``)."""
+
+
 def proxy_env(
     redis_url: str,
     key_prefix: str,
@@ -170,14 +174,12 @@ def proxy_env(
         "LITELLM_LOG": "ERROR",
         **({} if api_docs else API_DOCS_OFF),
         "DISABLE_ADMIN_UI": "True",
-        "TRIAGE_ROUTING_REDIS_URL": redis_url,
-        "TRIAGE_ROUTING_KEY_PREFIX": key_prefix,
-        "TRIAGE_ADMISSION_REDIS_URL": redis_url,
-        "TRIAGE_ADMISSION_KEY_PREFIX": key_prefix,
-        "TRIAGE_KEYS_REDIS_URL": redis_url,
-        "TRIAGE_KEYS_KEY_PREFIX": key_prefix,
-        "TRIAGE_CATALOGUE_REDIS_URL": redis_url,
-        "TRIAGE_CATALOGUE_KEY_PREFIX": key_prefix,
+        # each plugin names its own store (they may differ); here all share the stack's
+        **{
+            f"TRIAGE_{plugin}_{name}": value
+            for plugin in STORE_USERS
+            for name, value in (("REDIS_URL", redis_url), ("KEY_PREFIX", key_prefix))
+        },
         **({"TRIAGE_CATALOGUE_FILE": str(catalogue_file)} if catalogue_file else {}),
         "PYTHONPATH": str(REPO_ROOT),
     }

@@ -32,18 +32,19 @@ admission plugin turns a final overflow into the gateway's 503).
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Mapping
 from typing import Any
 
 from litellm.integrations.custom_logger import CustomLogger
 from litellm.proxy._types import UserAPIKeyAuth
 
+from plugins.background import Background
+
 
 class RequestEndHook(CustomLogger):
     def __init__(self) -> None:
         super().__init__()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self.background = Background()
 
     async def on_request_end(self, data: Mapping[str, Any]) -> None:
         """Give back what the request (``data["litellm_call_id"]``) holds; idempotent."""
@@ -80,8 +81,5 @@ class RequestEndHook(CustomLogger):
             self.spawn(self.on_request_end(request_data))
 
     def spawn(self, work: Coroutine[Any, Any, None]) -> None:
-        """Run ``work`` in a task of its own, kept until it is done: off the response's path,
-        and beyond a cancellation of the request."""
-        task = asyncio.get_running_loop().create_task(work)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        """Run ``work`` off the response's path, beyond a cancellation of the request."""
+        self.background.spawn(work)

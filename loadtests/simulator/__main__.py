@@ -112,8 +112,12 @@ class SimSettings(BaseSettings):
     policies: list[str] = Field(
         default=list(DEFAULT_POLICIES), description="policies to run, in order"
     )
-    tie_tolerance: float = Field(default=0.2, ge=0, le=1, description="triage tie band")
-    stale_after_ms: int = Field(default=1000, ge=0, description="triage: older = unknown")
+    tie_tolerance: float = Field(
+        default=PolicyParams.tie_tolerance, ge=0, le=1, description="triage tie band"
+    )
+    stale_after_ms: int = Field(
+        default=PolicyParams.stale_after_ms, ge=0, description="triage: older = unknown"
+    )
     exact_triage: bool = Field(
         default=False, description="triage: choose() over the whole fleet on every pick"
     )

@@ -23,9 +23,8 @@ import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from redis.exceptions import RedisError
 
@@ -36,6 +35,7 @@ from plugins.admission.gate import AdmissionGate, GateReply, Status
 from plugins.admission.grants import GrantListener
 from plugins.admission.retry_after import RetryPromises, retry_after_s
 from plugins.admission.settings import AdmissionSettings
+from plugins.background import Background
 from plugins.redis_outage import RedisOutage
 from plugins.request_ticket import TICKETS, Admission, ReplicaPicker, RequestTicket, TicketBook
 from plugins.routing.leases import LeaseRenewer
@@ -100,7 +100,7 @@ class AdmissionController:
         self._reached_gate: dict[str, Callable[[], None]] = {}
         """Per model and priority: tickets of this process's ``enter`` calls awaiting their
         answer."""
-        self._background: set[asyncio.Task[None]] = set()
+        self.background = Background()
         """Background Redis calls (places given back, memo renewals), kept until done."""
         self._refreshing: set[tuple[str, int]] = set()
         self.outage = RedisOutage(
@@ -133,8 +133,8 @@ class AdmissionController:
     def holds(self, call_id: str) -> bool:
         """Whether the request ``call_id`` holds an admission of this controller's."""
         ticket = self.book.get(call_id)
-        return ticket is not None and ticket.admission is not None and (
-            ticket.admission.owner is self
+        return (
+            ticket is not None and ticket.admission is not None and (ticket.admission.owner is self)
         )
 
     def _held_in_redis(self) -> dict[str, list[str]]:
@@ -342,7 +342,7 @@ class AdmissionController:
         if key in self._refreshing:
             return
         self._refreshing.add(key)
-        self._spawn(self._peek(model, list(replica_ids), priority))
+        self.background.spawn(self._peek(model, list(replica_ids), priority))
 
     async def _peek(self, model: str, replica_ids: list[str], priority: int) -> None:
         now = time.monotonic()
@@ -545,14 +545,7 @@ class AdmissionController:
                 # timeout, shed, or the client went away (cancellation): give the place (or a
                 # grant not yet claimed) back, in a task of its own so that a cancellation
                 # cannot cut it short
-                self._spawn(self._leave(model, replica_ids, ticket))
-
-    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
-        """Run ``work`` in a task of its own, kept until done (a task nobody references may be
-        collected before it runs)."""
-        task = asyncio.get_running_loop().create_task(work)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+                self.background.spawn(self._leave(model, replica_ids, ticket))
 
     async def _leave(self, model: str, replica_ids: Sequence[str], ticket: str) -> None:
         try:

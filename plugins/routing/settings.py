@@ -17,18 +17,27 @@ from plugins.routing.leases import (
 from plugins.routing.policy import PolicyParams
 from triage.keyschema import DEFAULT_PREFIX
 
+_POLICY = PolicyParams()
+
 
 class RoutingSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TRIAGE_ROUTING_", extra="forbid")
 
     redis_url: RedisDsn = Field(description="the load store, e.g. redis://127.0.0.1:6390/0")
     key_prefix: str = DEFAULT_PREFIX
-    stale_after_ms: int = Field(default=1000, ge=0, description="older replica state = unknown")
-    kv_threshold: float = Field(default=0.8, ge=0.0, lt=1.0)
-    kv_weight: float = Field(default=1.0, ge=0.0)
-    unknown_score: float = Field(default=1e9, description="score of a replica with no state")
-    default_service_ms: float = Field(default=1.0, gt=0.0)
-    tie_tolerance: float = Field(default=0.2, ge=0.0, le=1.0, description="near-equal = tied")
+    # the policy's knobs: PolicyParams holds their defaults (and checks them again)
+    stale_after_ms: int = Field(
+        default=_POLICY.stale_after_ms, ge=0, description="older replica state = unknown"
+    )
+    kv_threshold: float = Field(default=_POLICY.kv_threshold, ge=0.0, lt=1.0)
+    kv_weight: float = Field(default=_POLICY.kv_weight, ge=0.0)
+    unknown_score: float = Field(
+        default=_POLICY.unknown_score, description="score of a replica with no state"
+    )
+    default_service_ms: float = Field(default=_POLICY.default_service_ms, gt=0.0)
+    tie_tolerance: float = Field(
+        default=_POLICY.tie_tolerance, ge=0.0, le=1.0, description="near-equal = tied"
+    )
     lease_ms: int = Field(
         default=DEFAULT_LEASE_MS,
         ge=1000,
