@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from redis.asyncio import Redis
 
 from gateway.redis_launcher import RedisServer
 
@@ -30,6 +31,16 @@ def redis_server(workdir: Path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+async def client(redis_server: RedisServer) -> AsyncIterator[Redis]:
+    """A client of the session's redis-server (a test file may name its own ``client``)."""
+    redis = Redis.from_url(redis_server.url)
+    try:
+        yield redis
+    finally:
+        await redis.aclose()
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -53,15 +53,6 @@ def state(replica_id: str, **fields: Any) -> dict[str, str]:
 
 
 @pytest.fixture
-async def client(redis_server: RedisServer) -> AsyncIterator[Redis]:
-    redis = Redis.from_url(redis_server.url)
-    try:
-        yield redis
-    finally:
-        await redis.aclose()
-
-
-@pytest.fixture
 async def controllers() -> AsyncIterator[Callable[[Redis, AdmissionSettings], AdmissionController]]:
     """Make controllers (one per simulated proxy process); their grant listeners stop after."""
     made: list[AdmissionController] = []

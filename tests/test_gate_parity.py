@@ -6,10 +6,8 @@ admission (``policy.choose``) must agree."""
 from __future__ import annotations
 
 import itertools
-from collections.abc import AsyncIterator
 from typing import Any
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
@@ -28,15 +26,6 @@ from replica_states import replica_state
 _prefixes = itertools.count()
 STALE_AFTER_MS = 1000
 LIVE, ENDED = 2**50, 1  # lease expiries: far ahead, long past
-
-
-@pytest.fixture(scope="module")
-async def client(redis_server: RedisServer) -> AsyncIterator[Redis]:
-    redis = Redis.from_url(redis_server.url)
-    try:
-        yield redis
-    finally:
-        await redis.aclose()
 
 
 CORRUPT = [

@@ -7,7 +7,6 @@ from __future__ import annotations
 import itertools
 import random
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -44,15 +43,6 @@ for i = 1, #KEYS do
 end
 return out
 """
-
-
-@pytest.fixture
-async def client(redis_server: RedisServer) -> AsyncIterator[Redis]:
-    redis = Redis.from_url(redis_server.url)
-    try:
-        yield redis
-    finally:
-        await redis.aclose()
 
 
 def test_the_policy_in_words() -> None:

@@ -6,7 +6,6 @@ import asyncio
 import itertools
 import random
 from collections import Counter
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -26,15 +25,6 @@ _prefixes = itertools.count()
 
 def fresh_keys() -> KeySchema:
     return KeySchema(prefix=f"test-pick:{next(_prefixes)}:")
-
-
-@pytest.fixture(scope="module")
-async def client(redis_server: RedisServer) -> AsyncIterator[Redis]:
-    redis = Redis.from_url(redis_server.url)
-    try:
-        yield redis
-    finally:
-        await redis.aclose()
 
 
 async def redis_now_ms(client: Redis) -> int:

@@ -73,15 +73,6 @@ async def hook(redis_server: RedisServer) -> AsyncIterator[RoutingHook]:
         await routing_hook.strategy.aclose()
 
 
-@pytest.fixture
-async def client(redis_server: RedisServer) -> AsyncIterator[Redis]:
-    redis = Redis.from_url(redis_server.url)
-    try:
-        yield redis
-    finally:
-        await redis.aclose()
-
-
 def keys_of(hook: RoutingHook) -> KeySchema:
     return KeySchema(hook.strategy.settings.key_prefix)
 
