@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from build_engines.settings import BuildSettings
-from triage.paths import REPO_ROOT
+from core.paths import REPO_ROOT
 
 CONVERT_MODULE = "build_engines.convert_checkpoint"
 QUANTIZATION_FLAGS: dict[str, list[str]] = {

@@ -35,20 +35,20 @@ from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
 
 from build_engines.gpus import query_gpus
 from build_engines.settings import BuildSettings
-from gateway.proxy_config import (
+from core.keyschema import DEFAULT_PREFIX
+from core.paths import free_port
+from core.settings_errors import report_invalid
+from devstack.proxy_launcher import LiteLLMProxy, start_proxy
+from devstack.redis_launcher import RedisServer
+from plugins.proxy_config import (
     ReplicaEndpoint,
     build_proxy_config,
     new_master_key,
     proxy_env,
     write_proxy_config,
 )
-from gateway.proxy_launcher import LiteLLMProxy, start_proxy
-from gateway.redis_launcher import RedisServer
-from gateway.tp_launcher import TpReplica, TpReplicaSettings, start_replica
 from plugins.triton_provider.deployments import triton_deployment
-from triage.keyschema import DEFAULT_PREFIX
-from triage.paths import free_port
-from triage.settings_errors import report_invalid
+from sidecar.tp_launcher import TpReplica, TpReplicaSettings, start_replica
 
 SKIPPED = 77
 PROMPT = "Explain in detail how tensor parallelism splits attention heads across GPUs."

@@ -34,8 +34,8 @@ from build_engines.settings import (
     SettingsFileError,
     load_settings,
 )
-from gateway.tp_launcher import TpReplicaSettings, launch_argv
-from triage.settings_errors import report_invalid
+from core.settings_errors import report_invalid
+from sidecar.tp_launcher import TpReplicaSettings, launch_argv
 
 Echo = Callable[[str], None]
 GpuQuery = Callable[[], list[GpuInfo] | None]
@@ -51,7 +51,7 @@ class BuildResult:
 
 
 def launch_settings(settings: BuildSettings, replica_id: str = "replica-0") -> TpReplicaSettings:
-    """How ``gateway.tp_launcher`` starts the replica this build serves (default ports)."""
+    """How ``sidecar.tp_launcher`` starts the replica this build serves (default ports)."""
     return TpReplicaSettings(
         replica_id=replica_id,
         repository=settings.repository_dir,
@@ -63,7 +63,7 @@ def launch_settings(settings: BuildSettings, replica_id: str = "replica-0") -> T
 
 
 def launch_hint(settings: BuildSettings) -> str:
-    argv = ["python", "-m", "gateway.tp_launcher", "--replica-id", "replica-0"]
+    argv = ["python", "-m", "sidecar.tp_launcher", "--replica-id", "replica-0"]
     argv += ["--repository", str(settings.repository_dir), "--serving", settings.serving]
     if settings.serving == "engine":
         argv += ["--world-size", str(settings.world_size)]

@@ -20,7 +20,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from build_engines.settings import BuildSettings
-from triage.paths import TRITON_MODELS
+from core.paths import TRITON_MODELS
 
 TEMPLATES = TRITON_MODELS / "tensorrt_llm"
 ENGINE_TEMPLATES = TEMPLATES / "inflight_batcher_llm"

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from triage.paths import REPO_ROOT
+from core.paths import REPO_ROOT
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
 SKIP_DIRS = {".venv", ".git", "node_modules", "__pycache__"}

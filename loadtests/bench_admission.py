@@ -24,12 +24,12 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 from redis.asyncio import Redis
 
-from gateway.redis_launcher import RedisServer
+from core.keyschema import KeySchema, ReplicaState
+from devstack.redis_launcher import RedisServer
 from plugins.admission.controller import AdmissionController
 from plugins.admission.errors import GatewayError
 from plugins.admission.gate import AdmissionGate
 from plugins.admission.settings import AdmissionSettings
-from triage.keyschema import KeySchema, ReplicaState
 
 REPLICAS = ["replica-0", "replica-1"]
 MODEL = "standin"

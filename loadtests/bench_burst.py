@@ -27,8 +27,8 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 import aiohttp
 
-from gateway.stack import Stack
-from gateway.stack_settings import StackSettings
+from devstack.stack import Stack
+from devstack.stack_settings import StackSettings
 
 QUEUE_ALLOWANCE = 4
 """The admission plugin's default ``queue_allowance`` (work per replica beyond max_active)."""

@@ -43,16 +43,12 @@ from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict, SettingsError
 from redis.asyncio import Redis
 
-from gateway.proxy_config import (
-    ProxyOptions,
-    ReplicaEndpoint,
-    build_proxy_config,
-    proxy_env,
-    write_proxy_config,
-)
-from gateway.proxy_launcher import LiteLLMProxy, start_proxy
-from gateway.stack import Stack
-from gateway.stack_settings import StackSettings
+from core.keyschema import KeySchema
+from core.settings_errors import report_invalid
+from core.speeds import check_speeds
+from devstack.proxy_launcher import LiteLLMProxy, start_proxy
+from devstack.stack import Stack
+from devstack.stack_settings import StackSettings
 from loadtests.measure import (
     REST,
     CpuGroups,
@@ -62,10 +58,14 @@ from loadtests.measure import (
     machine_busy_cores,
     percentile,
 )
+from plugins.proxy_config import (
+    ProxyOptions,
+    ReplicaEndpoint,
+    build_proxy_config,
+    proxy_env,
+    write_proxy_config,
+)
 from plugins.routing.store import RoutingStore
-from triage.keyschema import KeySchema
-from triage.settings_errors import report_invalid
-from triage.speeds import check_speeds
 
 if TYPE_CHECKING:  # imports litellm: done at run time only after LITELLM_LOCAL_MODEL_COST_MAP
     from plugins.routing.strategy import LeastBusyStrategy

@@ -42,17 +42,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict, SettingsError
 
-from gateway.process import start_concurrently
-from gateway.proxy_config import (
-    ProxyOptions,
-    ReplicaEndpoint,
-    build_proxy_config,
-    proxy_env,
-    write_proxy_config,
-)
-from gateway.proxy_launcher import LiteLLMProxy, start_proxy
-from gateway.stack import Stack
-from gateway.stack_settings import StackSettings
+from core.process import start_concurrently
+from core.settings_errors import report_invalid
+from core.speeds import check_speeds
+from devstack.proxy_launcher import LiteLLMProxy, start_proxy
+from devstack.stack import Stack
+from devstack.stack_settings import StackSettings
 from loadtests.arrivals import Arrival, ArrivalSequence
 from loadtests.measure import (
     REST,
@@ -77,8 +72,13 @@ from loadtests.traffic import (
     prompt_text,
     retry_after_s,
 )
-from triage.settings_errors import report_invalid
-from triage.speeds import check_speeds
+from plugins.proxy_config import (
+    ProxyOptions,
+    ReplicaEndpoint,
+    build_proxy_config,
+    proxy_env,
+    write_proxy_config,
+)
 
 log = logging.getLogger("triage.bench")
 

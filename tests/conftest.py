@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
-from gateway.redis_launcher import RedisServer
+from devstack.redis_launcher import RedisServer
 
 # litellm fetches its model cost map from the internet at import unless told not to
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")

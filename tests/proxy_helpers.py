@@ -12,8 +12,8 @@ import httpx
 from openai import AsyncOpenAI
 from redis.asyncio import Redis
 
-from gateway.stack import Stack
-from triage.keyschema import KeySchema, ReplicaState
+from core.keyschema import KeySchema, ReplicaState
+from devstack.stack import Stack
 
 MESSAGES = [{"role": "user", "content": "Tell me about the fleet."}]
 

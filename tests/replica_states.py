@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from triage.keyschema import ReplicaState
+from core.keyschema import ReplicaState
 
 
 def replica_state(replica_id: str = "r", ts_ms: int | None = None, **fields: Any) -> ReplicaState:

@@ -14,14 +14,14 @@ import pytest
 from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 
-from gateway.redis_launcher import RedisServer
+from core.keyschema import KeySchema
+from devstack.redis_launcher import RedisServer
 from plugins.admission.controller import AdmissionController, QueueRate
 from plugins.admission.errors import GatewayError
 from plugins.admission.gate import AdmissionGate, Status
 from plugins.admission.settings import AdmissionSettings
 from plugins.routing.policy import PolicyParams
 from plugins.routing.store import PickPlan, RoutingStore
-from triage.keyschema import KeySchema
 
 from replica_states import replica_state
 
@@ -404,7 +404,7 @@ async def test_redis_down_bounds_per_process(
     redis_server: RedisServer,
     controllers: Callable[[Redis, AdmissionSettings], AdmissionController],
 ) -> None:
-    from triage.paths import free_port
+    from core.paths import free_port
 
     s = settings(
         redis_server, redis_url=f"redis://127.0.0.1:{free_port()}/0", unknown_replica_slots=2

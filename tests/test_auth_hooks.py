@@ -18,14 +18,8 @@ from litellm.proxy._types import LitellmUserRoles, ProxyException, UserAPIKeyAut
 from redis.asyncio import Redis
 from starlette.requests import Request
 
-from gateway.proxy_config import (
-    ADMISSION_CALLBACK,
-    DISCLOSURE_CALLBACK,
-    ReplicaEndpoint,
-    build_proxy_config,
-    proxy_env,
-)
-from gateway.redis_launcher import RedisServer
+from core.paths import free_port
+from devstack.redis_launcher import RedisServer
 from plugins.auth import custom_auth
 from plugins.auth import model_access as model_access_module
 from plugins.auth.cli import main
@@ -47,7 +41,13 @@ from plugins.auth.routes import (
     route_family,
 )
 from plugins.auth.settings import KeysSettings
-from triage.paths import free_port
+from plugins.proxy_config import (
+    ADMISSION_CALLBACK,
+    DISCLOSURE_CALLBACK,
+    ReplicaEndpoint,
+    build_proxy_config,
+    proxy_env,
+)
 
 MASTER_KEY = "sk-triage-master-" + uuid.uuid4().hex
 TTL_S = 0.3
@@ -776,7 +776,7 @@ def test_cli_reads_a_running_stack(
 async def test_a_busy_pool_is_503_busy_not_an_outage(
     redis_server: RedisServer, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from triage.redis_client import PoolExhausted
+    from core.redis_client import PoolExhausted
 
     authenticator = Authenticator.from_settings(KeysSettings(redis_url=redis_server.url))
 

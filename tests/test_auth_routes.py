@@ -18,8 +18,8 @@ import openai
 import pytest
 from redis.asyncio import Redis
 
-from gateway.stack import Stack
-from gateway.stack_settings import StackSettings
+from devstack.stack import Stack
+from devstack.stack_settings import StackSettings
 from plugins.auth.keystore import KeyStore
 
 from proxy_helpers import MESSAGES, sdk

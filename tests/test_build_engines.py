@@ -27,7 +27,7 @@ from build_engines.plan import PlanError, estimate_memory, make_plan
 from build_engines.repository import check_engine_repository
 from build_engines.runner import StepFailed, run_step
 from build_engines.settings import BuildSettings, load_settings
-from gateway.tp_launcher import TpReplicaSettings, launch_argv
+from sidecar.tp_launcher import TpReplicaSettings, launch_argv
 from triage import cli
 
 # Llama-3-8B's shape (8,030,261,248 parameters)

@@ -2,7 +2,7 @@
 
 A real TensorRT-LLM replica shows such load only as ``active == max``: the executor's queue
 behind it is no metric. The sidecar estimates that queue from Triton's request counters
-(``gateway/backlog.py``) and publishes it in ``waiting``, so the routing score counts it, and a
+(``sidecar/backlog.py``) and publishes it in ``waiting``, so the routing score counts it, and a
 request goes to the replica with room (``plugins/routing/README.md``, "traffic that bypasses the
 gateway"). Real tritonserver stand-ins, real sidecars, real Redis; no proxy (the choice is the
 pure policy that ``pick.lua`` mirrors, tested alike in ``tests/test_pick_script.py``).
@@ -20,12 +20,12 @@ import httpx
 import pytest
 import redis
 
-from gateway.redis_launcher import RedisServer
-from gateway.sidecar_launcher import SidecarProcess, start_sidecar
-from gateway.triton_launcher import StandinSettings, TritonServer, start_standin_replica
-from gateway.triton_metrics import TRT_REQUESTS, parse_samples
+from core.keyschema import KeySchema, ReplicaState
+from devstack.redis_launcher import RedisServer
+from devstack.sidecar_launcher import SidecarProcess, start_sidecar
+from devstack.triton_launcher import StandinSettings, TritonServer, start_standin_replica
 from plugins.routing.policy import PolicyParams, choose, scores
-from triage.keyschema import KeySchema, ReplicaState
+from sidecar.triton_metrics import TRT_REQUESTS, parse_samples
 
 pytestmark = pytest.mark.integration
 

@@ -24,21 +24,21 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
-from gateway.proxy_config import (
+from core.paths import free_port
+from devstack.proxy_launcher import LiteLLMProxy, start_proxy
+from devstack.redis_launcher import RedisServer
+from devstack.triton_launcher import StandinSettings, TritonServer, write_standin_repository
+from plugins.auth.keystore import KeyStore
+from plugins.catalogue.settings import replica_id
+from plugins.proxy_config import (
     ProxyOptions,
     build_proxy_config,
     new_master_key,
     proxy_env,
     write_proxy_config,
 )
-from gateway.proxy_launcher import LiteLLMProxy, start_proxy
-from gateway.redis_launcher import RedisServer
-from gateway.sidecar import Sidecar, SidecarMetrics
-from gateway.sidecar_settings import SidecarSettings
-from gateway.triton_launcher import StandinSettings, TritonServer, write_standin_repository
-from plugins.auth.keystore import KeyStore
-from plugins.catalogue.settings import replica_id
-from triage.paths import free_port
+from sidecar.service import Sidecar, SidecarMetrics
+from sidecar.settings import SidecarSettings
 
 from proxy_helpers import MESSAGES
 

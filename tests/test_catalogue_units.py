@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
+from core.keyschema import ServerState
 from plugins.catalogue.placement import (
     Load,
     LoadedModel,
@@ -17,7 +18,6 @@ from plugins.catalogue.placement import (
     infeasibility,
 )
 from plugins.catalogue.settings import Catalogue, CatalogueModel
-from triage.keyschema import ServerState
 
 
 def topology(server_id: str, devices: int = 1, memory_mb: int = 16_000) -> ServerState:

@@ -12,7 +12,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gateway.check_replica import (
+from core.paths import free_port
+from devstack.triton_launcher import StandinSettings, TritonServer, start_standin_replica
+from sidecar.check_replica import (
     ENSEMBLE_INPUTS,
     LLMAPI_INPUTS,
     Report,
@@ -22,9 +24,7 @@ from gateway.check_replica import (
     main,
     queue_policy_of,
 )
-from gateway.triton_launcher import StandinSettings, TritonServer, start_standin_replica
 from triage.cli import main as triage_main
-from triage.paths import free_port
 
 UPSTREAM = Path(__file__).parent / "fixtures" / "upstream"
 STOCK = json.loads((UPSTREAM / "build_stock_names.json").read_text())

@@ -25,10 +25,10 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from gateway.stack import Stack
-from gateway.stack_settings import StackSettings
-from gateway.supervisor import Supervisor
-from triage.keyschema import KeySchema
+from core.keyschema import KeySchema
+from devstack.stack import Stack
+from devstack.stack_settings import StackSettings
+from devstack.supervisor import Supervisor
 
 from proxy_helpers import MESSAGES, wait_for_state
 

@@ -1,5 +1,5 @@
 """The front door in front of the real proxy (real Triton stand-in replicas, sidecars, Redis,
-the LiteLLM proxy started by ``gateway.proxy_main``): every bad input a user has sent gets its
+the LiteLLM proxy started by ``plugins.proxy_main``): every bad input a user has sent gets its
 answer, a client that goes away frees everything and stops the replica, abandoned huge requests
 cannot take the fleet down, a flood is answered, and the layer runs in every worker.
 
@@ -25,18 +25,18 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
-from gateway.proxy_config import proxy_env
-from gateway.proxy_launcher import start_proxy
-from gateway.stack import PROXY_USER, Stack
-from gateway.stack_settings import StackSettings
-from triage.keyschema import KeySchema
+from core.keyschema import KeySchema
+from devstack.proxy_launcher import start_proxy
+from devstack.stack import PROXY_USER, Stack
+from devstack.stack_settings import StackSettings
+from plugins.proxy_config import proxy_env
 
 from proxy_helpers import MESSAGES
 
 pytestmark = pytest.mark.integration
 
 MODEL = "standin"
-MAX_OUTPUT_TOKENS = 4096  # gateway/proxy_config.py's default model_info.max_output_tokens
+MAX_OUTPUT_TOKENS = 4096  # plugins/proxy_config.py's default model_info.max_output_tokens
 FRONT_DOOR_ENV = {"TRIAGE_FRONT_DOOR_MAX_BODY_MB": "1"}
 
 

@@ -13,13 +13,13 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 from redis.asyncio import Redis
 
-from gateway.redis_launcher import RedisServer
+from core.keyschema import KeySchema, ReplicaState
+from devstack.redis_launcher import RedisServer
 from plugins.admission import rules
 from plugins.admission.gate import AdmissionGate
 from plugins.admission.settings import AdmissionSettings
 from plugins.routing.policy import PolicyParams, choose
 from plugins.routing.store import PickPlan
-from triage.keyschema import KeySchema, ReplicaState
 
 from replica_states import replica_state
 

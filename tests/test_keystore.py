@@ -12,7 +12,8 @@ import pytest
 from pydantic import ValidationError
 from redis.asyncio import Redis
 
-from gateway.redis_launcher import RedisServer
+from core.keyschema import KeySchema
+from devstack.redis_launcher import RedisServer
 from plugins.auth.keystore import (
     KEY_TEXT_PREFIX,
     AliasExistsError,
@@ -23,7 +24,6 @@ from plugins.auth.keystore import (
     KeyStore,
     hash_key,
 )
-from triage.keyschema import KeySchema
 
 
 def fresh_prefix() -> str:

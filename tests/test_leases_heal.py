@@ -23,14 +23,14 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from gateway.redis_launcher import RedisServer
+from core.keyschema import KeySchema
+from core.redis_client import fail_fast_redis
+from devstack.redis_launcher import RedisServer
 from plugins.admission.controller import AdmissionController
 from plugins.admission.gate import AdmissionGate
 from plugins.admission.settings import AdmissionSettings
 from plugins.routing.settings import RoutingSettings
 from plugins.routing.strategy import LeastBusyStrategy
-from triage.keyschema import KeySchema
-from triage.redis_client import fail_fast_redis
 
 from replica_states import replica_state
 

@@ -13,7 +13,9 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from gateway.redis_launcher import RedisServer
+from core.keyschema import KeySchema
+from core.lua import lua_source
+from devstack.redis_launcher import RedisServer
 from plugins.admission.gate import AdmissionGate, Status
 from plugins.admission.settings import AdmissionSettings
 from plugins.routing.leases import (
@@ -25,8 +27,6 @@ from plugins.routing.leases import (
     replica_down,
 )
 from plugins.routing.settings import RoutingSettings
-from triage.keyschema import KeySchema
-from triage.lua import lua_source
 
 from replica_states import replica_state
 

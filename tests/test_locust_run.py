@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from gateway.stack import Stack
-from gateway.stack_settings import StackSettings
+from core.paths import REPO_ROOT
+from devstack.stack import Stack
+from devstack.stack_settings import StackSettings
 from loadtests.keys import create_tier_keys, parse_tiers, write_keys
-from triage.paths import REPO_ROOT
 
 pytestmark = pytest.mark.integration
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.sidecar import PUBLISH, PUBLISH_LUA
+from core.lua import ArgGroup, ScriptProtocol, fields, lua_source
 from plugins.admission.gate import GATE, GATE_LUA
 from plugins.routing.leases import RENEW, RENEW_LUA
 from plugins.routing.store import (
@@ -19,7 +19,7 @@ from plugins.routing.store import (
     RELEASE,
     RELEASE_LUA,
 )
-from triage.lua import ArgGroup, ScriptProtocol, fields, lua_source
+from sidecar.service import PUBLISH, PUBLISH_LUA
 
 SCRIPTS = [
     (GATE_LUA, (GATE, PICK_PARAMS)),

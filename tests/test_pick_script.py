@@ -13,10 +13,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis.asyncio import Redis
 
-from gateway.redis_launcher import RedisServer
+from core.keyschema import KeySchema, ReplicaState
+from devstack.redis_launcher import RedisServer
 from plugins.routing.policy import PolicyParams, choose, scores
 from plugins.routing.store import RoutingStore
-from triage.keyschema import KeySchema, ReplicaState
 
 from replica_states import replica_state
 

@@ -19,7 +19,15 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from gateway.redis_launcher import RedisServer
+from core.keyschema import KeySchema
+from core.redis_client import (
+    DEFAULT_MAX_CONNECTIONS,
+    PoolExhausted,
+    RedisPoolSettings,
+    SizedConnectionPool,
+    fail_fast_redis,
+)
+from devstack.redis_launcher import RedisServer
 from plugins.admission.controller import BUSY_CODE, AdmissionController
 from plugins.admission.errors import GatewayError
 from plugins.admission.gate import AdmissionGate
@@ -28,14 +36,6 @@ from plugins.auth.keystore import KeyStore
 from plugins.auth.settings import KeysSettings
 from plugins.routing.settings import RoutingSettings
 from plugins.routing.strategy import LeastBusyStrategy, RedisBusy
-from triage.keyschema import KeySchema
-from triage.redis_client import (
-    DEFAULT_MAX_CONNECTIONS,
-    PoolExhausted,
-    RedisPoolSettings,
-    SizedConnectionPool,
-    fail_fast_redis,
-)
 
 from replica_states import replica_state
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.process import (
+from core.process import (
     ManagedProcess,
     StartCancelled,
     StartError,
@@ -144,7 +144,7 @@ def test_free_ports_lie_below_the_ephemeral_range() -> None:
     bind; below the kernel's ephemeral range only another listener can."""
     import socket
 
-    from triage.paths import LISTEN_PORTS_FROM, ephemeral_ports, free_port
+    from core.paths import LISTEN_PORTS_FROM, ephemeral_ports, free_port
 
     low, high = ephemeral_ports()
     assert 0 < low <= high

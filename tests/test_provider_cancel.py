@@ -25,9 +25,9 @@ import httpx
 import litellm
 import pytest
 
-from gateway.triton_launcher import StandinSettings, TritonServer, start_standin_replica
-from gateway.triton_metrics import parse_engine_sample
+from devstack.triton_launcher import StandinSettings, TritonServer, start_standin_replica
 from plugins.triton_provider import register, triton_generate
+from sidecar.triton_metrics import parse_engine_sample
 
 pytestmark = pytest.mark.integration
 

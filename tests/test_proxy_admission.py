@@ -15,10 +15,10 @@ from openai import AsyncOpenAI
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
-from gateway.stack import Stack
-from gateway.stack_settings import StackSettings
+from core.keyschema import KeySchema
+from devstack.stack import Stack
+from devstack.stack_settings import StackSettings
 from plugins.auth.keystore import KeyStore
-from triage.keyschema import KeySchema
 
 from proxy_helpers import MESSAGES, wait_for_state
 

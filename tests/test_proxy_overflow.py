@@ -31,19 +31,19 @@ from openai import AsyncOpenAI
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
-from gateway.proxy_config import (
+from devstack.proxy_launcher import LiteLLMProxy, start_proxy
+from devstack.redis_launcher import RedisServer
+from devstack.triton_launcher import StandinSettings, TritonServer, start_standin_replica
+from plugins.auth.keystore import KeyStore
+from plugins.proxy_config import (
     ProxyOptions,
     build_proxy_config,
     new_master_key,
     proxy_env,
     write_proxy_config,
 )
-from gateway.proxy_launcher import LiteLLMProxy, start_proxy
-from gateway.redis_launcher import RedisServer
-from gateway.triton_launcher import StandinSettings, TritonServer, start_standin_replica
-from gateway.triton_metrics import parse_engine_sample
-from plugins.auth.keystore import KeyStore
 from plugins.triton_provider.deployments import triton_deployment
+from sidecar.triton_metrics import parse_engine_sample
 
 from proxy_helpers import MESSAGES
 

@@ -13,8 +13,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.stack import Stack
-from gateway.stack_settings import StackSettings
+from devstack.stack import Stack
+from devstack.stack_settings import StackSettings
 
 from proxy_helpers import (
     MESSAGES,

@@ -12,16 +12,16 @@ from collections.abc import Iterator
 import pytest
 from openai import AsyncOpenAI
 
-from gateway.proxy_config import (
+from devstack.proxy_launcher import LiteLLMProxy, start_proxy
+from devstack.stack import Stack
+from devstack.stack_settings import StackSettings
+from plugins.proxy_config import (
     ProxyOptions,
     ReplicaEndpoint,
     build_proxy_config,
     proxy_env,
     write_proxy_config,
 )
-from gateway.proxy_launcher import LiteLLMProxy, start_proxy
-from gateway.stack import Stack
-from gateway.stack_settings import StackSettings
 
 from proxy_helpers import MESSAGES, shares
 

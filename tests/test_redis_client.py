@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from gateway.redis_launcher import RedisServer
-from triage.redis_client import fail_fast_redis
+from core.redis_client import fail_fast_redis
+from devstack.redis_launcher import RedisServer
 
 pytestmark = pytest.mark.integration
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from core.keyschema import ReplicaState
 from plugins.routing.policy import (
     PolicyParams,
     choose,
@@ -17,7 +18,6 @@ from plugins.routing.policy import (
     score,
     scores,
 )
-from triage.keyschema import ReplicaState
 
 from replica_states import replica_state
 

@@ -22,13 +22,13 @@ import pytest
 from litellm import Router
 from redis.asyncio import Redis
 
-from gateway.redis_launcher import RedisServer
+from core.keyschema import KeySchema
+from core.paths import free_port
+from devstack.redis_launcher import RedisServer
 from plugins.routing.hook import RoutingHook
 from plugins.routing.settings import RoutingSettings
 from plugins.routing.store import RoutingStore
 from plugins.routing.strategy import NoEligibleReplica
-from triage.keyschema import KeySchema
-from triage.paths import free_port
 
 from replica_states import replica_state
 

@@ -15,11 +15,11 @@ import httpx
 import pytest
 import redis
 
-from gateway.redis_launcher import RedisServer
-from gateway.sidecar_launcher import SidecarProcess, start_sidecar
-from gateway.triton_launcher import StandinSettings, TritonServer, start_standin_replica
-from gateway.triton_metrics import parse_engine_sample
-from triage.keyschema import KeySchema, ReplicaState
+from core.keyschema import KeySchema, ReplicaState
+from devstack.redis_launcher import RedisServer
+from devstack.sidecar_launcher import SidecarProcess, start_sidecar
+from devstack.triton_launcher import StandinSettings, TritonServer, start_standin_replica
+from sidecar.triton_metrics import parse_engine_sample
 
 pytestmark = pytest.mark.integration
 

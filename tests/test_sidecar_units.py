@@ -7,11 +7,11 @@ import sys
 
 import pytest
 
-from gateway.backlog import HiddenQueue
-from gateway.health import HealthDebounce
-from gateway.service_time import CompletionWindow
-from gateway.sidecar_settings import SidecarSettings
-from gateway.triton_metrics import parse_engine_sample
+from sidecar.backlog import HiddenQueue
+from sidecar.health import HealthDebounce
+from sidecar.service_time import CompletionWindow
+from sidecar.settings import SidecarSettings
+from sidecar.triton_metrics import parse_engine_sample
 
 TRTLLM_TEXT = """\
 # HELP nv_inference_pending_request_count Pending
@@ -156,14 +156,14 @@ def test_bad_setting_stops_startup_naming_the_field(args: list[str], field: str)
         base[args[i]] = args[i + 1]
     argv = [a for pair in base.items() for a in pair]
     done = subprocess.run(
-        [sys.executable, "-m", "gateway.sidecar", *argv], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "sidecar.service", *argv], capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 2
     assert field in done.stderr, done.stderr
 
 
 def test_step_time_is_busy_time_per_iteration() -> None:
-    from gateway.service_time import StepTimeWindow
+    from sidecar.service_time import StepTimeWindow
 
     w = StepTimeWindow(window_s=10.0, min_iterations=1)
     w.add(0.0, 0, busy=False)
@@ -185,7 +185,7 @@ def test_step_time_is_busy_time_per_iteration() -> None:
 
 
 def test_step_time_waits_for_enough_iterations() -> None:
-    from gateway.service_time import StepTimeWindow
+    from sidecar.service_time import StepTimeWindow
 
     w = StepTimeWindow(window_s=10.0, min_iterations=50)
     w.add(0.0, 0, busy=True)

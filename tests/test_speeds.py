@@ -1,4 +1,4 @@
-"""The one check of per-replica speeds (``triage/speeds.py``) and the settings that use it."""
+"""The one check of per-replica speeds (``core/speeds.py``) and the settings that use it."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import math
 import pytest
 from pydantic import ValidationError
 
-from gateway.stack_settings import StackSettings
+from core.speeds import check_speeds
+from devstack.stack_settings import StackSettings
 from loadtests.bench_routing import BenchSettings as RoutingBenchSettings
 from loadtests.compare import BenchSettings
-from triage.speeds import check_speeds
 
 
 def test_empty_is_uniform_and_values_pass_through() -> None:

@@ -18,7 +18,7 @@ import httpx
 import pytest
 import redis
 
-from triage.keyschema import KeySchema, ReplicaState
+from core.keyschema import KeySchema, ReplicaState
 
 pytestmark = pytest.mark.integration
 

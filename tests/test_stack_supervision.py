@@ -33,17 +33,17 @@ from test_stack_cli import (
     wait_for,
 )
 
-from gateway.process import StartCancelled, StartError
-from gateway.redis_launcher import (
+from core.keyschema import KeySchema
+from core.process import StartCancelled, StartError
+from devstack.redis_launcher import (
     PROXY_USER,
     SIDECAR_USER,
     key_kinds,
     proxy_rules,
     sidecar_rules,
 )
-from gateway.sidecar import PUBLISH_LUA
-from gateway.supervisor import BackoffPolicy, Supervisor
-from triage.keyschema import KeySchema
+from devstack.supervisor import BackoffPolicy, Supervisor
+from sidecar.service import PUBLISH_LUA
 
 # ---------------------------------------------------------------------------------------------
 # the policy and the loop

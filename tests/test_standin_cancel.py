@@ -37,7 +37,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.triton_launcher import StandinSettings, TritonServer, start_standin_replica
+from devstack.triton_launcher import StandinSettings, TritonServer, start_standin_replica
 
 pytestmark = pytest.mark.integration
 

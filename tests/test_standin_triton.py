@@ -14,14 +14,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gateway.triton_launcher import (
+from core.paths import STANDIN_REPOSITORY
+from devstack.triton_launcher import (
     StandinSettings,
     TritonServer,
     read_model_config,
     start_standin_replica,
     write_standin_repository,
 )
-from triage.paths import STANDIN_REPOSITORY
 
 pytestmark = pytest.mark.integration
 
@@ -240,8 +240,8 @@ def test_a_free_port_taken_before_triton_binds_it_is_replaced(
     whole test module's stack to "Socket '127.0.0.1:…' already in use")."""
     import socket
 
-    import gateway.triton_launcher as launcher
-    from triage.paths import free_port
+    import devstack.triton_launcher as launcher
+    from core.paths import free_port
 
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))

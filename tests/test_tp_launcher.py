@@ -1,4 +1,4 @@
-"""gateway.tp_launcher: the exact mpirun leader-mode command lines and the sidecar settings."""
+"""sidecar.tp_launcher: the exact mpirun leader-mode command lines and the sidecar settings."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from gateway.sidecar import load_settings as load_sidecar_settings
-from gateway.tp_launcher import (
+from sidecar.service import load_settings as load_sidecar_settings
+from sidecar.tp_launcher import (
     TpReplicaSettings,
     launch_argv,
     main,
@@ -140,7 +140,7 @@ def test_sidecar_for_the_llmapi_path() -> None:
 def test_sidecar_argv_parses_to_the_same_settings(serving: str) -> None:
     s = tp_settings(1, serving=serving, max_active=16, sidecar_port=9555)
     argv = sidecar_argv(s, python="python3")
-    assert argv[:3] == ["python3", "-m", "gateway.sidecar"]
+    assert argv[:3] == ["python3", "-m", "sidecar.service"]
     assert load_sidecar_settings(argv[3:]) == sidecar_settings(s)
 
 

@@ -21,7 +21,7 @@ import litellm
 import pytest
 from litellm import Router
 
-from gateway.triton_launcher import (
+from devstack.triton_launcher import (
     PROVIDER_DIALECT,
     StandinSettings,
     TritonServer,

@@ -26,13 +26,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.grpc import model_config_pb2
 from tritonclient.utils import InferenceServerException
 
-from gateway.triton_launcher import (
+from core.paths import STANDIN_REPOSITORY
+from devstack.triton_launcher import (
     StandinSettings,
     TritonServer,
     read_model_config,
     start_standin_replica,
 )
-from triage.paths import STANDIN_REPOSITORY
 
 FIXTURES = Path(__file__).parent / "fixtures" / "upstream"
 MODEL = "standin"

@@ -13,7 +13,7 @@ from types import FrameType
 from pydantic import ValidationError
 from pydantic_settings import CliApp
 
-from triage.settings_errors import report_invalid
+from core.settings_errors import report_invalid
 
 USAGE = """usage: triage <command> [options]
 
@@ -43,9 +43,9 @@ def say(text: str) -> None:
 
 
 def cmd_up(argv: Sequence[str]) -> int:
-    from gateway.process import StartCancelled, cancel_starts
-    from gateway.stack import Stack
-    from gateway.stack_settings import StackSettings
+    from core.process import StartCancelled, cancel_starts
+    from devstack.stack import Stack
+    from devstack.stack_settings import StackSettings
 
     try:
         settings = CliApp.run(StackSettings, cli_args=list(argv))
@@ -98,7 +98,7 @@ def cmd_up(argv: Sequence[str]) -> int:
 
 
 def cmd_sidecar(argv: Sequence[str]) -> int:
-    from gateway.sidecar import main
+    from sidecar.service import main
 
     return main(argv)
 
@@ -116,7 +116,7 @@ def cmd_build_engine(argv: Sequence[str]) -> int:
 
 
 def cmd_check_replica(argv: Sequence[str]) -> int:
-    from gateway.check_replica import main
+    from sidecar.check_replica import main
 
     return main(list(argv))
 

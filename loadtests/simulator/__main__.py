@@ -19,12 +19,12 @@ from typing import Any
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict, SettingsError
 
+from core.settings_errors import report_invalid
 from loadtests.simulator.engine import ProxyAssign, Scenario, ServiceSource, read_arrivals, run
 from loadtests.simulator.model import Fleet, LengthDist, Workload
 from loadtests.simulator.policies import ALIASES, DEFAULT_POLICIES, POLICIES, make_policy
 from loadtests.simulator.report import plot, summarize, table, write_json
 from plugins.routing.policy import PolicyParams
-from triage.settings_errors import report_invalid
 
 PROG = "python -m loadtests.simulator"
 _MIX = re.compile(r"^\s*(?:fraction\s+)?([0-9./]+)\s*(?:@|\s+at\s+)\s*([0-9.eE+-]+)\s*$")

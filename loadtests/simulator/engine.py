@@ -5,11 +5,11 @@ is built once and run under every policy, so all policies see the same requests 
 numbers). Events live in one ``heapq`` of ``(time, kind, x, version)`` tuples; arrivals are
 read from the pre-drawn sequence instead of the heap.
 
-Sidecar model (``gateway/sidecar.py``): every ``poll_interval_s``, from a random phase per
+Sidecar model (``sidecar/service.py``): every ``poll_interval_s``, from a random phase per
 replica, the sidecar samples the engine (``active``, ``waiting``, ``max_active``,
 ``kv_fraction``), feeds the engine's iteration counter to the real
-``gateway.service_time.StepTimeWindow`` (busy ms per iteration over a 10 s window, published
-from 50 busy iterations on) and publishes a ``triage.keyschema.ReplicaState`` with
+``sidecar.service_time.StepTimeWindow`` (busy ms per iteration over a 10 s window, published
+from 50 busy iterations on) and publishes a ``core.keyschema.ReplicaState`` with
 ``ts_ms`` = the poll time. Proxies see it ``staleness_s`` later (Redis / network lag). With
 ``service_source="true"`` the sidecar publishes the replica's true step time from its first
 poll instead.
@@ -30,10 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from gateway.service_time import StepTimeWindow
+from core.keyschema import ReplicaState
 from loadtests.simulator.model import BatchReplica, FifoReplica, Fleet, Workload
 from loadtests.simulator.policies import Policy, World
-from triage.keyschema import ReplicaState
+from sidecar.service_time import StepTimeWindow
 
 ServiceSource = Literal["measured", "true"]
 ProxyAssign = Literal["random", "round-robin"]

@@ -42,9 +42,9 @@ import random
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
+from core.keyschema import ReplicaState
 from plugins.routing import policy as routing_policy
 from plugins.routing.policy import PolicyParams
-from triage.keyschema import ReplicaState
 
 if TYPE_CHECKING:
     from loadtests.simulator.model import BatchReplica, FifoReplica, Workload

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 from redis.exceptions import RedisError
 
+from core.redis_client import PoolExhausted, PoolWaits
 from plugins.admission import metrics
 from plugins.admission.errors import GatewayError, ShedReason, overloaded
 from plugins.admission.expected_wait import EarlyShed, ahead_limit, ahead_now, early_shed
@@ -39,7 +40,6 @@ from plugins.background import Background
 from plugins.redis_outage import RedisOutage
 from plugins.request_ticket import TICKETS, Admission, ReplicaPicker, RequestTicket, TicketBook
 from plugins.routing.leases import LeaseRenewer
-from triage.redis_client import PoolExhausted, PoolWaits
 
 log = logging.getLogger(__name__)
 

@@ -11,11 +11,11 @@ from pathlib import Path
 
 from redis.asyncio import Redis
 
+from core.keyschema import KeySchema
+from core.lua import ScriptProtocol, fields, lua_source
 from plugins.admission.rules import Status
 from plugins.admission.settings import AdmissionSettings
 from plugins.routing.store import PICK_PARAMS, PICKED, PickPlan, Reservation
-from triage.keyschema import KeySchema
-from triage.lua import ScriptProtocol, fields, lua_source
 
 GATE_LUA = Path(__file__).with_name("gate.lua")
 

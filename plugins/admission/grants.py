@@ -28,7 +28,7 @@ from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
-from triage.redis_client import cancel_requested
+from core.redis_client import cancel_requested
 
 log = logging.getLogger(__name__)
 

@@ -29,6 +29,7 @@ from fastapi import HTTPException
 from litellm.litellm_core_utils.streaming_handler import CustomStreamWrapper
 from litellm.proxy._types import UserAPIKeyAuth
 
+from core.redis_client import fail_fast_redis
 from plugins.admission.controller import AdmissionController
 from plugins.admission.errors import ShedReason, model_not_found, stream_start_event
 from plugins.admission.gate import AdmissionGate
@@ -39,7 +40,6 @@ from plugins.overflow import is_upstream_overflow
 from plugins.request_end import RequestEndHook
 from plugins.request_ticket import TICKETS, TicketBook
 from plugins.routing.hook import proxy_router
-from triage.redis_client import fail_fast_redis
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 
-from triage.keyschema import ReplicaState
+from core.keyschema import ReplicaState
 
 
 class Status(IntEnum):

@@ -1,13 +1,14 @@
 """Settings of the admission plugin: env ``TRIAGE_ADMISSION_*`` (set by the proxy config).
 
 The Redis connection pool (size, wait) is shared by every proxy-side client: ``TRIAGE_REDIS_*``
-(``triage.redis_client.RedisPoolSettings``)."""
+(``core.redis_client.RedisPoolSettings``)."""
 
 from __future__ import annotations
 
 from pydantic import Field, RedisDsn, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from core.keyschema import DEFAULT_PREFIX
 from plugins.admission.retry_after import RetryAfterBand
 from plugins.routing.leases import (
     DEFAULT_LEASE_MS,
@@ -15,7 +16,6 @@ from plugins.routing.leases import (
     DEFAULT_RENEW_MS,
     check_lease_settings,
 )
-from triage.keyschema import DEFAULT_PREFIX
 
 
 class AdmissionSettings(BaseSettings):

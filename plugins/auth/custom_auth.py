@@ -56,6 +56,7 @@ from litellm.proxy.common_utils.http_parsing_utils import read_request_body
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 
+from core.redis_client import PoolExhausted
 from plugins.auth.errors import model_not_found
 from plugins.auth.identity import KEY_SOURCE, MASTER, key_id_of
 from plugins.auth.keystore import (
@@ -74,7 +75,6 @@ from plugins.auth.routes import (
     retrieved_model,
 )
 from plugins.auth.settings import DEFAULT_PRIORITY, KeysSettings
-from triage.redis_client import PoolExhausted
 
 log = logging.getLogger("triage.auth")
 

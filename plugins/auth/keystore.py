@@ -1,6 +1,6 @@
 """The offline virtual-key store: key records in Redis, keyed by the SHA-256 of the key.
 
-Schema (owned by ``triage/keyschema.py``, documented in ``redis/SCHEMA.md``):
+Schema (owned by ``core/keyschema.py``, documented in ``redis/SCHEMA.md``):
 
 * ``{prefix}apikey:{sha256}`` hash: one key's record, the fields of ``KeyRecord.to_redis``;
 * ``{prefix}apikeys`` set: the SHA-256 hex of every live key.
@@ -26,14 +26,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, computed_fie
 from redis.asyncio import Redis
 from redis.exceptions import WatchError
 
+from core.keyschema import DEFAULT_PREFIX, KeySchema
+from core.redis_client import sized_redis
 from plugins.auth.settings import (
     DEFAULT_PRIORITY,
     PRIORITY_HIGHEST,
     PRIORITY_LOWEST,
     KeysSettings,
 )
-from triage.keyschema import DEFAULT_PREFIX, KeySchema
-from triage.redis_client import sized_redis
 
 log = logging.getLogger("triage.auth.keystore")
 
@@ -164,7 +164,7 @@ class KeyStore:
     @classmethod
     def from_settings(cls, settings: KeysSettings) -> KeyStore:
         # the proxy looks keys up on its request path: a sized pool that waits for a free
-        # connection (``triage.redis_client``), not redis-py's pool that fails when exhausted
+        # connection (``core.redis_client``), not redis-py's pool that fails when exhausted
         client = sized_redis(
             settings.redis_url,
             socket_timeout=settings.redis_timeout_s,

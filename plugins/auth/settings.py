@@ -7,7 +7,7 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from triage.keyschema import DEFAULT_PREFIX
+from core.keyschema import DEFAULT_PREFIX
 
 PRIORITY_HIGHEST = 0
 PRIORITY_LOWEST = 9

@@ -18,6 +18,7 @@ from litellm.proxy._types import UserAPIKeyAuth
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from core.redis_client import fail_fast_redis
 from plugins.admission.hook import GATED_CALLS
 from plugins.catalogue.listing import (
     catalogued_state,
@@ -29,7 +30,6 @@ from plugins.catalogue.listing import (
 from plugins.catalogue.loader import ColdLoader
 from plugins.catalogue.settings import Catalogue, CatalogueSettings
 from plugins.routing.hook import proxy_router
-from triage.redis_client import fail_fast_redis
 
 log = logging.getLogger(__name__)
 

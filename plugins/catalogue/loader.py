@@ -30,11 +30,11 @@ from redis.exceptions import LockError
 from tritonclient.http.aio import InferenceServerClient
 from tritonclient.utils import InferenceServerException
 
+from core.keyschema import KeySchema, ReplicaState
 from plugins.admission.errors import ShedReason, model_unplaceable, overloaded
 from plugins.catalogue.placement import Load, LoadFailed, Unavailable, Unplaceable, decide
 from plugins.catalogue.settings import Catalogue, CatalogueSettings, replica_id
 from plugins.catalogue.view import FleetView
-from triage.keyschema import KeySchema, ReplicaState
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from core.keyschema import ServerState
 from plugins.catalogue.settings import CatalogueModel
-from triage.keyschema import ServerState
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, RedisDsn, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from core.keyschema import DEFAULT_PREFIX
 from plugins.triton_provider.dialects import DEFAULT_DIALECT, DialectName
-from triage.keyschema import DEFAULT_PREFIX
 
 NAME = r"^[A-Za-z0-9_.\-]{1,40}$"
 

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pydantic import ValidationError
 from redis.asyncio import Redis
 
+from core.keyschema import KeySchema, ReplicaState, ServerState
 from plugins.catalogue.placement import LoadedModel, ServerView, footprint_mb
 from plugins.catalogue.settings import Catalogue, replica_id
-from triage.keyschema import KeySchema, ReplicaState, ServerState
 
 SERVING = frozenset({"healthy", "suspect"})
 

@@ -1,4 +1,4 @@
-"""The ASGI application uvicorn serves in each proxy worker (``gateway/proxy_main.py``):
+"""The ASGI application uvicorn serves in each proxy worker (``plugins/proxy_main.py``):
 LiteLLM's proxy app behind the front door. Settings (``TRIAGE_FRONT_DOOR_*``) are validated on
 import, so a bad one stops the proxy at start-up with the field named."""
 

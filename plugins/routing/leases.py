@@ -42,9 +42,9 @@ from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
-from triage.keyschema import ReplicaState
-from triage.lua import ScriptProtocol, fields, lua_source
-from triage.redis_client import PoolExhausted, PoolWaits, cancel_requested
+from core.keyschema import ReplicaState
+from core.lua import ScriptProtocol, fields, lua_source
+from core.redis_client import PoolExhausted, PoolWaits, cancel_requested
 
 log = logging.getLogger(__name__)
 

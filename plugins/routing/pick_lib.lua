@@ -63,7 +63,7 @@ local function optional(v)
 end
 
 -- The replica's state, or nil when the hash is missing or invalid (= unknown). Mirrors the
--- validation of ReplicaState (triage/keyschema.py) for the fields read here.
+-- validation of ReplicaState (core/keyschema.py) for the fields read here.
 local function parse(h)
   local waiting, active, max_active = int(h[1]), int(h[2]), int(h[3])
   local kv, ts = num(h[4]), int(h[7])

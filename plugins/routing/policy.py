@@ -56,7 +56,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from triage.keyschema import ReplicaState
+from core.keyschema import ReplicaState
 
 Candidate = tuple[str, ReplicaState | None, int]
 """(replica_id, published state or None when missing/invalid, in-flight reservations)."""

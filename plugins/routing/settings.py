@@ -1,13 +1,14 @@
 """Settings of the routing plugin: env ``TRIAGE_ROUTING_*`` (set by the proxy config generator).
 
 The Redis connection pool (size, wait) is shared by every proxy-side client: ``TRIAGE_REDIS_*``
-(``triage.redis_client.RedisPoolSettings``)."""
+(``core.redis_client.RedisPoolSettings``)."""
 
 from __future__ import annotations
 
 from pydantic import Field, RedisDsn, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from core.keyschema import DEFAULT_PREFIX
 from plugins.routing.leases import (
     DEFAULT_LEASE_MS,
     DEFAULT_MAX_HOLD_MS,
@@ -15,7 +16,6 @@ from plugins.routing.leases import (
     check_lease_settings,
 )
 from plugins.routing.policy import PolicyParams
-from triage.keyschema import DEFAULT_PREFIX
 
 _POLICY = PolicyParams()
 

@@ -21,10 +21,10 @@ from pathlib import Path
 from pydantic import ValidationError
 from redis.asyncio import Redis
 
+from core.keyschema import KeySchema, ReplicaState
+from core.lua import ArgGroup, ScriptProtocol, fields, lua_source
 from plugins.routing.leases import DEFAULT_LEASE_MS
 from plugins.routing.policy import Candidate, PolicyParams
-from triage.keyschema import KeySchema, ReplicaState
-from triage.lua import ArgGroup, ScriptProtocol, fields, lua_source
 
 log = logging.getLogger(__name__)
 

@@ -40,6 +40,8 @@ from prometheus_client import Counter, Histogram
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from core.keyschema import KeySchema
+from core.redis_client import PoolExhausted, PoolWaits, fail_fast_redis
 from plugins.redis_outage import RedisOutage
 from plugins.request_ticket import TICKETS, Held, RequestTicket, Routing, TicketBook
 from plugins.routing.fallback import LocalCounts
@@ -47,8 +49,6 @@ from plugins.routing.leases import LeaseRenewer
 from plugins.routing.policy import choose
 from plugins.routing.settings import RoutingSettings
 from plugins.routing.store import MAX_TIEBREAK, PickPlan, Reservation, RoutingStore
-from triage.keyschema import KeySchema
-from triage.redis_client import PoolExhausted, PoolWaits, fail_fast_redis
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from build_engines.gpu_check import (
     skip_reason,
     tiny_build_settings,
 )
-from gateway.tp_launcher import TpReplicaSettings
+from sidecar.tp_launcher import TpReplicaSettings
 
 REASON = skip_reason()
 

@@ -1,6 +1,6 @@
 """CPU stand-in for a TensorRT-LLM engine, served by Triton's python backend (decoupled).
 
-Two dialects (``dialect`` parameter, written by ``gateway/triton_launcher.py``):
+Two dialects (``dialect`` parameter, written by ``devstack/triton_launcher.py``):
 
 * ``ensemble``: this is the ``tensorrt_llm`` step of a stock-shaped Triton ensemble. Its inputs
   are the stock ``tensorrt_llm`` model's names for what the stock ensemble maps to it

@@ -1,4 +1,4 @@
-"""``python -m gateway.proxy_main <litellm CLI arguments>``: LiteLLM's own proxy CLI, serving
+"""``python -m plugins.proxy_main <litellm CLI arguments>``: LiteLLM's own proxy CLI, serving
 LiteLLM's app behind triage's front door (``plugins/front_door``).
 
 Everything LiteLLM's ``litellm`` command does (config loading, workers, Prometheus multiprocess

@@ -115,7 +115,7 @@ class ArgGroup:
             f"    {f.name} = {f.lua_read(f'ARGV[first + {i}]')}" for i, f in enumerate(self.args)
         )
         return (
-            f"-- argument group {self.name!r} (declared in Python: triage.lua.ArgGroup)\n"
+            f"-- argument group {self.name!r} (declared in Python: core.lua.ArgGroup)\n"
             f"local {self.name.upper()}_COUNT = {len(self.args)}\n"
             f"local function {self.name}(first)\n  return {{\n{body},\n  }}\nend"
         )
@@ -147,7 +147,7 @@ class ScriptProtocol:
         return named, list(raw[len(self.reply) :])
 
     def lua(self) -> str:
-        lines = [f"-- protocol {self.name!r} (declared in Python: triage.lua.ScriptProtocol)"]
+        lines = [f"-- protocol {self.name!r} (declared in Python: core.lua.ScriptProtocol)"]
         keys = "".join(f" {k} = KEYS[{i}]," for i, k in enumerate(self.keys, 1))
         lines.append(f"local KEY = {{{keys} }}")
         lines.append(f"local FIXED_KEYS = {len(self.keys)}")

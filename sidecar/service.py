@@ -31,16 +31,16 @@ from pydantic_settings import CliApp
 from redis import asyncio as aioredis
 from redis.exceptions import RedisError
 
-from gateway.backlog import HiddenQueue
-from gateway.health import HealthDebounce
-from gateway.service_time import CompletionWindow, StepTimeWindow
-from gateway.sidecar_settings import SidecarSettings
-from gateway.topology import server_topology
-from gateway.triton_metrics import EngineSample, parse_engine_sample
-from triage.keyschema import KeySchema, ReplicaState, ServerState
-from triage.lua import ScriptProtocol, fields, lua_source
-from triage.redis_client import cancel_requested
-from triage.settings_errors import report_invalid
+from core.keyschema import KeySchema, ReplicaState, ServerState
+from core.lua import ScriptProtocol, fields, lua_source
+from core.redis_client import cancel_requested
+from core.settings_errors import report_invalid
+from sidecar.backlog import HiddenQueue
+from sidecar.health import HealthDebounce
+from sidecar.service_time import CompletionWindow, StepTimeWindow
+from sidecar.settings import SidecarSettings
+from sidecar.topology import server_topology
+from sidecar.triton_metrics import EngineSample, parse_engine_sample
 
 log = logging.getLogger("triage.sidecar")
 
@@ -191,7 +191,7 @@ class Sidecar:
         return state
 
     def hidden_queue_estimate(self, now: float, sample: EngineSample) -> int:
-        """The executor's queue behind ``max`` (``gateway/backlog.py``); 0 without the gauges
+        """The executor's queue behind ``max`` (``sidecar/backlog.py``); 0 without the gauges
         or the counters it needs."""
         if (
             sample.max_active is None

@@ -7,8 +7,8 @@ from urllib.parse import urlsplit
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from gateway.triton_metrics import DEFAULT_ARRIVALS_MODEL
-from triage.keyschema import DEFAULT_PREFIX, TTL_POLLS
+from core.keyschema import DEFAULT_PREFIX, TTL_POLLS
+from sidecar.triton_metrics import DEFAULT_ARRIVALS_MODEL
 
 
 class SidecarSettings(BaseSettings):

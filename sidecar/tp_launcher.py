@@ -11,7 +11,7 @@ The sidecar reads rank 0's metrics: on the engine path the gateway routes to ``e
 load comes from ``tensorrt_llm``'s ``nv_trt_llm_*`` gauges; the LLM-API model exports none, so its
 slot count (``max_active``) must be given.
 
-``python -m gateway.tp_launcher --replica-id a --repository /engines/llama-tp2/triton_repo
+``python -m sidecar.tp_launcher --replica-id a --repository /engines/llama-tp2/triton_repo
 --world-size 2 [--print]``; every flag is also ``TRIAGE_TP_<NAME>``.
 """
 
@@ -33,11 +33,11 @@ import httpx
 from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
 
-from gateway.process import ManagedProcess
-from gateway.sidecar_settings import SidecarSettings
-from gateway.triton_metrics import DEFAULT_ARRIVALS_MODEL
-from triage.keyschema import DEFAULT_PREFIX
-from triage.settings_errors import report_invalid
+from core.keyschema import DEFAULT_PREFIX
+from core.process import ManagedProcess
+from core.settings_errors import report_invalid
+from sidecar.settings import SidecarSettings
+from sidecar.triton_metrics import DEFAULT_ARRIVALS_MODEL
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ DEFAULT_ROUTED = {"engine": "ensemble", "llmapi": "tensorrt_llm"}
 class TpReplicaSettings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="TRIAGE_TP_",
-        cli_prog_name="python -m gateway.tp_launcher",
+        cli_prog_name="python -m sidecar.tp_launcher",
         cli_kebab_case=True,
         cli_implicit_flags=True,
         extra="forbid",
@@ -183,7 +183,7 @@ def sidecar_settings(settings: TpReplicaSettings) -> SidecarSettings:
 
 def sidecar_argv(settings: TpReplicaSettings, python: str = sys.executable) -> list[str]:
     sidecar = sidecar_settings(settings)
-    argv = [python, "-m", "gateway.sidecar"]
+    argv = [python, "-m", "sidecar.service"]
     fields = (
         "replica_id",
         "model",

@@ -17,8 +17,8 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import BaseModel, Field
 
+from core.paths import REPO_ROOT
 from plugins.triton_provider.deployments import triton_deployment
-from triage.paths import REPO_ROOT
 
 ROUTING_CALLBACK = "plugins.routing.proxy_callback.routing"
 ADMISSION_CALLBACK = "plugins.admission.proxy_callback.admission"

@@ -25,7 +25,8 @@ from urllib.parse import urlsplit
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.triton_metrics import (
+from core.keyschema import ReplicaState
+from sidecar.triton_metrics import (
     DEFAULT_ARRIVALS_MODEL,
     PENDING,
     TRT_GENERAL,
@@ -33,7 +34,6 @@ from gateway.triton_metrics import (
     TRT_REQUESTS,
     parse_engine_sample,
 )
-from triage.keyschema import ReplicaState
 
 # NVIDIA's stock input names and data types (facts from upstream; the tests hold them against
 # tests/fixtures/upstream/build_stock_names.json, which names the files and commits).

@@ -1,4 +1,4 @@
-"""Start the real LiteLLM proxy (LiteLLM's own CLI through ``gateway.proxy_main``, which puts
+"""Start the real LiteLLM proxy (LiteLLM's own CLI through ``plugins.proxy_main``, which puts
 the front door in front of its app) as a process on a free loopback port."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import httpx
 
-from gateway.process import ManagedProcess
-from triage.paths import REPO_ROOT, free_port, venv_bin
+from core.paths import REPO_ROOT, free_port, venv_bin
+from core.process import ManagedProcess
 
 
 @dataclass
@@ -50,7 +50,7 @@ def start_proxy(
     argv = [
         str(venv_bin() / "python"),
         "-m",
-        "gateway.proxy_main",  # LiteLLM's CLI, its app behind the front door
+        "plugins.proxy_main",  # LiteLLM's CLI, its app behind the front door
         "--config",
         str(config_path),
         "--host",

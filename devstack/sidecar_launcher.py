@@ -9,9 +9,9 @@ from pathlib import Path
 
 import httpx
 
-from gateway.process import ManagedProcess
-from gateway.triton_launcher import TritonServer
-from triage.paths import free_port
+from core.paths import free_port
+from core.process import ManagedProcess
+from devstack.triton_launcher import TritonServer
 
 
 @dataclass
@@ -57,7 +57,7 @@ def start_sidecar(
     ready_timeout_s: float = 30.0,
     port: int = 0,
 ) -> SidecarProcess:
-    """Start ``python -m gateway.sidecar`` for the replica on ``port`` (0: a free one); the
+    """Start ``python -m sidecar.service`` for the replica on ``port`` (0: a free one); the
     Redis URL may carry a user and password (``redis://user:password@host:port/0``): it is
     passed in the environment, not on the command line, where any local user could read it."""
     port = port or free_port()
@@ -71,7 +71,7 @@ def start_sidecar(
         **({"key-prefix": key_prefix} if key_prefix else {}),
         **(extra or {}),
     }
-    argv = [sys.executable, "-m", "gateway.sidecar"]
+    argv = [sys.executable, "-m", "sidecar.service"]
     for name, value in args.items():
         argv += [f"--{name}", value]
     env = {**os.environ, "TRIAGE_SIDECAR_REDIS_URL": redis_url}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from triage.keyschema import HealthState
+from core.keyschema import HealthState
 
 
 @dataclass

@@ -6,7 +6,7 @@ themselves on the same ports (``Supervised.restart``), so nothing that names the
 proxies' config, the sidecars, ``stack.json``) has to change.
 
 The loop runs in the caller's thread (``triage up``'s main thread), so a restart never races the
-final ``Stack.stop``; a signal cancels a restart under way (``gateway.process.cancel_starts``).
+final ``Stack.stop``; a signal cancels a restart under way (``core.process.cancel_starts``).
 Restarts are sequential: while one part waits for readiness, the others are not looked at.
 """
 
@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-from gateway.process import StartCancelled
+from core.process import StartCancelled
 
 log = logging.getLogger(__name__)
 

@@ -20,17 +20,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from gateway.process import ManagedProcess, start_concurrently, stop_concurrently
-from gateway.proxy_config import (
-    ProxyOptions,
-    ReplicaEndpoint,
-    build_proxy_config,
-    new_master_key,
-    proxy_env,
-    write_proxy_config,
-)
-from gateway.proxy_launcher import LiteLLMProxy, start_proxy
-from gateway.redis_launcher import (
+from core.process import ManagedProcess, start_concurrently, stop_concurrently
+from devstack.proxy_launcher import LiteLLMProxy, start_proxy
+from devstack.redis_launcher import (
     PROXY_USER,
     SIDECAR_USER,
     RedisServer,
@@ -38,14 +30,22 @@ from gateway.redis_launcher import (
     redis_server_version,
     stack_users,
 )
-from gateway.sidecar_launcher import SidecarProcess, start_sidecar
-from gateway.stack_settings import StackSettings
-from gateway.supervisor import Supervised, Supervisor
-from gateway.triton_launcher import (
+from devstack.sidecar_launcher import SidecarProcess, start_sidecar
+from devstack.stack_settings import StackSettings
+from devstack.supervisor import Supervised, Supervisor
+from devstack.triton_launcher import (
     PROVIDER_DIALECT,
     StandinSettings,
     TritonServer,
     start_standin_replica,
+)
+from plugins.proxy_config import (
+    ProxyOptions,
+    ReplicaEndpoint,
+    build_proxy_config,
+    new_master_key,
+    proxy_env,
+    write_proxy_config,
 )
 
 log = logging.getLogger(__name__)

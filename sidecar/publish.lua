@@ -6,7 +6,7 @@
 -- KEY.replica the replica hash, KEY.replicas the model's replica set, KEY.server the server hash
 -- ARG.poll_started_ms when this poll began (ms since the epoch), ARG.ttl_ms, ARG.replica_id,
 -- ARG.replica_fields the number of replica-hash field/value arguments that follow the fixed
--- ones; then those, then the server hash's field/value pairs (PUBLISH in gateway/sidecar.py).
+-- ones; then those, then the server hash's field/value pairs (PUBLISH in sidecar/service.py).
 -- Returns 1 when the replica hash was written, 0 when a fresher fact was kept.
 
 --! protocol publish

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import redis
 
-from gateway.process import ManagedProcess
-from triage.keyschema import KeySchema
-from triage.paths import REDIS_DIR, free_port, redis_server_binary
+from core.keyschema import KeySchema
+from core.paths import REDIS_DIR, free_port, redis_server_binary
+from core.process import ManagedProcess
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ SIDECAR_USER = "triage-sidecar"
 PROXY_USER = "triage-proxy"
 
 SIDECAR_KEYS = ("replica", "model_replicas", "server")
-"""``KeySchema`` methods naming the keys a sidecar writes (``gateway/publish.lua``'s KEYS, and
+"""``KeySchema`` methods naming the keys a sidecar writes (``sidecar/publish.lua``'s KEYS, and
 ``DEL replica:{id}`` when it withdraws on a clean stop)."""
 SIDECAR_COMMANDS = (
     "ping",

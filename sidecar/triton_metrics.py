@@ -15,7 +15,7 @@ commits they come from, are in ``tests/fixtures/upstream/``):
   TensorRT-LLM backend (it reports a request's statistics with its final response); the
   ``preprocessing`` step's ``nv_inference_request_success`` counts requests that reached the
   engine step (a non-decoupled model reports when ``execute`` returns). Their difference, less
-  ``active``, is the executor's hidden queue (``gateway/backlog.py``).
+  ``active``, is the executor's hidden queue (``sidecar/backlog.py``).
 * ``nv_inference_pending_request_count``: Triton's own scheduler queue (about 0 for the decoupled
   ``tensorrt_llm`` model and the ensemble, but not for a model with a ``default_queue_policy``
   that holds requests, e.g. the stand-in in ``block`` mode or a plain Triton model).

@@ -8,8 +8,8 @@ from typing import Literal
 from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from triage.keyschema import DEFAULT_PREFIX
-from triage.speeds import check_speeds
+from core.keyschema import DEFAULT_PREFIX
+from core.speeds import check_speeds
 
 
 class StackSettings(BaseSettings):

@@ -1,6 +1,6 @@
 """Start real ``tritonserver`` processes (the binary in the nvidia-pytriton wheel) on loopback.
 
-Pitfalls handled (gateway/README.md, "Triton on a machine without a GPU"): the wheel's python
+Pitfalls handled (devstack/README.md, "Triton on a machine without a GPU"): the wheel's python
 backend lacks its stub, so a backend folder
 of our own is assembled once per interpreter version; the stub needs the interpreter's LIBDIR and
 ``nvidia_pytriton.libs`` on ``LD_LIBRARY_PATH`` and the venv's ``python3`` first on ``PATH``, or
@@ -26,8 +26,8 @@ from google.protobuf import text_format
 from pydantic import BaseModel, Field, model_validator
 from tritonclient.grpc import model_config_pb2
 
-from gateway.process import ManagedProcess, StartError
-from triage.paths import STANDIN_REPOSITORY, cache_dir, free_port, pytriton_root, venv_bin
+from core.paths import STANDIN_REPOSITORY, cache_dir, free_port, pytriton_root, venv_bin
+from core.process import ManagedProcess, StartError
 
 log = logging.getLogger(__name__)
 
