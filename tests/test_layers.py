@@ -45,7 +45,6 @@ def test_each_layer_imports_only_the_layers_below_it(layer: str) -> None:
     files = sorted((REPO_ROOT / layer).rglob("*.py"))
     assert files, f"{layer}/ has no Python files"
     wrong = {
-        str(f.relative_to(REPO_ROOT)): sorted(imported_packages(f) - ALLOWED[layer])
-        for f in files
+        str(f.relative_to(REPO_ROOT)): sorted(imported_packages(f) - ALLOWED[layer]) for f in files
     }
     assert {f: w for f, w in wrong.items() if w} == {}
