@@ -7,7 +7,7 @@ the admission controller of one proxy process, in this process:
 2. shed (503 ``queue_full``) when the fleet is at capacity and the queue is full: one round trip;
 3. a burst of 3 x capacity concurrent requests with no queue: time to each answer.
 
-Run: ``.venv/bin/python -m loadtests.bench_admission [--decisions 3000]``.
+Run: ``.venv/bin/triage bench admission [--decisions 3000]``.
 """
 
 from __future__ import annotations
@@ -122,14 +122,17 @@ async def run(decisions: int) -> None:
     )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="triage bench admission", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--decisions", type=int, default=3000)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.decisions < 100:
         parser.error("--decisions must be >= 100")
     asyncio.run(run(args.decisions))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -7,17 +7,18 @@ For each burst it prints: the answers (200 / 503 / other), how long the 503s too
 exactly the capacity (no excess), the Retry-After given, the share of turned-away clients that
 got in when they waited their Retry-After once and retried, and the proxy's peak RSS.
 
-Run: ``.venv/bin/triage bench-burst [--bursts 3,8,10,30] [--speeds 1,1,0.5]``
-(about 3 minutes; on a quiet machine: the client shares the CPU with the proxy).
+Run: ``.venv/bin/triage bench burst [--bursts 3,8,10,30] [--speeds 1,1,0.5]`` (every flag is
+also ``TRIAGE_BENCH_BURST_*``; about 3 minutes; on a quiet machine: the client shares the CPU
+with the proxy).
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,9 +27,13 @@ from pathlib import Path
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 import aiohttp
+from pydantic import Field, ValidationError
+from pydantic_settings import CliApp, SettingsConfigDict, SettingsError
 
+from core.settings_errors import report_invalid
 from devstack.stack import Stack
 from devstack.stack_settings import StackSettings
+from loadtests.bench_fleet import FleetSettings
 
 QUEUE_ALLOWANCE = 4
 """The admission plugin's default ``queue_allowance`` (work per replica beyond max_active)."""
@@ -202,18 +207,41 @@ async def settle(seconds: float) -> None:
     await asyncio.sleep(seconds)
 
 
+class BurstSettings(FleetSettings):
+    """Settings of ``triage bench burst``: flags or ``TRIAGE_BENCH_BURST_*``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="TRIAGE_BENCH_BURST_",
+        cli_kebab_case=True,
+        cli_prog_name="triage bench burst",
+        cli_shortcuts={"json-path": "json"},
+        extra="forbid",
+    )
+
+    bursts: list[float] = Field(default=[3, 8, 10, 30], description="multiples of the capacity")
+    max_tokens: int = Field(default=50, ge=1, description="tokens per request")
+    idle_s: float = Field(default=5.0, ge=0, description="quiet time between bursts")
+    json_path: Path | None = Field(default=None, description="write the figures here")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="triage bench-burst", description=__doc__)
-    parser.add_argument("--bursts", default="3,8,10,30", help="multiples of the capacity")
-    parser.add_argument("--speeds", default="1.0,1.0,0.5", help="one speed per replica")
-    parser.add_argument("--max-tokens", type=int, default=50, help="tokens per request")
-    parser.add_argument("--idle-s", type=float, default=5.0, help="quiet time between bursts")
-    parser.add_argument("--json", type=Path, default=None, help="write the figures here")
-    args = parser.parse_args(argv)
-    speeds = [float(s) for s in args.speeds.split(",")]
-    multiples = [float(m) for m in args.bursts.split(",")]
-    workdir = Path(tempfile.mkdtemp(prefix="triage-burst-"))
-    settings = StackSettings(replicas=len(speeds), speeds=speeds, workdir=workdir)
+    try:
+        args = CliApp.run(BurstSettings, cli_args=list(argv or []))
+    except ValidationError as exc:
+        return report_invalid("triage bench burst", exc)
+    except SettingsError as exc:
+        print(f"triage bench burst: {exc}", file=sys.stderr)
+        return 2
+    speeds, multiples = args.speeds, args.bursts
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="triage-burst-"))
+    settings = StackSettings(
+        replicas=args.replicas,
+        speeds=speeds,
+        max_active=args.max_active,
+        poll_interval_ms=args.poll_interval_ms,
+        num_retries=args.num_retries,
+        workdir=workdir,
+    )
     capacity = len(speeds) * (settings.max_active + QUEUE_ALLOWANCE)
     stack = Stack(settings).start()
     try:
@@ -236,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     print(render(capacity, reports, baseline))
     for report in reports:
         print(f"{report.multiple:g}x statuses: {report.statuses}")
-    if args.json is not None:
+    if args.json_path is not None:
         payload = {
             "capacity": capacity,
             "speeds": speeds,
@@ -244,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
             "baseline": asdict(baseline),
             "bursts": [asdict(r) for r in reports],
         }
-        args.json.write_text(json.dumps(payload, indent=2))
+        args.json_path.write_text(json.dumps(payload, indent=2))
     return 0
 
 

@@ -15,8 +15,8 @@ triage plugin and a virtual key) is started once; then, on that same fleet:
    repeats the pass, odd rounds reversed). The CPU time of every part of the stack is read from
    ``/proc`` around each measured window, and whatever else ran on the machine is shown apart.
 
-Run: ``.venv/bin/python -m loadtests.bench_routing [--speeds 1,1,0.5] [--json out.json]``;
-``--help`` lists the settings (also env ``TRIAGE_BENCH_*``).
+Run: ``.venv/bin/triage bench decisions [--speeds 1,1,0.5] [--json out.json]``; ``--help``
+lists the settings (also env ``TRIAGE_BENCH_DECISIONS_*``).
 """
 
 from __future__ import annotations
@@ -34,29 +34,32 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import openai
 from openai import AsyncOpenAI
-from pydantic import Field, ValidationError, ValidationInfo, field_validator
-from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict, SettingsError
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import CliApp, SettingsConfigDict, SettingsError
 from redis.asyncio import Redis
 
 from core.keyschema import KeySchema
 from core.settings_errors import report_invalid
-from core.speeds import check_speeds
 from devstack.proxy_launcher import LiteLLMProxy, start_proxy
 from devstack.stack import Stack
 from devstack.stack_settings import StackSettings
+from loadtests.bench_fleet import FleetSettings, Strategy, check_strategies, cpu_groups
 from loadtests.measure import (
     REST,
-    CpuGroups,
     bench_logging,
     cpu_cores,
+    fmt_ratio,
     jsonable,
     machine_busy_cores,
     percentile,
+)
+from loadtests.measure import (
+    ratio as ratio_of,
 )
 from plugins.proxy_config import (
     ProxyOptions,
@@ -72,25 +75,28 @@ if TYPE_CHECKING:  # imports litellm: done at run time only after LITELLM_LOCAL_
 
 log = logging.getLogger("bench_routing")
 
-Strategy = Literal["triage", "simple-shuffle", "least-busy"]
 MESSAGES = [{"role": "user", "content": "Tell me about the fleet."}]
 
 
-class BenchSettings(BaseSettings):
-    """Settings of the routing benchmark: flags (``--max-tokens 16``) or ``TRIAGE_BENCH_*``."""
+class BenchSettings(FleetSettings):
+    """Settings of ``triage bench decisions``: flags (``--max-tokens 16``) or
+    ``TRIAGE_BENCH_DECISIONS_*``."""
 
     model_config = SettingsConfigDict(
-        env_prefix="TRIAGE_BENCH_",
+        env_prefix="TRIAGE_BENCH_DECISIONS_",
         cli_kebab_case=True,
-        cli_prog_name="python -m loadtests.bench_routing",
+        cli_prog_name="triage bench decisions",
         cli_shortcuts={"json-path": "json"},
         extra="forbid",
     )
 
-    replicas: int = Field(default=3, ge=1, le=16, description="Triton stand-in replicas")
+    # equal replicas by default: this bench measures the decision and the proxy's cost, not
+    # the skew (``triage bench compare`` does)
     speeds: list[float] = Field(
         default_factory=list, description="speed per replica, e.g. 1,1,0.5; default all 1.0"
     )
+    # a fresher snapshot than the stack's default: the closed loop reads it every few ms
+    poll_interval_ms: int = Field(default=100, ge=20, description="sidecar poll period")
     clients: int = Field(default=16, ge=1, le=1024, description="closed-loop OpenAI clients")
     seconds: float = Field(default=15.0, gt=0, description="measured window per strategy")
     warmup_s: float = Field(default=2.0, ge=0, description="unmeasured load before the window")
@@ -103,30 +109,17 @@ class BenchSettings(BaseSettings):
     )
     decisions: int = Field(default=5000, ge=100, description="decisions per in-process variant")
     concurrency: int = Field(default=64, ge=1, le=4096, description="coroutines, concurrent run")
-    max_active: int = Field(default=4, ge=1, description="engine batch slots per replica")
     engine_queue_size: int = Field(default=16, ge=0, description="engine queue per replica")
     decode_ms_per_token: float = Field(
         default=10.0, gt=0, description="stand-in ms per token at speed 1"
     )
-    poll_interval_ms: int = Field(default=100, ge=20, description="sidecar poll period")
-    num_retries: int = Field(default=2, ge=0, description="router retries on another replica")
     request_timeout_s: float = Field(default=60.0, gt=0, description="client timeout")
     json_path: Path | None = Field(default=None, description="write the figures here (JSON)")
-    workdir: Path | None = Field(default=None, description="logs and state; default a temp dir")
-
-    @field_validator("speeds")
-    @classmethod
-    def _speeds(cls, speeds: list[float], info: ValidationInfo) -> list[float]:
-        return check_speeds(speeds, info.data.get("replicas", 3))
 
     @field_validator("strategies")
     @classmethod
     def _strategies(cls, strategies: list[Strategy]) -> list[Strategy]:
-        if not strategies:
-            raise ValueError("at least one strategy")
-        if len(set(strategies)) != len(strategies):
-            raise ValueError(f"duplicate strategies: {strategies}")
-        return strategies
+        return check_strategies(strategies)
 
     def stack_settings(self) -> StackSettings:
         return StackSettings(
@@ -159,30 +152,6 @@ def summary_us(samples_ns: Sequence[int], wall_ns: int | None = None) -> dict[st
     if wall_ns is not None:
         out["per_s"] = len(us) / (wall_ns / 1e9) if wall_ns > 0 else float("nan")
     return out
-
-
-# -- CPU accounting from /proc ------------------------------------------------------------------
-
-
-def _pgid(part: Any) -> int | None:
-    process = getattr(part, "process", None)
-    if process is None or getattr(process, "proc", None) is None:
-        return None
-    return int(process.pid)
-
-
-def cpu_groups(stack: Stack, proxy: LiteLLMProxy, proxies: Sequence[LiteLLMProxy]) -> CpuGroups:
-    def pids(parts: Sequence[Any]) -> list[int]:
-        return [p for p in (_pgid(part) for part in parts) if p is not None]
-
-    return CpuGroups(
-        {
-            "proxy": pids([proxy]),
-            "idle proxies": pids([p for p in proxies if p is not proxy]),
-            "triton": pids(list(stack.replicas.values())),
-            "sidecars+redis": pids([*stack.sidecars.values(), stack.redis]),
-        }
-    )
 
 
 # -- 1. decision time ---------------------------------------------------------------------------
@@ -441,7 +410,7 @@ async def run_load(
     """Warm-up, then the measured window; CPU is sampled around the window only."""
     assert stack.api_key is not None
     ids = list(stack.replicas)
-    groups = cpu_groups(stack, proxy, proxies)
+    groups = cpu_groups(stack, [proxy], [p for p in proxies if p is not proxy])
     w0 = time.perf_counter_ns() + int(settings.warmup_s * 1e9)
     w1 = w0 + int(settings.seconds * 1e9)
     task = asyncio.ensure_future(
@@ -490,7 +459,7 @@ def summarize(windows: Sequence[Window], replica_ids: Sequence[str]) -> dict[str
         "share": {rid: picks.get(rid, 0) / len(ok) if ok else 0.0 for rid in replica_ids},
         "unknown_replica": sum(n for rid, n in picks.items() if rid not in replica_ids),
         "cpu_cores": cpu,
-        "proxy_cpu_ms_per_request": 1000 * cpu["proxy"] / rps if rps else float("nan"),
+        "proxy_cpu_ms_per_request": 1000 * cpu["proxies"] / rps if rps else float("nan"),
         "reservations_left": {rid: n for rid, n in left.items() if n},
     }
 
@@ -553,7 +522,7 @@ async def bench_proxies(
 
 
 def ratio(a: float, b: float) -> str:
-    return f"{a / b:.2f}x" if b else "n/a"
+    return fmt_ratio(ratio_of(a, b))
 
 
 def print_decisions(results: dict[str, dict[str, float]], settings: BenchSettings) -> None:
@@ -666,9 +635,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = CliApp.run(BenchSettings, cli_args=list(sys.argv[1:] if argv is None else argv))
         stack_settings = settings.stack_settings()
     except ValidationError as exc:
-        return report_invalid("bench_routing", exc)
+        return report_invalid("triage bench decisions", exc)
     except SettingsError as exc:
-        print(f"bench_routing: {exc}", file=sys.stderr)
+        print(f"triage bench decisions: {exc}", file=sys.stderr)
         return 2
     bench_logging()
     idle_busy = machine_busy_cores(1.0)

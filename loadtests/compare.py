@@ -17,7 +17,7 @@ request at speed 1) times ``--time-scale`` so that the proxies are not the bottl
 machine; the CPU of every part is read from ``/proc`` during each run to show it. The
 speed-aware oracle is replayed exactly on the same sequence (``loadtests/oracle.py``).
 
-Run: ``triage bench`` (``--help``; every flag is also ``TRIAGE_BENCH_*``).
+Run: ``triage bench [compare]`` (``--help``; every flag is also ``TRIAGE_BENCH_*``).
 """
 
 from __future__ import annotations
@@ -35,32 +35,41 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
-from pydantic import Field, ValidationError, ValidationInfo, field_validator
-from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict, SettingsError
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import CliApp, SettingsConfigDict, SettingsError
 
 from core.process import start_concurrently
 from core.settings_errors import report_invalid
-from core.speeds import check_speeds
 from devstack.proxy_launcher import LiteLLMProxy, start_proxy
 from devstack.stack import Stack
 from devstack.stack_settings import StackSettings
 from loadtests.arrivals import Arrival, ArrivalSequence
+from loadtests.bench_fleet import (
+    OURS,
+    FleetSettings,
+    Strategy,
+    check_strategies,
+    cpu_groups,
+    pids,
+)
 from loadtests.measure import (
     REST,
     STOLEN,
     CpuGroups,
     bench_logging,
     cpu_cores,
+    fmt_ratio,
     group_cpu_s,
     histogram_quantile,
     jsonable,
     machine_busy_cores,
     median_standard_error,
     percentile,
+    ratio,
 )
 from loadtests.oracle import OracleReplica, replay_oracle
 from loadtests.report import Record, fmt_s, plot_runs, summarize
@@ -82,26 +91,21 @@ from plugins.proxy_config import (
 
 log = logging.getLogger("triage.bench")
 
-Strategy = Literal["simple-shuffle", "least-busy", "triage"]
-OURS: Strategy = "triage"
 REFERENCE_DECODE_MS = 20.0  # 25 tokens x 20 ms = the reference's 0.5 s per request at speed 1
 REFERENCE_ORACLE_85 = (1.00, 1.23)  # p95, p99 s: the reference's simulated speed-aware oracle
 IDLE, BACK_TO_BACK = "idle", "back-to-back"  # the overhead's two kinds of rounds
 
 
-class BenchSettings(BaseSettings):
-    """Settings of ``triage bench``: flags (``--seconds 20``) or ``TRIAGE_BENCH_*``."""
+class BenchSettings(FleetSettings):
+    """Settings of ``triage bench compare``: flags (``--seconds 20``) or ``TRIAGE_BENCH_*``."""
 
     model_config = SettingsConfigDict(
         env_prefix="TRIAGE_BENCH_",
         cli_kebab_case=True,
-        cli_prog_name="triage bench",
+        cli_prog_name="triage bench compare",
         extra="forbid",
     )
 
-    replicas: int = Field(default=3, ge=1, le=8, description="Triton stand-in replicas")
-    speeds: list[float] = Field(default=[1.0, 1.0, 0.5], description="speed per replica")
-    max_active: int = Field(default=4, ge=1, le=64, description="batch slots per replica")
     time_scale: float = Field(
         default=4.0,
         gt=0,
@@ -120,11 +124,9 @@ class BenchSettings(BaseSettings):
     strategies: list[Strategy] = Field(
         default=["simple-shuffle", "least-busy", "triage"], description="what to compare"
     )
-    num_retries: int = Field(default=2, ge=0, description="router retries on another replica")
     engine_queue_size: int = Field(
         default=4096, ge=0, description="stand-in engine queue: large, the fleet never sheds"
     )
-    poll_interval_ms: int = Field(default=250, ge=20, description="sidecar poll period")
     admission: dict[str, str] = Field(
         default={},
         description="admission settings of the triage proxies (TRIAGE_ADMISSION_<NAME>), e.g. "
@@ -151,12 +153,6 @@ class BenchSettings(BaseSettings):
     results: Path | None = Field(
         default=None, description="also write the compact results here (loadtests/results/)"
     )
-    workdir: Path | None = Field(default=None, description="stack logs; default a temp dir")
-
-    @field_validator("speeds")
-    @classmethod
-    def _speeds(cls, speeds: list[float], info: ValidationInfo) -> list[float]:
-        return check_speeds(speeds, info.data.get("replicas", 3))
 
     @field_validator("loads")
     @classmethod
@@ -168,9 +164,7 @@ class BenchSettings(BaseSettings):
     @field_validator("strategies")
     @classmethod
     def _strategies(cls, strategies: list[Strategy]) -> list[Strategy]:
-        if not strategies or len(set(strategies)) != len(strategies):
-            raise ValueError(f"strategies must be distinct and non-empty: {strategies}")
-        return strategies
+        return check_strategies(strategies)
 
     @field_validator("admission", mode="before")
     @classmethod
@@ -561,26 +555,9 @@ async def litellm_counts(fleet: Fleet) -> dict[str, int | None]:
     }
 
 
-def proxy_pgids(proxies: Sequence[LiteLLMProxy]) -> list[int]:
-    return [p.process.pid for p in proxies if p.process.proc is not None]
-
-
-def cpu_groups(fleet: Fleet, strategy: str) -> CpuGroups:
-    stack = fleet.stack
+def fleet_cpu_groups(fleet: Fleet, strategy: str) -> CpuGroups:
     others = [p for s, group in fleet.proxies.items() if s != strategy for p in group]
-    return CpuGroups(
-        {
-            "proxies": proxy_pgids(fleet.proxies[strategy]),
-            "idle proxies": proxy_pgids(others),
-            "triton": [s.process.pid for s in stack.replicas.values() if s.process],
-            "sidecars+redis": [
-                p.process.pid for p in [*stack.sidecars.values(), stack.redis] if p and p.process
-            ],
-        }
-    )
-
-
-# -- overhead at idle -----------------------------------------------------------------------------
+    return cpu_groups(fleet.stack, fleet.proxies[strategy], others)
 
 
 async def measure_overhead(fleet: Fleet, settings: BenchSettings) -> dict[str, Any]:
@@ -606,7 +583,7 @@ async def measure_overhead(fleet: Fleet, settings: BenchSettings) -> dict[str, A
     headers = {"Authorization": f"Bearer {fleet.api_key}"}
     body = {"model": model, "messages": [{"role": "user", "content": "ping"}], "max_tokens": 1}
     strategies = list(fleet.proxies)
-    groups = {s: proxy_pgids(fleet.proxies[s][:1]) for s in strategies}
+    groups = {s: pids(fleet.proxies[s][:1]) for s in strategies}
     async with httpx.AsyncClient(timeout=30.0) as client:
 
         async def via(strategy: str, pause: float) -> tuple[float, str] | None:
@@ -773,8 +750,8 @@ async def run_level(
         await asyncio.sleep(settings.pause_s)
         proxies = fleet.proxies[strategy]
         hists_before = await proxy_histograms(proxies, fleet.stack.master_key, strategy)
-        groups = cpu_groups(fleet, strategy)
-        per_proxy = [[pid] for pid in proxy_pgids(proxies)]
+        groups = fleet_cpu_groups(fleet, strategy)
+        per_proxy = [[pid] for pid in pids(proxies)]
         log.info(
             "load %.0f %%: %s (%d requests, %d proxies; fleet drained in %.1f s)",
             100 * load,
@@ -855,15 +832,6 @@ def replay_oracle_records(
 RATIO_METRICS = ("p95_s", "p99_s", "ttft_p95_s", "goodput_rps", "shed_share")
 
 
-def ratio(ours: float, theirs: float) -> float:
-    """ours / theirs; NaN when undefined (theirs 0 or missing), 1.0 when both are 0."""
-    if any(v is None or (isinstance(v, float) and math.isnan(v)) for v in (ours, theirs)):
-        return float("nan")
-    if theirs == 0:
-        return 1.0 if ours == 0 else float("nan")
-    return ours / theirs
-
-
 def ratios(
     strategies: dict[str, dict[str, Any]], oracle: dict[str, Any] | None = None
 ) -> dict[str, dict[str, float]]:
@@ -879,10 +847,6 @@ def ratios(
     if oracle is not None:
         out[f"{OURS}/oracle"] = {m: ratio(ours[m], oracle[m]) for m in ("p95_s", "p99_s")}
     return out
-
-
-def fmt_ratio(value: float) -> str:
-    return "n/a" if value is None or math.isnan(value) else f"{value:.2f}x"
 
 
 def render_level(level: dict[str, Any], replica_ids: Sequence[str]) -> str:

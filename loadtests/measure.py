@@ -168,3 +168,16 @@ def jsonable(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [jsonable(v) for v in value]
     return value
+
+
+def ratio(ours: float, theirs: float) -> float:
+    """ours / theirs; NaN when undefined (theirs 0 or missing), 1.0 when both are 0."""
+    if any(v is None or (isinstance(v, float) and math.isnan(v)) for v in (ours, theirs)):
+        return float("nan")
+    if theirs == 0:
+        return 1.0 if ours == 0 else float("nan")
+    return ours / theirs
+
+
+def fmt_ratio(value: float) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{value:.2f}x"

@@ -565,3 +565,30 @@ def test_burst_report_prints_each_burst_beside_the_baseline() -> None:
     row = table.splitlines()[-1]
     assert row.split()[:5] == ["10x", "240", "72", "168", "0"]
     assert "2.50x" in row and "98% (165/168)" in row
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["nope"], "unknown kind 'nope'"),
+        (["decisions", "--replicas", "0"], "triage bench decisions: invalid setting replicas"),
+        (["burst", "--bursts", "x"], "triage bench burst: invalid setting bursts"),
+        (["compare", "--speeds", "[1,2]"], "triage bench: invalid setting speeds"),
+        (["--speeds", "[1,2]"], "triage bench: invalid setting speeds"),  # compare by default
+    ],
+)
+def test_triage_bench_dispatches_each_kind_and_names_the_bad_setting(
+    argv: list[str], says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One ``triage bench`` with a subcommand per benchmark, each with its own settings model
+    and env prefix (``TRIAGE_BENCH_``, ``TRIAGE_BENCH_DECISIONS_``, ``TRIAGE_BENCH_BURST_``)."""
+    from loadtests.bench_burst import BurstSettings
+    from loadtests.bench_routing import BenchSettings as DecisionSettings
+    from triage.cli import main as triage_main
+
+    assert triage_main(["bench", *argv]) == 2
+    assert says in capsys.readouterr().err
+    prefixes = {
+        m.model_config.get("env_prefix") for m in (BenchSettings, DecisionSettings, BurstSettings)
+    }
+    assert prefixes == {"TRIAGE_BENCH_", "TRIAGE_BENCH_DECISIONS_", "TRIAGE_BENCH_BURST_"}

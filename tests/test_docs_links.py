@@ -1,5 +1,6 @@
 """The repository stands alone: every relative link in its Markdown, and every path of ours a
-doc or a docstring names in backticks (``plugins/x.py``), points to a file that exists."""
+doc or a docstring names in backticks (``plugins/request_ticket.py``), points to a file that
+exists."""
 
 from __future__ import annotations
 

@@ -21,8 +21,13 @@ commands:
   up        start the embedded stack on free loopback ports; Ctrl-C stops it all
   sidecar   run the load sidecar for one Triton replica
   keys      manage offline virtual keys (create, list, revoke)
-  bench     compare LiteLLM's routing with the triage plugins on one fleet (loadtests/README.md)
-  bench-burst  bursts of k x capacity through one proxy: 503 latency, Retry-After, RSS
+  bench     benchmarks (loadtests/README.md); triage bench <kind> --help:
+              compare    LiteLLM's routing vs the triage plugins, same fleet, same arrivals
+                         (the default: triage bench --seconds 20 is triage bench compare ...)
+              decisions  routing decision time and closed-loop proxy load
+              admission  how fast the admission gate says yes and no
+              burst      bursts of k x capacity through one proxy: 503 latency, Retry-After, RSS
+              simulate   the fleet simulator (no processes)
   build-engine  plan, build and package a TensorRT-LLM replica (--settings FILE [--dry-run])
   check-replica  what triage will see of a running Triton: models, dialect, queue, metrics (URL)
 """
@@ -121,16 +126,41 @@ def cmd_check_replica(argv: Sequence[str]) -> int:
     return main(list(argv))
 
 
-def cmd_bench(argv: Sequence[str]) -> int:
-    from loadtests.compare import main
+def _bench_main(kind: str) -> Callable[[list[str]], int]:
+    if kind == "compare":
+        from loadtests.compare import main
+    elif kind == "decisions":
+        from loadtests.bench_routing import main
+    elif kind == "admission":
+        from loadtests.bench_admission import main
+    elif kind == "burst":
+        from loadtests.bench_burst import main
+    else:
+        from loadtests.simulator.__main__ import main
+    return main
 
-    return main(list(argv))
+
+BENCH_KINDS = ("compare", "decisions", "admission", "burst", "simulate")
+
+
+def cmd_bench(argv: Sequence[str]) -> int:
+    """``triage bench <kind> [options]``; options alone (or none) run ``compare``."""
+    args = list(argv)
+    kind = "compare"
+    if args and not args[0].startswith("-"):
+        kind = args.pop(0)
+        if kind not in BENCH_KINDS:
+            print(
+                f"triage bench: unknown kind {kind!r} (one of {', '.join(BENCH_KINDS)})",
+                file=sys.stderr,
+            )
+            return 2
+    return _bench_main(kind)(args)
 
 
 def cmd_bench_burst(argv: Sequence[str]) -> int:
-    from loadtests.bench_burst import main
-
-    return main(list(argv))
+    """The former name of ``triage bench burst``."""
+    return cmd_bench(["burst", *argv])
 
 
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
