@@ -400,6 +400,41 @@ async def test_cancelled_waiter_gives_its_place_back(
         await ctl.finish(t)
 
 
+async def test_a_cancel_swallowed_by_wait_for_still_ends_the_wait(
+    client: Redis,
+    redis_server: RedisServer,
+    controllers: Callable[[Redis, AdmissionSettings], AdmissionController],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Python 3.11's ``asyncio.wait_for`` may return instead of raising when the task is
+    cancelled as its inner wait ends (forced here): the waiter still stops, gives its place
+    back, and is never admitted (CI saw a cancelled waiter admitted by the Redis-down path)."""
+    s = settings(redis_server)
+    await publish(client, s, a={"max_active": 1}, b={"healthy": False})
+    ctl = controllers(client, s)
+    await ctl.admit("m", IDS, "s1", 1)
+    await ctl.admit("m", IDS, "s2", 1)
+    real = asyncio.wait_for
+
+    async def swallowing(awaitable: Any, timeout: float | None) -> Any:
+        try:
+            return await real(awaitable, timeout)
+        except asyncio.CancelledError:
+            return None
+
+    monkeypatch.setattr("plugins.admission.controller.asyncio.wait_for", swallowing)
+    waiter = asyncio.create_task(ctl.admit("m", IDS, "s3", 1))
+    await asyncio.sleep(0.05)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    monkeypatch.undo()
+    await asyncio.sleep(0.05)
+    assert await ctl.gate.counts("m") == (2, 0) and not ctl.holds("s3")
+    for t in ("s1", "s2"):
+        await ctl.finish(t)
+
+
 async def test_redis_down_bounds_per_process(
     redis_server: RedisServer,
     controllers: Callable[[Redis, AdmissionSettings], AdmissionController],

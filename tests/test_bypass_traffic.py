@@ -108,13 +108,16 @@ def test_a_replica_full_of_direct_calls_publishes_its_hidden_queue_and_is_avoide
     wait_for(lambda: all(state(keys, client, r) is not None for r in servers), 5)
     # the free replica has one request running: room for more, but not idle
     with cf.ThreadPoolExecutor(DIRECT + 1) as pool:
-        free_one = pool.submit(direct_call, servers["free"], 400)
+        # long enough to still run once the busy one's queue shows (CI, loaded: over 4 s)
+        free_one = pool.submit(direct_call, servers["free"], 800)
         busy = [pool.submit(direct_call, servers["busy"], 100) for _ in range(DIRECT)]
         wait_for(
             lambda: (
                 (s := state(keys, client, "busy")) is not None
                 and s.active == MAX_ACTIVE
                 and s.waiting >= DIRECT - MAX_ACTIVE - 1
+                and (f := state(keys, client, "free")) is not None
+                and f.active == 1
             ),
             10,
         )

@@ -34,6 +34,7 @@ from test_stack_cli import (
 )
 
 from core.keyschema import KeySchema
+from core.lua import lua_source
 from core.process import StartCancelled, StartError
 from devstack.redis_launcher import (
     PROXY_USER,
@@ -43,7 +44,7 @@ from devstack.redis_launcher import (
     sidecar_rules,
 )
 from devstack.supervisor import BackoffPolicy, Supervisor
-from sidecar.service import PUBLISH_LUA
+from sidecar.service import PUBLISH, PUBLISH_LUA
 
 # ---------------------------------------------------------------------------------------------
 # the policy and the loop
@@ -316,11 +317,21 @@ def test_sidecar_user_publishes_replica_state_but_writes_no_key_record(
     sidecar = redis.Redis.from_url(info["redis_users"][SIDECAR_USER])
     admin = redis.Redis.from_url(info["redis_url"])
     try:
-        publish = sidecar.register_script(PUBLISH_LUA.read_text())
+        publish = sidecar.register_script(lua_source(PUBLISH_LUA, PUBLISH))
         fields = ["replica_id", "acl-probe", "state", "healthy"]
         written = publish(
-            keys=[keys.replica("acl-probe"), keys.model_replicas("acl"), keys.server("acl-probe")],
-            args=[int(time.time() * 1000), 2000, "acl-probe", len(fields), *fields, "healthy", "1"],
+            keys=PUBLISH.keys_for(
+                replica=keys.replica("acl-probe"),
+                replicas=keys.model_replicas("acl"),
+                server=keys.server("acl-probe"),
+            ),
+            args=PUBLISH.argv(
+                [*fields, "healthy", "1"],
+                poll_started_ms=int(time.time() * 1000),
+                ttl_ms=2000,
+                replica_id="acl-probe",
+                replica_fields=len(fields),
+            ),
         )
         assert written == 1
         assert admin.hget(keys.replica("acl-probe"), "state") == b"healthy"

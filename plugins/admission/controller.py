@@ -500,6 +500,7 @@ class AdmissionController:
         admitted = False
         try:
             while True:
+                _raise_if_cancelled()
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     metrics.QUEUE_WAIT.labels(model, "timeout").observe(time.monotonic() - started)
@@ -536,6 +537,7 @@ class AdmissionController:
                     metrics.QUEUE_WAIT.labels(model, "admitted").observe(now - started)
                     return
         except RedisError as exc:
+            _raise_if_cancelled(exc)  # the client went away: nothing to admit
             # the fleet-wide queue is gone with Redis: fall back to the per-process bound
             self.outage.failed(exc, f"queue wait of a {model} request")
             self._admit_locally(model, replica_ids, ticket, time.perf_counter())
@@ -623,6 +625,15 @@ class AdmissionController:
         )
         if held.local:
             self.local[held.model] = max(0, self.local[held.model] - 1)
+
+
+def _raise_if_cancelled(cause: BaseException | None = None) -> None:
+    """A waiter whose task was cancelled (its client went away) stops here, even where the
+    cancellation did not reach it as ``CancelledError``: Python 3.11's ``asyncio.wait_for`` may
+    swallow one that arrives as its inner wait ends, and a Redis error may race it."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError() from cause
 
 
 def _decided(model: str, outcome: str, source: str, started: float) -> None:
