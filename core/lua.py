@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -92,12 +92,17 @@ def fields(*specs: str | tuple[str, Kind]) -> tuple[Field, ...]:
 
 
 def _named(values: Mapping[str, Any], declared: Sequence[Field], what: str) -> list[str]:
-    names = [f.name for f in declared]
-    if set(values) != set(names):
+    """``values`` encoded in the declared order; every declared name, and only those."""
+    try:
+        out = [f.encode(values[f.name]) for f in declared]
+    except KeyError:
+        out = None
+    if out is None or len(values) != len(declared):
+        names = [f.name for f in declared]
         missing = sorted(set(names) - set(values))
         extra = sorted(set(values) - set(names))
         raise ValueError(f"{what}: missing {missing}, unknown {extra}")
-    return [f.encode(values[f.name]) for f in declared]
+    return out
 
 
 @dataclass(frozen=True)
@@ -131,8 +136,12 @@ class ScriptProtocol:
     args: tuple[Field, ...] = ()
     reply: tuple[Field, ...] = ()
 
+    @cached_property
+    def _key_fields(self) -> tuple[Field, ...]:
+        return fields(*self.keys)
+
     def keys_for(self, rest: Sequence[str] = (), **values: str) -> list[str]:
-        return _named(values, fields(*self.keys), f"{self.name} keys") + list(rest)
+        return _named(values, self._key_fields, f"{self.name} keys") + list(rest)
 
     def argv(self, rest: Sequence[str] = (), **values: Any) -> list[str]:
         return _named(values, self.args, f"{self.name} arguments") + list(rest)
