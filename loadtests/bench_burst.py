@@ -33,7 +33,7 @@ from pydantic_settings import CliApp, SettingsConfigDict, SettingsError
 from core.settings_errors import report_invalid
 from devstack.stack import Stack
 from devstack.stack_settings import StackSettings
-from loadtests.bench_fleet import FleetSettings
+from loadtests.bench_settings import FleetSettings
 
 QUEUE_ALLOWANCE = 4
 """The admission plugin's default ``queue_allowance`` (work per replica beyond max_active)."""

@@ -1,49 +1,38 @@
-"""What every benchmark of ``triage bench`` shares: the fleet's settings (each subcommand's own
-model adds to them under its own env prefix: ``TRIAGE_BENCH_`` for ``compare``,
-``TRIAGE_BENCH_DECISIONS_``, ``TRIAGE_BENCH_BURST_``), the strategies compared, and the CPU
-groups measured per run."""
+"""The fleet a benchmark runs on: one stack, and per strategy its LiteLLM proxies (``triage bench
+compare``); keys, idleness, the proxies' own histograms and counters, the CPU groups measured
+per run."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from pathlib import Path
-from typing import Any, Literal
+import asyncio
+import logging
+import os
+import random
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
 
-from pydantic import Field, ValidationInfo, field_validator
-from pydantic_settings import BaseSettings
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
-from core.speeds import check_speeds
-from devstack.proxy_launcher import LiteLLMProxy
+from core.process import start_concurrently
+from devstack.proxy_launcher import LiteLLMProxy, start_proxy
 from devstack.stack import Stack
-from loadtests.measure import CpuGroups
+from loadtests.bench_settings import OURS, BenchSettings, Strategy
+from loadtests.measure import (
+    CpuGroups,
+)
+from plugins.proxy_config import (
+    ProxyOptions,
+    ReplicaEndpoint,
+    build_proxy_config,
+    proxy_env,
+    write_proxy_config,
+)
 
-Strategy = Literal["simple-shuffle", "least-busy", "triage"]
-OURS: Strategy = "triage"
-
-
-class FleetSettings(BaseSettings):
-    """The stand-in fleet a benchmark starts (``devstack.stack``). A subclass sets its env
-    prefix, and its own defaults where its measurement needs them (with the reason)."""
-
-    replicas: int = Field(default=3, ge=1, le=8, description="Triton stand-in replicas")
-    speeds: list[float] = Field(
-        default=[1.0, 1.0, 0.5], description="speed per replica, e.g. [1,1,0.5]"
-    )
-    max_active: int = Field(default=4, ge=1, le=64, description="batch slots per replica")
-    poll_interval_ms: int = Field(default=250, ge=20, description="sidecar poll period")
-    num_retries: int = Field(default=2, ge=0, description="router retries on another replica")
-    workdir: Path | None = Field(default=None, description="stack logs; default a temp dir")
-
-    @field_validator("speeds")
-    @classmethod
-    def _speeds(cls, speeds: list[float], info: ValidationInfo) -> list[float]:
-        return check_speeds(speeds, info.data.get("replicas", 3))
-
-
-def check_strategies(strategies: list[Strategy]) -> list[Strategy]:
-    if not strategies or len(set(strategies)) != len(strategies):
-        raise ValueError(f"strategies must be distinct and non-empty: {strategies}")
-    return strategies
+log = logging.getLogger("triage.bench")
 
 
 def pids(parts: Sequence[Any]) -> list[int]:
@@ -68,3 +57,203 @@ def cpu_groups(
             "sidecars+redis": pids([*stack.sidecars.values(), stack.redis]),
         }
     )
+
+
+@dataclass
+class Fleet:
+    stack: Stack
+    api_key: str
+    proxies: dict[str, list[LiteLLMProxy]] = field(default_factory=dict)
+
+    @property
+    def replica_ids(self) -> list[str]:
+        return list(self.stack.replicas)
+
+    def stop(self) -> None:
+        for group in self.proxies.values():
+            for proxy in group:
+                try:
+                    proxy.stop()
+                except Exception:
+                    log.exception("could not stop %s", proxy.name)
+        self.stack.stop()
+
+
+async def create_key(stack: Stack) -> str:
+    from plugins.auth.keystore import KeyStore
+    from plugins.auth.settings import KeysSettings
+
+    assert stack.redis is not None
+    store = KeyStore.from_settings(
+        KeysSettings(redis_url=stack.redis.url, key_prefix=stack.settings.key_prefix)
+    )
+    try:
+        key, _ = await store.create(alias=f"bench-{os.getpid()}-{random.randrange(1 << 30)}")
+    finally:
+        await store.aclose()
+    return key
+
+
+def proxy_options(strategy: Strategy, stack: Stack, settings: BenchSettings) -> ProxyOptions:
+    assert stack.redis is not None
+    if strategy == "triage":
+        return ProxyOptions(routing="triage", admission=True, num_retries=settings.num_retries)
+    # LiteLLM's own strategy, no plugin; Redis for its router state, as LiteLLM ships it
+    return ProxyOptions(
+        routing=strategy,
+        admission=False,
+        num_retries=settings.num_retries,
+        router_redis_url=stack.redis.url,
+    )
+
+
+def start_strategy_proxies(
+    stack: Stack, strategy: Strategy, settings: BenchSettings
+) -> list[LiteLLMProxy]:
+    assert stack.redis is not None
+    endpoints = [ReplicaEndpoint(rid, s.http_url) for rid, s in stack.replicas.items()]
+    options = proxy_options(strategy, stack, settings)
+    config = build_proxy_config(stack.settings.model, stack.settings.model, endpoints, options)
+    path = write_proxy_config(config, stack.workdir / f"proxy-bench-{strategy}.yaml")
+    env = proxy_env(stack.redis.url, stack.settings.key_prefix, stack.master_key)
+    extra: dict[str, str] = {}
+    if strategy == "triage":
+        extra = {f"TRIAGE_ADMISSION_{k.upper()}": v for k, v in settings.admission.items()}
+    started = start_concurrently(
+        {
+            name: partial(
+                start_proxy,
+                name,
+                path,
+                env,
+                stack.workdir,
+                ready_timeout_s=stack.settings.proxy_ready_timeout_s,
+                extra_env=extra,
+            )
+            for name in (f"bench-{strategy}-{index}" for index in range(settings.proxies))
+        }
+    )
+    proxies = list(started.values())
+    return proxies
+
+
+async def start_all_proxies(fleet: Fleet, settings: BenchSettings) -> None:
+    """Every strategy's processes, started side by side (threads); all stopped on a failure."""
+    results = await asyncio.gather(
+        *(
+            asyncio.to_thread(start_strategy_proxies, fleet.stack, s, settings)
+            for s in settings.strategies
+        ),
+        return_exceptions=True,
+    )
+    failure: BaseException | None = None
+    for strategy, result in zip(settings.strategies, results, strict=True):
+        if isinstance(result, BaseException):
+            failure = failure or result
+        else:
+            fleet.proxies[strategy] = result
+    if failure is not None:
+        raise failure
+
+
+async def fleet_busy(client: httpx.AsyncClient, stack: Stack) -> int:
+    """Requests active in the stand-ins' engines (Triton metrics); their executor queues are
+    empty once none is active (the executor admits from its queue whenever it has room)."""
+    total = 0
+    for server in stack.replicas.values():
+        text = (await client.get(server.metrics_url)).text
+        for family in text_string_to_metric_families(text):
+            if family.name != "nv_trt_llm_request_metrics":
+                continue
+            for sample in family.samples:
+                if sample.labels.get("request_type") == "active":  # `waiting` is a subset
+                    total += int(sample.value)
+    return total
+
+
+async def wait_idle(stack: Stack, timeout_s: float) -> float:
+    """Until every engine is empty; returns the seconds waited."""
+    began = time.perf_counter()
+    async with httpx.AsyncClient(timeout=5.0) as client:
+        while (busy := await fleet_busy(client, stack)) > 0:
+            if time.perf_counter() - began > timeout_s:
+                raise RuntimeError(f"the fleet still has {busy} requests after {timeout_s:.0f} s")
+            await asyncio.sleep(0.5)
+    return time.perf_counter() - began
+
+
+DECISION_METRIC = "triage_admission_decision_seconds"
+
+LOOP_LAG_METRIC = "triage_proxy_event_loop_lag_seconds"
+
+PROXY_HISTOGRAMS: dict[str, tuple[str, dict[str, str]]] = {
+    "admission_decision": (DECISION_METRIC, {}),
+    # the decisions that answered 503 at once (queue full, expected wait), from Redis or memo
+    "shed_decision": (DECISION_METRIC, {"outcome": "shed"}),
+    # those of them the proxy took alone (its memo of Redis's last answer, no round trip)
+    "shed_memo": (DECISION_METRIC, {"outcome": "shed", "source": "memo"}),
+    "event_loop_lag": (LOOP_LAG_METRIC, {}),
+}
+
+"""The triage proxies' histograms a run reports: name in the summary -> (metric, labels)."""
+
+
+async def proxy_histogram(
+    proxies: Sequence[LiteLLMProxy],
+    master_key: str,
+    name: str = DECISION_METRIC,
+    labels: Mapping[str, str] | None = None,
+) -> dict[float, float]:
+    """A histogram's buckets on the proxies' ``/metrics/`` (by default the admission plugin's
+    decision times), summed over the proxies and over the series whose labels include
+    ``labels`` (cumulative counts by upper bound)."""
+    wanted = dict(labels or {})
+    buckets: dict[float, float] = {}
+    headers = {"Authorization": f"Bearer {master_key}"}
+    async with httpx.AsyncClient(timeout=10.0) as client:
+        for proxy in proxies:
+            text = (await client.get(f"{proxy.base_url}/metrics/", headers=headers)).text
+            for family in text_string_to_metric_families(text):
+                if family.name != name:
+                    continue
+                for sample in family.samples:
+                    if sample.name.endswith("_bucket") and wanted.items() <= sample.labels.items():
+                        bound = float(sample.labels["le"])
+                        buckets[bound] = buckets.get(bound, 0.0) + sample.value
+    return buckets
+
+
+async def proxy_histograms(
+    proxies: Sequence[LiteLLMProxy], master_key: str, strategy: str
+) -> dict[str, dict[float, float]]:
+    """``PROXY_HISTOGRAMS`` now, for the triage proxies (none for LiteLLM's strategies)."""
+    if strategy != OURS:
+        return {}
+    return {
+        name: await proxy_histogram(proxies, master_key, metric, labels)
+        for name, (metric, labels) in PROXY_HISTOGRAMS.items()
+    }
+
+
+async def litellm_counts(fleet: Fleet) -> dict[str, int | None]:
+    """LiteLLM least-busy's in-flight counts in Redis after a run (None: no key): shows that its
+    counts are shared through Redis, and that they came back to zero."""
+    from redis.asyncio import Redis
+
+    assert fleet.stack.redis is not None
+    model = fleet.stack.settings.model
+    keys = [f"{model}_request_count:{rid}" for rid in fleet.replica_ids]
+    client = Redis.from_url(fleet.stack.redis.url)
+    try:
+        values = await client.mget(keys)
+    finally:
+        await client.aclose()
+    return {
+        rid: None if v is None else int(float(v))
+        for rid, v in zip(fleet.replica_ids, values, strict=True)
+    }
+
+
+def fleet_cpu_groups(fleet: Fleet, strategy: str) -> CpuGroups:
+    others = [p for s, group in fleet.proxies.items() if s != strategy for p in group]
+    return cpu_groups(fleet.stack, fleet.proxies[strategy], others)

@@ -48,7 +48,8 @@ from core.settings_errors import report_invalid
 from devstack.proxy_launcher import LiteLLMProxy, start_proxy
 from devstack.stack import Stack
 from devstack.stack_settings import StackSettings
-from loadtests.bench_fleet import FleetSettings, Strategy, check_strategies, cpu_groups
+from loadtests.bench_fleet import cpu_groups
+from loadtests.bench_settings import FleetSettings, Strategy, check_strategies
 from loadtests.measure import (
     REST,
     bench_logging,

@@ -13,16 +13,9 @@ import pytest
 from pydantic import ValidationError
 
 from loadtests.arrivals import Arrival, ArrivalSequence
-from loadtests.compare import (
-    BenchSettings,
-    compact_results,
-    decision_figures,
-    ratio,
-    ratios,
-    render_level,
-    render_overhead,
-    targets,
-)
+from loadtests.bench_render import render_level, render_overhead
+from loadtests.bench_results import compact_results, decision_figures, ratios, targets
+from loadtests.bench_settings import BenchSettings
 from loadtests.compare import main as bench_main
 from loadtests.load_settings import LoadSettings, resolve
 from loadtests.measure import (
@@ -33,6 +26,7 @@ from loadtests.measure import (
     jsonable,
     median_standard_error,
     percentile,
+    ratio,
 )
 from loadtests.oracle import OracleReplica, replay_oracle
 from loadtests.report import Record, plot_runs, render_text, summarize

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from core.speeds import check_speeds
 from devstack.stack_settings import StackSettings
 from loadtests.bench_routing import BenchSettings as RoutingBenchSettings
-from loadtests.compare import BenchSettings
+from loadtests.bench_settings import BenchSettings
 
 
 def test_empty_is_uniform_and_values_pass_through() -> None:

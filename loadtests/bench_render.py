@@ -1,0 +1,130 @@
+"""Text of ``triage bench compare``: one load level, the overhead, whether the proxy was the
+bottleneck."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from loadtests.bench_settings import BACK_TO_BACK, IDLE
+from loadtests.measure import (
+    REST,
+    STOLEN,
+    fmt_ratio,
+)
+from loadtests.report import fmt_s
+
+
+def render_level(level: dict[str, Any], replica_ids: Sequence[str]) -> str:
+    load = level["load"]
+    lines = [
+        f"\nload {100 * load:.0f} % of capacity: {level['offered_rps']:.2f} req/s offered, "
+        f"{level['requests']} requests (Poisson, seed {level['seed']}), the same sequence for "
+        f"each; run order {', '.join(level['order'])}",
+    ]
+    share_cols = "".join(f"{rid:>10}" for rid in replica_ids)
+    lines.append(
+        f"  {'strategy':<19}{'p50 s':>7}{'p95 s':>7}{'p99 s':>7}{'TTFT95':>8}{'good r/s':>9}"
+        f"{'503 %':>7}{'lost':>5}{share_cols}{'proxy CPU':>10}"
+    )
+    rows = dict(level["strategies"])
+    rows["oracle (replayed)"] = level["oracle"]
+    for name, s in rows.items():
+        shares = "".join(f"{100 * s['share'].get(rid, 0.0):>9.1f}%" for rid in replica_ids)
+        cpu = s.get("cpu_cores", {}).get("proxies")
+        lines.append(
+            f"  {name:<19}{fmt_s(s['p50_s']):>7}{fmt_s(s['p95_s']):>7}{fmt_s(s['p99_s']):>7}"
+            f"{fmt_s(s['ttft_p95_s']):>8}{fmt_s(s['goodput_rps']):>9}"
+            f"{100 * s['shed_share']:>7.1f}{s['lost']:>5}{shares}"
+            f"{(fmt_s(cpu) + ' c') if cpu is not None else '-':>10}"
+        )
+    for pair, values in level["ratios"].items():
+        cells = "  ".join(
+            f"{m.removesuffix('_s').replace('_', ' ')} {fmt_ratio(v)}" for m, v in values.items()
+        )
+        lines.append(f"  ratio {pair:<26}{cells}")
+    return "\n".join(lines)
+
+
+def render_overhead(overhead: dict[str, Any]) -> str:
+    direct = ", ".join(f"{rid} {ms:.0f} ms" for rid, ms in overhead["direct_p50_ms"].items())
+    modes = overhead.get("modes", [BACK_TO_BACK])
+    spacing = (
+        f"half of them {overhead['gap_ms']:g} ms apart (idle), half back to back"
+        if IDLE in modes
+        else "back to back"
+    )
+    lines = [
+        f"\nproxy overhead ({overhead['requests']} sequential requests per target, {spacing}, "
+        f"max_tokens 1; latency minus the serving replica's direct p50: {direct})"
+    ]
+    for name, f in overhead.items():
+        if isinstance(f, dict) and "overhead_p50_ms" in f:
+            line = (
+                f"  {name:<16} {modes[0]} p50 {f['overhead_p50_ms']:6.1f} ms  "
+                f"p95 {f['overhead_p95_ms']:6.1f} ms"
+            )
+            if "back_to_back_overhead_p50_ms" in f:
+                line += (
+                    f"   back to back p50 {f['back_to_back_overhead_p50_ms']:6.1f} ms  "
+                    f"p95 {f['back_to_back_overhead_p95_ms']:6.1f} ms"
+                )
+            cpu = f.get("cpu_ms_per_request", float("nan"))
+            lines.append(line + f"   proxy CPU {cpu:5.1f} ms/request")
+    if "plugins_added_p50_ms" in overhead:
+        line = (
+            f"  the plugins (triage vs simple-shuffle, paired per round): "
+            f"{overhead['plugins_added_p50_ms']:+.1f} ms at p50 {modes[0]} "
+            f"(± {overhead.get('plugins_added_se_ms', float('nan')):.1f} ms standard error)"
+        )
+        if "plugins_added_back_to_back_p50_ms" in overhead:
+            line += (
+                f", {overhead['plugins_added_back_to_back_p50_ms']:+.1f} ms back to back "
+                f"(± {overhead['plugins_added_back_to_back_se_ms']:.1f} ms)"
+            )
+        cpu = overhead.get("plugins_added_cpu_ms", float("nan"))
+        lines.append(line + f"; {cpu:+.1f} ms proxy CPU per request")
+    return "\n".join(lines)
+
+
+def bottleneck_lines(doc: dict[str, Any]) -> list[str]:
+    runs = [
+        (f"{name} at {100 * lv['load']:.0f} %", s)
+        for lv in doc["levels"]
+        for name, s in lv["strategies"].items()
+    ]
+    if not runs:
+        return []
+    proxy_run, proxy = max(runs, key=lambda r: r[1]["proxy_cores_max_process"])
+    lag_run, lag = max(runs, key=lambda r: r[1]["client_lag_p99_ms"])
+    worst_proxy, worst_lag = proxy["proxy_cores_max_process"], lag["client_lag_p99_ms"]
+    worst_rest = max(s["cpu_cores"][REST] for _, s in runs)
+    stolen_run, stolen = max(runs, key=lambda r: r[1]["cpu_cores"].get(STOLEN, 0.0))
+    worst_stolen = stolen["cpu_cores"].get(STOLEN, 0.0)
+    worst_machine = max(s["cpu_cores"]["machine busy"] for _, s in runs)
+    typical = sorted(s["proxy_cores_max_process"] for _, s in runs)[len(runs) // 2]
+    lines = [
+        f"  proxy process CPU: median run {typical:.2f} cores, busiest {worst_proxy:.2f} cores "
+        f"({proxy_run}); one LiteLLM process runs one event loop: near 1.0 it is the bottleneck",
+        f"  client: requests left at most {worst_lag:.1f} ms late (p99, {lag_run})",
+        f"  machine: up to {worst_machine:.2f} of {doc['cpu_count']} cores busy in a run; "
+        f"outside this benchmark up to {worst_rest:.2f} cores (other work on the machine); "
+        f"stolen by the hypervisor up to {worst_stolen:.2f} cores ({stolen_run})",
+    ]
+    if worst_stolen > 0.1:
+        lines.append(
+            f"  => WARNING: the host took up to {worst_stolen:.2f} cores from this virtual "
+            "machine during a run: its latencies are slower and noisier than the code's"
+        )
+    if worst_proxy < 0.6 and worst_lag < 50:
+        lines.append("  => the proxies and the client had headroom: the replicas set the pace")
+    else:
+        lines.append(
+            f"  => WARNING: near saturation in {proxy_run if worst_proxy >= 0.6 else lag_run}; "
+            "the other runs had headroom (raise --time-scale to give every run some)"
+        )
+    if worst_rest > 0.3:
+        lines.append(
+            f"  => WARNING: {worst_rest:.2f} cores went to other processes: figures disturbed"
+        )
+    return lines
