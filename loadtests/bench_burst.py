@@ -32,7 +32,6 @@ from pydantic_settings import CliApp, SettingsConfigDict, SettingsError
 
 from core.settings_errors import report_invalid
 from devstack.stack import Stack
-from devstack.stack_settings import StackSettings
 from loadtests.bench_settings import FleetSettings
 
 QUEUE_ALLOWANCE = 4
@@ -234,14 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     speeds, multiples = args.speeds, args.bursts
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="triage-burst-"))
-    settings = StackSettings(
-        replicas=args.replicas,
-        speeds=speeds,
-        max_active=args.max_active,
-        poll_interval_ms=args.poll_interval_ms,
-        num_retries=args.num_retries,
-        workdir=workdir,
-    )
+    settings = args.model_copy(update={"workdir": workdir}).stack_settings()
     capacity = len(speeds) * (settings.max_active + QUEUE_ALLOWANCE)
     stack = Stack(settings).start()
     try:

@@ -122,18 +122,13 @@ class BenchSettings(FleetSettings):
     def _strategies(cls, strategies: list[Strategy]) -> list[Strategy]:
         return check_strategies(strategies)
 
-    def stack_settings(self) -> StackSettings:
-        return StackSettings(
-            replicas=self.replicas,
-            speeds=self.speeds,
-            max_active=self.max_active,
+    def stack_settings(self, **specific: Any) -> StackSettings:
+        return super().stack_settings(
             engine_queue_size=self.engine_queue_size,
             decode_ms_per_token=self.decode_ms_per_token,
-            poll_interval_ms=self.poll_interval_ms,
-            num_retries=self.num_retries,
-            workdir=self.workdir,
             proxies=1,
             routing="triage",
+            **specific,
         )
 
 

@@ -41,6 +41,18 @@ class FleetSettings(BaseSettings):
     def _speeds(cls, speeds: list[float], info: ValidationInfo) -> list[float]:
         return check_speeds(speeds, info.data.get("replicas", 3))
 
+    def stack_settings(self, **specific: Any) -> StackSettings:
+        """The stack of this fleet; ``specific``: the kind's own stack settings."""
+        return StackSettings(
+            replicas=self.replicas,
+            speeds=self.speeds,
+            max_active=self.max_active,
+            poll_interval_ms=self.poll_interval_ms,
+            num_retries=self.num_retries,
+            workdir=self.workdir,
+            **specific,
+        )
+
 
 def check_strategies(strategies: list[Strategy]) -> list[Strategy]:
     if not strategies or len(set(strategies)) != len(strategies):
@@ -170,17 +182,12 @@ class BenchSettings(FleetSettings):
     def service_s(self, speed: float = 1.0) -> float:
         return self.timing().service_s(LengthDist.parse(self.output_tokens).mean(), 0.0, speed)
 
-    def stack_settings(self) -> StackSettings:
-        return StackSettings(
-            replicas=self.replicas,
-            speeds=self.speeds,
-            max_active=self.max_active,
+    def stack_settings(self, **specific: Any) -> StackSettings:
+        return super().stack_settings(
             engine_queue_size=self.engine_queue_size,
             decode_ms_per_token=self.decode_ms_per_token,
             batch_slowdown=0.0,
             prefill_ms_per_token=0.0,
-            poll_interval_ms=self.poll_interval_ms,
-            num_retries=self.num_retries,
-            workdir=self.workdir,
             proxies=0,
+            **specific,
         )
