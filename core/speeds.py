@@ -1,5 +1,5 @@
 """One check of a fleet's per-replica speed factors, for every settings class that takes them
-(the embedded stack, ``triage bench``, ``bench_routing.py``)."""
+(the embedded stack, ``triage bench``, ``decisions.py``)."""
 
 from __future__ import annotations
 

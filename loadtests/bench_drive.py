@@ -7,13 +7,34 @@ import asyncio
 import json
 import logging
 import math
-import random
+import os
 import time
-from collections.abc import Sequence
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
+import openai
+from openai import AsyncOpenAI
+from redis.asyncio import Redis
+
+from core.keyschema import KeySchema
+from devstack.proxy_launcher import LiteLLMProxy
+from devstack.stack import Stack
+from loadtests.bench_fleet import cpu_groups, start_extra_proxy
+from loadtests.bench_results import Sample, Window, summarize_windows, summary_us
+from loadtests.bench_settings import DecisionSettings
+from loadtests.measure import (
+    cpu_cores,
+    percentile,
+)
+from plugins.routing.store import RoutingStore
+
+if TYPE_CHECKING:  # imports litellm: done at run time only after LITELLM_LOCAL_MODEL_COST_MAP
+    from plugins.routing.strategy import LeastBusyStrategy
+
+import random
 
 from loadtests.arrivals import Arrival, ArrivalSequence
 from loadtests.bench_fleet import (
@@ -27,10 +48,8 @@ from loadtests.bench_fleet import (
 from loadtests.bench_results import decision_figures, ratios
 from loadtests.bench_settings import BACK_TO_BACK, IDLE, OURS, BenchSettings
 from loadtests.measure import (
-    cpu_cores,
     group_cpu_s,
     median_standard_error,
-    percentile,
 )
 from loadtests.oracle import OracleReplica, replay_oracle
 from loadtests.report import Record, plot_runs, summarize
@@ -421,3 +440,289 @@ def replay_oracle_records(
     return replay_oracle(
         sequence.arrivals, replicas, LengthDist.parse(settings.output_tokens).mean()
     )
+
+
+MESSAGES = [{"role": "user", "content": "Tell me about the fleet."}]
+
+
+async def timed_loop(
+    count: int, body: Callable[[int], Awaitable[tuple[int, int]]], concurrency: int
+) -> tuple[list[int], list[int], int]:
+    """Run ``body(i)`` ``count`` times on ``concurrency`` coroutines.
+
+    ``body`` returns (decision ns, release ns); returns both lists and the wall time in ns.
+    """
+    decide: list[int] = []
+    release: list[int] = []
+    next_index = iter(range(count))
+
+    async def worker() -> None:
+        for i in next_index:
+            d, r = await body(i)
+            decide.append(d)
+            release.append(r)
+
+    started = time.perf_counter_ns()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return decide, release, time.perf_counter_ns() - started
+
+
+async def evalsha_server_us(client: Redis) -> tuple[int, int]:
+    """(calls, µs) of EVALSHA inside Redis so far (``INFO commandstats``)."""
+    stats = (await client.info("commandstats")).get("cmdstat_evalsha") or {}
+    return int(stats.get("calls", 0)), int(stats.get("usec", 0))
+
+
+async def redis_baseline(
+    stack: Stack, strategy: LeastBusyStrategy, deployments: list[dict[str, Any]], n: int
+) -> dict[str, dict[str, float]]:
+    """Where the plugin's time goes: a bare PING round trip with redis-py, and the time
+    ``pick.lua`` itself runs inside Redis (picks with a 1 ms lease, so none needs a release)."""
+    assert stack.redis is not None
+    client = Redis.from_url(stack.redis.url)
+    out: dict[str, dict[str, float]] = {}
+    try:
+        for _ in range(200):
+            await client.ping()
+        ping_ns: list[int] = []
+        started = time.perf_counter_ns()
+        for _ in range(n):
+            t0 = time.perf_counter_ns()
+            await client.ping()
+            ping_ns.append(time.perf_counter_ns() - t0)
+        out["redis-py PING round trip (baseline)"] = summary_us(
+            ping_ns, time.perf_counter_ns() - started
+        )
+        ids = [str(d["model_info"]["id"]) for d in deployments]
+        store = strategy.store
+        calls0, usec0 = await evalsha_server_us(client)
+        for i in range(n):
+            await store.pick(ids, strategy.params, i, lease_ms=1)
+        calls1, usec1 = await evalsha_server_us(client)
+        calls = calls1 - calls0
+        mean = (usec1 - usec0) / calls if calls else float("nan")
+        nan = float("nan")
+        out["pick.lua inside Redis (INFO commandstats)"] = {
+            "n": float(calls),
+            "p50_us": nan,
+            "p99_us": nan,
+            "max_us": nan,
+            "mean_us": mean,
+        }
+    finally:
+        await client.aclose()
+    return out
+
+
+async def bench_decisions(
+    stack: Stack, model_list: list[dict[str, Any]], settings: DecisionSettings
+) -> dict[str, dict[str, float]]:
+    """Time the plugin's decision vs LiteLLM's simple_shuffle, in this process."""
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    import litellm
+    from litellm import Router
+    from litellm.router_strategy.simple_shuffle import simple_shuffle
+
+    from plugins.routing.settings import RoutingSettings
+    from plugins.routing.strategy import LeastBusyStrategy
+    from plugins.triton_provider.handler import register
+
+    litellm.suppress_debug_info = True
+    register()  # the deployments' provider, as the proxy config does
+    logging.getLogger("LiteLLM Router").setLevel(logging.WARNING)
+    assert stack.redis is not None
+    model = stack.settings.model
+    n = settings.decisions
+    routing = RoutingSettings(redis_url=stack.redis.url, key_prefix=stack.settings.key_prefix)
+    strategy = LeastBusyStrategy(routing)
+    routed = LeastBusyStrategy(routing)
+    shuffle_router = Router(model_list=model_list, routing_strategy="simple-shuffle")
+    triage_router = Router(model_list=model_list, routing_strategy="simple-shuffle")
+    routed.install(triage_router)
+    deployments = [dict(d) for d in shuffle_router.get_model_list(model_name=model) or []]
+    if len(deployments) != len(model_list):
+        raise RuntimeError(f"router has {len(deployments)} deployments, expected {len(model_list)}")
+    results: dict[str, dict[str, float]] = {}
+    try:
+
+        async def plugin(i: int) -> tuple[int, int]:
+            call_id = f"bench-{i}-{uuid.uuid4().hex[:8]}"
+            t0 = time.perf_counter_ns()
+            await strategy.choose_deployment(model, deployments, call_id)
+            t1 = time.perf_counter_ns()
+            await strategy.release_request(call_id)
+            return t1 - t0, time.perf_counter_ns() - t1
+
+        await timed_loop(200, plugin, 1)  # connection, script load, warm caches
+        decide, release, wall = await timed_loop(n, plugin, 1)
+        results["triage choose_deployment, sequential"] = summary_us(decide, wall)
+        results["triage release, sequential"] = summary_us(release)
+        decide, release, wall = await timed_loop(n, plugin, settings.concurrency)
+        results[f"triage choose_deployment, {settings.concurrency} concurrent"] = summary_us(
+            decide, wall
+        )
+        if strategy.outage.fallbacks:
+            raise RuntimeError(
+                f"{strategy.outage.fallbacks} picks fell back to local counts: Redis failed"
+            )
+        results.update(await redis_baseline(stack, strategy, deployments, n))
+
+        resolve = shuffle_router.get_model_from_alias
+        shuffle_ns: list[int] = []
+        for _ in range(200):
+            simple_shuffle(resolve, deployments, model, {})
+        started = time.perf_counter_ns()
+        for _ in range(n):
+            t0 = time.perf_counter_ns()
+            simple_shuffle(
+                resolve_model_alias=resolve,
+                healthy_deployments=deployments,
+                model=model,
+                request_kwargs={},
+            )
+            shuffle_ns.append(time.perf_counter_ns() - t0)
+        wall = time.perf_counter_ns() - started
+        results["simple_shuffle, sequential"] = summary_us(shuffle_ns, wall)
+
+        async def full_triage(i: int) -> tuple[int, int]:
+            call_id = f"bench-router-{i}-{uuid.uuid4().hex[:8]}"
+            t0 = time.perf_counter_ns()
+            await triage_router.async_get_available_deployment(
+                model=model, messages=MESSAGES, request_kwargs={"litellm_call_id": call_id}
+            )
+            t1 = time.perf_counter_ns()
+            await routed.release_request(call_id)
+            return t1 - t0, time.perf_counter_ns() - t1
+
+        async def full_shuffle(i: int) -> tuple[int, int]:
+            t0 = time.perf_counter_ns()
+            await shuffle_router.async_get_available_deployment(
+                model=model, messages=MESSAGES, request_kwargs={}
+            )
+            return time.perf_counter_ns() - t0, 0
+
+        await timed_loop(200, full_triage, 1)
+        decide, _, wall = await timed_loop(n, full_triage, 1)
+        results["Router.async_get_available_deployment, triage"] = summary_us(decide, wall)
+        await timed_loop(200, full_shuffle, 1)
+        decide, _, wall = await timed_loop(n, full_shuffle, 1)
+        results["Router.async_get_available_deployment, simple-shuffle"] = summary_us(decide, wall)
+        left = await strategy.store.inflight([str(d["model_info"]["id"]) for d in deployments])
+        if any(left):
+            log.warning("reservations left in Redis after the decision benchmark: %s", left)
+    finally:
+        await strategy.aclose()
+        await routed.aclose()
+    return results
+
+
+def error_kind(exc: BaseException) -> str:
+    if isinstance(exc, openai.APIStatusError):
+        return f"HTTP {exc.status_code}"
+    if isinstance(exc, openai.APITimeoutError):
+        return "timeout"
+    if isinstance(exc, openai.APIConnectionError):
+        return "connection"
+    return type(exc).__name__
+
+
+async def closed_loop(
+    base_url: str, api_key: str, model: str, settings: DecisionSettings, w0: int, w1: int
+) -> list[Sample]:
+    """``clients`` closed-loop clients from now (warm-up) until ``w1``; every request recorded."""
+    limits = httpx.Limits(max_connections=settings.clients, max_keepalive_connections=None)
+    client = AsyncOpenAI(
+        base_url=f"{base_url}/v1",
+        api_key=api_key,
+        max_retries=0,
+        timeout=settings.request_timeout_s,
+        http_client=httpx.AsyncClient(limits=limits, timeout=settings.request_timeout_s),
+    )
+    samples: list[Sample] = []
+
+    async def worker() -> None:
+        while (started := time.perf_counter_ns()) < w1:
+            try:
+                raw = await client.chat.completions.with_raw_response.create(
+                    model=model,
+                    messages=MESSAGES,  # type: ignore[arg-type]
+                    max_tokens=settings.max_tokens,
+                )
+                completion = raw.parse()
+                if not completion.choices or completion.choices[0].message.content is None:
+                    raise ValueError("empty completion")
+                replica = raw.headers.get("x-litellm-model-id") or "?"
+                samples.append(Sample(started, time.perf_counter_ns(), replica))
+            except Exception as exc:
+                samples.append(Sample(started, time.perf_counter_ns(), None, error_kind(exc)))
+                await asyncio.sleep(0.05)  # no hot loop on instant failures
+
+    try:
+        await asyncio.gather(*(worker() for _ in range(settings.clients)))
+    finally:
+        await client.close()
+    return samples
+
+
+async def run_load(
+    stack: Stack,
+    proxy: LiteLLMProxy,
+    proxies: Sequence[LiteLLMProxy],
+    settings: DecisionSettings,
+    store: RoutingStore,
+) -> Window:
+    """Warm-up, then the measured window; CPU is sampled around the window only."""
+    assert stack.api_key is not None
+    ids = list(stack.replicas)
+    groups = cpu_groups(stack, [proxy], [p for p in proxies if p is not proxy])
+    w0 = time.perf_counter_ns() + int(settings.warmup_s * 1e9)
+    w1 = w0 + int(settings.seconds * 1e9)
+    task = asyncio.ensure_future(
+        closed_loop(proxy.base_url, stack.api_key, stack.settings.model, settings, w0, w1)
+    )
+    await asyncio.sleep(max(0.0, (w0 - time.perf_counter_ns()) / 1e9))
+    before, t0 = groups.sample(), time.perf_counter()
+    await asyncio.sleep(max(0.0, (w1 - time.perf_counter_ns()) / 1e9))
+    after, t1 = groups.sample(), time.perf_counter()
+    samples = await task
+    cpu_s = {role: cores * (t1 - t0) for role, cores in cpu_cores(before, after, t1 - t0).items()}
+    await asyncio.sleep(0.3)  # the proxy's release callbacks run after the response
+    left = dict(zip(ids, await store.inflight(ids), strict=True))
+    return Window(samples, w0, w1, cpu_s, left)
+
+
+async def bench_proxies(
+    stack: Stack, settings: DecisionSettings, proxies: dict[str, LiteLLMProxy]
+) -> dict[str, dict[str, Any]]:
+    """Start the other strategies' proxies (in parallel), then load each, round by round;
+    odd rounds go in reverse order so that a drift of the machine hits all alike."""
+    assert stack.redis is not None
+    proxies["triage"] = stack.proxies[0]
+    others = [r for r in settings.strategies if r != "triage"]
+    started = time.perf_counter()
+    results = await asyncio.gather(
+        *(asyncio.to_thread(start_extra_proxy, stack, r, settings) for r in others),
+        return_exceptions=True,
+    )
+    for routing, result in zip(others, results, strict=True):
+        if isinstance(result, BaseException):
+            raise result
+        proxies[routing] = result
+    log.info("proxies %s ready in %.1f s", others, time.perf_counter() - started)
+    redis = Redis.from_url(stack.redis.url)
+    store = RoutingStore(redis, KeySchema(stack.settings.key_prefix))
+    windows: dict[str, list[Window]] = {r: [] for r in settings.strategies}
+    try:
+        for round_index in range(settings.rounds):
+            order = settings.strategies if round_index % 2 == 0 else settings.strategies[::-1]
+            for routing in order:
+                await asyncio.sleep(settings.pause_s)
+                proxy = proxies[routing]
+                log.info("round %d: load through %s (%s)", round_index + 1, routing, proxy.base_url)
+                windows[routing].append(
+                    await run_load(stack, proxy, list(proxies.values()), settings, store)
+                )
+    finally:
+        await redis.aclose()
+    ids = list(stack.replicas)
+    return {routing: summarize_windows(ws, ids) for routing, ws in windows.items()}

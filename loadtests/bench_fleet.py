@@ -16,11 +16,17 @@ from typing import Any
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
+from redis.asyncio import Redis
 
 from core.process import start_concurrently
 from devstack.proxy_launcher import LiteLLMProxy, start_proxy
 from devstack.stack import Stack
-from loadtests.bench_settings import OURS, BenchSettings, Strategy
+from loadtests.bench_settings import (
+    OURS,
+    BenchSettings,
+    DecisionSettings,
+    Strategy,
+)
 from loadtests.measure import (
     CpuGroups,
 )
@@ -238,7 +244,6 @@ async def proxy_histograms(
 async def litellm_counts(fleet: Fleet) -> dict[str, int | None]:
     """LiteLLM least-busy's in-flight counts in Redis after a run (None: no key): shows that its
     counts are shared through Redis, and that they came back to zero."""
-    from redis.asyncio import Redis
 
     assert fleet.stack.redis is not None
     model = fleet.stack.settings.model
@@ -257,3 +262,20 @@ async def litellm_counts(fleet: Fleet) -> dict[str, int | None]:
 def fleet_cpu_groups(fleet: Fleet, strategy: str) -> CpuGroups:
     others = [p for s, group in fleet.proxies.items() if s != strategy for p in group]
     return cpu_groups(fleet.stack, fleet.proxies[strategy], others)
+
+
+def start_extra_proxy(stack: Stack, routing: Strategy, settings: DecisionSettings) -> LiteLLMProxy:
+    """A proxy with LiteLLM's own ``routing`` (no plugin) on the stack's replicas and key store."""
+    assert stack.redis is not None
+    endpoints = [ReplicaEndpoint(rid, s.http_url) for rid, s in stack.replicas.items()]
+    options = ProxyOptions(routing=routing, num_retries=settings.num_retries)
+    config = build_proxy_config(stack.settings.model, stack.settings.model, endpoints, options)
+    path = write_proxy_config(config, stack.workdir / f"proxy-{routing}.yaml")
+    env = proxy_env(stack.redis.url, stack.settings.key_prefix, stack.master_key)
+    return start_proxy(
+        f"bench-{routing}",
+        path,
+        env,
+        stack.workdir,
+        ready_timeout_s=stack.settings.proxy_ready_timeout_s,
+    )

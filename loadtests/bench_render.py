@@ -3,14 +3,24 @@ bottleneck."""
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Sequence
 from typing import Any
 
-from loadtests.bench_settings import BACK_TO_BACK, IDLE
+from devstack.stack import Stack
+from loadtests.bench_settings import (
+    BACK_TO_BACK,
+    IDLE,
+    DecisionSettings,
+)
 from loadtests.measure import (
     REST,
     STOLEN,
     fmt_ratio,
+)
+from loadtests.measure import (
+    ratio as ratio_of,
 )
 from loadtests.report import fmt_s
 
@@ -128,3 +138,108 @@ def bottleneck_lines(doc: dict[str, Any]) -> list[str]:
             f"  => WARNING: {worst_rest:.2f} cores went to other processes: figures disturbed"
         )
     return lines
+
+
+def ratio(a: float, b: float) -> str:
+    return fmt_ratio(ratio_of(a, b))
+
+
+def print_decisions(results: dict[str, dict[str, float]], settings: DecisionSettings) -> None:
+    print(
+        f"\n1. Routing decision time, in this process, against the stack's Redis "
+        f"({settings.replicas} real replica ids, {settings.decisions} decisions per row)"
+    )
+    width = max(len(k) for k in results) + 2
+    print(f"  {'what':<{width}}{'p50 µs':>9}{'p99 µs':>9}{'max µs':>9}{'mean µs':>9}{'per s':>9}")
+
+    def cell(value: float, digits: int = 1) -> str:
+        return f"{'-':>9}" if math.isnan(value) else f"{value:>9.{digits}f}"
+
+    for name, r in results.items():
+        per_s = cell(r["per_s"], 0) if "per_s" in r else ""
+        print(
+            f"  {name:<{width}}{cell(r['p50_us'])}{cell(r['p99_us'])}{cell(r['max_us'])}"
+            f"{cell(r['mean_us'])}{per_s}"
+        )
+    pairs = [
+        ("chooser alone", "triage choose_deployment, sequential", "simple_shuffle, sequential"),
+        (
+            "whole Router choice",
+            "Router.async_get_available_deployment, triage",
+            "Router.async_get_available_deployment, simple-shuffle",
+        ),
+    ]
+    for label, mine, theirs in pairs:
+        a, b = results.get(mine), results.get(theirs)
+        if a and b:
+            print(
+                f"  ratio triage/simple_shuffle, {label}: p50 {ratio(a['p50_us'], b['p50_us'])}, "
+                f"p99 {ratio(a['p99_us'], b['p99_us'])} (+{a['p50_us'] - b['p50_us']:.0f} µs "
+                "at p50)"
+            )
+    print(
+        "  triage = one Redis round trip (EVALSHA pick.lua: read every replica, score, reserve):"
+        " roughly the PING\n  baseline + the script's time inside Redis + redis-py's EVALSHA "
+        "call; the release is a second round trip,\n  made by the proxy after the response. "
+        "Concurrent: per-decision latency includes waiting for the\n  event loop; per s = "
+        "pick+release pairs per second."
+    )
+
+
+def print_load(runs: dict[str, dict[str, Any]], stack: Stack, settings: DecisionSettings) -> None:
+    ids = list(stack.replicas)
+    speeds = ",".join(f"{s:g}" for s in stack.settings.speeds)
+    rounds = f", {settings.rounds} rounds (odd ones reversed)" if settings.rounds > 1 else ""
+    print(
+        f"\n2. Proxy load: {settings.clients} closed-loop OpenAI-SDK clients x "
+        f"{settings.seconds:g} s (+{settings.warmup_s:g} s warm-up) per strategy{rounds}, "
+        f"max_tokens {settings.max_tokens}, no streaming;\n   {len(ids)} replicas, speeds "
+        f"{speeds}, {settings.max_active} slots each, {settings.decode_ms_per_token:g} ms/token "
+        "at speed 1; one proxy process per strategy, run one after another"
+    )
+    share_cols = "".join(f"{rid:>11}" for rid in ids)
+    print(
+        f"  {'routing':<16}{'req/s':>7}{'p50 ms':>8}{'p95 ms':>8}{'p99 ms':>8}{'max ms':>8}"
+        f"{'ok':>7}{'errors':>7}{share_cols}{'proxy CPU':>11}"
+    )
+    for name, r in runs.items():
+        shares = "".join(f"{100 * r['share'][rid]:>10.1f}%" for rid in ids)
+        print(
+            f"  {name:<16}{r['rps']:>7.1f}{r['p50_ms']:>8.0f}{r['p95_ms']:>8.0f}"
+            f"{r['p99_ms']:>8.0f}{r['max_ms']:>8.0f}{r['ok']:>7}{r['errors']:>7}{shares}"
+            f"{r['proxy_cpu_ms_per_request']:>8.1f} ms"
+        )
+    print("  (proxy CPU = CPU time of the proxy process per successful request)")
+    base = runs.get("simple-shuffle")
+    for name, r in runs.items():
+        if base is not None and name != "simple-shuffle":
+            print(
+                f"  ratio {name}/simple-shuffle: req/s {ratio(r['rps'], base['rps'])}, "
+                f"p99 {ratio(r['p99_ms'], base['p99_ms'])}"
+            )
+    for name, r in runs.items():
+        if r["error_kinds"]:
+            print(f"  errors of {name}: {r['error_kinds']}")
+        if r["unknown_replica"]:
+            print(f"  {name}: {r['unknown_replica']} successes without a known replica id")
+        if r["reservations_left"]:
+            print(f"  {name}: reservations left in Redis after its runs: {r['reservations_left']}")
+    roles = list(next(iter(runs.values()))["cpu_cores"])
+    print(f"\n  CPU during the measured windows, in cores (this machine has {os.cpu_count()}):")
+    print(f"  {'routing':<16}" + "".join(f"{role:>{max(len(role), 6) + 2}}" for role in roles))
+    for name, r in runs.items():
+        print(
+            f"  {name:<16}"
+            + "".join(f"{r['cpu_cores'][role]:>{max(len(role), 6) + 2}.2f}" for role in roles)
+        )
+    worst = max(r["cpu_cores"][REST] for r in runs.values())
+    if worst > 0.15:
+        print(
+            f"  WARNING: up to {worst:.2f} cores went to processes outside this benchmark "
+            "(rest of the machine): the figures are disturbed; rerun on a quiet machine."
+        )
+    print(
+        f"  NOTE: {os.cpu_count()} cores are shared by the proxy, Triton, the sidecars, Redis "
+        "and these clients: req/s is a\n  lower bound set by the proxy's CPU (one LiteLLM "
+        "process), not by the replicas."
+    )

@@ -4,11 +4,20 @@ targets, the compact results committed under ``loadtests/results/``."""
 from __future__ import annotations
 
 import math
+import statistics
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from loadtests.bench_settings import BACK_TO_BACK, OURS, REFERENCE_ORACLE_85
+from loadtests.bench_settings import (
+    BACK_TO_BACK,
+    OURS,
+    REFERENCE_ORACLE_85,
+)
 from loadtests.measure import (
     histogram_quantile,
+    percentile,
     ratio,
 )
 from loadtests.report import fmt_s
@@ -186,4 +195,77 @@ def compact_results(doc: dict[str, Any]) -> dict[str, Any]:
         },
         "overhead": doc.get("overhead"),
         "loads": loads,
+    }
+
+
+def summary_us(samples_ns: Sequence[int], wall_ns: int | None = None) -> dict[str, float]:
+    """n, p50/p99/max/mean in µs (and per second when ``wall_ns`` is the run's wall time)."""
+    us = [v / 1000.0 for v in samples_ns]
+    out = {
+        "n": float(len(us)),
+        "p50_us": percentile(us, 50),
+        "p99_us": percentile(us, 99),
+        "max_us": max(us, default=float("nan")),
+        "mean_us": statistics.fmean(us) if us else float("nan"),
+    }
+    if wall_ns is not None:
+        out["per_s"] = len(us) / (wall_ns / 1e9) if wall_ns > 0 else float("nan")
+    return out
+
+
+@dataclass
+class Sample:
+    start_ns: int
+    end_ns: int
+    replica: str | None
+    """The ``x-litellm-model-id`` of a success; None for an error."""
+    error: str | None = None
+
+
+@dataclass
+class Window:
+    """One measured run of one strategy: its samples, the window [w0, w1) and the CPU used."""
+
+    samples: list[Sample]
+    w0: int
+    w1: int
+    cpu_s: dict[str, float]
+    """CPU seconds per role during the window (REST and "machine busy" included)."""
+    reservations_left: dict[str, int]
+
+
+def summarize_windows(windows: Sequence[Window], replica_ids: Sequence[str]) -> dict[str, Any]:
+    """Over all windows of one strategy: req/s = successes that ended inside a window / the
+    windows' length; latency, errors and shares over the requests that started inside one."""
+    seconds = sum((w.w1 - w.w0) / 1e9 for w in windows)
+    started = [s for w in windows for s in w.samples if w.w0 <= s.start_ns < w.w1]
+    done = sum(
+        1 for w in windows for s in w.samples if s.error is None and w.w0 <= s.end_ns <= w.w1
+    )
+    ok = [s for s in started if s.error is None]
+    latency_ms = [(s.end_ns - s.start_ns) / 1e6 for s in ok]
+    picks = Counter(s.replica for s in ok)
+    errors = Counter(s.error for s in started if s.error is not None)
+    cpu = {role: sum(w.cpu_s[role] for w in windows) / seconds for role in windows[0].cpu_s}
+    left: Counter[str] = Counter()
+    for w in windows:
+        left.update(w.reservations_left)
+    rps = done / seconds
+    return {
+        "windows": len(windows),
+        "seconds": seconds,
+        "requests": len(started),
+        "ok": len(ok),
+        "errors": sum(errors.values()),
+        "error_kinds": dict(errors),
+        "rps": rps,
+        "p50_ms": percentile(latency_ms, 50),
+        "p95_ms": percentile(latency_ms, 95),
+        "p99_ms": percentile(latency_ms, 99),
+        "max_ms": max(latency_ms, default=float("nan")),
+        "share": {rid: picks.get(rid, 0) / len(ok) if ok else 0.0 for rid in replica_ids},
+        "unknown_replica": sum(n for rid, n in picks.items() if rid not in replica_ids),
+        "cpu_cores": cpu,
+        "proxy_cpu_ms_per_request": 1000 * cpu["proxies"] / rps if rps else float("nan"),
+        "reservations_left": {rid: n for rid, n in left.items() if n},
     }

@@ -191,3 +191,56 @@ class BenchSettings(FleetSettings):
             proxies=0,
             **specific,
         )
+
+
+class DecisionSettings(FleetSettings):
+    """Settings of ``triage bench decisions``: flags (``--max-tokens 16``) or
+    ``TRIAGE_BENCH_DECISIONS_*``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="TRIAGE_BENCH_DECISIONS_",
+        cli_kebab_case=True,
+        cli_prog_name="triage bench decisions",
+        cli_shortcuts={"json-path": "json"},
+        extra="forbid",
+    )
+
+    # equal replicas by default: this bench measures the decision and the proxy's cost, not
+    # the skew (``triage bench compare`` does)
+    speeds: list[float] = Field(
+        default_factory=list, description="speed per replica, e.g. 1,1,0.5; default all 1.0"
+    )
+    # a fresher snapshot than the stack's default: the closed loop reads it every few ms
+    poll_interval_ms: int = Field(default=100, ge=20, description="sidecar poll period")
+    clients: int = Field(default=16, ge=1, le=1024, description="closed-loop OpenAI clients")
+    seconds: float = Field(default=15.0, gt=0, description="measured window per strategy")
+    warmup_s: float = Field(default=2.0, ge=0, description="unmeasured load before the window")
+    pause_s: float = Field(default=1.0, ge=0, description="idle time before each run")
+    rounds: int = Field(default=1, ge=1, le=20, description="passes over the strategies")
+    max_tokens: int = Field(default=16, ge=1, le=4096, description="tokens per completion")
+    strategies: list[Strategy] = Field(
+        default_factory=lambda: ["triage", "simple-shuffle", "least-busy"],
+        description="proxies to load, in this order",
+    )
+    decisions: int = Field(default=5000, ge=100, description="decisions per in-process variant")
+    concurrency: int = Field(default=64, ge=1, le=4096, description="coroutines, concurrent run")
+    engine_queue_size: int = Field(default=16, ge=0, description="engine queue per replica")
+    decode_ms_per_token: float = Field(
+        default=10.0, gt=0, description="stand-in ms per token at speed 1"
+    )
+    request_timeout_s: float = Field(default=60.0, gt=0, description="client timeout")
+    json_path: Path | None = Field(default=None, description="write the figures here (JSON)")
+
+    @field_validator("strategies")
+    @classmethod
+    def _strategies(cls, strategies: list[Strategy]) -> list[Strategy]:
+        return check_strategies(strategies)
+
+    def stack_settings(self, **specific: Any) -> StackSettings:
+        return super().stack_settings(
+            engine_queue_size=self.engine_queue_size,
+            decode_ms_per_token=self.decode_ms_per_token,
+            proxies=1,
+            routing="triage",
+            **specific,
+        )

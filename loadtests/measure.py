@@ -1,7 +1,7 @@
 """Measuring helpers shared by the benchmarks: percentiles, CPU time from ``/proc``, strict JSON.
 
 Pure standard library (no Locust, no LiteLLM): the Locust files, ``triage bench`` and
-``bench_routing`` all use it.
+``triage bench decisions`` all use it.
 """
 
 from __future__ import annotations

@@ -577,7 +577,7 @@ def test_triage_bench_dispatches_each_kind_and_names_the_bad_setting(
     """One ``triage bench`` with a subcommand per benchmark, each with its own settings model
     and env prefix (``TRIAGE_BENCH_``, ``TRIAGE_BENCH_DECISIONS_``, ``TRIAGE_BENCH_BURST_``)."""
     from loadtests.bench_burst import BurstSettings
-    from loadtests.bench_routing import BenchSettings as DecisionSettings
+    from loadtests.bench_settings import DecisionSettings
     from triage.cli import main as triage_main
 
     assert triage_main(["bench", *argv]) == 2

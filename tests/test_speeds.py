@@ -9,8 +9,8 @@ from pydantic import ValidationError
 
 from core.speeds import check_speeds
 from devstack.stack_settings import StackSettings
-from loadtests.bench_routing import BenchSettings as RoutingBenchSettings
 from loadtests.bench_settings import BenchSettings
+from loadtests.bench_settings import DecisionSettings as RoutingBenchSettings
 
 
 def test_empty_is_uniform_and_values_pass_through() -> None:

@@ -130,7 +130,7 @@ def _bench_main(kind: str) -> Callable[[list[str]], int]:
     if kind == "compare":
         from loadtests.compare import main
     elif kind == "decisions":
-        from loadtests.bench_routing import main
+        from loadtests.decisions import main
     elif kind == "admission":
         from loadtests.bench_admission import main
     elif kind == "burst":
