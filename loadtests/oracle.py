@@ -10,7 +10,8 @@ slowdown and no prefill: deterministic). TTFT = wait + one step.
 
 This is a computation, not a simulation of the gateway: the oracle knows every replica's true
 state at every instant. The discrete-event simulator (``loadtests/simulator``) models more (stale
-snapshots, the real policy); this replay is what ``triage bench`` compares against.
+snapshots, many proxies, the real policy); its ``oracle-ps`` policy scores replicas with the
+same function, ``expected_delay``, so the bench and the simulator compare against one oracle.
 """
 
 from __future__ import annotations
@@ -29,6 +30,12 @@ class OracleReplica:
     slots: int
     step_s: float
     """Seconds per generated token at this replica's speed."""
+
+
+def expected_delay(in_system: int, slots: int, service_s: float) -> float:
+    """The oracle's score of a replica for one more request: ``(n + 1) × s / C`` (processor
+    sharing over its ``C`` slots, ``n`` requests not finished there, ``s`` its mean service)."""
+    return (in_system + 1) * service_s / slots
 
 
 def replay_oracle(
@@ -50,7 +57,11 @@ def replay_oracle(
                 heapq.heappop(finishing)
         best = min(
             range(len(replicas)),
-            key=lambda i: ((len(busy[i]) + 1) * mean_s[i] / replicas[i].slots, len(busy[i]), i),
+            key=lambda i: (
+                expected_delay(len(busy[i]), replicas[i].slots, mean_s[i]),
+                len(busy[i]),
+                i,
+            ),
         )
         replica = replicas[best]
         start = max(now, heapq.heappop(slots[best]))

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
 from core.keyschema import ReplicaState
+from loadtests.oracle import expected_delay
 from plugins.routing import policy as routing_policy
 from plugins.routing.policy import PolicyParams
 
@@ -213,15 +214,15 @@ class OracleSedPolicy(Policy):
 
 
 class OraclePsPolicy(OracleSedPolicy):
-    """The speed-aware oracle (``loadtests/oracle.py``): ``argmin (n + 1) * s / C``
-    (processor sharing)."""
+    """The speed-aware oracle of ``triage bench`` (``loadtests/oracle.py``'s
+    ``expected_delay``): ``argmin (n + 1) * s / C`` (processor sharing)."""
 
     name = "oracle-ps"
 
     def pick(self, proxy: int, now: float, tokens: float) -> int:
         inflight = self.world.inflight
         est = [
-            (n + 1) / c * s
+            expected_delay(n, c, s)
             for n, c, s in zip(inflight, self.world.slots, self.service, strict=True)
         ]
         return self._best(est)
