@@ -282,3 +282,48 @@ async def test_an_emptied_internal_header_is_dropped() -> None:
     client = Client([CHAT])
     await door(answer, Side())(client.scope(), client.receive, client.send)
     assert client.sent[0]["headers"] == [(b"x-litellm-model-id", b"replica-0")]
+
+
+@pytest.mark.parametrize("how", ["raised", "starlette"])
+async def test_an_exception_that_escapes_the_proxy_is_a_500_with_the_openai_envelope(
+    how: str,
+) -> None:
+    """An exception that escapes LiteLLM's handlers (seen once under a Redis outage: a
+    MemoryError in LiteLLM's auth) reached the client as a plain-text ``Internal Server Error``
+    (from uvicorn, or from Starlette's ``ServerErrorMiddleware``): now the OpenAI envelope, and
+    the exception still propagates to the server, which logs it."""
+    from starlette.middleware.errors import ServerErrorMiddleware
+
+    async def failing(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        raise MemoryError("contextvars")
+
+    inner: Any = failing if how == "raised" else ServerErrorMiddleware(failing)
+    client = Client([CHAT])
+    with pytest.raises(MemoryError):
+        await door(inner, Side())(client.scope(), client.receive, client.send)
+    assert client.status == 500
+    assert dict(client.sent[0]["headers"])[b"content-type"] == b"application/json"
+    assert client.payload["error"]["type"] == "internal_server_error"
+    assert client.payload["error"]["code"] == "internal_error"
+    assert sum(m["type"] == "http.response.start" for m in client.sent) == 1
+
+
+async def test_a_500_the_proxy_answers_itself_goes_through_unchanged() -> None:
+    """Only Starlette's plain-text fallback is replaced: LiteLLM's own 500s keep their body."""
+
+    async def own_500(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        body = b'{"error": {"message": "upstream broke", "type": "api_error"}}'
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 500,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+    client = Client([CHAT])
+    await door(own_500, Side())(client.scope(), client.receive, client.send)
+    assert client.status == 500 and client.payload["error"]["message"] == "upstream broke"

@@ -129,6 +129,29 @@ def too_large_answer(limit_mb: float) -> Answer:
     )
 
 
+INTERNAL_ERROR = error_answer(
+    500,
+    "the gateway failed on this request (logged); retry it, or report it if it persists",
+    "internal_server_error",
+    None,
+    "internal_error",
+)
+"""What a client gets for an exception that escaped LiteLLM's handlers, instead of Starlette's
+plain-text ``Internal Server Error``: the OpenAI error envelope every other error has."""
+PLAIN_SERVER_ERROR = b"Internal Server Error"
+
+
+def _maybe_plain_server_error(start: Message) -> bool:
+    headers = dict(start.get("headers") or ())
+    return start.get("status") == 500 and headers.get(b"content-type", b"").startswith(
+        b"text/plain"
+    )
+
+
+def _is_plain_server_error(body: Message) -> bool:
+    return not body.get("more_body", False) and body.get("body", b"") == PLAIN_SERVER_ERROR
+
+
 async def send_answer(send: Send, answer: Answer) -> None:
     body = json.dumps(answer.payload).encode()
     headers = [
@@ -370,13 +393,37 @@ class FrontDoor:
             await gone.wait()
             return {"type": "http.disconnect"}
 
+        held: Message | None = None
+        answered = False  # a response start went out to the client
+
         async def sending(message: Message) -> None:
-            nonlocal complete
+            nonlocal complete, held, answered
             if message["type"] == "http.response.start":
                 self.pipeline.leave(call_id)
                 message = {**message, "headers": _without_empty_internal(message["headers"])}
-            elif message["type"] == "http.response.body" and not message.get("more_body", False):
-                complete = True
+                if _maybe_plain_server_error(message):
+                    held = message  # decided with its body (below)
+                    return
+            elif message["type"] == "http.response.body":
+                if held is not None:
+                    start, held = held, None
+                    if _is_plain_server_error(message):
+                        # an exception escaped LiteLLM's own handlers (Starlette answered its
+                        # plain-text 500 and re-raises it: uvicorn logs it with its traceback)
+                        log.error(
+                            "front door: request %s failed inside the proxy; answered 500 with "
+                            "the OpenAI error envelope",
+                            call_id,
+                        )
+                        complete = answered = True
+                        await send_answer(send, INTERNAL_ERROR)
+                        return
+                    answered = True
+                    await send(start)
+                if not message.get("more_body", False):
+                    complete = True
+            if message["type"] == "http.response.start":
+                answered = True
             await send(message)
 
         task = asyncio.ensure_future(self.app(scope, replay, sending))
@@ -396,6 +443,14 @@ class FrontDoor:
         except asyncio.CancelledError:
             if not gone.is_set() or asyncio.current_task().cancelling():  # type: ignore[union-attr]
                 raise  # the server cancelled us (shutdown), not the client
+        except Exception:
+            if not answered and not gone.is_set():
+                # escaped the proxy before any answer: the client gets the OpenAI envelope, not
+                # the server's plain-text 500; re-raised, so the server logs its traceback
+                log.error("front door: request %s failed inside the proxy; answered 500", call_id)
+                complete = True
+                await send_answer(send, INTERNAL_ERROR)
+            raise
         finally:
             listener.cancel()
         abandoned = gone.is_set() and not complete
