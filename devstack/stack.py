@@ -138,7 +138,7 @@ class Stack:
                 }
             )
             if s.proxies:
-                self.api_key = asyncio.run(self._create_key())
+                self.api_key = asyncio.run(self.create_key(f"triage-up-{os.getpid()}"))
                 self._start_proxies()
         except BaseException:
             self.stop()
@@ -195,7 +195,8 @@ class Stack:
         (a replica's pid changes)."""
         return Supervisor(self.supervised_parts(), on_restart=lambda name: self.write_state())
 
-    async def _create_key(self) -> str:
+    async def create_key(self, alias: str) -> str:
+        """A new virtual key in this stack's key store (also for load generators)."""
         from plugins.auth.keystore import KeyStore
         from plugins.auth.settings import KeysSettings
 
@@ -204,7 +205,7 @@ class Stack:
             KeysSettings(redis_url=self.redis.url, key_prefix=self.settings.key_prefix)
         )
         try:
-            key, _ = await store.create(alias=f"triage-up-{os.getpid()}")
+            key, _ = await store.create(alias=alias)
         finally:
             await store.aclose()
         return key

@@ -18,7 +18,6 @@ import asyncio
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -27,10 +26,10 @@ from pathlib import Path
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 import aiohttp
-from pydantic import Field, ValidationError
-from pydantic_settings import CliApp, SettingsConfigDict, SettingsError
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
 
-from core.settings_errors import report_invalid
+from core.settings_errors import settings_from_cli
 from devstack.stack import Stack
 from loadtests.bench_settings import FleetSettings
 
@@ -224,12 +223,8 @@ class BurstSettings(FleetSettings):
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        args = CliApp.run(BurstSettings, cli_args=list(argv or []))
-    except ValidationError as exc:
-        return report_invalid("triage bench burst", exc)
-    except SettingsError as exc:
-        print(f"triage bench burst: {exc}", file=sys.stderr)
+    args = settings_from_cli(BurstSettings, argv or [], "triage bench burst")
+    if args is None:
         return 2
     speeds, multiples = args.speeds, args.bursts
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="triage-burst-"))

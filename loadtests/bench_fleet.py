@@ -86,18 +86,7 @@ class Fleet:
 
 
 async def create_key(stack: Stack) -> str:
-    from plugins.auth.keystore import KeyStore
-    from plugins.auth.settings import KeysSettings
-
-    assert stack.redis is not None
-    store = KeyStore.from_settings(
-        KeysSettings(redis_url=stack.redis.url, key_prefix=stack.settings.key_prefix)
-    )
-    try:
-        key, _ = await store.create(alias=f"bench-{os.getpid()}-{random.randrange(1 << 30)}")
-    finally:
-        await store.aclose()
-    return key
+    return await stack.create_key(f"bench-{os.getpid()}-{random.randrange(1 << 30)}")
 
 
 def proxy_options(strategy: Strategy, stack: Stack, settings: BenchSettings) -> ProxyOptions:

@@ -32,10 +32,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from pydantic import ValidationError
-from pydantic_settings import CliApp, SettingsError
-
-from core.settings_errors import report_invalid
+from core.settings_errors import settings_from_cli
 from devstack.stack import Stack
 from loadtests.bench_drive import measure_overhead, measure_service, run_level
 from loadtests.bench_fleet import Fleet, create_key, start_all_proxies
@@ -75,14 +72,12 @@ async def bench(fleet: Fleet, settings: BenchSettings, doc: dict[str, Any]) -> N
 
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-    try:
-        settings = CliApp.run(BenchSettings, cli_args=list(sys.argv[1:] if argv is None else argv))
-        stack_settings = settings.stack_settings()
-    except ValidationError as exc:
-        return report_invalid("triage bench", exc)
-    except SettingsError as exc:
-        print(f"triage bench: {exc}", file=sys.stderr)
+    settings = settings_from_cli(
+        BenchSettings, sys.argv[1:] if argv is None else argv, "triage bench"
+    )
+    if settings is None:
         return 2
+    stack_settings = settings.stack_settings()
     bench_logging()
     settings.out_dir.mkdir(parents=True, exist_ok=True)
     busy_before = machine_busy_cores(1.0)

@@ -30,10 +30,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from pydantic import ValidationError
-from pydantic_settings import CliApp, SettingsError
-
-from core.settings_errors import report_invalid
+from core.settings_errors import settings_from_cli
 from devstack.proxy_launcher import LiteLLMProxy
 from devstack.stack import Stack
 from loadtests.bench_drive import bench_decisions, bench_proxies
@@ -58,16 +55,12 @@ log = logging.getLogger("bench_routing")
 
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-    try:
-        settings = CliApp.run(
-            DecisionSettings, cli_args=list(sys.argv[1:] if argv is None else argv)
-        )
-        stack_settings = settings.stack_settings()
-    except ValidationError as exc:
-        return report_invalid("triage bench decisions", exc)
-    except SettingsError as exc:
-        print(f"triage bench decisions: {exc}", file=sys.stderr)
+    settings = settings_from_cli(
+        DecisionSettings, sys.argv[1:] if argv is None else argv, "triage bench decisions"
+    )
+    if settings is None:
         return 2
+    stack_settings = settings.stack_settings()
     bench_logging()
     idle_busy = machine_busy_cores(1.0)
     stack = Stack(stack_settings)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -52,12 +51,9 @@ def prefix() -> str:
 
 
 @pytest.fixture
-async def plain(redis_server: RedisServer) -> AsyncIterator[Redis]:
-    redis = Redis.from_url(redis_server.url)
-    try:
-        yield redis
-    finally:
-        await redis.aclose()
+def plain(client: Redis) -> Redis:
+    """The session's Redis through a client with no pool limits (conftest's ``client``)."""
+    return client
 
 
 def pool_of(client: Redis) -> SizedConnectionPool:

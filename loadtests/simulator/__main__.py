@@ -16,10 +16,10 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, ValidationError, ValidationInfo, field_validator
-from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict, SettingsError
+from pydantic import Field, ValidationInfo, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from core.settings_errors import report_invalid
+from core.settings_errors import settings_from_cli
 from loadtests.simulator.engine import ProxyAssign, Scenario, ServiceSource, read_arrivals, run
 from loadtests.simulator.model import Fleet, LengthDist, Workload
 from loadtests.simulator.policies import ALIASES, DEFAULT_POLICIES, POLICIES, make_policy
@@ -227,12 +227,8 @@ def describe(settings: SimSettings, scenario: Scenario) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        settings = CliApp.run(SimSettings, cli_args=list(sys.argv[1:] if argv is None else argv))
-    except ValidationError as exc:
-        return report_invalid(PROG, exc)
-    except SettingsError as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
+    settings = settings_from_cli(SimSettings, sys.argv[1:] if argv is None else argv, PROG)
+    if settings is None:
         return 2
 
     def log(line: str) -> None:

@@ -136,20 +136,10 @@ INTERNAL_ERROR = error_answer(
     None,
     "internal_error",
 )
-"""What a client gets for an exception that escaped LiteLLM's handlers, instead of Starlette's
-plain-text ``Internal Server Error``: the OpenAI error envelope every other error has."""
-PLAIN_SERVER_ERROR = b"Internal Server Error"
-
-
-def _maybe_plain_server_error(start: Message) -> bool:
-    headers = dict(start.get("headers") or ())
-    return start.get("status") == 500 and headers.get(b"content-type", b"").startswith(
-        b"text/plain"
-    )
-
-
-def _is_plain_server_error(body: Message) -> bool:
-    return not body.get("more_body", False) and body.get("body", b"") == PLAIN_SERVER_ERROR
+"""What a client gets for an exception that escaped LiteLLM's handlers, instead of the server's
+plain-text ``Internal Server Error``: the OpenAI error envelope every other error has. (LiteLLM's
+own handler for unhandled exceptions answers with that envelope, but it imports ``prisma`` first,
+which a proxy without a database does not have, so the exception escapes it.)"""
 
 
 async def send_answer(send: Send, answer: Answer) -> None:
@@ -393,37 +383,16 @@ class FrontDoor:
             await gone.wait()
             return {"type": "http.disconnect"}
 
-        held: Message | None = None
         answered = False  # a response start went out to the client
 
         async def sending(message: Message) -> None:
-            nonlocal complete, held, answered
+            nonlocal complete, answered
             if message["type"] == "http.response.start":
                 self.pipeline.leave(call_id)
                 message = {**message, "headers": _without_empty_internal(message["headers"])}
-                if _maybe_plain_server_error(message):
-                    held = message  # decided with its body (below)
-                    return
-            elif message["type"] == "http.response.body":
-                if held is not None:
-                    start, held = held, None
-                    if _is_plain_server_error(message):
-                        # an exception escaped LiteLLM's own handlers (Starlette answered its
-                        # plain-text 500 and re-raises it: uvicorn logs it with its traceback)
-                        log.error(
-                            "front door: request %s failed inside the proxy; answered 500 with "
-                            "the OpenAI error envelope",
-                            call_id,
-                        )
-                        complete = answered = True
-                        await send_answer(send, INTERNAL_ERROR)
-                        return
-                    answered = True
-                    await send(start)
-                if not message.get("more_body", False):
-                    complete = True
-            if message["type"] == "http.response.start":
                 answered = True
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                complete = True
             await send(message)
 
         task = asyncio.ensure_future(self.app(scope, replay, sending))

@@ -181,9 +181,19 @@ class LeastBusyStrategy(CustomRoutingStrategyBase):
         return out
 
     def _still_held(self, key: str, reservation_id: str) -> bool:
+        """Asked per member after Redis lost them (a restart without its data): found through
+        the member's ticket (``_plan`` names a reservation ``<call id>:<8 hex>``), not by a scan
+        of every ticket per member."""
         replica_id = key.removeprefix(self._inflight_prefix)
-        return any(
-            h.replica_id == replica_id and h.reservation_id == reservation_id for h in self.held()
+        ticket = self.book.get(reservation_id.rpartition(":")[0])
+        routing = ticket.routing if ticket is not None else None
+        return (
+            routing is not None
+            and routing.owner is self
+            and any(
+                h.replica_id == replica_id and h.reservation_id == reservation_id
+                for h in routing.reservations
+            )
         )
 
     # -- CustomRoutingStrategyBase ---------------------------------------------------------
