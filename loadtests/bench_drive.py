@@ -23,7 +23,22 @@ from core.keyschema import KeySchema
 from devstack.proxy_launcher import LiteLLMProxy
 from devstack.stack import Stack
 from loadtests.bench_fleet import cpu_groups, start_extra_proxy
-from loadtests.bench_results import Sample, Window, summarize_windows, summary_us
+from loadtests.bench_results import (
+    LatencyUs,
+    Level,
+    LoadFigures,
+    ModeOverhead,
+    Overhead,
+    Paired,
+    ProxyOverhead,
+    Sample,
+    StrategyRun,
+    Window,
+    decision_figures,
+    ratios,
+    summarize_windows,
+    summary_us,
+)
 from loadtests.bench_settings import DecisionSettings
 from loadtests.measure import (
     cpu_cores,
@@ -45,7 +60,6 @@ from loadtests.bench_fleet import (
     proxy_histograms,
     wait_idle,
 )
-from loadtests.bench_results import decision_figures, ratios
 from loadtests.bench_settings import BACK_TO_BACK, IDLE, OURS, BenchSettings
 from loadtests.measure import (
     group_cpu_s,
@@ -178,7 +192,7 @@ async def replay(
     return Replay(records, lags, time.perf_counter() - t0)
 
 
-async def measure_overhead(fleet: Fleet, settings: BenchSettings) -> dict[str, Any]:
+async def measure_overhead(fleet: Fleet, settings: BenchSettings) -> Overhead:
     """Sequential requests (``max_tokens`` 1, no stream), interleaved in rounds: one through the
     first proxy of each strategy (rotating order), and every fourth round one straight to each
     replica's Triton. A proxy's overhead = its latency minus the direct p50 of the replica that
@@ -269,31 +283,36 @@ async def measure_overhead(fleet: Fleet, settings: BenchSettings) -> dict[str, A
             if (b := extra(row["simple-shuffle"])) is not None
         ]
 
-    out: dict[str, Any] = {
-        "requests": n,
-        "gap_ms": settings.overhead_gap_ms,
-        "modes": modes,
-        "direct_p50_ms": {k: 1000 * v for k, v in base.items()},
+    proxies = {
+        strategy: ProxyOverhead(
+            by_mode={
+                mode: ModeOverhead(
+                    n=len(values := extras(strategy, mode)),
+                    p50_ms=1000 * percentile(values, 50),
+                    p95_ms=1000 * percentile(values, 95),
+                )
+                for mode in modes
+            },
+            cpu_ms_per_request=1000 * (cpu1[strategy] - cpu0[strategy]) / max(1, sent[strategy]),
+        )
+        for strategy in strategies
     }
-    for strategy in strategies:
-        figures: dict[str, Any] = {}
+    out = Overhead(
+        requests=n,
+        gap_ms=settings.overhead_gap_ms,
+        modes=modes,
+        direct_p50_ms={k: 1000 * v for k, v in base.items()},
+        proxies=proxies,
+    )
+    if OURS in proxies and "simple-shuffle" in proxies:
         for mode in modes:
-            values = extras(strategy, mode)
-            key = "" if mode == modes[0] else "back_to_back_"
-            figures[f"{key}n"] = len(values)
-            figures[f"{key}overhead_p50_ms"] = 1000 * percentile(values, 50)
-            figures[f"{key}overhead_p95_ms"] = 1000 * percentile(values, 95)
-        cpu_s = cpu1[strategy] - cpu0[strategy]
-        figures["cpu_ms_per_request"] = 1000 * cpu_s / max(1, sent[strategy])
-        out[strategy] = figures
-    if OURS in out and "simple-shuffle" in out:
-        for mode in modes:
-            key = "" if mode == modes[0] else "back_to_back_"
             differences = paired(mode)
-            out[f"plugins_added_{key}p50_ms"] = 1000 * percentile(differences, 50)
-            out[f"plugins_added_{key}se_ms"] = 1000 * median_standard_error(differences)
-        out["plugins_added_cpu_ms"] = (
-            out[OURS]["cpu_ms_per_request"] - out["simple-shuffle"]["cpu_ms_per_request"]
+            out.plugins_added[mode] = Paired(
+                p50_ms=1000 * percentile(differences, 50),
+                se_ms=1000 * median_standard_error(differences),
+            )
+        out.plugins_added_cpu_ms = (
+            proxies[OURS].cpu_ms_per_request - proxies["simple-shuffle"].cpu_ms_per_request
         )
     return out
 
@@ -345,20 +364,19 @@ async def measure_service(fleet: Fleet, settings: BenchSettings) -> dict[str, fl
 
 async def run_level(
     fleet: Fleet, settings: BenchSettings, level: int, load: float, service_s: float
-) -> dict[str, Any]:
+) -> Level:
     sequence = sequence_for(settings, level, load)
     order = list(settings.strategies)
     order = order[level % len(order) :] + order[: level % len(order)]  # spread the drift
     bound = settings.max_wait_s + max(service_s, settings.service_s(min(settings.speeds)))
-    out: dict[str, Any] = {
-        "load": load,
-        "offered_rps": sequence.rate_rps,
-        "requests": len(sequence.arrivals),
-        "seed": sequence.seed,
-        "order": order,
-        "answer_bound_s": bound,
-        "strategies": {},
-    }
+    out = Level(
+        load=load,
+        offered_rps=sequence.rate_rps,
+        requests=len(sequence.arrivals),
+        seed=sequence.seed,
+        order=order,
+        answer_bound_s=bound,
+    )
     runs: dict[str, list[Record]] = {}
     for strategy in order:
         waited = await wait_idle(fleet.stack, settings.idle_timeout_s)
@@ -397,25 +415,30 @@ async def run_level(
             window_s=sequence.seconds,
             answer_bound_s=bound,
         )
-        summary["cpu_cores"] = cores
-        summary["proxy_cores_max_process"] = max(
-            ((b - a) / (t1 - t0) for a, b in zip(proxy0, proxy1, strict=True)), default=0.0
+        run = StrategyRun(
+            summary=summary,
+            cpu_cores=cores,
+            proxy_cores_max_process=max(
+                ((b - a) / (t1 - t0) for a, b in zip(proxy0, proxy1, strict=True)), default=0.0
+            ),
+            client_lag_p99_ms=1000 * percentile(result.lag_s, 99),
+            wall_s=result.wall_s,
         )
-        summary["client_lag_p99_ms"] = 1000 * percentile(result.lag_s, 99)
-        summary["wall_s"] = result.wall_s
         if strategy == OURS:
             hists_after = await proxy_histograms(proxies, fleet.stack.master_key, strategy)
-            for name, before in hists_before.items():
-                summary[name] = decision_figures(before, hists_after[name])
-            summary["shed_decision"]["memo"] = summary.pop("shed_memo")
+            seen = {n: decision_figures(b, hists_after[n]) for n, b in hists_before.items()}
+            run.admission_decision = seen["admission_decision"]
+            run.shed_decision = seen["shed_decision"]
+            run.shed_decision.memo = seen["shed_memo"]
+            run.event_loop_lag = seen["event_loop_lag"]
         if strategy == "least-busy":
-            summary["litellm_redis_counts"] = await litellm_counts(fleet)
-        out["strategies"][strategy] = summary
+            run.litellm_redis_counts = await litellm_counts(fleet)
+        out.runs[strategy] = run
         runs[strategy] = result.records
     oracle = replay_oracle_records(sequence, fleet, settings)
-    out["oracle"] = summarize(oracle, replica_ids=fleet.replica_ids, window_s=sequence.seconds)
+    out.oracle = summarize(oracle, replica_ids=fleet.replica_ids, window_s=sequence.seconds)
     runs["oracle (replayed)"] = oracle
-    out["ratios"] = ratios(out["strategies"], out["oracle"])
+    out.ratios = ratios({name: r.summary for name, r in out.runs.items()}, out.oracle)
     prefix = f"load{round(100 * load)}-"
     plot_runs(
         runs,
@@ -425,7 +448,7 @@ async def run_level(
         title=f"{100 * load:.0f} % of capacity:",
         prefix=prefix,
     )
-    out["plots"] = [f"{prefix}latency.png", f"{prefix}replicas.png"]
+    out.plots = [f"{prefix}latency.png", f"{prefix}replicas.png"]
     return out
 
 
@@ -475,12 +498,12 @@ async def evalsha_server_us(client: Redis) -> tuple[int, int]:
 
 async def redis_baseline(
     stack: Stack, strategy: LeastBusyStrategy, deployments: list[dict[str, Any]], n: int
-) -> dict[str, dict[str, float]]:
+) -> dict[str, LatencyUs]:
     """Where the plugin's time goes: a bare PING round trip with redis-py, and the time
     ``pick.lua`` itself runs inside Redis (picks with a 1 ms lease, so none needs a release)."""
     assert stack.redis is not None
     client = Redis.from_url(stack.redis.url)
-    out: dict[str, dict[str, float]] = {}
+    out: dict[str, LatencyUs] = {}
     try:
         for _ in range(200):
             await client.ping()
@@ -502,13 +525,9 @@ async def redis_baseline(
         calls = calls1 - calls0
         mean = (usec1 - usec0) / calls if calls else float("nan")
         nan = float("nan")
-        out["pick.lua inside Redis (INFO commandstats)"] = {
-            "n": float(calls),
-            "p50_us": nan,
-            "p99_us": nan,
-            "max_us": nan,
-            "mean_us": mean,
-        }
+        out["pick.lua inside Redis (INFO commandstats)"] = LatencyUs(
+            n=calls, p50_us=nan, p99_us=nan, max_us=nan, mean_us=mean
+        )
     finally:
         await client.aclose()
     return out
@@ -516,7 +535,7 @@ async def redis_baseline(
 
 async def bench_decisions(
     stack: Stack, model_list: list[dict[str, Any]], settings: DecisionSettings
-) -> dict[str, dict[str, float]]:
+) -> dict[str, LatencyUs]:
     """Time the plugin's decision vs LiteLLM's simple_shuffle, in this process."""
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     import litellm
@@ -542,7 +561,7 @@ async def bench_decisions(
     deployments = [dict(d) for d in shuffle_router.get_model_list(model_name=model) or []]
     if len(deployments) != len(model_list):
         raise RuntimeError(f"router has {len(deployments)} deployments, expected {len(model_list)}")
-    results: dict[str, dict[str, float]] = {}
+    results: dict[str, LatencyUs] = {}
     try:
 
         async def plugin(i: int) -> tuple[int, int]:
@@ -693,7 +712,7 @@ async def run_load(
 
 async def bench_proxies(
     stack: Stack, settings: DecisionSettings, proxies: dict[str, LiteLLMProxy]
-) -> dict[str, dict[str, Any]]:
+) -> dict[str, LoadFigures]:
     """Start the other strategies' proxies (in parallel), then load each, round by round;
     odd rounds go in reverse order so that a drift of the machine hits all alike."""
     assert stack.redis is not None

@@ -6,14 +6,10 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from typing import Any
 
 from devstack.stack import Stack
-from loadtests.bench_settings import (
-    BACK_TO_BACK,
-    IDLE,
-    DecisionSettings,
-)
+from loadtests.bench_results import BenchRun, LatencyUs, Level, LoadFigures, Overhead
+from loadtests.bench_settings import IDLE, DecisionSettings
 from loadtests.measure import (
     REST,
     STOLEN,
@@ -22,33 +18,34 @@ from loadtests.measure import (
 from loadtests.measure import (
     ratio as ratio_of,
 )
-from loadtests.report import fmt_s
+from loadtests.report import Summary, fmt_s
 
 
-def render_level(level: dict[str, Any], replica_ids: Sequence[str]) -> str:
-    load = level["load"]
+def render_level(level: Level, replica_ids: Sequence[str]) -> str:
     lines = [
-        f"\nload {100 * load:.0f} % of capacity: {level['offered_rps']:.2f} req/s offered, "
-        f"{level['requests']} requests (Poisson, seed {level['seed']}), the same sequence for "
-        f"each; run order {', '.join(level['order'])}",
+        f"\nload {100 * level.load:.0f} % of capacity: {level.offered_rps:.2f} req/s offered, "
+        f"{level.requests} requests (Poisson, seed {level.seed}), the same sequence for "
+        f"each; run order {', '.join(level.order)}",
     ]
     share_cols = "".join(f"{rid:>10}" for rid in replica_ids)
     lines.append(
         f"  {'strategy':<19}{'p50 s':>7}{'p95 s':>7}{'p99 s':>7}{'TTFT95':>8}{'good r/s':>9}"
         f"{'503 %':>7}{'lost':>5}{share_cols}{'proxy CPU':>10}"
     )
-    rows = dict(level["strategies"])
-    rows["oracle (replayed)"] = level["oracle"]
-    for name, s in rows.items():
-        shares = "".join(f"{100 * s['share'].get(rid, 0.0):>9.1f}%" for rid in replica_ids)
-        cpu = s.get("cpu_cores", {}).get("proxies")
+    rows: list[tuple[str, Summary, float | None]] = [
+        (name, r.summary, r.cpu_cores.get("proxies")) for name, r in level.runs.items()
+    ]
+    if level.oracle is not None:
+        rows.append(("oracle (replayed)", level.oracle, None))
+    for name, s, cpu in rows:
+        shares = "".join(f"{100 * s.share.get(rid, 0.0):>9.1f}%" for rid in replica_ids)
         lines.append(
-            f"  {name:<19}{fmt_s(s['p50_s']):>7}{fmt_s(s['p95_s']):>7}{fmt_s(s['p99_s']):>7}"
-            f"{fmt_s(s['ttft_p95_s']):>8}{fmt_s(s['goodput_rps']):>9}"
-            f"{100 * s['shed_share']:>7.1f}{s['lost']:>5}{shares}"
+            f"  {name:<19}{fmt_s(s.p50_s):>7}{fmt_s(s.p95_s):>7}{fmt_s(s.p99_s):>7}"
+            f"{fmt_s(s.ttft_p95_s):>8}{fmt_s(s.goodput_rps):>9}"
+            f"{100 * s.shed_share:>7.1f}{s.lost:>5}{shares}"
             f"{(fmt_s(cpu) + ' c') if cpu is not None else '-':>10}"
         )
-    for pair, values in level["ratios"].items():
+    for pair, values in level.ratios.items():
         cells = "  ".join(
             f"{m.removesuffix('_s').replace('_', ' ')} {fmt_ratio(v)}" for m, v in values.items()
         )
@@ -56,68 +53,57 @@ def render_level(level: dict[str, Any], replica_ids: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def render_overhead(overhead: dict[str, Any]) -> str:
-    direct = ", ".join(f"{rid} {ms:.0f} ms" for rid, ms in overhead["direct_p50_ms"].items())
-    modes = overhead.get("modes", [BACK_TO_BACK])
+def render_overhead(overhead: Overhead) -> str:
+    direct = ", ".join(f"{rid} {ms:.0f} ms" for rid, ms in overhead.direct_p50_ms.items())
+    modes = overhead.modes
     spacing = (
-        f"half of them {overhead['gap_ms']:g} ms apart (idle), half back to back"
+        f"half of them {overhead.gap_ms:g} ms apart (idle), half back to back"
         if IDLE in modes
         else "back to back"
     )
     lines = [
-        f"\nproxy overhead ({overhead['requests']} sequential requests per target, {spacing}, "
+        f"\nproxy overhead ({overhead.requests} sequential requests per target, {spacing}, "
         f"max_tokens 1; latency minus the serving replica's direct p50: {direct})"
     ]
-    for name, f in overhead.items():
-        if isinstance(f, dict) and "overhead_p50_ms" in f:
-            line = (
-                f"  {name:<16} {modes[0]} p50 {f['overhead_p50_ms']:6.1f} ms  "
-                f"p95 {f['overhead_p95_ms']:6.1f} ms"
-            )
-            if "back_to_back_overhead_p50_ms" in f:
-                line += (
-                    f"   back to back p50 {f['back_to_back_overhead_p50_ms']:6.1f} ms  "
-                    f"p95 {f['back_to_back_overhead_p95_ms']:6.1f} ms"
-                )
-            cpu = f.get("cpu_ms_per_request", float("nan"))
-            lines.append(line + f"   proxy CPU {cpu:5.1f} ms/request")
-    if "plugins_added_p50_ms" in overhead:
-        line = (
-            f"  the plugins (triage vs simple-shuffle, paired per round): "
-            f"{overhead['plugins_added_p50_ms']:+.1f} ms at p50 {modes[0]} "
-            f"(± {overhead.get('plugins_added_se_ms', float('nan')):.1f} ms standard error)"
+    for name, f in overhead.proxies.items():
+        cells = "   ".join(
+            f"{mode.replace('-', ' ')} p50 {m.p50_ms:6.1f} ms  p95 {m.p95_ms:6.1f} ms"
+            for mode, m in f.by_mode.items()
         )
-        if "plugins_added_back_to_back_p50_ms" in overhead:
-            line += (
-                f", {overhead['plugins_added_back_to_back_p50_ms']:+.1f} ms back to back "
-                f"(± {overhead['plugins_added_back_to_back_se_ms']:.1f} ms)"
-            )
-        cpu = overhead.get("plugins_added_cpu_ms", float("nan"))
-        lines.append(line + f"; {cpu:+.1f} ms proxy CPU per request")
+        lines.append(f"  {name:<16} {cells}   proxy CPU {f.cpu_ms_per_request:5.1f} ms/request")
+    if overhead.plugins_added:
+        cells = ", ".join(
+            f"{p.p50_ms:+.1f} ms {'at p50 ' if i == 0 else ''}{mode.replace('-', ' ')} "
+            f"(± {p.se_ms:.1f} ms{' standard error' if i == 0 else ''})"
+            for i, (mode, p) in enumerate(overhead.plugins_added.items())
+        )
+        cpu = overhead.plugins_added_cpu_ms
+        lines.append(
+            f"  the plugins (triage vs simple-shuffle, paired per round): {cells}; "
+            f"{cpu if cpu is not None else float('nan'):+.1f} ms proxy CPU per request"
+        )
     return "\n".join(lines)
 
 
-def bottleneck_lines(doc: dict[str, Any]) -> list[str]:
+def bottleneck_lines(run: BenchRun) -> list[str]:
     runs = [
-        (f"{name} at {100 * lv['load']:.0f} %", s)
-        for lv in doc["levels"]
-        for name, s in lv["strategies"].items()
+        (f"{name} at {100 * lv.load:.0f} %", r) for lv in run.levels for name, r in lv.runs.items()
     ]
     if not runs:
         return []
-    proxy_run, proxy = max(runs, key=lambda r: r[1]["proxy_cores_max_process"])
-    lag_run, lag = max(runs, key=lambda r: r[1]["client_lag_p99_ms"])
-    worst_proxy, worst_lag = proxy["proxy_cores_max_process"], lag["client_lag_p99_ms"]
-    worst_rest = max(s["cpu_cores"][REST] for _, s in runs)
-    stolen_run, stolen = max(runs, key=lambda r: r[1]["cpu_cores"].get(STOLEN, 0.0))
-    worst_stolen = stolen["cpu_cores"].get(STOLEN, 0.0)
-    worst_machine = max(s["cpu_cores"]["machine busy"] for _, s in runs)
-    typical = sorted(s["proxy_cores_max_process"] for _, s in runs)[len(runs) // 2]
+    proxy_run, proxy = max(runs, key=lambda r: r[1].proxy_cores_max_process)
+    lag_run, lag = max(runs, key=lambda r: r[1].client_lag_p99_ms)
+    worst_proxy, worst_lag = proxy.proxy_cores_max_process, lag.client_lag_p99_ms
+    worst_rest = max(r.cpu_cores[REST] for _, r in runs)
+    stolen_run, stolen = max(runs, key=lambda r: r[1].cpu_cores.get(STOLEN, 0.0))
+    worst_stolen = stolen.cpu_cores.get(STOLEN, 0.0)
+    worst_machine = max(r.cpu_cores["machine busy"] for _, r in runs)
+    typical = sorted(r.proxy_cores_max_process for _, r in runs)[len(runs) // 2]
     lines = [
         f"  proxy process CPU: median run {typical:.2f} cores, busiest {worst_proxy:.2f} cores "
         f"({proxy_run}); one LiteLLM process runs one event loop: near 1.0 it is the bottleneck",
         f"  client: requests left at most {worst_lag:.1f} ms late (p99, {lag_run})",
-        f"  machine: up to {worst_machine:.2f} of {doc['cpu_count']} cores busy in a run; "
+        f"  machine: up to {worst_machine:.2f} of {run.cpu_count} cores busy in a run; "
         f"outside this benchmark up to {worst_rest:.2f} cores (other work on the machine); "
         f"stolen by the hypervisor up to {worst_stolen:.2f} cores ({stolen_run})",
     ]
@@ -144,7 +130,7 @@ def ratio(a: float, b: float) -> str:
     return fmt_ratio(ratio_of(a, b))
 
 
-def print_decisions(results: dict[str, dict[str, float]], settings: DecisionSettings) -> None:
+def print_decisions(results: dict[str, LatencyUs], settings: DecisionSettings) -> None:
     print(
         f"\n1. Routing decision time, in this process, against the stack's Redis "
         f"({settings.replicas} real replica ids, {settings.decisions} decisions per row)"
@@ -152,14 +138,15 @@ def print_decisions(results: dict[str, dict[str, float]], settings: DecisionSett
     width = max(len(k) for k in results) + 2
     print(f"  {'what':<{width}}{'p50 µs':>9}{'p99 µs':>9}{'max µs':>9}{'mean µs':>9}{'per s':>9}")
 
-    def cell(value: float, digits: int = 1) -> str:
+    def cell(value: float | None, digits: int = 1) -> str:
+        if value is None:
+            return ""
         return f"{'-':>9}" if math.isnan(value) else f"{value:>9.{digits}f}"
 
     for name, r in results.items():
-        per_s = cell(r["per_s"], 0) if "per_s" in r else ""
         print(
-            f"  {name:<{width}}{cell(r['p50_us'])}{cell(r['p99_us'])}{cell(r['max_us'])}"
-            f"{cell(r['mean_us'])}{per_s}"
+            f"  {name:<{width}}{cell(r.p50_us)}{cell(r.p99_us)}{cell(r.max_us)}"
+            f"{cell(r.mean_us)}{cell(r.per_s, 0)}"
         )
     pairs = [
         ("chooser alone", "triage choose_deployment, sequential", "simple_shuffle, sequential"),
@@ -173,8 +160,8 @@ def print_decisions(results: dict[str, dict[str, float]], settings: DecisionSett
         a, b = results.get(mine), results.get(theirs)
         if a and b:
             print(
-                f"  ratio triage/simple_shuffle, {label}: p50 {ratio(a['p50_us'], b['p50_us'])}, "
-                f"p99 {ratio(a['p99_us'], b['p99_us'])} (+{a['p50_us'] - b['p50_us']:.0f} µs "
+                f"  ratio triage/simple_shuffle, {label}: p50 {ratio(a.p50_us, b.p50_us)}, "
+                f"p99 {ratio(a.p99_us, b.p99_us)} (+{a.p50_us - b.p50_us:.0f} µs "
                 "at p50)"
             )
     print(
@@ -186,7 +173,7 @@ def print_decisions(results: dict[str, dict[str, float]], settings: DecisionSett
     )
 
 
-def print_load(runs: dict[str, dict[str, Any]], stack: Stack, settings: DecisionSettings) -> None:
+def print_load(runs: dict[str, LoadFigures], stack: Stack, settings: DecisionSettings) -> None:
     ids = list(stack.replicas)
     speeds = ",".join(f"{s:g}" for s in stack.settings.speeds)
     rounds = f", {settings.rounds} rounds (odd ones reversed)" if settings.rounds > 1 else ""
@@ -203,36 +190,36 @@ def print_load(runs: dict[str, dict[str, Any]], stack: Stack, settings: Decision
         f"{'ok':>7}{'errors':>7}{share_cols}{'proxy CPU':>11}"
     )
     for name, r in runs.items():
-        shares = "".join(f"{100 * r['share'][rid]:>10.1f}%" for rid in ids)
+        shares = "".join(f"{100 * r.share[rid]:>10.1f}%" for rid in ids)
         print(
-            f"  {name:<16}{r['rps']:>7.1f}{r['p50_ms']:>8.0f}{r['p95_ms']:>8.0f}"
-            f"{r['p99_ms']:>8.0f}{r['max_ms']:>8.0f}{r['ok']:>7}{r['errors']:>7}{shares}"
-            f"{r['proxy_cpu_ms_per_request']:>8.1f} ms"
+            f"  {name:<16}{r.rps:>7.1f}{r.p50_ms:>8.0f}{r.p95_ms:>8.0f}"
+            f"{r.p99_ms:>8.0f}{r.max_ms:>8.0f}{r.ok:>7}{r.errors:>7}{shares}"
+            f"{r.proxy_cpu_ms_per_request:>8.1f} ms"
         )
     print("  (proxy CPU = CPU time of the proxy process per successful request)")
     base = runs.get("simple-shuffle")
     for name, r in runs.items():
         if base is not None and name != "simple-shuffle":
             print(
-                f"  ratio {name}/simple-shuffle: req/s {ratio(r['rps'], base['rps'])}, "
-                f"p99 {ratio(r['p99_ms'], base['p99_ms'])}"
+                f"  ratio {name}/simple-shuffle: req/s {ratio(r.rps, base.rps)}, "
+                f"p99 {ratio(r.p99_ms, base.p99_ms)}"
             )
     for name, r in runs.items():
-        if r["error_kinds"]:
-            print(f"  errors of {name}: {r['error_kinds']}")
-        if r["unknown_replica"]:
-            print(f"  {name}: {r['unknown_replica']} successes without a known replica id")
-        if r["reservations_left"]:
-            print(f"  {name}: reservations left in Redis after its runs: {r['reservations_left']}")
-    roles = list(next(iter(runs.values()))["cpu_cores"])
+        if r.error_kinds:
+            print(f"  errors of {name}: {r.error_kinds}")
+        if r.unknown_replica:
+            print(f"  {name}: {r.unknown_replica} successes without a known replica id")
+        if r.reservations_left:
+            print(f"  {name}: reservations left in Redis after its runs: {r.reservations_left}")
+    roles = list(next(iter(runs.values())).cpu_cores)
     print(f"\n  CPU during the measured windows, in cores (this machine has {os.cpu_count()}):")
     print(f"  {'routing':<16}" + "".join(f"{role:>{max(len(role), 6) + 2}}" for role in roles))
     for name, r in runs.items():
         print(
             f"  {name:<16}"
-            + "".join(f"{r['cpu_cores'][role]:>{max(len(role), 6) + 2}.2f}" for role in roles)
+            + "".join(f"{r.cpu_cores[role]:>{max(len(role), 6) + 2}.2f}" for role in roles)
         )
-    worst = max(r["cpu_cores"][REST] for r in runs.values())
+    worst = max(r.cpu_cores[REST] for r in runs.values())
     if worst > 0.15:
         print(
             f"  WARNING: up to {worst:.2f} cores went to processes outside this benchmark "

@@ -6,40 +6,132 @@ from __future__ import annotations
 import math
 import statistics
 from collections import Counter
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from loadtests.bench_settings import (
-    BACK_TO_BACK,
-    OURS,
-    REFERENCE_ORACLE_85,
-)
-from loadtests.measure import (
-    histogram_quantile,
-    percentile,
-    ratio,
-)
-from loadtests.report import fmt_s
+from loadtests.bench_settings import BACK_TO_BACK, OURS, REFERENCE_ORACLE_85, BenchSettings
+from loadtests.measure import histogram_quantile, jsonable, percentile, ratio
+from loadtests.report import Summary, fmt_s
 
 
-def decision_figures(before: dict[float, float], after: dict[float, float]) -> dict[str, float]:
+@dataclass(slots=True, kw_only=True)
+class DecisionFigures:
+    """What one of the proxies' histograms counted during a run (its increase)."""
+
+    decisions: float
+    p50_ms: float
+    p99_ms: float
+    share_within_5ms: float
+    memo: DecisionFigures | None = None
+    """Shed decisions only: those answered from the proxy's memo (no Redis round trip)."""
+
+
+def decision_figures(before: dict[float, float], after: dict[float, float]) -> DecisionFigures:
     diff = {b: after.get(b, 0.0) - before.get(b, 0.0) for b in after}
     total = diff.get(math.inf, 0.0)
     within = diff.get(0.005, float("nan"))
-    return {
-        "decisions": total,
-        "p50_ms": 1000 * histogram_quantile(diff, 0.50),
-        "p99_ms": 1000 * histogram_quantile(diff, 0.99),
-        "share_within_5ms": within / total if total else float("nan"),
-    }
+    return DecisionFigures(
+        decisions=total,
+        p50_ms=1000 * histogram_quantile(diff, 0.50),
+        p99_ms=1000 * histogram_quantile(diff, 0.99),
+        share_within_5ms=within / total if total else float("nan"),
+    )
+
+
+@dataclass(slots=True, kw_only=True)
+class StrategyRun:
+    """One strategy's replay of one load level: the client's figures, the CPU, and (triage
+    only) the proxies' own decision histograms."""
+
+    summary: Summary
+    cpu_cores: dict[str, float]
+    """Cores per role during the arrival window (``measure.cpu_cores``)."""
+    proxy_cores_max_process: float
+    client_lag_p99_ms: float
+    wall_s: float
+    admission_decision: DecisionFigures | None = None
+    shed_decision: DecisionFigures | None = None
+    event_loop_lag: DecisionFigures | None = None
+    litellm_redis_counts: dict[str, int | None] | None = None
+
+
+@dataclass(slots=True, kw_only=True)
+class Level:
+    """One load level: every strategy on the same arrivals, the replayed oracle, the ratios."""
+
+    load: float
+    offered_rps: float
+    requests: int
+    seed: int
+    order: list[str]
+    answer_bound_s: float
+    runs: dict[str, StrategyRun] = field(default_factory=dict)
+    oracle: Summary | None = None
+    ratios: dict[str, dict[str, float]] = field(default_factory=dict)
+    plots: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True, kw_only=True)
+class ModeOverhead:
+    n: int
+    p50_ms: float
+    p95_ms: float
+
+
+@dataclass(slots=True, kw_only=True)
+class ProxyOverhead:
+    by_mode: dict[str, ModeOverhead]
+    cpu_ms_per_request: float
+
+
+@dataclass(slots=True, kw_only=True)
+class Paired:
+    """The median of paired differences (ours minus simple-shuffle) and its standard error."""
+
+    p50_ms: float
+    se_ms: float
+
+
+@dataclass(slots=True, kw_only=True)
+class Overhead:
+    """``measure_overhead``: each proxy's latency minus the serving replica's direct p50."""
+
+    requests: int
+    gap_ms: float
+    modes: list[str]
+    """The first is the one judged (idle when there is a gap)."""
+    direct_p50_ms: dict[str, float]
+    proxies: dict[str, ProxyOverhead]
+    plugins_added: dict[str, Paired] = field(default_factory=dict)
+    """By mode; empty unless both triage and simple-shuffle ran."""
+    plugins_added_cpu_ms: float | None = None
+
+
+@dataclass(slots=True, kw_only=True)
+class BenchRun:
+    """Everything ``triage bench compare`` measured (``bench.json``)."""
+
+    settings: BenchSettings
+    date: str
+    cpu_count: int
+    machine_busy_cores_before: float
+    levels: list[Level] = field(default_factory=list)
+    overhead: Overhead | None = None
+    service_measured_s: dict[str, float] = field(default_factory=dict)
+    total_s: float = 0.0
+
+    def as_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["settings"] = self.settings.model_dump(mode="json")
+        return jsonable(out)
 
 
 RATIO_METRICS = ("p95_s", "p99_s", "ttft_p95_s", "goodput_rps", "shed_share")
 
 
 def ratios(
-    strategies: dict[str, dict[str, Any]], oracle: dict[str, Any] | None = None
+    strategies: Mapping[str, Summary], oracle: Summary | None = None
 ) -> dict[str, dict[str, float]]:
     """``{"triage/<other>": {metric: ours / theirs}}`` for every other strategy (and the
     oracle, latency metrics only)."""
@@ -49,168 +141,196 @@ def ratios(
         return out
     for name, theirs in strategies.items():
         if name != OURS:
-            out[f"{OURS}/{name}"] = {m: ratio(ours[m], theirs[m]) for m in RATIO_METRICS}
+            out[f"{OURS}/{name}"] = {
+                m: ratio(getattr(ours, m), getattr(theirs, m)) for m in RATIO_METRICS
+            }
     if oracle is not None:
-        out[f"{OURS}/oracle"] = {m: ratio(ours[m], oracle[m]) for m in ("p95_s", "p99_s")}
+        out[f"{OURS}/oracle"] = {
+            m: ratio(getattr(ours, m), getattr(oracle, m)) for m in ("p95_s", "p99_s")
+        }
     return out
 
 
-def targets(doc: dict[str, Any]) -> list[str]:
+def verdict(ok: bool) -> str:
+    return "MET " if ok else "MISS"
+
+
+def targets(run: BenchRun) -> list[str]:
     """The issue's targets, checked against this run (benchmarks: reported, never asserted)."""
     lines: list[str] = []
-    levels = {lv["load"]: lv for lv in doc["levels"]}
-
-    def verdict(ok: bool) -> str:
-        return "MET " if ok else "MISS"
-
+    levels = {lv.load: lv for lv in run.levels}
+    scale = run.settings.time_scale
     at85 = levels.get(0.85)
-    if at85 and OURS in at85["strategies"]:
-        ours, oracle = at85["strategies"][OURS], at85["oracle"]
+    if at85 and OURS in at85.runs and at85.oracle is not None:
+        ours, oracle = at85.runs[OURS].summary, at85.oracle
         lines.append(
-            f"  {verdict(ours['p95_s'] <= 1.1 * oracle['p95_s'])} 85 %: triage p95 "
-            f"{ours['p95_s']:.2f} s <= 1.1 x oracle p95 {oracle['p95_s']:.2f} s (replayed; the "
-            f"reference's oracle {REFERENCE_ORACLE_85[0]:.2f} s x time scale "
-            f"{doc['settings']['time_scale']:g} = "
-            f"{REFERENCE_ORACLE_85[0] * doc['settings']['time_scale']:.2f} s)"
+            f"  {verdict(ours.p95_s <= 1.1 * oracle.p95_s)} 85 %: triage p95 "
+            f"{ours.p95_s:.2f} s <= 1.1 x oracle p95 {oracle.p95_s:.2f} s (replayed; the "
+            f"reference's oracle {REFERENCE_ORACLE_85[0]:.2f} s x time scale {scale:g} = "
+            f"{REFERENCE_ORACLE_85[0] * scale:.2f} s)"
         )
-        lb = at85["strategies"].get("least-busy")
-        if lb:
+        if "least-busy" in at85.runs:
+            lb = at85.runs["least-busy"].summary
             lines.append(
-                f"  {verdict(ours['p99_s'] <= 0.8 * lb['p99_s'])} 85 %: triage p99 "
-                f"{ours['p99_s']:.2f} s <= 0.8 x least-busy p99 {lb['p99_s']:.2f} s"
+                f"  {verdict(ours.p99_s <= 0.8 * lb.p99_s)} 85 %: triage p99 "
+                f"{ours.p99_s:.2f} s <= 0.8 x least-busy p99 {lb.p99_s:.2f} s"
             )
-    overhead = doc.get("overhead") or {}
-    if "plugins_added_p50_ms" in overhead:
-        added = overhead["plugins_added_p50_ms"]
-        mode = overhead.get("modes", [BACK_TO_BACK])[0]
+    overhead = run.overhead
+    if overhead is not None and overhead.modes[0] in overhead.plugins_added:
+        mode = overhead.modes[0]
+        added = overhead.plugins_added[mode].p50_ms
         line = (
             f"  {verdict(added <= 1.0)} the plugins add {added:+.1f} ms p50 to the proxy's own "
-            f"overhead (triage {overhead[OURS]['overhead_p50_ms']:.1f} ms vs simple-shuffle "
-            f"{overhead['simple-shuffle']['overhead_p50_ms']:.1f} ms, {mode}"
+            f"overhead (triage {overhead.proxies[OURS].by_mode[mode].p50_ms:.1f} ms vs "
+            f"simple-shuffle {overhead.proxies['simple-shuffle'].by_mode[mode].p50_ms:.1f} ms, "
+            f"{mode}"
         )
-        if "plugins_added_back_to_back_p50_ms" in overhead:
-            line += f"; back to back {overhead['plugins_added_back_to_back_p50_ms']:+.1f} ms"
+        if mode != BACK_TO_BACK and BACK_TO_BACK in overhead.plugins_added:
+            line += f"; back to back {overhead.plugins_added[BACK_TO_BACK].p50_ms:+.1f} ms"
         lines.append(line + ")")
-    over = [lv for load, lv in levels.items() if load >= 1.5]
-    for lv in over:
-        ours = lv["strategies"].get(OURS)
-        if not ours:
+    for lv in (lv for load, lv in levels.items() if load >= 1.5):
+        if OURS not in lv.runs:
             continue
-        within = ours.get("answered_within_bound_share", float("nan"))
+        mine = lv.runs[OURS]
+        ours = mine.summary
+        within = ours.answered_within_bound_share
+        within = float("nan") if within is None else within
         lines.append(
-            f"  {verdict(within >= 1.0 and ours['lost'] == 0)} {100 * lv['load']:.0f} %: "
+            f"  {verdict(within >= 1.0 and ours.lost == 0)} {100 * lv.load:.0f} %: "
             f"{100 * within:.1f} % of requests answered within max_wait + service "
-            f"({lv['answer_bound_s']:.2f} s), {ours['lost']} lost, 503 share "
-            f"{100 * ours['shed_share']:.1f} % ({ours['shed_with_retry_after']} of "
-            f"{ours['shed']} 503s with Retry-After)"
+            f"({lv.answer_bound_s:.2f} s), {ours.lost} lost, 503 share "
+            f"{100 * ours.shed_share:.1f} % ({ours.shed_with_retry_after} of "
+            f"{ours.shed} 503s with Retry-After)"
         )
-        for name, theirs in lv["strategies"].items():
+        for name, theirs in lv.runs.items():
             if name != OURS:
-                share = theirs.get("answered_within_bound_share", float("nan"))
+                share = theirs.summary.answered_within_bound_share
                 lines.append(
-                    f"        {name}: {100 * share:.1f} % within that bound, p99 "
-                    f"{fmt_s(theirs['p99_s'])} s (it queues without bound)"
+                    f"        {name}: {100 * (share if share is not None else float('nan')):.1f} "
+                    f"% within that bound, p99 {fmt_s(theirs.summary.p99_s)} s (it queues "
+                    "without bound)"
                 )
-        shed = ours.get("shed_decision") or {}
-        if shed.get("decisions"):
+        shed = mine.shed_decision
+        if shed is not None and shed.decisions:
             lines.append(
-                f"  {verdict(shed['p99_ms'] <= 5.0)} {100 * lv['load']:.0f} %: shed decisions "
-                f"(503 at arrival) p99 {shed['p99_ms']:.1f} ms at the proxy, p50 "
-                f"{shed['p50_ms']:.2f} ms, {100 * shed['share_within_5ms']:.1f} % within 5 ms "
-                f"({shed['decisions']:.0f} sheds at arrival; proxy histogram)"
+                f"  {verdict(shed.p99_ms <= 5.0)} {100 * lv.load:.0f} %: shed decisions "
+                f"(503 at arrival) p99 {shed.p99_ms:.1f} ms at the proxy, p50 "
+                f"{shed.p50_ms:.2f} ms, {100 * shed.share_within_5ms:.1f} % within 5 ms "
+                f"({shed.decisions:.0f} sheds at arrival; proxy histogram)"
             )
-            memo = shed.get("memo") or {}
-            if memo.get("decisions"):
+            if shed.memo is not None and shed.memo.decisions:
                 lines.append(
-                    f"        {memo['decisions']:.0f} of them from the proxy's memo (no Redis "
-                    f"round trip): p99 {memo['p99_ms']:.2f} ms; the rest asked Redis"
+                    f"        {shed.memo.decisions:.0f} of them from the proxy's memo (no "
+                    f"Redis round trip): p99 {shed.memo.p99_ms:.2f} ms; the rest asked Redis"
                 )
-        decision = ours.get("admission_decision") or {}
-        if decision.get("decisions"):
+        decision, lag = mine.admission_decision, mine.event_loop_lag
+        if decision is not None and decision.decisions:
             lines.append(
-                f"        all first decisions (admit/queue/shed): p99 {decision['p99_ms']:.1f} "
-                f"ms, {100 * decision['share_within_5ms']:.1f} % within 5 ms "
-                f"({decision['decisions']:.0f} decisions)"
+                f"        all first decisions (admit/queue/shed): p99 {decision.p99_ms:.1f} "
+                f"ms, {100 * decision.share_within_5ms:.1f} % within 5 ms "
+                f"({decision.decisions:.0f} decisions)"
             )
-            lag = ours.get("event_loop_lag") or {}
-            if lag.get("decisions"):
+            if lag is not None and lag.decisions:
                 lines.append(
                     f"        the proxy's event loop itself, meanwhile: a 50 ms timer ran "
-                    f"late by p50 {lag['p50_ms']:.1f} ms, p99 {lag['p99_ms']:.1f} ms "
-                    f"({100 * (1 - lag['share_within_5ms']):.1f} % of ticks > 5 ms late: "
+                    f"late by p50 {lag.p50_ms:.1f} ms, p99 {lag.p99_ms:.1f} ms "
+                    f"({100 * (1 - lag.share_within_5ms):.1f} % of ticks > 5 ms late: "
                     "LiteLLM's own work holding the loop)"
                 )
     return lines
 
 
-def compact_results(doc: dict[str, Any]) -> dict[str, Any]:
+COMPACT_SUMMARY = (
+    "p50_s",
+    "p95_s",
+    "p99_s",
+    "ttft_p95_s",
+    "goodput_rps",
+    "goodput_tokens_per_s",
+    "shed_share",
+    "lost",
+    "started",
+    "ok",
+    "errors",
+    "share",
+    "answered_within_bound_share",
+)
+COMPACT_RUN = ("proxy_cores_max_process", "admission_decision", "shed_decision", "event_loop_lag")
+
+
+def compact_summary(summary: Summary, run: StrategyRun | None = None) -> dict[str, Any]:
+    out = {k: getattr(summary, k) for k in COMPACT_SUMMARY}
+    if run is not None:
+        for k in COMPACT_RUN:
+            value = getattr(run, k)
+            if value is not None:
+                out[k] = asdict(value) if isinstance(value, DecisionFigures) else value
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def compact_results(run: BenchRun) -> dict[str, Any]:
     """The committed form (``loadtests/results/``): per load level, per strategy, the figures the
     table shows, under stable keys (``p50_s``, ``p95_s``, ``p99_s``, ``ttft_p95_s``, ...)."""
-    keys = (
-        "p50_s",
-        "p95_s",
-        "p99_s",
-        "ttft_p95_s",
-        "goodput_rps",
-        "goodput_tokens_per_s",
-        "shed_share",
-        "lost",
-        "started",
-        "ok",
-        "errors",
-        "share",
-        "answered_within_bound_share",
-        "proxy_cores_max_process",
-        "admission_decision",
-        "shed_decision",
-        "event_loop_lag",
-    )
-    s = doc["settings"]
+    s = run.settings
     loads: dict[str, Any] = {}
-    for lv in doc["levels"]:
-        entry = {
-            name: {k: v[k] for k in keys if k in v}
-            for name, v in [*lv["strategies"].items(), ("oracle", lv["oracle"])]
+    for lv in run.levels:
+        entry: dict[str, Any] = {name: compact_summary(r.summary, r) for name, r in lv.runs.items()}
+        if lv.oracle is not None:
+            entry["oracle"] = compact_summary(lv.oracle)
+        entry["ratios"] = lv.ratios
+        loads[f"{lv.load:g}"] = entry
+    return jsonable(
+        {
+            "meta": {
+                "what": "triage bench: LiteLLM simple-shuffle and least-busy (Redis) vs the "
+                "triage plugins, same fleet, same recorded Poisson arrivals per load level",
+                "date": run.date,
+                "replicas": s.replicas,
+                "speeds": s.speeds,
+                "max_active": s.max_active,
+                "time_scale": s.time_scale,
+                "service_s_at_speed_1": s.service_s(1.0),
+                "capacity_rps": s.capacity_rps(),
+                "output_tokens": s.output_tokens,
+                "stream_fraction": s.stream_fraction,
+                "seconds": s.seconds,
+                "proxies_per_strategy": s.proxies,
+                "cpu_count": run.cpu_count,
+                "machine_busy_cores_before": run.machine_busy_cores_before,
+                "oracle": "replayed exactly on the same arrivals (loadtests/oracle.py)",
+            },
+            "overhead": None if run.overhead is None else asdict(run.overhead),
+            "loads": loads,
         }
-        entry["ratios"] = lv["ratios"]
-        loads[f"{lv['load']:g}"] = entry
-    return {
-        "meta": {
-            "what": "triage bench: LiteLLM simple-shuffle and least-busy (Redis) vs the triage "
-            "plugins, same fleet, same recorded Poisson arrivals per load level",
-            "date": doc["date"],
-            "replicas": s["replicas"],
-            "speeds": s["speeds"],
-            "max_active": s["max_active"],
-            "time_scale": s["time_scale"],
-            "service_s_at_speed_1": doc["service_s_at_speed_1"],
-            "capacity_rps": doc["capacity_rps"],
-            "output_tokens": s["output_tokens"],
-            "stream_fraction": s["stream_fraction"],
-            "seconds": s["seconds"],
-            "proxies_per_strategy": s["proxies"],
-            "cpu_count": doc["cpu_count"],
-            "machine_busy_cores_before": doc["machine_busy_cores_before"],
-            "oracle": "replayed exactly on the same arrivals (loadtests/oracle.py)",
-        },
-        "overhead": doc.get("overhead"),
-        "loads": loads,
-    }
+    )
 
 
-def summary_us(samples_ns: Sequence[int], wall_ns: int | None = None) -> dict[str, float]:
-    """n, p50/p99/max/mean in µs (and per second when ``wall_ns`` is the run's wall time)."""
+@dataclass(slots=True, kw_only=True)
+class LatencyUs:
+    """A spread of timings in µs (and how many per second of the run's wall time)."""
+
+    n: int
+    p50_us: float
+    p99_us: float
+    max_us: float
+    mean_us: float
+    per_s: float | None = None
+
+
+def summary_us(samples_ns: Sequence[int], wall_ns: int | None = None) -> LatencyUs:
     us = [v / 1000.0 for v in samples_ns]
-    out = {
-        "n": float(len(us)),
-        "p50_us": percentile(us, 50),
-        "p99_us": percentile(us, 99),
-        "max_us": max(us, default=float("nan")),
-        "mean_us": statistics.fmean(us) if us else float("nan"),
-    }
-    if wall_ns is not None:
-        out["per_s"] = len(us) / (wall_ns / 1e9) if wall_ns > 0 else float("nan")
-    return out
+    return LatencyUs(
+        n=len(us),
+        p50_us=percentile(us, 50),
+        p99_us=percentile(us, 99),
+        max_us=max(us, default=float("nan")),
+        mean_us=statistics.fmean(us) if us else float("nan"),
+        per_s=None
+        if wall_ns is None
+        else len(us) / (wall_ns / 1e9)
+        if wall_ns > 0
+        else float("nan"),
+    )
 
 
 @dataclass
@@ -234,7 +354,29 @@ class Window:
     reservations_left: dict[str, int]
 
 
-def summarize_windows(windows: Sequence[Window], replica_ids: Sequence[str]) -> dict[str, Any]:
+@dataclass(slots=True, kw_only=True)
+class LoadFigures:
+    """One strategy's closed-loop windows (``summarize_windows``)."""
+
+    windows: int
+    seconds: float
+    requests: int
+    ok: int
+    errors: int
+    error_kinds: dict[str, int]
+    rps: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    max_ms: float
+    share: dict[str, float]
+    unknown_replica: int
+    cpu_cores: dict[str, float]
+    proxy_cpu_ms_per_request: float
+    reservations_left: dict[str, int]
+
+
+def summarize_windows(windows: Sequence[Window], replica_ids: Sequence[str]) -> LoadFigures:
     """Over all windows of one strategy: req/s = successes that ended inside a window / the
     windows' length; latency, errors and shares over the requests that started inside one."""
     seconds = sum((w.w1 - w.w0) / 1e9 for w in windows)
@@ -251,21 +393,21 @@ def summarize_windows(windows: Sequence[Window], replica_ids: Sequence[str]) -> 
     for w in windows:
         left.update(w.reservations_left)
     rps = done / seconds
-    return {
-        "windows": len(windows),
-        "seconds": seconds,
-        "requests": len(started),
-        "ok": len(ok),
-        "errors": sum(errors.values()),
-        "error_kinds": dict(errors),
-        "rps": rps,
-        "p50_ms": percentile(latency_ms, 50),
-        "p95_ms": percentile(latency_ms, 95),
-        "p99_ms": percentile(latency_ms, 99),
-        "max_ms": max(latency_ms, default=float("nan")),
-        "share": {rid: picks.get(rid, 0) / len(ok) if ok else 0.0 for rid in replica_ids},
-        "unknown_replica": sum(n for rid, n in picks.items() if rid not in replica_ids),
-        "cpu_cores": cpu,
-        "proxy_cpu_ms_per_request": 1000 * cpu["proxies"] / rps if rps else float("nan"),
-        "reservations_left": {rid: n for rid, n in left.items() if n},
-    }
+    return LoadFigures(
+        windows=len(windows),
+        seconds=seconds,
+        requests=len(started),
+        ok=len(ok),
+        errors=sum(errors.values()),
+        error_kinds=dict(errors),
+        rps=rps,
+        p50_ms=percentile(latency_ms, 50),
+        p95_ms=percentile(latency_ms, 95),
+        p99_ms=percentile(latency_ms, 99),
+        max_ms=max(latency_ms, default=float("nan")),
+        share={rid: picks.get(rid, 0) / len(ok) if ok else 0.0 for rid in replica_ids},
+        unknown_replica=sum(n for rid, n in picks.items() if rid not in replica_ids),
+        cpu_cores=cpu,
+        proxy_cpu_ms_per_request=1000 * cpu["proxies"] / rps if rps else float("nan"),
+        reservations_left={rid: n for rid, n in left.items() if n},
+    )

@@ -30,44 +30,37 @@ import sys
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any
 
 from core.settings_errors import settings_from_cli
 from devstack.stack import Stack
 from loadtests.bench_drive import measure_overhead, measure_service, run_level
 from loadtests.bench_fleet import Fleet, create_key, start_all_proxies
 from loadtests.bench_render import bottleneck_lines, render_level, render_overhead
-from loadtests.bench_results import compact_results, targets
+from loadtests.bench_results import BenchRun, compact_results, targets
 from loadtests.bench_settings import BenchSettings
-from loadtests.measure import (
-    bench_logging,
-    jsonable,
-    machine_busy_cores,
-)
-from loadtests.traffic import (
-    LengthDist,
-)
+from loadtests.measure import bench_logging, machine_busy_cores
+from loadtests.traffic import LengthDist
 
 log = logging.getLogger("triage.bench")
 
 
-async def bench(fleet: Fleet, settings: BenchSettings, doc: dict[str, Any]) -> None:
+async def bench(fleet: Fleet, settings: BenchSettings, run: BenchRun) -> None:
     await start_all_proxies(fleet, settings)
     log.info("proxies up: %s", {s: [p.base_url for p in ps] for s, ps in fleet.proxies.items()})
     if settings.overhead_requests:
-        doc["overhead"] = await measure_overhead(fleet, settings)
-        print(render_overhead(doc["overhead"]), flush=True)
-    doc["service_measured_s"] = await measure_service(fleet, settings)
-    slowest = max(doc["service_measured_s"].values())
+        run.overhead = await measure_overhead(fleet, settings)
+        print(render_overhead(run.overhead), flush=True)
+    run.service_measured_s = await measure_service(fleet, settings)
     print(
         "\nservice time of one request alone, straight to each replica's Triton (the answer "
         "bound's service time): "
-        + ", ".join(f"{rid} {v:.2f} s" for rid, v in doc["service_measured_s"].items()),
+        + ", ".join(f"{rid} {v:.2f} s" for rid, v in run.service_measured_s.items()),
         flush=True,
     )
+    slowest = max(run.service_measured_s.values())
     for level, load in enumerate(settings.loads):
-        doc["levels"].append(await run_level(fleet, settings, level, load, slowest))
-        print(render_level(doc["levels"][-1], fleet.replica_ids), flush=True)
+        run.levels.append(await run_level(fleet, settings, level, load, slowest))
+        print(render_level(run.levels[-1], fleet.replica_ids), flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -82,15 +75,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings.out_dir.mkdir(parents=True, exist_ok=True)
     busy_before = machine_busy_cores(1.0)
     began = time.perf_counter()
-    doc: dict[str, Any] = {
-        "settings": settings.model_dump(mode="json"),
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "cpu_count": os.cpu_count(),
-        "machine_busy_cores_before": busy_before,
-        "capacity_rps": settings.capacity_rps(),
-        "service_s_at_speed_1": settings.service_s(1.0),
-        "levels": [],
-    }
+    run = BenchRun(
+        settings=settings,
+        date=datetime.now(UTC).isoformat(timespec="seconds"),
+        cpu_count=os.cpu_count() or 1,
+        machine_busy_cores_before=busy_before,
+    )
     speeds = ",".join(f"{s:g}" for s in settings.speeds)
     print(
         f"triage bench: {settings.replicas} replicas (speeds {speeds}), {settings.max_active} "
@@ -107,22 +97,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         stack.start()
         fleet = Fleet(stack, asyncio.run(create_key(stack)))
-        asyncio.run(bench(fleet, settings, doc))
+        asyncio.run(bench(fleet, settings, run))
     finally:
         if fleet is not None:
             fleet.stop()
         else:
             stack.stop()
-    doc["total_s"] = time.perf_counter() - began
+    run.total_s = time.perf_counter() - began
     print("\ntargets (benchmarks, not tests):")
-    for line in targets(doc):
+    for line in targets(run):
         print(line)
     print("\nis the proxy the bottleneck? (CPU from /proc during each run's arrival window)")
-    for line in bottleneck_lines(doc):
+    for line in bottleneck_lines(run):
         print(line)
     path = settings.out_dir / "bench.json"
-    path.write_text(json.dumps(jsonable(doc), indent=2, allow_nan=False))
-    compact = jsonable(compact_results(doc))
+    path.write_text(json.dumps(run.as_json(), indent=2, allow_nan=False))
+    compact = compact_results(run)
     if settings.results is not None:
         settings.results.parent.mkdir(parents=True, exist_ok=True)
         settings.results.write_text(json.dumps(compact, indent=2, allow_nan=False) + "\n")
@@ -130,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"\nfigures in {path}"
         + (f" and {settings.results}" if settings.results else "")
         + f"; plots load<N>-latency.png / load<N>-replicas.png in {settings.out_dir}/; "
-        f"total {doc['total_s']:.0f} s"
+        f"total {run.total_s:.0f} s"
     )
     return 0
 

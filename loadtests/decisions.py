@@ -28,7 +28,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from dataclasses import asdict
 
 from core.settings_errors import settings_from_cli
 from devstack.proxy_launcher import LiteLLMProxy
@@ -46,9 +46,6 @@ from plugins.proxy_config import (
     ReplicaEndpoint,
     build_proxy_config,
 )
-
-if TYPE_CHECKING:  # imports litellm: done at run time only after LITELLM_LOCAL_MODEL_COST_MAP
-    pass
 
 log = logging.getLogger("bench_routing")
 
@@ -92,15 +89,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         ratios: dict[str, float] = {}
         if "triage" in runs and "simple-shuffle" in runs:
             plugin, shuffle = runs["triage"], runs["simple-shuffle"]
-            ratios["rps_triage_over_shuffle"] = plugin["rps"] / shuffle["rps"]
-            ratios["p99_triage_over_shuffle"] = plugin["p99_ms"] / shuffle["p99_ms"]
+            ratios["rps_triage_over_shuffle"] = plugin.rps / shuffle.rps
+            ratios["p99_triage_over_shuffle"] = plugin.p99_ms / shuffle.p99_ms
         doc = {
             "settings": settings.model_dump(mode="json"),
             "speeds": stack_settings.speeds,
             "cpu_count": os.cpu_count(),
             "machine_busy_cores_before_start": idle_busy,
-            "decisions": decisions,
-            "proxy_runs": runs,
+            "decisions": {name: asdict(r) for name, r in decisions.items()},
+            "proxy_runs": {name: asdict(r) for name, r in runs.items()},
             "ratios": ratios,
         }
         settings.json_path.write_text(json.dumps(jsonable(doc), indent=2, allow_nan=False))

@@ -254,7 +254,7 @@ def write_report(settings: LoadSettings, resolved: Resolved | None) -> int:
     ids = resolved.replica_ids if resolved else []
     scenario = settings.scenario_spec(resolved.drain_s if resolved else None)
     summary = summarize(records, COLLECTOR.started, ids, window_s=scenario.duration_s)
-    summary["late_arrivals"] = COLLECTOR.late_arrivals
+    summary.late_arrivals = COLLECTOR.late_arrivals
     capacity = resolved.capacity_rps if resolved else float("nan")
     title = (
         f"triage locust: scenario {settings.scenario}, {len(ids) or '?'} replicas "
@@ -262,11 +262,6 @@ def write_report(settings: LoadSettings, resolved: Resolved | None) -> int:
         f"capacity {capacity:.2f} req/s"
     )
     text = render_text(summary, title)
-    if COLLECTOR.late_arrivals:
-        text += (
-            f"\nnote: {COLLECTOR.late_arrivals} arrivals came late (a user's previous request "
-            "was still running): a lower --user-rps (more users) keeps the arrivals open-loop"
-        )
     out = settings.report_dir
     out.mkdir(parents=True, exist_ok=True)
     t0 = COLLECTOR.t0
@@ -280,7 +275,7 @@ def write_report(settings: LoadSettings, resolved: Resolved | None) -> int:
         "capacity_rps": capacity,
         "replica_ids": ids,
         "events": marks,
-        "summary": summary,
+        "summary": summary.as_json(),
         "plots": [p.name for p in plots],
     }
     from loadtests.measure import jsonable
@@ -292,7 +287,7 @@ def write_report(settings: LoadSettings, resolved: Resolved | None) -> int:
     (out / "report.txt").write_text(text + "\n")
     STATE.last_report = text
     print("\n" + text + f"\nreport, records and plots in {out}/", flush=True)
-    return int(summary["lost"])
+    return summary.lost
 
 
 # -- the user -------------------------------------------------------------------------------------

@@ -22,11 +22,11 @@ from __future__ import annotations
 import math
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import astuple, dataclass, fields
+from dataclasses import asdict, astuple, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
-from loadtests.measure import percentile
+from loadtests.measure import jsonable, percentile
 
 Outcome = Literal["ok", "shed", "error", "cut", "lost"]
 ANSWERED: frozenset[str] = frozenset({"ok", "shed", "error"})
@@ -81,13 +81,91 @@ class Record:
 RECORD_FIELDS = [f.name for f in fields(Record)]
 
 
-def _pcts(values: Sequence[float]) -> dict[str, float]:
+SPREAD = ("p50", "p95", "p99", "max")
+
+
+def _spread(name: str, values: Sequence[float]) -> dict[str, float]:
+    qs = (percentile(values, 50), percentile(values, 95), percentile(values, 99))
     return {
-        "p50": percentile(values, 50),
-        "p95": percentile(values, 95),
-        "p99": percentile(values, 99),
-        "max": max(values, default=float("nan")),
+        f"{name}_{k}_s": v
+        for k, v in zip(SPREAD, (*qs, max(values, default=float("nan"))), strict=True)
     }
+
+
+@dataclass(slots=True, kw_only=True)
+class TierFigures:
+    requests: int
+    ok: int
+    shed_share: float
+    p95_s: float
+
+
+@dataclass(slots=True, kw_only=True)
+class Summary:
+    """The figures of one run (``summarize``). Latency spreads are over successes, ``answer_*``
+    over every answered request; ``p50_s``/``p95_s``/``p99_s`` name the latency's."""
+
+    started: int
+    answered: int
+    ok: int
+    shed: int
+    errors: int
+    lost: int
+    """Failed (``lost_failed``) + started without a record (``lost_unanswered``)."""
+    cut: int
+    lost_unanswered: int
+    lost_failed: int
+    shed_share: float
+    shed_with_retry_after: int
+    error_share: float
+    retries: int
+    retried_requests: int
+    offered_rps: float
+    goodput_rps: float
+    goodput_tokens_per_s: float
+    span_s: float
+    streams: int
+    share: dict[str, float]
+    """Successes per replica id, as a share of all successes."""
+    unknown_replica: int
+    detail: dict[str, int]
+    latency_p50_s: float
+    latency_p95_s: float
+    latency_p99_s: float
+    latency_max_s: float
+    ttft_p50_s: float
+    ttft_p95_s: float
+    ttft_p99_s: float
+    ttft_max_s: float
+    answer_p50_s: float
+    answer_p95_s: float
+    answer_p99_s: float
+    answer_max_s: float
+    tokens_per_s_p50: float
+    tokens_per_s_p05: float
+    answer_bound_s: float | None = None
+    answered_within_bound_share: float | None = None
+    tiers: dict[str, TierFigures] = field(default_factory=dict)
+    late_arrivals: int = 0
+    """Locust: arrivals that left late (the user's previous request was still running)."""
+
+    @property
+    def p50_s(self) -> float:
+        return self.latency_p50_s
+
+    @property
+    def p95_s(self) -> float:
+        return self.latency_p95_s
+
+    @property
+    def p99_s(self) -> float:
+        return self.latency_p99_s
+
+    def as_json(self) -> dict[str, Any]:
+        """Strict-JSON form (NaN as null), with the ``p50_s``/``p95_s``/``p99_s`` aliases."""
+        out = asdict(self)
+        out.update(p50_s=self.p50_s, p95_s=self.p95_s, p99_s=self.p99_s)
+        return jsonable(out)
 
 
 def summarize(
@@ -96,13 +174,12 @@ def summarize(
     replica_ids: Sequence[str] = (),
     window_s: float | None = None,
     answer_bound_s: float | None = None,
-) -> dict[str, Any]:
+) -> Summary:
     """The run's figures.
 
     ``started``: logical requests begun (default: the records); those without a record are lost.
     ``window_s``: the arrival window, for the offered rate (default: first to last start).
     ``answer_bound_s``: report the share answered (any outcome but lost) within this time.
-    Latency percentiles are over successes; "answer" percentiles over every answered request.
     Goodput = successes (and their tokens) per second from the first start to the last success.
     """
     n_started = len(records) if started is None else started
@@ -110,74 +187,64 @@ def summarize(
     ok = [r for r in records if r.outcome == "ok"]
     answered = [r for r in records if r.outcome in ANSWERED]
     unanswered = max(0, n_started - len(records))
-    lost = by_outcome["lost"] + unanswered
-    latency = [r.latency_s for r in ok]
-    ttft = [r.ttft_s for r in ok if r.ttft_s is not None]
     tps = [v for r in ok if (v := r.decode_tokens_per_s) is not None]
     first = min((r.t for r in records), default=0.0)
-    last_ok = max((r.end for r in ok), default=first)
-    span = last_ok - first
+    span = max((r.end for r in ok), default=first) - first
     starts = [r.t for r in records]
     window = window_s if window_s is not None else (max(starts) - first if starts else 0.0)
     picks = Counter(r.replica or "?" for r in ok)
     ids = list(replica_ids) or sorted(picks)
     shed = [r for r in records if r.outcome == "shed"]
-    out: dict[str, Any] = {
-        "started": n_started,
-        "answered": len(answered),
-        "ok": len(ok),
-        "shed": len(shed),
-        "errors": by_outcome["error"],
-        "lost": lost,
-        "cut": by_outcome["cut"],
-        "lost_unanswered": unanswered,
-        "lost_failed": by_outcome["lost"],
-        "shed_share": len(shed) / n_started if n_started else 0.0,
-        "shed_with_retry_after": sum(1 for r in shed if r.retry_after_s is not None),
-        "error_share": by_outcome["error"] / n_started if n_started else 0.0,
-        "retries": sum(r.retries for r in records),
-        "retried_requests": sum(1 for r in records if r.retries),
-        "offered_rps": n_started / window if window > 0 else float("nan"),
-        "goodput_rps": len(ok) / span if span > 0 else float("nan"),
-        "goodput_tokens_per_s": sum(r.tokens for r in ok) / span if span > 0 else float("nan"),
-        "span_s": span,
-        "streams": sum(1 for r in ok if r.stream),
-        "share": {rid: picks.get(rid, 0) / len(ok) if ok else 0.0 for rid in ids},
-        "unknown_replica": sum(n for rid, n in picks.items() if rid not in ids),
-        "detail": dict(Counter(r.detail for r in records if r.outcome != "ok" and r.detail)),
-    }
-    for name, values in (
-        ("latency", latency),
-        ("ttft", ttft),
-        ("answer", [r.latency_s for r in answered]),
-    ):
-        for k, v in _pcts(values).items():
-            out[f"{name}_{k}_s"] = v
-    out["p50_s"], out["p95_s"], out["p99_s"] = (
-        out["latency_p50_s"],
-        out["latency_p95_s"],
-        out["latency_p99_s"],
-    )
-    out["tokens_per_s_p50"] = percentile(tps, 50)
-    out["tokens_per_s_p05"] = percentile(tps, 5) if len(tps) >= 2 else float("nan")
-    if answer_bound_s is not None:
-        within = sum(1 for r in answered if r.latency_s <= answer_bound_s)
-        out["answer_bound_s"] = answer_bound_s
-        out["answered_within_bound_share"] = within / n_started if n_started else 1.0
     tiers: dict[str, list[Record]] = defaultdict(list)
     for r in records:
         tiers[r.tier or "-"].append(r)
-    if len(tiers) > 1 or "-" not in tiers:
-        out["tiers"] = {
-            tier: {
-                "requests": len(rs),
-                "ok": sum(1 for r in rs if r.outcome == "ok"),
-                "shed_share": sum(1 for r in rs if r.outcome == "shed") / len(rs),
-                "p95_s": percentile([r.latency_s for r in rs if r.outcome == "ok"], 95),
-            }
+    within = sum(
+        1 for r in answered if answer_bound_s is not None and r.latency_s <= answer_bound_s
+    )
+    return Summary(
+        started=n_started,
+        answered=len(answered),
+        ok=len(ok),
+        shed=len(shed),
+        errors=by_outcome["error"],
+        lost=by_outcome["lost"] + unanswered,
+        cut=by_outcome["cut"],
+        lost_unanswered=unanswered,
+        lost_failed=by_outcome["lost"],
+        shed_share=len(shed) / n_started if n_started else 0.0,
+        shed_with_retry_after=sum(1 for r in shed if r.retry_after_s is not None),
+        error_share=by_outcome["error"] / n_started if n_started else 0.0,
+        retries=sum(r.retries for r in records),
+        retried_requests=sum(1 for r in records if r.retries),
+        offered_rps=n_started / window if window > 0 else float("nan"),
+        goodput_rps=len(ok) / span if span > 0 else float("nan"),
+        goodput_tokens_per_s=sum(r.tokens for r in ok) / span if span > 0 else float("nan"),
+        span_s=span,
+        streams=sum(1 for r in ok if r.stream),
+        share={rid: picks.get(rid, 0) / len(ok) if ok else 0.0 for rid in ids},
+        unknown_replica=sum(n for rid, n in picks.items() if rid not in ids),
+        detail=dict(Counter(r.detail for r in records if r.outcome != "ok" and r.detail)),
+        **_spread("latency", [r.latency_s for r in ok]),
+        **_spread("ttft", [r.ttft_s for r in ok if r.ttft_s is not None]),
+        **_spread("answer", [r.latency_s for r in answered]),
+        tokens_per_s_p50=percentile(tps, 50),
+        tokens_per_s_p05=percentile(tps, 5) if len(tps) >= 2 else float("nan"),
+        answer_bound_s=answer_bound_s,
+        answered_within_bound_share=(
+            None if answer_bound_s is None else within / n_started if n_started else 1.0
+        ),
+        tiers={
+            tier: TierFigures(
+                requests=len(rs),
+                ok=sum(1 for r in rs if r.outcome == "ok"),
+                shed_share=sum(1 for r in rs if r.outcome == "shed") / len(rs),
+                p95_s=percentile([r.latency_s for r in rs if r.outcome == "ok"], 95),
+            )
             for tier, rs in sorted(tiers.items())
         }
-    return out
+        if len(tiers) > 1 or "-" not in tiers
+        else {},
+    )
 
 
 def fmt_s(value: float | None, digits: int = 2) -> str:
@@ -186,42 +253,46 @@ def fmt_s(value: float | None, digits: int = 2) -> str:
     return f"{value:.{digits}f}"
 
 
-def render_text(summary: Mapping[str, Any], title: str = "load run") -> str:
+def render_text(s: Summary, title: str = "load run") -> str:
     """A human-readable block of the summary (what the run prints at its end)."""
-    s = summary
     lines = [
         f"== {title} ==",
-        f"requests  started {s['started']}  ok {s['ok']}  503/429 {s['shed']} "
-        f"({100 * s['shed_share']:.1f} %)  errors {s['errors']}  LOST {s['lost']}"
-        + (f" (failed {s['lost_failed']}, unanswered {s['lost_unanswered']})" if s["lost"] else "")
+        f"requests  started {s.started}  ok {s.ok}  503/429 {s.shed} "
+        f"({100 * s.shed_share:.1f} %)  errors {s.errors}  LOST {s.lost}"
+        + (f" (failed {s.lost_failed}, unanswered {s.lost_unanswered})" if s.lost else "")
         + (
-            f"  cut by the run's end {s['cut']} (still running when it stopped: a longer "
+            f"  cut by the run's end {s.cut} (still running when it stopped: a longer "
             "--drain-s lets them finish)"
-            if s.get("cut")
+            if s.cut
             else ""
         ),
-        f"offered   {fmt_s(s['offered_rps'])} req/s   goodput {fmt_s(s['goodput_rps'])} req/s, "
-        f"{fmt_s(s['goodput_tokens_per_s'], 1)} tokens/s   retries {s['retries']} "
-        f"(on {s['retried_requests']} requests)",
-        f"latency   p50 {fmt_s(s['latency_p50_s'])} s  p95 {fmt_s(s['latency_p95_s'])} s  "
-        f"p99 {fmt_s(s['latency_p99_s'])} s  max {fmt_s(s['latency_max_s'])} s  (successes)",
-        f"TTFT      p50 {fmt_s(s['ttft_p50_s'], 3)} s  p95 {fmt_s(s['ttft_p95_s'], 3)} s  "
-        f"p99 {fmt_s(s['ttft_p99_s'], 3)} s  ({s['streams']} streams; decode "
-        f"{fmt_s(s['tokens_per_s_p50'], 1)} tokens/s p50)",
-        "share     " + "  ".join(f"{rid} {100 * share:.1f} %" for rid, share in s["share"].items()),
+        f"offered   {fmt_s(s.offered_rps)} req/s   goodput {fmt_s(s.goodput_rps)} req/s, "
+        f"{fmt_s(s.goodput_tokens_per_s, 1)} tokens/s   retries {s.retries} "
+        f"(on {s.retried_requests} requests)",
+        f"latency   p50 {fmt_s(s.latency_p50_s)} s  p95 {fmt_s(s.latency_p95_s)} s  "
+        f"p99 {fmt_s(s.latency_p99_s)} s  max {fmt_s(s.latency_max_s)} s  (successes)",
+        f"TTFT      p50 {fmt_s(s.ttft_p50_s, 3)} s  p95 {fmt_s(s.ttft_p95_s, 3)} s  "
+        f"p99 {fmt_s(s.ttft_p99_s, 3)} s  ({s.streams} streams; decode "
+        f"{fmt_s(s.tokens_per_s_p50, 1)} tokens/s p50)",
+        "share     " + "  ".join(f"{rid} {100 * share:.1f} %" for rid, share in s.share.items()),
     ]
-    if "answered_within_bound_share" in s:
+    if s.answered_within_bound_share is not None and s.answer_bound_s is not None:
         lines.append(
-            f"answered within {s['answer_bound_s']:.1f} s: "
-            f"{100 * s['answered_within_bound_share']:.1f} % of started"
+            f"answered within {s.answer_bound_s:.1f} s: "
+            f"{100 * s.answered_within_bound_share:.1f} % of started"
         )
-    for tier, t in (s.get("tiers") or {}).items():
+    for tier, t in s.tiers.items():
         lines.append(
-            f"tier {tier:<10} requests {t['requests']}  ok {t['ok']}  "
-            f"503 {100 * t['shed_share']:.1f} %  p95 {fmt_s(t['p95_s'])} s"
+            f"tier {tier:<10} requests {t.requests}  ok {t.ok}  "
+            f"503 {100 * t.shed_share:.1f} %  p95 {fmt_s(t.p95_s)} s"
         )
-    if s["detail"]:
-        lines.append(f"not ok by kind: {s['detail']}")
+    if s.detail:
+        lines.append(f"not ok by kind: {s.detail}")
+    if s.late_arrivals:
+        lines.append(
+            f"note: {s.late_arrivals} arrivals came late (a user's previous request was still "
+            "running): a lower --user-rps (more users) keeps the arrivals open-loop"
+        )
     return "\n".join(lines)
 
 

@@ -3,6 +3,7 @@ math, the ratio table, answer parsing, scenarios and settings. No processes are 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -14,7 +15,19 @@ from pydantic import ValidationError
 
 from loadtests.arrivals import Arrival, ArrivalSequence
 from loadtests.bench_render import render_level, render_overhead
-from loadtests.bench_results import compact_results, decision_figures, ratios, targets
+from loadtests.bench_results import (
+    BenchRun,
+    Level,
+    ModeOverhead,
+    Overhead,
+    Paired,
+    ProxyOverhead,
+    StrategyRun,
+    compact_results,
+    decision_figures,
+    ratios,
+    targets,
+)
 from loadtests.bench_settings import BenchSettings
 from loadtests.compare import main as bench_main
 from loadtests.load_settings import LoadSettings, resolve
@@ -23,13 +36,12 @@ from loadtests.measure import (
     STOLEN,
     cpu_cores,
     histogram_quantile,
-    jsonable,
     median_standard_error,
     percentile,
     ratio,
 )
 from loadtests.oracle import OracleReplica, replay_oracle
-from loadtests.report import Record, plot_runs, render_text, summarize
+from loadtests.report import Record, Summary, plot_runs, render_text, summarize
 from loadtests.scenarios import Scenario
 from loadtests.traffic import (
     KeyTier,
@@ -154,9 +166,9 @@ def test_oracle_matches_the_reference_figures_at_85_percent() -> None:
     seq = ArrivalSequence.poisson(17.0, 1500.0, 1, "fixed:10", "fixed:25", 0.0)
     replicas = [OracleReplica(n, 4, s) for n, s in (("a", 0.02), ("b", 0.02), ("c", 0.04))]
     s = summarize(replay_oracle(seq.arrivals, replicas, 25))
-    assert s["p95_s"] == pytest.approx(1.0, abs=0.08)
-    assert s["p99_s"] == pytest.approx(1.25, abs=0.15)
-    assert s["share"]["c"] < 0.2
+    assert s.p95_s == pytest.approx(1.0, abs=0.08)
+    assert s.p99_s == pytest.approx(1.25, abs=0.15)
+    assert s.share["c"] < 0.2
 
 
 # -- the report math ------------------------------------------------------------------------------
@@ -176,21 +188,21 @@ def test_summarize_counts_outcomes_lost_and_shares() -> None:
         rec(5.0, 30.0, "lost", detail="timeout"),
     ]
     s = summarize(records, started=8, replica_ids=["a", "b", "c"], window_s=10.0)
-    assert (s["started"], s["ok"], s["shed"], s["errors"]) == (8, 3, 1, 1)
-    assert s["lost"] == 3 and s["lost_failed"] == 1 and s["lost_unanswered"] == 2
-    assert s["answered"] == 5
-    assert s["shed_share"] == pytest.approx(1 / 8)
-    assert s["shed_with_retry_after"] == 1
-    assert s["share"] == pytest.approx({"a": 2 / 3, "b": 1 / 3, "c": 0.0})
-    assert s["offered_rps"] == pytest.approx(0.8)
+    assert (s.started, s.ok, s.shed, s.errors) == (8, 3, 1, 1)
+    assert s.lost == 3 and s.lost_failed == 1 and s.lost_unanswered == 2
+    assert s.answered == 5
+    assert s.shed_share == pytest.approx(1 / 8)
+    assert s.shed_with_retry_after == 1
+    assert s.share == pytest.approx({"a": 2 / 3, "b": 1 / 3, "c": 0.0})
+    assert s.offered_rps == pytest.approx(0.8)
     # goodput: 3 successes from the first start (0) to the last success's end (5)
-    assert s["goodput_rps"] == pytest.approx(3 / 5.0)
-    assert s["goodput_tokens_per_s"] == pytest.approx(30 / 5.0)
-    assert s["p50_s"] == pytest.approx(2.0) and s["latency_max_s"] == 3.0
-    assert s["ttft_p95_s"] == pytest.approx(0.5)
-    assert s["tokens_per_s_p50"] == pytest.approx(9 / 1.5)
-    assert s["tiers"]["batch"]["requests"] == 1 and s["tiers"]["-"]["requests"] == 5
-    assert s["detail"] == {"503 queue_full": 1, "500 x": 1, "timeout": 1}
+    assert s.goodput_rps == pytest.approx(3 / 5.0)
+    assert s.goodput_tokens_per_s == pytest.approx(30 / 5.0)
+    assert s.p50_s == pytest.approx(2.0) and s.latency_max_s == 3.0
+    assert s.ttft_p95_s == pytest.approx(0.5)
+    assert s.tokens_per_s_p50 == pytest.approx(9 / 1.5)
+    assert s.tiers["batch"].requests == 1 and s.tiers["-"].requests == 5
+    assert s.detail == {"503 queue_full": 1, "500 x": 1, "timeout": 1}
     text = render_text(s, "unit")
     assert "LOST 3" in text and "a 66.7 %" in text and "tier batch" in text
 
@@ -205,7 +217,7 @@ def test_requests_cut_by_the_runs_end_are_not_lost() -> None:
         rec(2.0, 8.0, "cut", detail="cut by the run's end", stream=True),
     ]
     s = summarize(records, started=3)
-    assert (s["ok"], s["cut"], s["lost"], s["lost_unanswered"], s["answered"]) == (1, 2, 0, 0, 1)
+    assert (s.ok, s.cut, s.lost, s.lost_unanswered, s.answered) == (1, 2, 0, 0, 1)
     text = render_text(s, "unit")
     assert "LOST 0" in text and "cut by the run's end 2" in text
 
@@ -213,10 +225,11 @@ def test_requests_cut_by_the_runs_end_are_not_lost() -> None:
 def test_summarize_answer_bound_and_empty_runs() -> None:
     records = [rec(0.0, 1.0, replica="a"), rec(0.5, 12.0, "shed", status=503), rec(1.0, 20.0)]
     s = summarize(records, answer_bound_s=12.5)
-    assert s["answered_within_bound_share"] == pytest.approx(2 / 3)
+    assert s.answered_within_bound_share == pytest.approx(2 / 3)
     empty = summarize([], started=0)
-    assert empty["lost"] == 0 and math.isnan(empty["p95_s"]) and empty["share"] == {}
-    assert json.loads(json.dumps(jsonable(empty), allow_nan=False))["p95_s"] is None
+    assert empty.lost == 0 and math.isnan(empty.p95_s) and empty.share == {}
+    assert json.loads(json.dumps(empty.as_json(), allow_nan=False))["p95_s"] is None
+    assert summarize(records).answered_within_bound_share is None
 
 
 def test_records_travel_as_rows() -> None:
@@ -235,7 +248,7 @@ def test_percentile_and_histogram_quantile() -> None:
     assert histogram_quantile(buckets, 0.995) == pytest.approx(0.0075)
     assert math.isnan(histogram_quantile({math.inf: 0.0}, 0.5))
     figures = decision_figures({0.005: 10.0, math.inf: 10.0}, {0.005: 109.0, math.inf: 110.0})
-    assert figures["decisions"] == 100 and figures["share_within_5ms"] == pytest.approx(0.99)
+    assert figures.decisions == 100 and figures.share_within_5ms == pytest.approx(0.99)
 
 
 def test_median_standard_error_shrinks_with_samples_and_ignores_outliers() -> None:
@@ -263,17 +276,29 @@ def test_plots_are_written(tmp_path: Path) -> None:
 # -- ratios and the table -------------------------------------------------------------------------
 
 
-def figures(p95: float, p99: float, shed: float = 0.0, goodput: float = 4.0) -> dict[str, object]:
-    return {
-        "p50_s": p95 / 2,
-        "p95_s": p95,
-        "p99_s": p99,
-        "ttft_p95_s": p95 / 4,
-        "goodput_rps": goodput,
-        "shed_share": shed,
-        "lost": 0,
-        "share": {"replica-0": 0.5, "replica-1": 0.5},
-    }
+def figures(p95: float, p99: float, shed: float = 0.0, goodput: float = 4.0) -> Summary:
+    """A summary with these figures (the rest from a small run)."""
+    base = summarize([Record(t=0.0, latency_s=1.0, outcome="ok", replica="replica-0")])
+    return dataclasses.replace(
+        base,
+        latency_p50_s=p95 / 2,
+        latency_p95_s=p95,
+        latency_p99_s=p99,
+        ttft_p95_s=p95 / 4,
+        goodput_rps=goodput,
+        shed_share=shed,
+        share={"replica-0": 0.5, "replica-1": 0.5},
+    )
+
+
+def strategy_run(summary: Summary) -> StrategyRun:
+    return StrategyRun(
+        summary=summary,
+        cpu_cores={"proxies": 0.3},
+        proxy_cores_max_process=0.3,
+        client_lag_p99_ms=1.0,
+        wall_s=40.0,
+    )
 
 
 def test_ratio_table_is_ours_over_theirs() -> None:
@@ -289,51 +314,60 @@ def test_ratio_table_is_ours_over_theirs() -> None:
     assert math.isnan(table["triage/least-busy"]["shed_share"])  # 0.1 over 0
     assert set(table["triage/oracle"]) == {"p95_s", "p99_s"}
     assert ratio(0.0, 0.0) == 1.0 and math.isnan(ratio(1.0, float("nan")))
-    level = {
-        "load": 0.85,
-        "offered_rps": 4.25,
-        "requests": 170,
-        "seed": 8,
-        "order": list(strategies),
-        "strategies": strategies,
-        "oracle": figures(1.9, 2.5),
-        "ratios": table,
-    }
+    level = Level(
+        load=0.85,
+        offered_rps=4.25,
+        requests=170,
+        seed=8,
+        order=list(strategies),
+        answer_bound_s=10.0,
+        runs={name: strategy_run(s) for name, s in strategies.items()},
+        oracle=figures(1.9, 2.5),
+        ratios=table,
+    )
     text = render_level(level, ["replica-0", "replica-1"])
     assert "ratio triage/least-busy" in text and "p99 0.50x" in text and "n/a" in text
     assert "oracle (replayed)" in text
 
 
-def test_overhead_reports_idle_and_back_to_back_and_judges_idle() -> None:
-    def proxy(idle: float, b2b: float) -> dict[str, float]:
-        return {
-            "n": 100,
-            "overhead_p50_ms": idle,
-            "overhead_p95_ms": idle + 5,
-            "back_to_back_n": 100,
-            "back_to_back_overhead_p50_ms": b2b,
-            "back_to_back_overhead_p95_ms": b2b + 5,
-            "cpu_ms_per_request": 30.0,
-        }
+def bench_run(levels: list[Level], overhead: Overhead | None = None) -> BenchRun:
+    return BenchRun(
+        settings=BenchSettings(),
+        date="2026-11-23T00:00:00+00:00",
+        cpu_count=2,
+        machine_busy_cores_before=0.1,
+        levels=levels,
+        overhead=overhead,
+    )
 
-    overhead = {
-        "requests": 200,
-        "gap_ms": 50.0,
-        "modes": ["idle", "back-to-back"],
-        "direct_p50_ms": {"replica-0": 86.0},
-        "simple-shuffle": proxy(22.0, 21.0),
-        "triage": proxy(22.8, 22.9),
-        "plugins_added_p50_ms": 0.8,
-        "plugins_added_se_ms": 0.3,
-        "plugins_added_back_to_back_p50_ms": 1.9,
-        "plugins_added_back_to_back_se_ms": 0.5,
-        "plugins_added_cpu_ms": 0.9,
-    }
+
+def test_overhead_reports_idle_and_back_to_back_and_judges_idle() -> None:
+    def proxy(idle: float, b2b: float) -> ProxyOverhead:
+        return ProxyOverhead(
+            by_mode={
+                "idle": ModeOverhead(n=100, p50_ms=idle, p95_ms=idle + 5),
+                "back-to-back": ModeOverhead(n=100, p50_ms=b2b, p95_ms=b2b + 5),
+            },
+            cpu_ms_per_request=30.0,
+        )
+
+    overhead = Overhead(
+        requests=200,
+        gap_ms=50.0,
+        modes=["idle", "back-to-back"],
+        direct_p50_ms={"replica-0": 86.0},
+        proxies={"simple-shuffle": proxy(22.0, 21.0), "triage": proxy(22.8, 22.9)},
+        plugins_added={
+            "idle": Paired(p50_ms=0.8, se_ms=0.3),
+            "back-to-back": Paired(p50_ms=1.9, se_ms=0.5),
+        },
+        plugins_added_cpu_ms=0.9,
+    )
     text = render_overhead(overhead)
     assert "half of them 50 ms apart (idle), half back to back" in text
     assert "+0.8 ms at p50 idle (± 0.3 ms standard error), +1.9 ms back to back" in text
-    doc = {"levels": [], "overhead": overhead, "settings": BenchSettings().model_dump()}
-    (line,) = targets(doc)
+    assert "back to back p50   22.9 ms" in text, text
+    (line,) = targets(bench_run([], overhead))
     assert line.startswith("  MET  the plugins add +0.8 ms p50") and "back to back +1.9 ms" in line
 
 
@@ -346,31 +380,31 @@ def test_cpu_stolen_by_the_hypervisor_is_not_other_work() -> None:
 
 def test_compact_results_keep_the_simulator_keys() -> None:
     strategies = {"least-busy": figures(4.0, 6.0), "triage": figures(2.0, 3.0)}
-    doc = {
-        "settings": BenchSettings().model_dump(mode="json"),
-        "date": "2026-11-23T00:00:00+00:00",
-        "cpu_count": 2,
-        "machine_busy_cores_before": 0.1,
-        "capacity_rps": 5.0,
-        "service_s_at_speed_1": 2.0,
-        "overhead": None,
-        "levels": [
-            {
-                "load": 0.85,
-                "strategies": strategies,
-                "oracle": figures(1.9, 2.5),
-                "ratios": ratios(strategies),
-            }
-        ],
-    }
-    compact = compact_results(doc)
+    runs = {name: strategy_run(s) for name, s in strategies.items()}
+    runs["triage"].shed_decision = decision_figures({math.inf: 0.0}, {0.005: 9.0, math.inf: 10.0})
+    level = Level(
+        load=0.85,
+        offered_rps=4.25,
+        requests=170,
+        seed=8,
+        order=list(strategies),
+        answer_bound_s=10.0,
+        runs=runs,
+        oracle=figures(1.9, 2.5),
+        ratios=ratios(strategies),
+    )
+    run = bench_run([level])
+    compact = compact_results(run)
     entry = compact["loads"]["0.85"]
     assert set(entry) == {"least-busy", "triage", "oracle", "ratios"}
     assert {"p50_s", "p95_s", "p99_s", "ttft_p95_s", "goodput_rps", "shed_share", "lost"} <= set(
         entry["triage"]
     )
+    assert entry["triage"]["shed_decision"]["share_within_5ms"] == pytest.approx(0.9)
     assert compact["meta"]["time_scale"] == 4.0
-    json.dumps(jsonable(compact), allow_nan=False)
+    json.dumps(compact, allow_nan=False)
+    assert json.loads(json.dumps(run.as_json(), allow_nan=False))["levels"][0]["load"] == 0.85
+    assert targets(run)[0].startswith("  MET  85 %: triage p95 2.00 s <= 1.1 x oracle p95 1.90 s")
 
 
 # -- reading answers ------------------------------------------------------------------------------
