@@ -4,7 +4,6 @@ strategy, the overhead and service-time measurements, one load level, the replay
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import os
@@ -68,11 +67,12 @@ from loadtests.measure import (
 from loadtests.oracle import OracleReplica, replay_oracle
 from loadtests.report import Record, plot_runs, summarize
 from loadtests.traffic import (
+    Attempt,
     LengthDist,
-    openai_error,
-    parse_sse_line,
+    StreamReading,
+    completion,
     prompt_text,
-    retry_after_s,
+    refusal,
 )
 
 log = logging.getLogger("triage.bench")
@@ -95,67 +95,40 @@ async def send(
     client: httpx.AsyncClient, url: str, key: str, body: dict[str, Any], t: float
 ) -> Record:
     """One open-loop request; ``t`` = its scheduled time (kept in the record)."""
-    headers = {"Authorization": f"Bearer {key}"}
     started = time.perf_counter()
     stream = bool(body.get("stream"))
-
-    def done(outcome: Any, status: int, replica: str | None, **kw: Any) -> Record:
-        return Record(
-            t=t,
-            latency_s=time.perf_counter() - started,
-            outcome=outcome,
-            status=status,
-            replica=replica,
-            stream=stream,
-            **kw,
-        )
-
     try:
-        async with client.stream("POST", url, json=body, headers=headers) as response:
+        async with client.stream(
+            "POST", url, json=body, headers={"Authorization": f"Bearer {key}"}
+        ) as response:
             status = response.status_code
             replica = response.headers.get("x-litellm-model-id")
             if status != 200:
-                error = openai_error(await response.aread())
-                if error is None:
-                    return done("lost", status, replica, detail=f"HTTP {status} malformed")
-                code = str(error.get("code") or error.get("type") or status)
-                if status in (429, 503):
-                    wait = retry_after_s(response.headers)
-                    return done(
-                        "shed", status, replica, retry_after_s=wait, detail=f"{status} {code}"
-                    )
-                return done("error", status, replica, detail=f"{status} {code}")
-            if not stream:
-                data = json.loads(await response.aread())
-                choices = data.get("choices") or []
-                if not choices or choices[0].get("message", {}).get("content") is None:
-                    return done("lost", status, replica, detail="malformed completion")
-                tokens = int((data.get("usage") or {}).get("completion_tokens") or 0)
-                return done("ok", status, replica, tokens=tokens)
-            ttft: float | None = None
-            chunks, usage = 0, None
-            async for line in response.aiter_lines():
-                event = parse_sse_line(line)
-                if event is None:
-                    continue
-                if event.error is not None:
-                    code = str(event.error.get("code") or event.error.get("type") or "error")
-                    return done("error", status, replica, ttft_s=ttft, detail=f"stream {code}")
-                if event.done:
-                    if ttft is None:
-                        return done("lost", status, replica, detail="empty stream")
-                    return done("ok", status, replica, ttft_s=ttft, tokens=usage or chunks)
-                if event.content:
-                    chunks += 1
-                    if ttft is None:
-                        ttft = time.perf_counter() - started
-                if event.completion_tokens is not None:
-                    usage = event.completion_tokens
-            return done("lost", status, replica, ttft_s=ttft, detail="stream truncated")
+                got = refusal(status, replica, await response.aread(), response.headers)
+            elif not stream:
+                got = completion(status, replica, await response.aread())
+            else:
+                reading = StreamReading(status, replica, started)
+                async for line in response.aiter_lines():
+                    if (got_or_none := reading.line(line, time.perf_counter())) is not None:
+                        break
+                got = got_or_none if got_or_none is not None else reading.cut_short()
     except httpx.TimeoutException:
-        return done("lost", 0, None, detail="timeout")
+        got = Attempt("lost", 0, detail="timeout")
     except (httpx.HTTPError, ValueError) as exc:
-        return done("lost", 0, None, detail=type(exc).__name__)
+        got = Attempt("lost", 0, detail=type(exc).__name__)
+    return Record(
+        t=t,
+        latency_s=time.perf_counter() - started,
+        outcome=got.outcome,
+        status=got.status,
+        replica=got.replica,
+        ttft_s=got.ttft_s,
+        tokens=got.tokens,
+        stream=stream,
+        retry_after_s=got.retry_after_s,
+        detail=got.detail,
+    )
 
 
 @dataclass

@@ -45,18 +45,20 @@ from pydantic import ValidationError
 from loadtests.load_settings import LoadSettings, Resolved, resolve
 from loadtests.report import Record, plot_runs, render_text, summarize
 from loadtests.traffic import (
+    Attempt,
     KeyTier,
     LengthDist,
-    openai_error,
-    parse_sse_line,
+    StreamReading,
+    completion,
     pick_key,
     prompt_text,
-    retry_after_s,
+    refusal,
 )
 
 log = logging.getLogger("triage.locust")
 RESOLVED_ARG = "triage_resolved"
 RETRY_HEADERS = ("retry-after-ms", "retry-after")
+STREAM_HEADERS = {"Accept": "text/event-stream", "Accept-Encoding": "identity"}
 # uvicorn (the proxy's server) closes keep-alive connections idle for 5 s; a POST sent on one as
 # it closes dies unanswered (and POSTs are never replayed), so idle connections are dropped first
 KEEPALIVE_IDLE_S = 4.0
@@ -343,10 +345,10 @@ class ChatUser(FastHttpUser):
         retries = 0
         try:
             while True:
-                result = self._attempt(body, headers, stream, p0)
-                outcome, status, replica, ttft, tokens, detail, wait = result
-                if outcome == "shed" and retries < settings.max_retries:
+                got = self._attempt(body, headers, stream, p0)
+                if got.outcome == "shed" and retries < settings.max_retries:
                     retries += 1
+                    wait = got.retry_after_s
                     delay = wait if wait is not None else float(2 ** (retries - 1))
                     gevent.sleep(min(delay, settings.max_retry_wait_s))
                     continue
@@ -367,117 +369,74 @@ class ChatUser(FastHttpUser):
             Record(
                 t=t0,
                 latency_s=time.perf_counter() - p0,
-                outcome=outcome,
-                status=status,
-                replica=replica,
-                ttft_s=ttft,
-                tokens=tokens,
+                outcome=got.outcome,
+                status=got.status,
+                replica=got.replica,
+                ttft_s=got.ttft_s,
+                tokens=got.tokens,
                 stream=stream,
                 retries=retries,
                 tier=self.key.label(),
-                retry_after_s=wait if outcome == "shed" else None,
-                detail=detail,
+                retry_after_s=got.retry_after_s,
+                detail=got.detail,
             )
         )
 
     def _attempt(
         self, body: dict[str, Any], headers: dict[str, str], stream: bool, p0: float
-    ) -> tuple[Any, int, str | None, float | None, int, str, float | None]:
-        """One HTTP attempt: (outcome, status, replica, ttft, tokens, detail, retry-after)."""
+    ) -> Attempt:
+        """One HTTP attempt, marked a success or a failure in Locust's own statistics."""
         if time.monotonic() - self.last_io > KEEPALIVE_IDLE_S:
             self.client.client.clientpool.close()  # reconnect rather than race the server
         try:
-            return self._post(body, headers, stream, p0)
+            with self.client.post(
+                f"{self.base_url}/v1/chat/completions",
+                json=body,
+                headers={**headers, **STREAM_HEADERS} if stream else headers,
+                name="chat stream" if stream else "chat",
+                catch_response=True,
+                stream=stream,
+            ) as resp:
+                got = self._read(resp, stream, p0)
+                if got.outcome == "ok":
+                    resp.success()
+                else:
+                    resp.failure(got.detail)
+                return got
         finally:
             self.last_io = time.monotonic()
 
-    def _post(
-        self, body: dict[str, Any], headers: dict[str, str], stream: bool, p0: float
-    ) -> tuple[Any, int, str | None, float | None, int, str, float | None]:
-        url = f"{self.base_url}/v1/chat/completions"
-        name = "chat stream" if stream else "chat"
-        if stream:
-            headers = {**headers, "Accept": "text/event-stream", "Accept-Encoding": "identity"}
-        with self.client.post(
-            url, json=body, headers=headers, name=name, catch_response=True, stream=stream
-        ) as resp:
-            status = int(resp.status_code or 0)
-            replica = (resp.headers or {}).get("x-litellm-model-id") if status else None
-            if status == 0:
-                error = getattr(resp, "error", None)
-                resp.failure(f"no answer: {error!r}")
-                return "lost", 0, None, None, 0, type(error).__name__, None
-            if status != 200:
-                envelope = openai_error(resp.content)
-                if envelope is None:
-                    resp.failure(f"HTTP {status} without an OpenAI error body")
-                    return "lost", status, replica, None, 0, f"HTTP {status} malformed", None
-                code = str(envelope.get("code") or envelope.get("type") or status)
-                if status in (429, 503):
-                    hints = {h: (resp.headers or {}).get(h) for h in RETRY_HEADERS}
-                    wait = retry_after_s({k: v for k, v in hints.items() if v is not None})
-                    resp.failure(f"HTTP {status} {code}")
-                    return "shed", status, replica, None, 0, f"{status} {code}", wait
-                resp.failure(f"HTTP {status} {code}")
-                return "error", status, replica, None, 0, f"{status} {code}", None
-            if not stream:
-                try:
-                    data = json.loads(resp.content or b"")
-                    choices = data.get("choices") or []
-                    if not choices or choices[0].get("message", {}).get("content") is None:
-                        raise ValueError("no choices")
-                except (ValueError, AttributeError) as exc:
-                    resp.failure(f"malformed completion: {exc}")
-                    return "lost", status, replica, None, 0, "malformed completion", None
-                tokens = int((data.get("usage") or {}).get("completion_tokens") or 0)
-                resp.success()
-                return "ok", status, replica, None, tokens, "", None
-            return self._read_stream(resp, status, replica, p0)
-
-    def _read_stream(
-        self, resp: Any, status: int, replica: str | None, p0: float
-    ) -> tuple[Any, int, str | None, float | None, int, str, float | None]:
+    def _read(self, resp: Any, stream: bool, p0: float) -> Attempt:
+        status = int(resp.status_code or 0)
+        if status == 0:
+            return Attempt("lost", 0, detail=type(getattr(resp, "error", None)).__name__)
+        replica = (resp.headers or {}).get("x-litellm-model-id")
+        if status != 200:
+            hints = {h: (resp.headers or {}).get(h) for h in RETRY_HEADERS}
+            found = {k: v for k, v in hints.items() if v is not None}
+            return refusal(status, replica, resp.content, found)
+        if not stream:
+            return completion(status, replica, resp.content)
         raw = resp._response  # geventhttpclient's response: reads up to each newline
-        ttft: float | None = None
-        chunks = 0
-        usage_tokens: int | None = None
+        reading = StreamReading(status, replica, p0)
         try:
-            while True:
-                line = raw.readline(b"\n")
-                if not line:
-                    resp.failure("stream ended without [DONE]")
-                    return "lost", status, replica, ttft, chunks, "stream truncated", None
-                event = parse_sse_line(line)
-                if event is None:
-                    continue
-                if event.error is not None:
-                    code = str(event.error.get("code") or event.error.get("type") or "error")
-                    resp.failure(f"error event in stream: {code}")
-                    return "error", status, replica, ttft, chunks, f"stream {code}", None
-                if event.done:
-                    break
-                if event.content:
-                    chunks += 1
-                    if ttft is None:
-                        ttft = time.perf_counter() - p0
-                        events.request.fire(
-                            request_type="TTFT",
-                            name="chat stream",
-                            response_time=ttft * 1000,
-                            response_length=0,
-                            exception=None,
-                            context={},
-                        )
-                if event.completion_tokens is not None:
-                    usage_tokens = event.completion_tokens
+            while line := raw.readline(b"\n"):
+                first = reading.ttft_s is None
+                got = reading.line(line, time.perf_counter())
+                if first and reading.ttft_s is not None:
+                    events.request.fire(
+                        request_type="TTFT",
+                        name="chat stream",
+                        response_time=reading.ttft_s * 1000,
+                        response_length=0,
+                        exception=None,
+                        context={},
+                    )
+                if got is not None:
+                    return got
         except Exception as exc:  # connection reset, timeout mid-stream
-            resp.failure(f"stream broken: {exc!r}")
-            return "lost", status, replica, ttft, chunks, type(exc).__name__, None
-        if ttft is None:
-            resp.failure("stream without content")
-            return "lost", status, replica, None, 0, "empty stream", None
-        resp.success()
-        return "ok", status, replica, ttft, usage_tokens or chunks, "", None
+            return reading.cut_short(type(exc).__name__)
+        return reading.cut_short()
 
 
 # -- the scenario shape ---------------------------------------------------------------------------

@@ -319,3 +319,91 @@ def parse_sse_line(line: bytes | str) -> SseEvent | None:
     usage = chunk.get("usage") or {}
     tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
     return SseEvent(content=content, completion_tokens=tokens if isinstance(tokens, int) else None)
+
+
+AttemptOutcome = Literal["ok", "shed", "error", "lost"]
+
+
+@dataclass(slots=True)
+class Attempt:
+    """What one HTTP attempt got (retries are the caller's): the outcome and what it carried."""
+
+    outcome: AttemptOutcome
+    status: int
+    replica: str | None = None
+    detail: str = ""
+    """Error code / kind, for the report ("" for a success)."""
+    ttft_s: float | None = None
+    tokens: int = 0
+    retry_after_s: float | None = None
+
+
+def refusal(status: int, replica: str | None, body: Any, headers: Mapping[str, str]) -> Attempt:
+    """A non-200 answer: ``shed`` (429/503 with the OpenAI error envelope), ``error`` (another
+    status with it), ``lost`` (no envelope: not an answer a client can act on)."""
+    envelope = openai_error(body)
+    if envelope is None:
+        return Attempt("lost", status, replica, f"HTTP {status} malformed")
+    code = str(envelope.get("code") or envelope.get("type") or status)
+    if status in (429, 503):
+        return Attempt("shed", status, replica, f"{status} {code}", None, 0, retry_after_s(headers))
+    return Attempt("error", status, replica, f"{status} {code}")
+
+
+def completion(status: int, replica: str | None, body: bytes | str) -> Attempt:
+    """A 200 non-stream answer: ``ok`` with its usage's completion tokens, or ``lost`` when it
+    holds no message content."""
+    try:
+        data = json.loads(body or b"")
+        choices = data.get("choices") or []
+        if not choices or choices[0].get("message", {}).get("content") is None:
+            raise ValueError("no choices")
+    except (ValueError, AttributeError):
+        return Attempt("lost", status, replica, "malformed completion")
+    return Attempt(
+        "ok", status, replica, tokens=int((data.get("usage") or {}).get("completion_tokens") or 0)
+    )
+
+
+class StreamReading:
+    """A 200 stream, line by line: ``line`` returns the attempt once the stream has ended (an
+    error event, or ``[DONE]``: ``ok`` with the usage's tokens, else the content chunks; ``lost``
+    without content); ``cut_short`` when the connection ended first."""
+
+    def __init__(self, status: int, replica: str | None, started: float) -> None:
+        self.status, self.replica, self.started = status, replica, started
+        self.ttft_s: float | None = None
+        self.chunks = 0
+        self.usage: int | None = None
+
+    def line(self, raw: bytes | str, now: float) -> Attempt | None:
+        event = parse_sse_line(raw)
+        if event is None:
+            return None
+        if event.error is not None:
+            code = str(event.error.get("code") or event.error.get("type") or "error")
+            return self._end("error", f"stream {code}")
+        if event.done:
+            if self.ttft_s is None:
+                return self._end("lost", "empty stream")
+            return self._end("ok", "", tokens=self.usage or self.chunks)
+        if event.content:
+            self.chunks += 1
+            if self.ttft_s is None:
+                self.ttft_s = now - self.started
+        if event.completion_tokens is not None:
+            self.usage = event.completion_tokens
+        return None
+
+    def cut_short(self, detail: str = "stream truncated") -> Attempt:
+        return self._end("lost", detail)
+
+    def _end(self, outcome: AttemptOutcome, detail: str, tokens: int | None = None) -> Attempt:
+        return Attempt(
+            outcome,
+            self.status,
+            self.replica,
+            detail,
+            self.ttft_s,
+            self.chunks if tokens is None else tokens,
+        )

@@ -47,10 +47,13 @@ from loadtests.traffic import (
     KeyTier,
     LengthDist,
     StandinTiming,
+    StreamReading,
+    completion,
     openai_error,
     parse_sse_line,
     pick_key,
     prompt_text,
+    refusal,
     retry_after_s,
 )
 
@@ -620,3 +623,27 @@ def test_triage_bench_dispatches_each_kind_and_names_the_bad_setting(
         m.model_config.get("env_prefix") for m in (BenchSettings, DecisionSettings, BurstSettings)
     }
     assert prefixes == {"TRIAGE_BENCH_", "TRIAGE_BENCH_DECISIONS_", "TRIAGE_BENCH_BURST_"}
+
+
+def test_answers_read_alike_for_locust_and_the_bench() -> None:
+    """One reading of an answer (``traffic.refusal`` / ``completion`` / ``StreamReading``)
+    serves Locust and ``triage bench``: the outcome a report counts comes from here."""
+    envelope = json.dumps({"error": {"message": "full", "code": "queue_full"}})
+    shed = refusal(503, None, envelope, {"Retry-After": "2"})
+    assert (shed.outcome, shed.detail, shed.retry_after_s) == ("shed", "503 queue_full", 2.0)
+    assert refusal(400, "r", envelope, {}).outcome == "error"
+    assert refusal(502, "r", b"Bad Gateway", {}).detail == "HTTP 502 malformed"
+    body = json.dumps(
+        {"choices": [{"message": {"content": "hi"}}], "usage": {"completion_tokens": 3}}
+    )
+    assert (completion(200, "r", body).outcome, completion(200, "r", body).tokens) == ("ok", 3)
+    assert completion(200, "r", b"{}").outcome == "lost"
+    reading = StreamReading(200, "r", started=10.0)
+    chunk = {"choices": [{"delta": {"content": "a"}}]}
+    assert reading.line(f"data: {json.dumps(chunk)}", 10.5) is None
+    assert reading.line('data: {"choices": [], "usage": {"completion_tokens": 7}}', 11.0) is None
+    done = reading.line("data: [DONE]", 11.0)
+    assert done is not None and (done.outcome, done.ttft_s, done.tokens) == ("ok", 0.5, 7)
+    empty = StreamReading(200, "r", 0.0)
+    assert empty.line("data: [DONE]", 1.0).outcome == "lost"  # type: ignore[union-attr]
+    assert StreamReading(200, "r", 0.0).cut_short().detail == "stream truncated"
