@@ -35,9 +35,12 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import MaxConnectionsError
+
+from core.redis_url import SentinelTarget, sentinel_target
 
 log = logging.getLogger(__name__)
 
@@ -98,21 +101,59 @@ class SizedConnectionPool(BlockingConnectionPool):
             ) from exc
 
 
+class SizedSentinelPool(SentinelConnectionPool, SizedConnectionPool):
+    """The sized, blocking pool on the primary that the Sentinels name: a connection asks the
+    Sentinels for the primary's address when it connects, so after a failover the next
+    connection goes to the promoted one (a connection to the demoted primary fails with
+    ``READONLY`` or a closed socket, and is dropped)."""
+
+
 def sized_redis(
     url: str,
     *,
     pool: RedisPoolSettings | None = None,
     **connection_kwargs: Any,
 ) -> Redis:
-    """A client on its own ``SizedConnectionPool`` (closed with the client)."""
+    """A client on its own ``SizedConnectionPool`` (closed with the client). ``url`` is any
+    form ``core.redis_url`` accepts; with ``redis+sentinel://`` the pool follows the primary."""
     settings = pool if pool is not None else RedisPoolSettings()
-    connection_pool = SizedConnectionPool.from_url(
-        url,
-        max_connections=settings.max_connections,
-        timeout=settings.pool_timeout_ms / 1000.0,
-        **connection_kwargs,
-    )
-    return Redis.from_pool(connection_pool)
+    sizing = {
+        "max_connections": settings.max_connections,
+        "timeout": settings.pool_timeout_ms / 1000.0,
+    }
+    target = sentinel_target(url)
+    if target is None:
+        return Redis.from_pool(SizedConnectionPool.from_url(url, **sizing, **connection_kwargs))
+    return sentinel_master(target, SizedSentinelPool, **sizing, **connection_kwargs)
+
+
+def redis_client(url: str, **connection_kwargs: Any) -> Redis:
+    """A plain client (redis-py's own pool) for any URL ``core.redis_url`` accepts: the
+    sidecars' and the tools'."""
+    target = sentinel_target(url)
+    if target is None:
+        return Redis.from_url(url, **connection_kwargs)
+    return sentinel_master(target, SentinelConnectionPool, **connection_kwargs)
+
+
+def sentinel_master(
+    target: SentinelTarget, pool_class: type[SentinelConnectionPool], **connection_kwargs: Any
+) -> Redis:
+    """A client of the primary the Sentinels name for ``target.service``. The Sentinels are
+    asked with the same socket timeouts (a dead Sentinel costs one timeout, then the next)."""
+    timeouts = {k: v for k, v in connection_kwargs.items() if k.startswith("socket_")}
+    sentinel_kwargs: dict[str, Any] = dict(timeouts)
+    if target.sentinel_password is not None:
+        sentinel_kwargs["password"] = target.sentinel_password
+    sentinel = Sentinel(list(target.sentinels), sentinel_kwargs=sentinel_kwargs)
+    data_node: dict[str, Any] = {"db": target.db, **connection_kwargs}
+    if target.username is not None:
+        data_node["username"] = target.username
+    if target.password is not None:
+        data_node["password"] = target.password
+    if target.ssl:
+        data_node["ssl"] = True
+    return sentinel.master_for(target.service, connection_pool_class=pool_class, **data_node)
 
 
 def fail_fast_redis(url: str, timeout_ms: int, pool: RedisPoolSettings | None = None) -> Redis:

@@ -148,6 +148,8 @@ class RedisServer:
     users: list[RedisUser] = field(default_factory=list)
     """ACL users besides the default one (Redis >= 6)."""
     ready_timeout_s: float = 20.0
+    primary_port: int | None = None
+    """A replica of the primary on this port (``replicaof``; authenticated with ``password``)."""
     process: ManagedProcess | None = None
 
     @property
@@ -175,7 +177,10 @@ class RedisServer:
             f"dir {_quoted(data_dir)}",
         ]
         if self.password:
-            lines.append(f"requirepass {self.password}")
+            # masterauth on a primary too: after a failover Sentinel makes it a replica
+            lines += [f"requirepass {self.password}", f"masterauth {self.password}"]
+        if self.primary_port is not None:
+            lines.append(f"replicaof 127.0.0.1 {self.primary_port}")
         lines += [user.config_line() for user in self.users]
         path = self.config_path
         unfinished = path.with_suffix(".conf.partial")
@@ -208,6 +213,23 @@ class RedisServer:
             return bool(client.ping())
         finally:
             client.close()
+
+    def role(self) -> str:
+        """``master`` or ``slave`` (Redis' words), as the server says now."""
+        client = redis.Redis.from_url(self.url, socket_timeout=0.5)
+        try:
+            return str(client.info("replication")["role"])
+        finally:
+            client.close()
+
+    def in_sync(self) -> bool:
+        """A replica whose link to its primary is up (a primary: always)."""
+        client = redis.Redis.from_url(self.url, socket_timeout=0.5)
+        try:
+            info = client.info("replication")
+        finally:
+            client.close()
+        return info["role"] == "master" or info.get("master_link_status") == "up"
 
     def alive(self) -> bool:
         return self.process is not None and self.process.alive()

@@ -30,6 +30,7 @@ from devstack.redis_launcher import (
     redis_server_version,
     stack_users,
 )
+from devstack.sentinel_launcher import RedisHA
 from devstack.sidecar_launcher import SidecarProcess, start_sidecar
 from devstack.stack_settings import StackSettings
 from devstack.supervisor import Supervised, Supervisor
@@ -80,6 +81,9 @@ class Stack:
     settings: StackSettings
     workdir: Path = field(init=False)
     redis: RedisServer | None = None
+    """The Redis server (with ``redis_sentinel``: the first primary)."""
+    redis_ha: RedisHA | None = None
+    """With ``redis_sentinel``: the primary, its replica and the Sentinels."""
     replicas: dict[str, TritonServer] = field(default_factory=dict)
     sidecars: dict[str, SidecarProcess] = field(default_factory=dict)
     proxies: list[LiteLLMProxy] = field(default_factory=list)
@@ -96,6 +100,8 @@ class Stack:
         s = self.settings
         try:
             self.redis = self._redis_server().start()
+            if s.redis_sentinel:
+                self.redis_ha = RedisHA(self.redis).start()
             standins = {
                 f"replica-{index}": StandinSettings(
                     model_name=s.model,
@@ -153,11 +159,15 @@ class Stack:
         return RedisServer(self.workdir, password=new_password(), users=users)
 
     def redis_url(self, user: str | None = None) -> str:
-        """The URL of ACL user ``user`` where the server has it, else the default user's."""
+        """The URL of ACL user ``user`` where the server has it, else the default user's
+        (through the Sentinels with ``redis_sentinel``)."""
         assert self.redis is not None
-        if user is not None and any(u.name == user for u in self.redis.users):
-            return self.redis.url_for(user)
-        return self.redis.url
+        found = next((u for u in self.redis.users if u.name == user), None)
+        if self.redis_ha is not None:
+            if found is not None:
+                return self.redis_ha.url_for(found.name, found.password)
+            return self.redis_ha.url_for()
+        return self.redis.url_for(found.name) if found is not None else self.redis.url
 
     @property
     def state_path(self) -> Path:
@@ -178,7 +188,13 @@ class Stack:
         """What the supervisor watches, in the order it restarts them: Redis first (the others
         need it), a replica before its sidecar."""
         parts: dict[str, Supervised] = {}
-        if self.redis is not None:
+        if self.redis_ha is not None:
+            for part in self.redis_ha.parts():
+                parts[
+                    f"{'redis-sentinel' if part in self.redis_ha.sentinels else 'redis-server'}"
+                    f"[{part.port}]"
+                ] = part
+        elif self.redis is not None:
             parts["redis-server"] = self.redis
         for rid, server in self.replicas.items():
             parts[f"tritonserver[{rid}]"] = server
@@ -202,7 +218,7 @@ class Stack:
 
         assert self.redis is not None
         store = KeyStore.from_settings(  # the default user: the proxies may only read keys
-            KeysSettings(redis_url=self.redis.url, key_prefix=self.settings.key_prefix)
+            KeysSettings(redis_url=self.redis_url(), key_prefix=self.settings.key_prefix)
         )
         try:
             key, _ = await store.create(alias=alias)
@@ -245,10 +261,10 @@ class Stack:
     def describe(self) -> dict[str, Any]:
         return {
             "workdir": str(self.workdir),
-            "redis_url": self.redis.url if self.redis else None,
+            "redis_url": self.redis_url() if self.redis else None,
             # the ACL users' URLs (sidecars, proxies); empty without a password or ACLs
             "redis_users": (
-                {u.name: self.redis.url_for(u.name) for u in self.redis.users} if self.redis else {}
+                {u.name: self.redis_url(u.name) for u in self.redis.users} if self.redis else {}
             ),
             "key_prefix": self.settings.key_prefix,
             "model": self.settings.model,
@@ -292,6 +308,8 @@ class Stack:
         stop_concurrently(self.proxies)
         stop_concurrently(self.sidecars.values())
         stop_concurrently(self.replicas.values())
+        if self.redis_ha is not None:
+            self.redis_ha.stop()
         stop_concurrently([self.redis])
         for path in (self.state_path, self.state_path.with_suffix(".json.partial")):
             path.unlink(missing_ok=True)

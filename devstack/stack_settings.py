@@ -53,6 +53,11 @@ class StackSettings(BaseSettings):
         description="a random Redis password, and a sidecar and a proxy ACL user (Redis >= 6); "
         "false: no authentication (any local client may write the key store)",
     )
+    redis_sentinel: bool = Field(
+        default=False,
+        description="Redis as a primary, a replica and three Sentinels; every part connects "
+        "through the Sentinels (redis+sentinel://) and follows a failover",
+    )
     supervise: bool = Field(
         default=True,
         description="triage up restarts a crashed replica, sidecar, proxy or Redis (backoff)",

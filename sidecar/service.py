@@ -33,7 +33,8 @@ from redis.exceptions import RedisError
 
 from core.keyschema import KeySchema, ReplicaState, ServerState
 from core.lua import ScriptProtocol, fields, lua_source
-from core.redis_client import cancel_requested
+from core.redis_client import cancel_requested, redis_client
+from core.redis_url import redacted
 from core.settings_errors import report_invalid
 from sidecar.backlog import HiddenQueue
 from sidecar.health import HealthDebounce
@@ -329,11 +330,11 @@ def create_app(settings: SidecarSettings) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         timeout = settings.poll_timeout_ms / 1000.0
-        redis_client = aioredis.Redis.from_url(
+        redis = redis_client(
             settings.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout
         )
         async with httpx.AsyncClient(timeout=timeout) as http:
-            sidecar = Sidecar(settings, redis_client, http, metrics)
+            sidecar = Sidecar(settings, redis, http, metrics)
             holder["sidecar"] = sidecar
             task = asyncio.create_task(sidecar.run(), name="sidecar-poll")
             log.info(
@@ -341,7 +342,7 @@ def create_app(settings: SidecarSettings) -> FastAPI:
                 settings.replica_id,
                 settings.metrics_url,
                 settings.poll_interval_ms,
-                settings.redis_url.split("@")[-1],
+                redacted(settings.redis_url),
             )
             try:
                 yield
@@ -350,7 +351,7 @@ def create_app(settings: SidecarSettings) -> FastAPI:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
                 await sidecar.withdraw()
-                await redis_client.aclose()
+                await redis.aclose()
 
     app = FastAPI(title="triage sidecar", lifespan=lifespan)
 

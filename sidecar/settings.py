@@ -8,12 +8,14 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from core.keyschema import DEFAULT_PREFIX, TTL_POLLS
+from core.redis_url import RedisUrl
 from sidecar.triton_metrics import DEFAULT_ARRIVALS_MODEL
 
 
 class SidecarSettings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="TRIAGE_SIDECAR_",
+        hide_input_in_errors=True,  # a Redis URL may hold a password
         cli_kebab_case=True,
         cli_implicit_flags=True,
         extra="forbid",
@@ -34,7 +36,7 @@ class SidecarSettings(BaseSettings):
     triton_url: str = Field(description="Triton HTTP base URL, e.g. http://127.0.0.1:8000")
     metrics_url: str | None = Field(default=None, description="default: Triton host, port 8002")
     api_base: str | None = Field(default=None, description="what routers call; default triton_url")
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_url: RedisUrl = "redis://127.0.0.1:6379/0"
     key_prefix: str = DEFAULT_PREFIX
     poll_interval_ms: int = Field(default=250, ge=20, le=60_000)
     poll_timeout_ms: int = Field(default=500, ge=10)

@@ -35,6 +35,7 @@ from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
 
 from core.keyschema import DEFAULT_PREFIX
 from core.process import ManagedProcess
+from core.redis_url import RedisUrl
 from core.settings_errors import report_invalid
 from sidecar.settings import SidecarSettings
 from sidecar.triton_metrics import DEFAULT_ARRIVALS_MODEL
@@ -49,6 +50,7 @@ class TpReplicaSettings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="TRIAGE_TP_",
         cli_prog_name="python -m sidecar.tp_launcher",
+        hide_input_in_errors=True,  # a Redis URL may hold a password
         cli_kebab_case=True,
         cli_implicit_flags=True,
         extra="forbid",
@@ -77,7 +79,7 @@ class TpReplicaSettings(BaseSettings):
     shm_prefix: str | None = Field(default=None, description="default: <replica_id>_")
     log_verbose: int = Field(default=0, ge=0)
     ready_timeout_s: float = Field(default=900.0, gt=0, description="engine load can take minutes")
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_url: RedisUrl = "redis://127.0.0.1:6379/0"
     key_prefix: str = DEFAULT_PREFIX
     poll_interval_ms: int = Field(default=250, ge=20)
     sidecar_port: int = Field(default=9400, ge=0, le=65535)

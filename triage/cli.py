@@ -13,6 +13,7 @@ from types import FrameType
 from pydantic import ValidationError
 from pydantic_settings import CliApp
 
+from core.redis_url import redacted
 from core.settings_errors import report_invalid
 
 USAGE = """usage: triage <command> [options]
@@ -78,9 +79,8 @@ def cmd_up(argv: Sequence[str]) -> int:
             say(f"  API key   {info['api_key']}")
             for url in info["proxy_urls"][1:]:
                 say(f"  proxy     {url}")
-        redis_at = "redis://" + info["redis_url"].split("@")[-1].removeprefix("redis://")
         secret = "  (password in the state file)" if "@" in info["redis_url"] else ""
-        say(f"  redis     {redis_at}{secret}")
+        say(f"  redis     {redacted(info['redis_url'])}{secret}")
         for rid, replica in info["replicas"].items():
             say(
                 f"  {rid}  triton {replica['triton_url']}  speed {replica['speed']}"

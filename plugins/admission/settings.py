@@ -5,10 +5,11 @@ The Redis connection pool (size, wait) is shared by every proxy-side client: ``T
 
 from __future__ import annotations
 
-from pydantic import Field, RedisDsn, model_validator
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from core.keyschema import DEFAULT_PREFIX
+from core.redis_url import RedisUrl
 from plugins.admission.retry_after import RetryAfterBand
 from plugins.routing.leases import (
     DEFAULT_LEASE_MS,
@@ -19,9 +20,11 @@ from plugins.routing.leases import (
 
 
 class AdmissionSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="TRIAGE_ADMISSION_", extra="forbid")
+    model_config = SettingsConfigDict(
+        env_prefix="TRIAGE_ADMISSION_", extra="forbid", hide_input_in_errors=True
+    )
 
-    redis_url: RedisDsn = Field(description="the load store (shared by every proxy process)")
+    redis_url: RedisUrl = Field(description="the load store (shared by every proxy process)")
     key_prefix: str = DEFAULT_PREFIX
     queue_allowance: int = Field(
         default=4, ge=0, description="per healthy replica, admitted work beyond max_active"

@@ -28,8 +28,9 @@ from typing import Any
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 
+from core.redis_url import redacted
 from plugins.auth.keystore import KeyRecord, KeyStore, KeyStoreError
-from plugins.auth.settings import DEFAULT_PRIORITY, KeysSettings, redacted
+from plugins.auth.settings import DEFAULT_PRIORITY, KeysSettings
 
 PROG = "triage keys"
 STACK_STATE_ENV = "TRIAGE_STACK_STATE"

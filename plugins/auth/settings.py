@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit, urlunsplit
-
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from core.keyschema import DEFAULT_PREFIX
+from core.redis_url import RedisUrl
 
 PRIORITY_HIGHEST = 0
 PRIORITY_LOWEST = 9
@@ -16,10 +15,13 @@ DEFAULT_PRIORITY = 1
 
 
 class KeysSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="TRIAGE_KEYS_", extra="forbid")
+    model_config = SettingsConfigDict(
+        env_prefix="TRIAGE_KEYS_", extra="forbid", hide_input_in_errors=True
+    )
 
-    redis_url: str = Field(
-        description="the Redis that holds the key records: redis://[:password@]host:port/db"
+    redis_url: RedisUrl = Field(
+        description="the Redis that holds the key records: redis://[:password@]host:port/db "
+        "or redis+sentinel://host:port,.../service/db"
     )
     key_prefix: str = Field(default=DEFAULT_PREFIX, description="prefix of every Redis key")
     cache_ttl_s: float = Field(
@@ -58,31 +60,9 @@ class KeysSettings(BaseSettings):
         description="priority of requests made with LITELLM_MASTER_KEY",
     )
 
-    @field_validator("redis_url")
-    @classmethod
-    def _redis_url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("redis", "rediss", "unix"):
-            raise ValueError(
-                f"must be a redis://, rediss:// or unix:// URL, got {redacted(value)!r}"
-            )
-        if parts.scheme != "unix" and not parts.hostname:
-            raise ValueError(f"has no host: {redacted(value)!r}")
-        return value
-
     @field_validator("key_prefix")
     @classmethod
     def _key_prefix(cls, value: str) -> str:
         if any(ch.isspace() for ch in value) or "*" in value:
             raise ValueError("must not contain whitespace or '*'")
         return value
-
-
-def redacted(url: str) -> str:
-    """The URL without its password, for logs and messages."""
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    userinfo, host = parts.netloc.rsplit("@", 1)
-    user = userinfo.split(":", 1)[0]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))

@@ -22,23 +22,24 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, RedisDsn, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from core.keyschema import DEFAULT_PREFIX
+from core.redis_url import RedisUrl
 from plugins.triton_provider.dialects import DEFAULT_DIALECT, DialectName
 
 NAME = r"^[A-Za-z0-9_.\-]{1,40}$"
 
 
 class CatalogueServer(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
 
     api_base: str = Field(pattern=r"^https?://", description="the server's Triton HTTP endpoint")
 
 
 class CatalogueModel(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
 
     triton_model: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
     servers: list[str] = Field(default_factory=list, description="empty: every server")
@@ -53,7 +54,7 @@ class CatalogueModel(BaseModel):
 
 
 class Catalogue(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
 
     servers: dict[str, CatalogueServer]
     models: dict[str, CatalogueModel]
@@ -90,10 +91,12 @@ def replica_id(server_id: str, model: str) -> str:
 
 
 class CatalogueSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="TRIAGE_CATALOGUE_", extra="forbid")
+    model_config = SettingsConfigDict(
+        env_prefix="TRIAGE_CATALOGUE_", extra="forbid", hide_input_in_errors=True
+    )
 
     file: Path = Field(description="the catalogue YAML")
-    redis_url: RedisDsn = Field(description="the load store")
+    redis_url: RedisUrl = Field(description="the load store")
     key_prefix: str = DEFAULT_PREFIX
     load_timeout_s: float = Field(default=120.0, gt=0, description="one load's deadline")
     cooldown_s: float = Field(

@@ -5,10 +5,11 @@ The Redis connection pool (size, wait) is shared by every proxy-side client: ``T
 
 from __future__ import annotations
 
-from pydantic import Field, RedisDsn, model_validator
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from core.keyschema import DEFAULT_PREFIX
+from core.redis_url import RedisUrl
 from plugins.routing.leases import (
     DEFAULT_LEASE_MS,
     DEFAULT_MAX_HOLD_MS,
@@ -21,9 +22,11 @@ _POLICY = PolicyParams()
 
 
 class RoutingSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="TRIAGE_ROUTING_", extra="forbid")
+    model_config = SettingsConfigDict(
+        env_prefix="TRIAGE_ROUTING_", extra="forbid", hide_input_in_errors=True
+    )
 
-    redis_url: RedisDsn = Field(description="the load store, e.g. redis://127.0.0.1:6390/0")
+    redis_url: RedisUrl = Field(description="the load store, e.g. redis://127.0.0.1:6390/0")
     key_prefix: str = DEFAULT_PREFIX
     # the policy's knobs: PolicyParams holds their defaults (and checks them again)
     stale_after_ms: int = Field(
