@@ -75,6 +75,12 @@ class SidecarMetrics:
             ["field"],
             registry=registry,
         )
+        self.info = Gauge(
+            "triage_sidecar_info",
+            "1, labelled with the replica and model this sidecar publishes for (for joins)",
+            ["replica", "model", "server"],
+            registry=registry,
+        )
 
 
 PUBLISH_LUA = Path(__file__).with_name("publish.lua")
@@ -325,6 +331,7 @@ class Sidecar:
 def create_app(settings: SidecarSettings) -> FastAPI:
     registry = CollectorRegistry()
     metrics = SidecarMetrics(registry)
+    metrics.info.labels(settings.replica_id, settings.model, settings.server_id or "").set(1)
     holder: dict[str, Sidecar] = {}
 
     @contextlib.asynccontextmanager

@@ -61,6 +61,15 @@ PICKS = Counter(
     "triage_routing_picks", "Replicas chosen", ["model", "replica", "source"]
 )  # source: redis (pick.lua) | gate (picked by the admission gate's call) | local
 REDIS_ERRORS = Counter("triage_routing_redis_errors", "Redis calls that failed", ["op"])
+PICK_SCORE_MS = Histogram(
+    "triage_routing_pick_score_ms",
+    "The chosen replica's score when picked in Redis: its expected completion time for one "
+    "more request, in ms (plugins/routing/policy.py)",
+    ["model", "replica"],
+    buckets=(50, 100, 250, 500, 1000, 2500, 5000, 10_000, 30_000, 60_000, 300_000),
+)
+for _op in ("pick", "release"):  # present from the start: a first error is a rate, not a new series
+    REDIS_ERRORS.labels(_op)
 
 
 class NoEligibleReplica(litellm.ServiceUnavailableError):
@@ -259,6 +268,7 @@ class LeastBusyStrategy(CustomRoutingStrategyBase):
         routing = self._routing(ticket)
         routing.prepicked, routing.adopted = reservation.replica_id, held
         PICKS.labels(model, reservation.replica_id, "gate").inc()
+        PICK_SCORE_MS.labels(model, reservation.replica_id).observe(reservation.score)
 
     # -- the decision ----------------------------------------------------------------------
 
@@ -311,6 +321,7 @@ class LeastBusyStrategy(CustomRoutingStrategyBase):
                     )
                 self._hold(ticket, Held(reservation.replica_id, reservation.reservation_id, False))
                 PICKS.labels(model, reservation.replica_id, "redis").inc()
+                PICK_SCORE_MS.labels(model, reservation.replica_id).observe(reservation.score)
                 log.debug(
                     "routing: %s -> %s (score %.3f, inflight %d)",
                     model,
