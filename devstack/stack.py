@@ -20,6 +20,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from core.process import ManagedProcess, start_concurrently, stop_concurrently
 from devstack.proxy_launcher import LiteLLMProxy, start_proxy
 from devstack.redis_launcher import (
@@ -40,6 +42,7 @@ from devstack.triton_launcher import (
     TritonServer,
     start_standin_replica,
 )
+from plugins.catalogue.settings import replica_id as catalogue_replica_id
 from plugins.proxy_config import (
     ProxyOptions,
     ReplicaEndpoint,
@@ -123,6 +126,12 @@ class Stack:
                         standin,
                         self.workdir,
                         ready_timeout_s=s.ready_timeout_s,
+                        unloaded=[
+                            standin.model_copy(
+                                update={"model_name": name, "engine_model": f"{name}_engine"}
+                            )
+                            for name in s.catalogue
+                        ],
                     )
                     for rid, standin in standins.items()
                 }
@@ -141,6 +150,22 @@ class Stack:
                         extra=self._sidecar_extra(),
                     )
                     for rid, server in self.replicas.items()
+                }
+                | {
+                    # one sidecar per (server, catalogued model), as the catalogue wants
+                    catalogue_replica_id(rid, name): partial(
+                        start_sidecar,
+                        catalogue_replica_id(rid, name),
+                        server,
+                        name,
+                        self.redis_url(SIDECAR_USER),
+                        self.workdir,
+                        poll_interval_ms=s.poll_interval_ms,
+                        key_prefix=s.key_prefix,
+                        extra={**self._sidecar_extra(), "server-id": rid},
+                    )
+                    for rid, server in self.replicas.items()
+                    for name in s.catalogue
                 }
             )
             if s.proxies:
@@ -237,12 +262,15 @@ class Stack:
         s = self.settings
         assert self.redis is not None
         endpoints = [ReplicaEndpoint(rid, server.http_url) for rid, server in self.replicas.items()]
-        options = ProxyOptions(routing=s.routing, num_retries=s.num_retries)
+        catalogue = self._write_catalogue()
+        options = ProxyOptions(
+            routing=s.routing, num_retries=s.num_retries, catalogue_file=catalogue
+        )
         config = build_proxy_config(
             s.model, s.model, endpoints, options, dialect=PROVIDER_DIALECT[s.dialect]
         )
         path = write_proxy_config(config, self.workdir / "proxy.yaml")
-        env = proxy_env(self.redis_url(PROXY_USER), s.key_prefix, self.master_key)
+        env = proxy_env(self.redis_url(PROXY_USER), s.key_prefix, self.master_key, catalogue)
         started = start_concurrently(
             {
                 f"proxy-{index}": partial(
@@ -258,6 +286,27 @@ class Stack:
         )
         self.proxies.extend(started.values())
 
+    def _write_catalogue(self) -> Path | None:
+        """The catalogue file (``plugins/catalogue/README.md``): every replica's server, each
+        catalogued model on any of them (CPU stand-ins: the host's topology)."""
+        if not self.settings.catalogue:
+            return None
+        doc = {
+            "servers": {
+                rid: {"api_base": server.http_url} for rid, server in self.replicas.items()
+            },
+            "models": {
+                name: {
+                    "triton_model": name,
+                    "dialect": PROVIDER_DIALECT[self.settings.dialect],
+                }
+                for name in self.settings.catalogue
+            },
+        }
+        path = self.workdir / "catalogue.yaml"
+        path.write_text(yaml.safe_dump(doc, sort_keys=False))
+        return path
+
     def describe(self) -> dict[str, Any]:
         return {
             "workdir": str(self.workdir),
@@ -268,6 +317,7 @@ class Stack:
             ),
             "key_prefix": self.settings.key_prefix,
             "model": self.settings.model,
+            "catalogue": list(self.settings.catalogue),
             "base_url": self.proxies[0].base_url if self.proxies else None,
             "proxy_urls": [p.base_url for p in self.proxies],
             "api_key": self.api_key,
@@ -290,6 +340,11 @@ class Stack:
                     "metrics_url": server.metrics_url,
                     "speed": speed,
                     "sidecar_url": self.sidecars[rid].url if rid in self.sidecars else None,
+                    "catalogue_sidecar_urls": [
+                        self.sidecars[c].url
+                        for name in self.settings.catalogue
+                        if (c := catalogue_replica_id(rid, name)) in self.sidecars
+                    ],
                     "pid": server.process.pid if server.process else None,
                     "sidecar_pid": (
                         self.sidecars[rid].process.pid if rid in self.sidecars else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -27,6 +28,12 @@ class StackSettings(BaseSettings):
         default="ensemble",
         description="stand-in shape: NVIDIA's stock ensemble over a tensorrt_llm engine, or the "
         "LLM-API model (no engine gauges; Triton's cancel reaches it)",
+    )
+    catalogue: list[str] = Field(
+        default_factory=lambda: ["standin-cold"],
+        description="catalogued models besides MODEL: in every replica's Triton repository but "
+        "not loaded, listed by /v1/models, loaded on their first request (plugins/catalogue); "
+        "[] for none",
     )
     max_active: int = Field(default=4, ge=1)
     engine_queue_size: int = Field(default=8, ge=0)
@@ -62,6 +69,16 @@ class StackSettings(BaseSettings):
         default=True,
         description="triage up restarts a crashed replica, sidecar, proxy or Redis (backoff)",
     )
+
+    @field_validator("catalogue")
+    @classmethod
+    def _catalogue(cls, names: list[str], info: ValidationInfo) -> list[str]:
+        for name in names:
+            if not re.fullmatch(r"[A-Za-z0-9_.\-]+", name):
+                raise ValueError(f"{name!r}: a model name is letters, digits, '_', '.', '-'")
+        if info.data.get("model") in names or len(set(names)) != len(names):
+            raise ValueError("catalogued models must differ from MODEL and from each other")
+        return names
 
     @field_validator("speeds")
     @classmethod

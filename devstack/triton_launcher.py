@@ -17,6 +17,7 @@ import sys
 import sysconfig
 import tempfile
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -342,9 +343,17 @@ class TritonServer:
 
 
 def start_standin_replica(
-    replica_id: str, settings: StandinSettings, workdir: Path, ready_timeout_s: float = 60.0
+    replica_id: str,
+    settings: StandinSettings,
+    workdir: Path,
+    ready_timeout_s: float = 60.0,
+    unloaded: Sequence[StandinSettings] = (),
 ) -> TritonServer:
+    """A Triton server serving the stand-in ``settings``; the ``unloaded`` stand-ins are in its
+    repository too, for a load on request (explicit model control)."""
     repository = write_standin_repository(settings, workdir / f"models-{replica_id}")
+    for other in unloaded:
+        write_standin_repository(other, repository)
     server = TritonServer(
         name=replica_id,
         repository=repository,

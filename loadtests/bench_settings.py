@@ -50,6 +50,7 @@ class FleetSettings(BaseSettings):
             poll_interval_ms=self.poll_interval_ms,
             num_retries=self.num_retries,
             workdir=self.workdir,
+            catalogue=[],  # no cold models: the bench measures routing on the one model
             **specific,
         )
 

@@ -33,6 +33,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     workdir = tmp_path_factory.mktemp("locust-stack")
     stack = Stack(
         StackSettings(
+            catalogue=[],  # a stack of one model: no cold catalogue sidecars
             replicas=2,
             speeds=[1.0, 0.5],
             poll_interval_ms=100,

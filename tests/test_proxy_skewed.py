@@ -35,6 +35,7 @@ SECONDS = 8.0
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     settings = StackSettings(
+        catalogue=[],  # a stack of one model: no cold catalogue sidecars
         replicas=3,
         speeds=[1.0, 1.0, 0.5],
         proxies=1,

@@ -182,6 +182,17 @@ def test_up_starts_fleet_and_sigterm_stops_everything(tmp_path: Path) -> None:
         )
         assert raw.parse().choices[0].message.content
         assert raw.headers["x-litellm-model-id"] in info["replicas"]
+        # the embedded default lists a catalogued model that is loaded nowhere; the first
+        # request for it loads it on a replica (Triton's explicit model control)
+        (cold,) = info["catalogue"]
+        states = {m.id: m.model_extra["state"] for m in sdk.models.list().data}  # type: ignore[index]
+        assert states == {info["model"]: "loaded", cold: "available"}
+        raw = sdk.chat.completions.with_raw_response.create(
+            model=cold, messages=[{"role": "user", "content": "hi"}], max_tokens=3
+        )
+        assert raw.parse().choices[0].message.content
+        assert raw.headers["x-litellm-model-id"] in {f"{rid}.{cold}" for rid in info["replicas"]}
+        assert {m.id: m.model_extra["state"] for m in sdk.models.list().data}[cold] == "loaded"  # type: ignore[index]
         pids = [r["pid"] for r in info["replicas"].values()]
         sidecars = [r["sidecar_url"] for r in info["replicas"].values()]
         tree = descendants(proc.pid)
@@ -194,6 +205,7 @@ def test_up_starts_fleet_and_sigterm_stops_everything(tmp_path: Path) -> None:
     assert "triage stack ready" in out
     assert f"base URL  {info['base_url']}/v1" in out
     assert f"API key   {info['api_key']}" in out
+    assert f"catalogue {cold!r}: listed by /v1/models, not loaded" in out
     assert info["redis_url"].split("@")[0] not in out, "the Redis password is not printed"
     assert not [pid for pid in pids if pid_alive(pid)]
     assert_nothing_left(tree, [r["shm_prefix"] for r in info["replicas"].values()], workdir)

@@ -79,6 +79,11 @@ def cmd_up(argv: Sequence[str]) -> int:
             say(f"  API key   {info['api_key']}")
             for url in info["proxy_urls"][1:]:
                 say(f"  proxy     {url}")
+            for name in info["catalogue"]:
+                say(
+                    f"  catalogue {name!r}: listed by /v1/models, not loaded; the first request "
+                    "for it loads it on a replica (plugins/catalogue/README.md)"
+                )
         secret = "  (password in the state file)" if "@" in info["redis_url"] else ""
         say(f"  redis     {redacted(info['redis_url'])}{secret}")
         for rid, replica in info["replicas"].items():
