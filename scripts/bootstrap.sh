@@ -44,3 +44,17 @@ if ! command -v redis-server >/dev/null 2>&1 && [ ! -x /usr/bin/redis-server ]; 
     "$VENV/bin/python" -m pip install -q redis-server
   fi
 fi
+
+# Tools the deployment tests run offline (deploy/): promtool checks the alert rules, kubectl
+# renders the Kustomize overlays. Debian's packages, when we may install them.
+apt_install() {
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    echo "bootstrap: installing $1 (Debian)"
+    { [ -n "${APT_UPDATED:-}" ] || apt-get update -qq; } && APT_UPDATED=1 &&
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$1" >/dev/null
+  else
+    echo "bootstrap: $2 not found and not root: install Debian's $1 for the deploy/ tests" >&2
+  fi
+}
+command -v promtool >/dev/null 2>&1 || apt_install prometheus promtool
+command -v kubectl >/dev/null 2>&1 || apt_install kubernetes-client kubectl
