@@ -182,8 +182,14 @@ class KeyStore:
 
     def describe(self) -> str:
         """Where the store is, for logs and messages (no password)."""
-        kwargs = self._client.connection_pool.connection_kwargs
-        where = kwargs.get("path") or f"{kwargs.get('host')}:{kwargs.get('port')}"
+        pool = self._client.connection_pool
+        kwargs = pool.connection_kwargs
+        service = getattr(pool, "service_name", None)  # a Sentinel pool: the monitored name
+        where = (
+            f"sentinel service {service!r}"
+            if service
+            else kwargs.get("path") or f"{kwargs.get('host')}:{kwargs.get('port')}"
+        )
         return f"redis {where} db {kwargs.get('db', 0)} prefix {self._keys.prefix!r}"
 
     async def aclose(self) -> None:
