@@ -47,10 +47,6 @@ SIDECAR_COMMANDS = (
 )
 """What ``publish.lua`` calls (Redis checks the commands a script runs against the calling
 user's ACL, and their keys, declared or not) plus the sidecar's own calls."""
-PROXY_READ_ONLY_KEYS = ("api_key", "api_keys")
-"""``KeySchema`` methods naming keys a proxy reads but may not write: the offline key store
-(``triage keys`` and the stack's key creation write it as the default user). Every other key
-kind of ``KeySchema`` is the proxies' to read and write."""
 PROXY_COMMANDS = ("+@all", "-@admin", "-@dangerous")
 
 
@@ -112,12 +108,14 @@ def sidecar_rules(prefix: str, version: tuple[int, int, int]) -> tuple[str, ...]
 
 
 def proxy_rules(prefix: str, version: tuple[int, int, int]) -> tuple[str, ...]:
-    """Every key and channel under the prefix, the key store read-only (Redis >= 7: ``%R~``;
-    before, read-write), no admin or dangerous commands (CONFIG, FLUSHALL, KEYS, ACL, ...)."""
+    """Every key and channel under the prefix, readable; writable: the schema's key kinds (Redis
+    >= 7: ``%R~`` for the rest; before, every key under the prefix), the key store included
+    (the proxies serve LiteLLM's key routes to the master key they hold:
+    ``plugins/auth/key_management.py``); no admin or dangerous commands (CONFIG, FLUSHALL, KEYS,
+    ACL, ...)."""
     everything = f"{glob_escape(prefix)}*"
     if version >= (7, 0):
-        writable = [k for k in key_kinds() if k not in PROXY_READ_ONLY_KEYS]
-        keys = [f"%R~{everything}", *(f"~{p}" for p in key_patterns(prefix, writable))]
+        keys = [f"%R~{everything}", *(f"~{p}" for p in key_patterns(prefix, key_kinds()))]
     else:
         keys = [f"~{everything}"]
     channels = ["resetchannels", f"&{everything}"] if version >= (6, 2) else []

@@ -13,6 +13,7 @@ from __future__ import annotations
 import litellm
 from litellm.exceptions import MidStreamFallbackError
 from litellm.proxy._types import ProxyException
+from starlette.exceptions import HTTPException
 
 OVERFLOW_STATUSES = frozenset({429, 503})
 
@@ -31,8 +32,11 @@ def cause_of(exc: BaseException) -> BaseException:
 def is_upstream_overflow(exc: BaseException) -> bool:
     """A replica (or all of them) could not take the request: retryable elsewhere or later."""
     exc = cause_of(exc)
-    if isinstance(exc, ProxyException):
-        return False  # the gateway's own answers (sheds, 404s) pass through untouched
+    if isinstance(exc, ProxyException | HTTPException):
+        # the gateway's own answers pass through untouched: sheds, 404s, and LiteLLM's rate
+        # limiter's 429 for a key over its rpm/tpm (``ProxyRateLimitError`` is an HTTPException
+        # and a RateLimitError: the key is over its limit, not a replica)
+        return False
     if isinstance(exc, litellm.ServiceUnavailableError | litellm.RateLimitError):
         return True
     return getattr(exc, "status_code", None) in OVERFLOW_STATUSES

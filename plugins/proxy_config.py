@@ -45,6 +45,10 @@ class ProxyOptions(BaseModel):
     num_retries: int = Field(default=2, ge=0)
     request_timeout_s: float = Field(default=600.0, gt=0)
     prometheus: bool = True
+    otel: bool = False
+    """LiteLLM's OpenTelemetry callback (``OTEL_EXPORTER``, ``OTEL_ENDPOINT``...; needs
+    ``pip install "triage[otel]"``): its request spans, with the plugins' spans inside
+    (``plugins/tracing.py``)."""
     catalogue_file: Path | None = None
     """A model catalogue (``plugins/catalogue``): its models get a deployment on every server
     they may run on, loaded there on first request."""
@@ -84,6 +88,8 @@ def build_proxy_config(
     callbacks.append(DISCLOSURE_CALLBACK)
     if opts.prometheus:
         callbacks.append("prometheus")
+    if opts.otel:
+        callbacks.append("otel")
     router_settings: dict[str, Any] = {
         # with "triage" the plugin replaces the chooser; the router still filters
         # (cooldowns, health) before it, with LiteLLM's defaults

@@ -43,6 +43,7 @@ class Keys:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     settings = StackSettings(
+        catalogue=[],  # a stack of one model: no cold catalogue sidecars
         replicas=1,
         decode_ms_per_token=2.0,
         num_retries=0,  # LiteLLM retries a malformed body's APIConnectionError (5 s a request)

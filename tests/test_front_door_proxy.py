@@ -43,6 +43,7 @@ FRONT_DOOR_ENV = {"TRIAGE_FRONT_DOOR_MAX_BODY_MB": "1"}
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     settings = StackSettings(
+        catalogue=[],  # a stack of one model: no cold catalogue sidecars
         replicas=2,
         poll_interval_ms=100,
         decode_ms_per_token=10.0,

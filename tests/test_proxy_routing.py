@@ -33,6 +33,7 @@ MODEL = "standin"
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     settings = StackSettings(
+        catalogue=[],  # a stack of one model: no cold catalogue sidecars
         replicas=2,
         proxies=2,
         poll_interval_ms=100,

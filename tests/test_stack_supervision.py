@@ -159,8 +159,8 @@ def test_acl_rules_name_the_schema_keys() -> None:
     assert "-@all" in rules and "+evalsha" in rules and "+hset" in rules
     proxy = proxy_rules("triage:", (7, 0, 15))
     assert "%R~triage:*" in proxy and f"~{keys.inflight('*')}" in proxy
-    assert f"~{keys.api_key('*')}" not in proxy and f"~{keys.api_keys()}" not in proxy
-    assert len([r for r in proxy if r.startswith("~")]) == len(key_kinds()) - 2
+    assert f"~{keys.api_key('*')}" in proxy and f"~{keys.api_keys()}" in proxy
+    assert len([r for r in proxy if r.startswith("~")]) == len(key_kinds())
     # a prefix with glob characters is matched literally; before 7.0 no read-only selector
     assert "~a\\*b:replica:*" in sidecar_rules("a*b:", (6, 2, 0))
     assert "~triage:*" in proxy_rules("triage:", (6, 0, 0))
@@ -358,24 +358,30 @@ def test_sidecar_user_publishes_replica_state_but_writes_no_key_record(
 
 
 @pytest.mark.integration
-def test_proxy_user_reads_but_does_not_write_key_records(stack: RunningStack) -> None:
+def test_proxy_user_keeps_to_the_schema_and_runs_no_admin_command(stack: RunningStack) -> None:
+    """The proxy user writes the schema's keys (the key store too: it serves LiteLLM's key
+    routes to the master key), reads the rest of the prefix, and nothing else."""
     info = stack.state()
     keys = KeySchema(info["key_prefix"])
     record_key = keys.api_key("1" * 64)
+    outside_schema = f"{info['key_prefix']}not-a-kind"
     proxy = redis.Redis.from_url(info["redis_users"][PROXY_USER])
     admin = redis.Redis.from_url(info["redis_url"])
     try:
         admin.hset(record_key, "alias", "real")
         assert proxy.hget(record_key, "alias") == b"real"
+        assert proxy.hset(record_key, "models", "[]") == 1
+        admin.set(outside_schema, "x")
+        assert proxy.get(outside_schema) == b"x"
         with pytest.raises(redis.exceptions.NoPermissionError):
-            proxy.hset(record_key, "alias", "forged")
+            proxy.set(outside_schema, "forged")
         with pytest.raises(redis.exceptions.NoPermissionError):
-            proxy.sadd(keys.api_keys(), "1" * 64)
+            proxy.set("elsewhere:key", "x")
         with pytest.raises(redis.exceptions.NoPermissionError):
             proxy.config_get("requirepass")
         assert proxy.zadd(keys.inflight("acl-probe"), {"r1": 1}) == 1
     finally:
-        admin.delete(record_key, keys.inflight("acl-probe"))
+        admin.delete(record_key, keys.inflight("acl-probe"), outside_schema)
         proxy.close()
         admin.close()
 

@@ -40,6 +40,7 @@ from plugins.background import Background
 from plugins.redis_outage import RedisOutage
 from plugins.request_ticket import TICKETS, Admission, ReplicaPicker, RequestTicket, TicketBook
 from plugins.routing.leases import LeaseRenewer
+from plugins.tracing import annotate
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +166,7 @@ class AdmissionController:
         seconds = self.retry_after(model, 1.0)
         self.pool_waits.exhausted(exc, f"admission of a {model} request", "answered 503")
         metrics.SHED.labels(model, BUSY_CODE).inc()
+        annotate(admission__outcome="shed", admission__reason=BUSY_CODE)
         metrics.RETRY_AFTER.labels(model).observe(seconds)
         _decided(model, "shed", "busy", started)
         return overloaded(model, ShedReason.GATEWAY_BUSY, seconds)
@@ -378,6 +380,7 @@ class AdmissionController:
     ) -> GatewayError:
         seconds = self.retry_after(model, work_ahead)
         metrics.SHED.labels(model, reason.value).inc()
+        annotate(admission__outcome="shed", admission__reason=reason.value)
         metrics.RETRY_AFTER.labels(model).observe(seconds)
         log.info("admission: shed %s request (%s), retry after %.1f s", model, reason, seconds)
         return overloaded(model, reason, seconds, wait)
@@ -454,6 +457,7 @@ class AdmissionController:
             if reply.status == Status.ADMITTED:
                 self._hold(ticket, model, replica_ids, picker, reply)
                 metrics.ADMITTED.labels(model, "direct").inc()
+                annotate(admission__outcome="admitted")
                 return
             if reply.status == Status.QUEUE_FULL:
                 raise self.shed(model, ShedReason.QUEUE_FULL, reply.work_ahead)
@@ -462,6 +466,7 @@ class AdmissionController:
             if reply.status == Status.NO_CAPACITY:
                 raise self.shed(model, ShedReason.NO_HEALTHY_REPLICA, reply.work_ahead)
             metrics.QUEUED.labels(model).inc()
+            annotate(admission__outcome="queued")
             await self._wait(model, replica_ids, ticket, priority, reply, granted, picker)
         finally:
             self.grants.forget(ticket)
@@ -534,6 +539,7 @@ class AdmissionController:
                     now = time.monotonic()
                     self._observe_wait(model, first_ahead, now - started, now)
                     metrics.ADMITTED.labels(model, "queued").inc()
+                    annotate(admission__outcome="admitted after queueing")
                     metrics.QUEUE_WAIT.labels(model, "admitted").observe(now - started)
                     return
         except RedisError as exc:
@@ -572,6 +578,7 @@ class AdmissionController:
         self.outage.fallbacks += 1
         self.book.open(ticket).admission = Admission(self, model, tuple(replica_ids), local=True)
         metrics.ADMITTED.labels(model, "local").inc()
+        annotate(admission__outcome="admitted locally (redis unreachable)")
 
     async def aclose(self) -> None:
         """Stop renewing leases and listening for grants (the proxy's shutdown, tests)."""

@@ -40,6 +40,7 @@ from plugins.overflow import is_upstream_overflow
 from plugins.request_end import RequestEndHook
 from plugins.request_ticket import TICKETS, TicketBook
 from plugins.routing.hook import proxy_router
+from plugins.tracing import annotate, span
 
 log = logging.getLogger(__name__)
 
@@ -92,13 +93,18 @@ class AdmissionHook(RequestEndHook):
         if not ticket:
             ticket = data["litellm_call_id"] = str(uuid.uuid4())
         picker = self.book.picker  # the triage routing plugin: pick in the same call
-        await self.controller.admit(
-            str(model),
-            list(replica_ids),
-            str(ticket),
-            priority_of(user_api_key_dict),
-            picker if picker is not None and picker.installed_on(router) else None,
-        )
+        priority = priority_of(user_api_key_dict)
+        parent = user_api_key_dict.parent_otel_span
+        with span("triage.admit", parent, model=str(model), priority=priority):
+            await self.controller.admit(
+                str(model),
+                list(replica_ids),
+                str(ticket),
+                priority,
+                picker if picker is not None and picker.installed_on(router) else None,
+            )
+            routing = self.book.get(str(ticket))
+            annotate(replica=routing.routing.prepicked if routing and routing.routing else None)
         return None
 
     async def async_post_call_success_deployment_hook(

@@ -42,6 +42,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from fastapi import Request, status
 from litellm.constants import LITELLM_PROXY_ADMIN_NAME, LITELLM_PROXY_MASTER_KEY_ALIAS
@@ -201,7 +202,11 @@ class Authenticator:
             user_role=LitellmUserRoles.INTERNAL_USER,
             models=list(record.models),
             max_parallel_requests=record.max_parallel_requests,
+            rpm_limit=record.rpm_limit,  # enforced by LiteLLM's own limiter, as for its DB keys
+            tpm_limit=record.tpm_limit,
+            expires=record.expires,
             metadata={
+                **record.metadata,
                 "priority": record.priority,
                 "key_id": record.key_id,
                 "key_source": KEY_SOURCE,
@@ -305,9 +310,13 @@ async def user_api_key_auth(request: Request, api_key: str | None) -> UserAPIKey
             code=status.HTTP_500_INTERNAL_SERVER_ERROR,
         ) from exc
 
+    # LiteLLM's span of this request (its otel callback on): a custom_auth's answer carries it
+    # on, as LiteLLM's own auth does, so the request's later spans (and the plugins') join it
+    proxy_span = getattr(request.state, "parent_otel_span", None)
     master = os.environ.get(MASTER_KEY_ENV)
     if master and hmac.compare_digest(presented.encode(), master.encode()):
         admin = authenticator.admin()
+        admin.parent_otel_span = proxy_span
         await check_requested_model(request, route, admin)
         return admin
 
@@ -358,6 +367,15 @@ async def user_api_key_auth(request: Request, api_key: str | None) -> UserAPIKey
     if record is None:
         log.info("rejected unknown or revoked key %s on %s", key_id, route)
         raise _unauthorized(UNKNOWN_KEY_MESSAGE)
+    if record.expired():
+        log.info("rejected expired key %s (%s) on %s", key_id, record.alias, route)
+        raise ProxyException(  # LiteLLM's answer to its own expired keys
+            message=f"Authentication Error - Expired Key. Key Expiry time {record.expires} and "
+            f"current time {datetime.now(UTC)}",
+            type=ProxyErrorTypes.expired_key,
+            param=key_id,
+            code=status.HTTP_401_UNAUTHORIZED,
+        )
     if authenticator.settings.restrict_routes and not key_route_allowed(route):
         log.info("refused key %s (%s) on route %s", key_id, record.alias, route)
         raise ProxyException(
@@ -368,6 +386,7 @@ async def user_api_key_auth(request: Request, api_key: str | None) -> UserAPIKey
             code=status.HTTP_403_FORBIDDEN,
         )
     user = authenticator.to_user_api_key_auth(record)
+    user.parent_otel_span = proxy_span
     await check_requested_model(request, route, user)
     return user
 

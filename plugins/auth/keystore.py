@@ -6,9 +6,9 @@ Schema (owned by ``core/keyschema.py``, documented in ``redis/SCHEMA.md``):
 * ``{prefix}apikeys`` set: the SHA-256 hex of every live key.
 
 The key itself is returned once by ``create`` and never stored or logged. Revoking a key deletes
-its record (its alias can then be reused). Records never change after ``create``: every write
-adds or removes a member of ``apikeys``, so watching that one set makes "alias is unique" hold
-under concurrent ``create`` calls from several processes.
+its record (its alias can then be reused). Every write that can change an alias also writes
+``apikeys`` (``create`` adds a member, ``update`` removes and re-adds its own), so watching that
+one set makes "alias is unique" hold under concurrent writers in several processes.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, computed_field, field_validator
 from redis.asyncio import Redis
@@ -58,6 +59,11 @@ def key_id_from_hash(key_hash: str) -> str:
 def new_key() -> str:
     """A fresh key: ``sk-triage-`` and 256 random bits, URL-safe base64."""
     return KEY_TEXT_PREFIX + secrets.token_urlsafe(32)
+
+
+def new_alias() -> str:
+    """An alias for a key created without one (LiteLLM's ``key_alias`` is optional)."""
+    return f"key-{secrets.token_hex(4)}"
 
 
 def _text(value: bytes | str) -> str:
@@ -103,6 +109,19 @@ class KeyRecord(BaseModel):
     max_parallel_requests: int | None = Field(
         default=None, ge=1, description="LiteLLM's per-key concurrency limit; None = unlimited"
     )
+    rpm_limit: int | None = Field(
+        default=None, ge=1, description="requests per minute (LiteLLM's limiter); None = unlimited"
+    )
+    tpm_limit: int | None = Field(
+        default=None, ge=1, description="tokens per minute (LiteLLM's limiter); None = unlimited"
+    )
+    expires: datetime | None = Field(
+        default=None, description="after this the key is refused (401 expired_key); None = never"
+    )
+    metadata: dict[str, Any] = Field(
+        default_factory=dict,
+        description="the key's LiteLLM metadata besides priority (ids and labels: no secrets)",
+    )
     created_at: datetime
 
     @computed_field  # type: ignore[prop-decorator]
@@ -126,15 +145,28 @@ class KeyRecord(BaseModel):
             return tuple(out)
         return value
 
+    @field_validator("metadata", mode="before")
+    @classmethod
+    def _metadata(cls, value: object) -> object:
+        return json.loads(value) if isinstance(value, str) else ({} if value is None else value)
+
+    def expired(self, now: datetime | None = None) -> bool:
+        return self.expires is not None and (now or datetime.now(UTC)) >= self.expires
+
     def to_redis(self) -> dict[str, str]:
+        def optional(value: object) -> str:
+            return "" if value is None else str(value)
+
         return {
             "key_id": self.key_id,
             "alias": self.alias,
             "models": json.dumps(list(self.models)),
             "priority": str(self.priority),
-            "max_parallel_requests": ""
-            if self.max_parallel_requests is None
-            else str(self.max_parallel_requests),
+            "max_parallel_requests": optional(self.max_parallel_requests),
+            "rpm_limit": optional(self.rpm_limit),
+            "tpm_limit": optional(self.tpm_limit),
+            "expires": "" if self.expires is None else self.expires.isoformat(),
+            "metadata": json.dumps(self.metadata, sort_keys=True),
             "created_at": self.created_at.isoformat(),
         }
 
@@ -202,19 +234,31 @@ class KeyStore:
         models: Sequence[str] = (),
         priority: int = DEFAULT_PRIORITY,
         max_parallel_requests: int | None = None,
+        *,
+        rpm_limit: int | None = None,
+        tpm_limit: int | None = None,
+        expires: datetime | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        plaintext: str | None = None,
     ) -> tuple[str, KeyRecord]:
         """A new key and its record. The key is in the return value only: show it once.
+        ``plaintext``: the key itself, chosen by the caller (LiteLLM's ``/key/generate`` takes
+        one); default a new random one.
 
         Raises ``AliasExistsError`` if a live key has this alias, ``pydantic.ValidationError``
         for bad fields.
         """
-        plaintext = new_key()
+        plaintext = plaintext or new_key()
         record = KeyRecord(
             key_hash=hash_key(plaintext),
             alias=alias,
             models=tuple(models),
             priority=priority,
             max_parallel_requests=max_parallel_requests,
+            rpm_limit=rpm_limit,
+            tpm_limit=tpm_limit,
+            expires=expires,
+            metadata=dict(metadata or {}),
             created_at=datetime.now(UTC),
         )
         set_key = self._keys.api_keys()
@@ -246,6 +290,42 @@ class KeyStore:
                 )
         log.info("created key %s alias %r on %s", record.key_id, alias, self.describe())
         return plaintext, record
+
+    async def update(self, key_hash: str, **changes: Any) -> KeyRecord:
+        """Change a live key's record (``KeyRecord`` fields). Raises ``KeyNotFoundError``,
+        ``AliasExistsError`` (a new alias another live key has), ``ValidationError``."""
+        set_key = self._keys.api_keys()
+        record_key = self._keys.api_key(key_hash)
+        async with self._client.pipeline(transaction=True) as pipe:
+            for attempt in range(_CREATE_RETRIES):
+                try:
+                    await pipe.watch(set_key, record_key)
+                    raw = await pipe.hgetall(record_key)
+                    if not raw:
+                        raise KeyNotFoundError(f"no key {key_id_from_hash(key_hash)}")
+                    current = KeyRecord.from_redis(key_hash, raw)
+                    record = KeyRecord.model_validate({**current.model_dump(), **changes})
+                    if record.alias != current.alias:
+                        hashes = [_text(h) for h in await pipe.smembers(set_key)]
+                        others = await self._aliases([h for h in hashes if h != key_hash])
+                        if record.alias in others.values():
+                            raise AliasExistsError(
+                                f"a key with alias {record.alias!r} already exists"
+                            )
+                    pipe.multi()
+                    pipe.delete(record_key)
+                    pipe.hset(record_key, mapping=record.to_redis())
+                    pipe.srem(set_key, key_hash)  # a write to the set: concurrent alias checks
+                    pipe.sadd(set_key, key_hash)  # (create's, update's) see the change and retry
+                    await pipe.execute()
+                    break
+                except WatchError:
+                    log.debug("update %s: changed meanwhile, retry %d", key_hash[:12], attempt)
+                    await pipe.reset()
+            else:
+                raise KeyStoreError(f"could not update key {key_id_from_hash(key_hash)}")
+        log.info("updated key %s (%s) on %s", record.key_id, sorted(changes), self.describe())
+        return record
 
     async def lookup(self, plaintext: str) -> KeyRecord | None:
         """The live record of a key, or None if the key is unknown or revoked."""

@@ -42,6 +42,7 @@ from redis.exceptions import RedisError
 
 from core.keyschema import KeySchema
 from core.redis_client import PoolExhausted, PoolWaits, fail_fast_redis
+from plugins import tracing
 from plugins.redis_outage import RedisOutage
 from plugins.request_ticket import TICKETS, Held, RequestTicket, Routing, TicketBook
 from plugins.routing.fallback import LocalCounts
@@ -234,7 +235,8 @@ class LeastBusyStrategy(CustomRoutingStrategyBase):
         call_id = kwargs.get("litellm_call_id")
         if not call_id:
             call_id = kwargs["litellm_call_id"] = str(uuid.uuid4())
-        return await self.choose_deployment(model, deployments, str(call_id))
+        with tracing.span("triage.pick", span or tracing.parent_span(kwargs), model=model):
+            return await self.choose_deployment(model, deployments, str(call_id))
 
     def get_available_deployment(  # type: ignore[override]
         self,
@@ -283,9 +285,11 @@ class LeastBusyStrategy(CustomRoutingStrategyBase):
         routing = self._routing(ticket)
         # a retry goes to a replica this request has not failed on, while there is one
         ids = [r for r in by_id if r not in ticket.failed] or list(by_id)
+        tracing.annotate(retry=bool(ticket.failed), candidates=len(ids))
         prepicked, routing.prepicked = routing.prepicked, None
         if prepicked is not None:
             if prepicked in ids:
+                tracing.annotate(replica=prepicked, pick__source="gate")
                 return by_id[prepicked]
             # the router's filters (cooldown...) dropped it since: give it back, pick anew
             held = ticket.take_reservation(prepicked)
@@ -322,6 +326,12 @@ class LeastBusyStrategy(CustomRoutingStrategyBase):
                 self._hold(ticket, Held(reservation.replica_id, reservation.reservation_id, False))
                 PICKS.labels(model, reservation.replica_id, "redis").inc()
                 PICK_SCORE_MS.labels(model, reservation.replica_id).observe(reservation.score)
+                tracing.annotate(
+                    replica=reservation.replica_id,
+                    score=reservation.score,
+                    pick__source="redis",
+                    inflight=reservation.inflight,
+                )
                 log.debug(
                     "routing: %s -> %s (score %.3f, inflight %d)",
                     model,
@@ -348,6 +358,7 @@ class LeastBusyStrategy(CustomRoutingStrategyBase):
         self._hold(ticket, Held(chosen, "", True))
         PICKS.labels(model, chosen, "local").inc()
         PICK_SECONDS.observe(time.perf_counter() - started)
+        tracing.annotate(replica=chosen, pick__source="local")
         return by_id[chosen]
 
     # -- releases --------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from litellm import Router
 from litellm.router_utils.add_retry_fallback_headers import get_hidden_params_dict
 from prometheus_client import Counter
 
+from plugins import tracing
 from plugins.overflow import is_upstream_overflow
 from plugins.routing.strategy import LeastBusyStrategy
 
@@ -148,4 +149,11 @@ async def _restart(
         new_id,
         sorted(avoid),
     )
-    return await router.acompletion(**restart_kwargs(request_data, new_id))
+    with tracing.span(
+        "triage.stream_restart",
+        tracing.parent_span(request_data),
+        model=model,
+        failed_replica=replica,
+        restart=len(previous) + 1,
+    ):
+        return await router.acompletion(**restart_kwargs(request_data, new_id))

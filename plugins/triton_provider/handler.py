@@ -39,7 +39,9 @@ import httpx
 import litellm
 from litellm.llms.custom_llm import CustomLLM
 from litellm.types.utils import GenericStreamingChunk, ModelResponse
+from opentelemetry.trace import Span, StatusCode
 
+from plugins import tracing
 from plugins.triton_provider.chat_template import ChatTemplateError, chat_template
 from plugins.triton_provider.dialects import Dialect, TextReader, dialect
 from plugins.triton_provider.errors import (
@@ -83,6 +85,10 @@ class PreparedRequest:
     upstream_stream: bool = True
     """Posted to ``/generate_stream`` (streams, and non-streaming calls by default: their
     events make one answer); False: ``/generate``, one answer."""
+    replica_id: str | None = None
+    """The deployment's ``model_info.id`` (the replica its sidecar publishes)."""
+    parent_span: Span | None = None
+    """LiteLLM's span of the proxy request (``plugins/tracing.py``)."""
 
     def context(self) -> str:
         return f"call={self.call_id} model={self.model} api_base={self.api_base}"
@@ -301,6 +307,8 @@ class TritonGenerateHandler(CustomLLM):
             call_id=str(litellm_params.get("litellm_call_id") or "-"),
             dialect=wire,
             upstream_stream=upstream_stream,
+            replica_id=(litellm_params.get("model_info") or {}).get("id"),
+            parent_span=tracing.parent_span(litellm_params),
         )
 
     # ---- errors --------------------------------------------------------------------------------
@@ -370,6 +378,14 @@ class TritonGenerateHandler(CustomLLM):
         LiteLLM exceptions. Closing the generator (a stop word in ``state``, or the consumer
         stopped or was cancelled) closes the upstream request, which makes Triton cancel it in
         the engine."""
+        attempt = tracing.start_span(
+            "triage.upstream",
+            request.parent_span,
+            replica=request.replica_id,
+            model=request.model,
+            upstream__endpoint=request.url.rsplit("/", 1)[-1],
+            max_tokens=request.max_tokens,
+        )
         try:
             async with self.async_client().stream(
                 "POST",
@@ -379,6 +395,7 @@ class TritonGenerateHandler(CustomLLM):
                 timeout=request.timeout,
             ) as response:
                 status = response.status_code
+                attempt.set_attribute("http.response.status_code", status)
                 if status != 200:
                     body = (await response.aread()).decode("utf-8", errors="replace")
                     raise self.response_error(request, status, body)
@@ -391,8 +408,11 @@ class TritonGenerateHandler(CustomLLM):
                     if event is not None:
                         yield event
         except httpx.TransportError as exc:
+            attempt.record_exception(exc)
+            attempt.set_status(StatusCode.ERROR, type(exc).__name__)
             raise self.transport_error(request, exc) from exc
         except (GeneratorExit, asyncio.CancelledError):
+            attempt.set_attribute("triage.upstream.closed_early", True)
             if not state.stopped:  # not our own stop at a stop word: the caller went away
                 log.info(
                     "%s: the caller stopped after %d events; upstream request closed%s",
@@ -401,6 +421,13 @@ class TritonGenerateHandler(CustomLLM):
                     "" if request.upstream_stream else " (Triton 2.51 keeps generating it)",
                 )
             raise
+        except Exception as exc:  # an error answer (HTTP or in-band) or a malformed one
+            attempt.record_exception(exc)
+            attempt.set_status(StatusCode.ERROR, type(exc).__name__)
+            raise
+        finally:
+            attempt.set_attribute("triage.upstream.events", state.events)
+            attempt.end()
 
     def collected_response(
         self, request: PreparedRequest, state: StreamState, model_response: ModelResponse
