@@ -12,6 +12,8 @@ import pytest
 from redis.asyncio import Redis
 
 from devstack.redis_launcher import RedisServer
+from devstack.stack import Stack
+from devstack.stack_settings import StackSettings
 
 # litellm fetches its model cost map from the internet at import unless told not to
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
@@ -31,6 +33,26 @@ def redis_server(workdir: Path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def small_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """One embedded stack (one stand-in replica, one proxy with every plugin) shared by the
+    modules that only talk to a proxy and leave nothing running behind (keys, routes, traces):
+    one start instead of one each. A module whose tests load the fleet, or change its shape,
+    starts its own."""
+    settings = StackSettings(
+        catalogue=[],  # a stack of one model: no cold catalogue sidecars
+        replicas=1,
+        decode_ms_per_token=2.0,
+        num_retries=0,  # LiteLLM retries a malformed body's APIConnectionError (5 s a request)
+        workdir=tmp_path_factory.mktemp("small-stack"),
+    )
+    running = Stack(settings).start()
+    try:
+        yield running
+    finally:
+        running.stop()
 
 
 @pytest.fixture

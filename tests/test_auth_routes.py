@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +19,6 @@ import pytest
 from redis.asyncio import Redis
 
 from devstack.stack import Stack
-from devstack.stack_settings import StackSettings
 from plugins.auth.keystore import KeyStore
 
 from proxy_helpers import MESSAGES, sdk
@@ -41,19 +40,8 @@ class Keys:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    settings = StackSettings(
-        catalogue=[],  # a stack of one model: no cold catalogue sidecars
-        replicas=1,
-        decode_ms_per_token=2.0,
-        num_retries=0,  # LiteLLM retries a malformed body's APIConnectionError (5 s a request)
-        workdir=tmp_path_factory.mktemp("auth-routes-stack"),
-    )
-    running = Stack(settings).start()
-    try:
-        yield running
-    finally:
-        running.stop()
+def stack(small_stack: Stack) -> Stack:
+    return small_stack
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ import pytest
 from litellm.proxy._types import GenerateKeyRequest, UpdateKeyRequest
 
 from devstack.stack import Stack
-from devstack.stack_settings import StackSettings
 from plugins.auth.key_management import expiry, key_name, split_metadata, unsupported
 
 MODEL = "standin"
@@ -39,18 +38,8 @@ def test_the_store_refuses_what_it_would_not_keep() -> None:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    settings = StackSettings(
-        replicas=1,
-        catalogue=[],
-        decode_ms_per_token=2.0,
-        workdir=tmp_path_factory.mktemp("key-management"),
-    )
-    running = Stack(settings).start()
-    try:
-        yield running
-    finally:
-        running.stop()
+def stack(small_stack: Stack) -> Stack:
+    return small_stack
 
 
 @pytest.fixture

@@ -29,7 +29,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     settings = StackSettings(
         catalogue=[],  # a stack of one model: no cold catalogue sidecars
         replicas=2,
-        proxies=2,
+        proxies=1,
         poll_interval_ms=100,
         decode_ms_per_token=5.0,
         max_active=2,
@@ -69,7 +69,7 @@ async def test_primary_killed_under_load_fails_over_and_loses_nothing(stack: Sta
         figures["answered_during_failover"] = len(load.outcomes)
 
     kinds, healed, load = await under_load(
-        stack, "Redis primary SIGKILL, Sentinel failover", kill_primary, after_s=5.0
+        stack, "Redis primary SIGKILL, Sentinel failover", kill_primary, after_s=3.0
     )
     ok_after = [
         o for o in load.outcomes[int(figures["answered_during_failover"]) :] if o.kind == "ok"

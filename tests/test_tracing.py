@@ -25,7 +25,6 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from devstack.proxy_launcher import LiteLLMProxy, start_proxy
 from devstack.stack import Stack
-from devstack.stack_settings import StackSettings
 from plugins import tracing
 from plugins.proxy_config import (
     ProxyOptions,
@@ -97,21 +96,15 @@ def finished_spans(log: Path) -> list[dict[str, Any]]:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    settings = StackSettings(
-        replicas=2, proxies=0, catalogue=[], workdir=tmp_path_factory.mktemp("tracing")
-    )
-    running = Stack(settings).start()
-    try:
-        yield running
-    finally:
-        running.stop()
+def stack(small_stack: Stack) -> Stack:
+    return small_stack
 
 
 @pytest.fixture(scope="module")
 def traced_proxy(stack: Stack) -> Iterator[LiteLLMProxy]:
     endpoints = [ReplicaEndpoint(rid, s.http_url) for rid, s in stack.replicas.items()]
-    config = build_proxy_config("standin", "standin", endpoints, ProxyOptions(otel=True))
+    options = ProxyOptions(otel=True, num_retries=stack.settings.num_retries)
+    config = build_proxy_config("standin", "standin", endpoints, options)
     path = write_proxy_config(config, stack.workdir / "proxy-otel.yaml")
     env = proxy_env(stack.redis_url(), stack.settings.key_prefix, stack.master_key)
     env["OTEL_EXPORTER"] = "console"
