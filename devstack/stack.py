@@ -358,13 +358,13 @@ class Stack:
         }
 
     def stop(self) -> None:
-        """Stop in reverse order of start, each tier's parts side by side (every part is
-        attempted even if one fails), then remove ``stack.json``."""
-        stop_concurrently(self.proxies)
-        stop_concurrently(self.sidecars.values())
-        stop_concurrently(self.replicas.values())
-        if self.redis_ha is not None:
-            self.redis_ha.stop()
-        stop_concurrently([self.redis])
+        """Stop in two tiers, each tier's parts side by side (every part is attempted even if
+        one fails), then remove ``stack.json``: first what uses the others (the proxies, and
+        the sidecars, which withdraw their replica's state from Redis as they stop), then what
+        is used (the replicas and Redis)."""
+        stop_concurrently([*self.proxies, *self.sidecars.values()])
+        used: list[Any] = [*self.replicas.values()]
+        used += self.redis_ha.parts() if self.redis_ha is not None else [self.redis]
+        stop_concurrently(used)
         for path in (self.state_path, self.state_path.with_suffix(".json.partial")):
             path.unlink(missing_ok=True)
