@@ -35,12 +35,19 @@ def redis_server(workdir: Path) -> Iterator[RedisServer]:
         server.stop()
 
 
+SMALL_STACK = "small_stack"
+_small: dict[str, Stack] = {}
+
+
 @pytest.fixture(scope="session")
-def small_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def small_stack(tmp_path_factory: pytest.TempPathFactory) -> Stack:
     """One embedded stack (one stand-in replica, one proxy with every plugin) shared by the
     modules that only talk to a proxy and leave nothing running behind (keys, routes, traces):
-    one start instead of one each. A module whose tests load the fleet, or change its shape,
-    starts its own."""
+    one start instead of one each. Its users run one after another
+    (``pytest_collection_modifyitems``) and it stops after the last of them
+    (``pytest_runtest_teardown``): idle processes left running would take CPU from the
+    timing-sensitive tests after them. A module whose tests load the fleet, or change its
+    shape, starts its own."""
     settings = StackSettings(
         catalogue=[],  # a stack of one model: no cold catalogue sidecars
         replicas=1,
@@ -48,11 +55,26 @@ def small_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         num_retries=0,  # LiteLLM retries a malformed body's APIConnectionError (5 s a request)
         workdir=tmp_path_factory.mktemp("small-stack"),
     )
-    running = Stack(settings).start()
-    try:
-        yield running
-    finally:
-        running.stop()
+    _small[SMALL_STACK] = Stack(settings).start()
+    return _small[SMALL_STACK]
+
+
+def group_small_stack_users(items: list[pytest.Item]) -> None:
+    """The small stack's users one after another, where the first of them was."""
+    users = [item for item in items if SMALL_STACK in getattr(item, "fixturenames", ())]
+    if not users:
+        return
+    first = items.index(users[0])
+    rest = [item for item in items if item not in users]
+    items[:] = rest[:first] + users + rest[first:]
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    if SMALL_STACK in _small and (
+        nextitem is None or SMALL_STACK not in getattr(nextitem, "fixturenames", ())
+    ):
+        _small.pop(SMALL_STACK).stop()
 
 
 @pytest.fixture
@@ -84,5 +106,7 @@ async def no_task_outlives_the_session() -> AsyncIterator[None]:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Integration tests (real processes) run after the fast unit tests."""
+    """Integration tests (real processes) run after the fast unit tests; the small stack's
+    users one after another."""
     items.sort(key=lambda item: item.get_closest_marker("integration") is not None)
+    group_small_stack_users(items)
