@@ -153,3 +153,25 @@ def test_a_keys_own_rate_limit_is_not_an_upstream_overflow() -> None:
     limited = ProxyRateLimitError(detail="over rpm", headers={"retry-after": "60"})
     assert not is_upstream_overflow(limited)
     assert is_upstream_overflow(RateLimitError("replica full", "triage_triton", "m"))
+
+
+def test_the_routes_give_way_to_litellms_own_with_database_keys(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Put ahead of LiteLLM's routes, they match only while the offline store is the proxy's
+    ``custom_auth``: with LiteLLM's database keys its own ``/key/*`` routes answer."""
+    from fastapi import FastAPI
+    from litellm.proxy import proxy_server
+    from starlette.routing import Match
+
+    from plugins.auth.custom_auth import user_api_key_auth
+    from plugins.auth.key_management import install_key_routes
+
+    app = FastAPI()
+    install_key_routes(app)
+    (route,) = [r for r in app.router.routes if getattr(r, "path", "") == "/key/generate"]
+    scope = {"type": "http", "path": "/key/generate", "method": "POST", "root_path": ""}
+    monkeypatch.setattr(proxy_server, "user_custom_auth", None, raising=False)
+    assert route.matches(scope)[0] == Match.NONE
+    monkeypatch.setattr(proxy_server, "user_custom_auth", user_api_key_auth, raising=False)
+    assert route.matches(scope)[0] == Match.FULL

@@ -14,11 +14,13 @@ keeps:
 * any other field set to something else than its default is refused with 400 naming it: the
   store would not keep it, and a limit that silently does not apply is worse than an error.
 
-The master key only (403 otherwise). The limits are enforced where LiteLLM enforces them for its
-own keys: ``rpm_limit`` / ``tpm_limit`` / ``max_parallel_requests`` by LiteLLM's rate limiter
-(429 with ``retry-after``), expiry by the key check (401 ``expired_key``). A deleted or changed
-key takes effect at once in the proxy process that served the call, within the key cache's TTL
-(``TRIAGE_KEYS_CACHE_TTL_S``) in the others.
+The master key only (403 otherwise). Only while the offline store is the proxy's
+``custom_auth``: with LiteLLM's database keys its own routes answer (``OfflineKeyRoute``). The
+limits are enforced where LiteLLM enforces them for its own keys: ``rpm_limit`` / ``tpm_limit``
+/ ``max_parallel_requests`` by LiteLLM's rate limiter (429 with ``retry-after``), expiry by the
+key check (401 ``expired_key``). A deleted or changed key takes effect at once in the proxy
+process that served the call, within the key cache's TTL (``TRIAGE_KEYS_CACHE_TTL_S``) in the
+others.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from litellm.proxy._types import (
     UserAPIKeyAuth,
 )
 from pydantic import BaseModel, ValidationError
+from starlette.routing import Match
 
 from plugins.auth.custom_auth import get_authenticator
 from plugins.auth.disclosure import is_admin
@@ -272,8 +275,28 @@ async def delete(body: dict[str, Any], user: UserAPIKeyAuth) -> dict[str, Any]:
     return {"deleted_keys": names}
 
 
+def offline_store_in_use() -> bool:
+    """Whether the proxy's ``custom_auth`` is the offline key store's (mode 1): with LiteLLM's
+    database keys (mode 2), LiteLLM's own key routes answer."""
+    from litellm.proxy import proxy_server
+
+    from plugins.auth.custom_auth import user_api_key_auth
+
+    return getattr(proxy_server, "user_custom_auth", None) is user_api_key_auth
+
+
+class OfflineKeyRoute(APIRoute):
+    """A route that matches only while the offline key store is the proxy's auth, so that the
+    routes put ahead of LiteLLM's never hide its database-backed ones."""
+
+    def matches(self, scope: Any) -> tuple[Match, dict[str, Any]]:
+        if not offline_store_in_use():
+            return Match.NONE, {}
+        return super().matches(scope)
+
+
 def install_key_routes(app: FastAPI) -> None:
-    """Serve the four routes ahead of LiteLLM's, behind LiteLLM's key check."""
+    """Serve the four routes ahead of LiteLLM's, behind LiteLLM's key check (mode 1 only)."""
     from litellm.proxy.auth.user_api_key_auth import user_api_key_auth
 
     auth = Depends(user_api_key_auth)
@@ -296,6 +319,6 @@ def install_key_routes(app: FastAPI) -> None:
         ("/key/update", update_route, "POST"),
         ("/key/delete", delete_route, "POST"),
     ):
-        route = APIRoute(path, handler, methods=[method], tags=["key management"])
+        route = OfflineKeyRoute(path, handler, methods=[method], tags=["key management"])
         app.router.routes.insert(0, route)
     log.info("key management: %s served by the offline key store", ", ".join(KEY_ROUTES))
