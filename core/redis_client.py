@@ -139,10 +139,16 @@ def redis_client(url: str, **connection_kwargs: Any) -> Redis:
 def sentinel_master(
     target: SentinelTarget, pool_class: type[SentinelConnectionPool], **connection_kwargs: Any
 ) -> Redis:
-    """A client of the primary the Sentinels name for ``target.service``. The Sentinels are
-    asked with the same socket timeouts (a dead Sentinel costs one timeout, then the next)."""
-    timeouts = {k: v for k, v in connection_kwargs.items() if k.startswith("socket_")}
-    sentinel_kwargs: dict[str, Any] = dict(timeouts)
+    """A client of the primary the Sentinels name for ``target.service``."""
+    # a connect asks the Sentinels in turn, and the fail-fast client retries a connect once:
+    # each Sentinel gets a share of the timeout, so that all of them timing out costs about
+    # one timeout, not 2 x their number (the request path must fail fast in an outage)
+    share = 2 * len(target.sentinels)
+    sentinel_kwargs: dict[str, Any] = {
+        k: v / share
+        for k, v in connection_kwargs.items()
+        if k in ("socket_timeout", "socket_connect_timeout") and v is not None
+    }
     if target.sentinel_password is not None:
         sentinel_kwargs["password"] = target.sentinel_password
     sentinel = Sentinel(list(target.sentinels), sentinel_kwargs=sentinel_kwargs)

@@ -14,9 +14,10 @@ and replicas in one call).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Annotated
-from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from pydantic import AfterValidator
 
@@ -105,17 +106,13 @@ RedisUrl = Annotated[str, AfterValidator(check_redis_url)]
 """A settings field holding a Redis URL (plain or Sentinel), checked at startup."""
 
 
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*://)([^:@/?#]*):(.*)@")
+_SECRET_QUERY = re.compile(r"([?&][^=&#]*password[^=&#]*=)[^&#]*", re.IGNORECASE)
+
+
 def redacted(url: str) -> str:
-    """The URL without its passwords, for logs and messages."""
-    parts = urlsplit(url)
-    if "sentinel_password=" in parts.query:
-        query = "&".join(
-            "sentinel_password=***" if q.startswith("sentinel_password=") else q
-            for q in parts.query.split("&")
-        )
-        parts = parts._replace(query=query)
-    if "@" not in parts.netloc:
-        return urlunsplit(parts)
-    userinfo, host = parts.netloc.rsplit("@", 1)
-    user = userinfo.split(":", 1)[0]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    """The URL without its passwords, for logs and messages: everything between the user
+    and the last ``@`` (a password may hold ``/``, ``?`` or ``#`` unescaped), and every query
+    parameter whose name says password (``sentinel_password``, redis-py's ``password``)."""
+    masked = _USERINFO.sub(lambda m: f"{m.group(1)}{m.group(2)}:***@", url, count=1)
+    return _SECRET_QUERY.sub(lambda m: f"{m.group(1)}***", masked)

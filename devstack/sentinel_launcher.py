@@ -48,7 +48,7 @@ class RedisSentinel:
         lines = [
             "bind 127.0.0.1",
             f"port {self.port}",
-            f"dir {self.workdir}",
+            f'dir "{self.workdir}"',
             f"sentinel monitor {SERVICE} 127.0.0.1 {self.primary_port} {self.quorum}",
             f"sentinel down-after-milliseconds {SERVICE} {DOWN_AFTER_MS}",
             f"sentinel failover-timeout {SERVICE} {FAILOVER_TIMEOUT_MS}",

@@ -242,7 +242,7 @@ class Stack:
         from plugins.auth.settings import KeysSettings
 
         assert self.redis is not None
-        store = KeyStore.from_settings(  # the default user: the proxies may only read keys
+        store = KeyStore.from_settings(  # as the default user, as `triage keys` would
             KeysSettings(redis_url=self.redis_url(), key_prefix=self.settings.key_prefix)
         )
         try:

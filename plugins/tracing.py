@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from opentelemetry import trace
-from opentelemetry.trace import Span
+from opentelemetry.trace import Span, StatusCode
 
 TRACER = trace.get_tracer("triage")
 PARENT_KEY = "litellm_parent_otel_span"
@@ -54,9 +54,24 @@ def span(name: str, parent: Span | None, **attributes: Attribute | None) -> Iter
     block; an exception leaving the block is recorded on it, and marks it an error."""
     context = trace.set_span_in_context(parent) if parent is not None else None
     with TRACER.start_as_current_span(
-        name, context=context, attributes=_attributes(_dotted(attributes))
+        name,
+        context=context,
+        attributes=_attributes(_dotted(attributes)),
+        record_exception=False,  # a message may quote upstream text: the type only, below
+        set_status_on_exception=False,
     ) as current:
-        yield current
+        try:
+            yield current
+        except BaseException as exc:
+            failed(current, exc)
+            raise
+
+
+def failed(current: Span, exc: BaseException) -> None:
+    """Mark ``current`` failed by ``exc``: its type, never its message (which may quote an
+    upstream answer's text)."""
+    current.set_attribute("triage.error", type(exc).__name__)
+    current.set_status(StatusCode.ERROR, type(exc).__name__)
 
 
 def start_span(name: str, parent: Span | None, **attributes: Attribute | None) -> Span:

@@ -127,6 +127,17 @@ def test_expiry_tpm_limit_and_refusals(stack: Stack, admin: httpx.Client) -> Non
     assert answers[0].status_code == 200, answers[0].text
     assert answers[-1].status_code == 429 and float(answers[-1].headers["retry-after"]) > 0
 
+    assert admin.post("/key/generate", json={"key": "abc"}).status_code == 400  # not sk-...
+    chosen = admin.post("/key/generate", json={"key": "sk-chosen-0123456789"})
+    assert chosen.status_code == 200 and chosen.json()["key"] == "sk-chosen-0123456789"
+    assert admin.post("/key/generate", json={"key": "sk-chosen-0123456789"}).status_code == 400
+    blocked = admin.post("/key/update", json={"key": "sk-chosen-0123456789", "rpm_limit": 0})
+    assert blocked.status_code == 200 and blocked.json()["rpm_limit"] == 0  # 0 is a limit
+    assert chat(stack, "sk-chosen-0123456789").status_code == 429  # LiteLLM's: blocked
+    by_alias = admin.post("/key/delete", json={"key_aliases": [chosen.json()["key_alias"]]})
+    assert by_alias.status_code == 200
+    assert admin.post("/key/delete", json={"key_aliases": ["no-such-alias"]}).status_code == 404
+
     refused = admin.post("/key/generate", json={"max_budget": 10})
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "max_budget"
     assert admin.post("/key/generate", json={"key_alias": tokens["key_alias"]}).status_code == 400

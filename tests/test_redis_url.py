@@ -68,3 +68,9 @@ def test_redacted_hides_every_password() -> None:
         == "redis+sentinel://:***@a:1,b:2/s?sentinel_password=***"
     )
     assert redacted("redis://h:1/0") == "redis://h:1/0"
+    # a base64 password may hold "/", "?" or "#" unescaped: masked all the same
+    assert redacted("redis://:Ab+c/d9==@redis:6379/0") == "redis://:***@redis:6379/0"
+    assert redacted("redis://h/0?password=x") == "redis://h/0?password=***"
+    with pytest.raises(ValueError) as caught:
+        check_redis_url("redis://:Ab+c/d9==@:6379/0")
+    assert "d9==" not in str(caught.value)

@@ -26,6 +26,7 @@ others.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -42,6 +43,7 @@ from litellm.proxy._types import (
     UserAPIKeyAuth,
 )
 from pydantic import BaseModel, ValidationError
+from redis.exceptions import RedisError
 from starlette.routing import Match
 
 from plugins.auth.custom_auth import get_authenticator
@@ -51,6 +53,7 @@ from plugins.auth.keystore import (
     KeyNotFoundError,
     KeyRecord,
     KeyStore,
+    KeyStoreError,
     hash_key,
     new_alias,
 )
@@ -180,6 +183,8 @@ async def generate(body: dict[str, Any], user: UserAPIKeyAuth) -> dict[str, Any]
     admin_only(user)
     request = parsed(GenerateKeyRequest, body)
     refuse_unsupported(request)
+    if request.key is not None and not (request.key.startswith("sk-") and len(request.key) >= 16):
+        raise error("a chosen key must start with 'sk-' and be 16 characters or more", 400, "key")
     now = datetime.now(UTC)
     priority, metadata = split_metadata(request.metadata)
     store = get_authenticator().store
@@ -197,6 +202,8 @@ async def generate(body: dict[str, Any], user: UserAPIKeyAuth) -> dict[str, Any]
         )
     except AliasExistsError as exc:
         raise error(str(exc), 400, "key_alias") from exc
+    except KeyStoreError as exc:  # e.g. a chosen key that already exists
+        raise error(str(exc), 400, "key") from exc
     except ValidationError as exc:
         raise error(f"invalid key: {exc.errors()[0]['msg']}", 400) from exc
     response = GenerateKeyResponse(
@@ -229,9 +236,11 @@ async def update(body: dict[str, Any], user: UserAPIKeyAuth) -> dict[str, Any]:
     authenticator = get_authenticator()
     record = await record_or_404(authenticator.store, request.key)
     changes: dict[str, Any] = {}
-    for name in ("models", "max_parallel_requests", "rpm_limit", "tpm_limit"):
-        if name in request.model_fields_set:
-            changes[name] = getattr(request, name) or (() if name == "models" else None)
+    if "models" in request.model_fields_set:
+        changes["models"] = request.models or ()
+    for name in ("max_parallel_requests", "rpm_limit", "tpm_limit"):
+        if name in request.model_fields_set:  # 0 is a limit (LiteLLM's "blocked"), not none
+            changes[name] = getattr(request, name)
     if request.key_alias is not None:
         changes["alias"] = request.key_alias
     if request.duration is not None:
@@ -264,11 +273,11 @@ async def delete(body: dict[str, Any], user: UserAPIKeyAuth) -> dict[str, Any]:
     hashes: list[str] = []
     for key in request.keys or []:
         hashes.append((await record_or_404(store, key)).key_hash)
+    aliases = {alias: h for h, alias in (await store.aliases()).items()}
     for alias in request.key_aliases or []:
-        try:
-            hashes.append(await store.find(alias))
-        except KeyNotFoundError as exc:
-            raise error(str(exc), 404, "key_aliases", "not_found_error") from exc
+        if alias not in aliases:  # aliases only: never a key id that looks like one
+            raise error(f"no key with alias {alias!r}", 404, "key_aliases", "not_found_error")
+        hashes.append(aliases[alias])
     for key_hash in hashes:
         await store.revoke(key_hash)
         authenticator.forget(key_hash)
@@ -282,7 +291,12 @@ def offline_store_in_use() -> bool:
 
     from plugins.auth.custom_auth import user_api_key_auth
 
-    return getattr(proxy_server, "user_custom_auth", None) is user_api_key_auth
+    # by name: LiteLLM may load custom_auth from a file path, a second copy of the function
+    configured = getattr(proxy_server, "user_custom_auth", None)
+    return (getattr(configured, "__module__", None), getattr(configured, "__qualname__", None)) in (
+        (user_api_key_auth.__module__, user_api_key_auth.__qualname__),
+        ("custom_auth", user_api_key_auth.__qualname__),
+    )
 
 
 class OfflineKeyRoute(APIRoute):
@@ -295,6 +309,21 @@ class OfflineKeyRoute(APIRoute):
         return super().matches(scope)
 
 
+async def store_call(call: Awaitable[dict[str, Any]]) -> dict[str, Any]:
+    """The route's answer; the key store unreachable is a 503 with Retry-After, not a 500."""
+    try:
+        return await call
+    except RedisError as exc:
+        log.error("key management: key store unreachable: %s: %s", type(exc).__name__, exc)
+        raise ProxyException(
+            message="The key store is unavailable right now; retry shortly.",
+            type="service_unavailable",
+            param=None,
+            code=status.HTTP_503_SERVICE_UNAVAILABLE,
+            headers={"Retry-After": "1"},
+        ) from exc
+
+
 def install_key_routes(app: FastAPI) -> None:
     """Serve the four routes ahead of LiteLLM's, behind LiteLLM's key check (mode 1 only)."""
     from litellm.proxy.auth.user_api_key_auth import user_api_key_auth
@@ -302,16 +331,16 @@ def install_key_routes(app: FastAPI) -> None:
     auth = Depends(user_api_key_auth)
 
     async def generate_route(body: dict[str, Any], user: UserAPIKeyAuth = auth) -> Any:
-        return await generate(body, user)
+        return await store_call(generate(body, user))
 
     async def info_route(key: str | None = None, user: UserAPIKeyAuth = auth) -> Any:
-        return await info(key, user)
+        return await store_call(info(key, user))
 
     async def update_route(body: dict[str, Any], user: UserAPIKeyAuth = auth) -> Any:
-        return await update(body, user)
+        return await store_call(update(body, user))
 
     async def delete_route(body: dict[str, Any], user: UserAPIKeyAuth = auth) -> Any:
-        return await delete(body, user)
+        return await store_call(delete(body, user))
 
     for path, handler, method in (
         ("/key/generate", generate_route, "POST"),

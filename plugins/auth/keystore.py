@@ -110,10 +110,14 @@ class KeyRecord(BaseModel):
         default=None, ge=1, description="LiteLLM's per-key concurrency limit; None = unlimited"
     )
     rpm_limit: int | None = Field(
-        default=None, ge=1, description="requests per minute (LiteLLM's limiter); None = unlimited"
+        default=None,
+        ge=0,
+        description="requests per minute (LiteLLM's limiter; 0 blocks the key); None = unlimited",
     )
     tpm_limit: int | None = Field(
-        default=None, ge=1, description="tokens per minute (LiteLLM's limiter); None = unlimited"
+        default=None,
+        ge=0,
+        description="tokens per minute (LiteLLM's limiter; 0 blocks the key); None = unlimited",
     )
     expires: datetime | None = Field(
         default=None, description="after this the key is refused (401 expired_key); None = never"
@@ -400,6 +404,11 @@ class KeyStore:
                 )
         records.sort(key=lambda r: (r.created_at, r.key_hash))
         return records
+
+    async def aliases(self) -> dict[str, str]:
+        """Every live key's alias, by its SHA-256."""
+        hashes = [_text(h) for h in await self._client.smembers(self._keys.api_keys())]
+        return await self._aliases(hashes)
 
     async def _aliases(self, hashes: Sequence[str]) -> dict[str, str]:
         if not hashes:

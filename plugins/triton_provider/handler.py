@@ -39,7 +39,7 @@ import httpx
 import litellm
 from litellm.llms.custom_llm import CustomLLM
 from litellm.types.utils import GenericStreamingChunk, ModelResponse
-from opentelemetry.trace import Span, StatusCode
+from opentelemetry.trace import Span
 
 from plugins import tracing
 from plugins.triton_provider.chat_template import ChatTemplateError, chat_template
@@ -408,8 +408,7 @@ class TritonGenerateHandler(CustomLLM):
                     if event is not None:
                         yield event
         except httpx.TransportError as exc:
-            attempt.record_exception(exc)
-            attempt.set_status(StatusCode.ERROR, type(exc).__name__)
+            tracing.failed(attempt, exc)
             raise self.transport_error(request, exc) from exc
         except (GeneratorExit, asyncio.CancelledError):
             attempt.set_attribute("triage.upstream.closed_early", True)
@@ -422,8 +421,7 @@ class TritonGenerateHandler(CustomLLM):
                 )
             raise
         except Exception as exc:  # an error answer (HTTP or in-band) or a malformed one
-            attempt.record_exception(exc)
-            attempt.set_status(StatusCode.ERROR, type(exc).__name__)
+            tracing.failed(attempt, exc)
             raise
         finally:
             attempt.set_attribute("triage.upstream.events", state.events)
