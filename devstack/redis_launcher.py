@@ -18,6 +18,7 @@ import secrets
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -137,8 +138,44 @@ def _quoted(path: Path) -> str:
     return '"' + str(path).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+class RedisProcess:
+    """The life of a ``redis-server`` process (a data node or a Sentinel) started from a
+    private config file on its own port: what the supervisor and the stack call."""
+
+    process: ManagedProcess | None
+    port: int
+
+    @property
+    def config_path(self) -> Path:
+        raise NotImplementedError
+
+    def start(self) -> Any:
+        raise NotImplementedError
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.alive()
+
+    def exit_status(self) -> str:
+        return self.process.exit_status() if self.process is not None else "not started"
+
+    def restart(self) -> None:
+        """Same port, same data folder (a data node's append-only file brings its keys back)."""
+        self.stop()
+        self.start()
+
+    def kill(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop()
+        if self.port:
+            self.config_path.unlink(missing_ok=True)  # it may hold passwords
+
+
 @dataclass
-class RedisServer:
+class RedisServer(RedisProcess):
     workdir: Path
     port: int = 0
     password: str | None = None
@@ -228,24 +265,3 @@ class RedisServer:
         finally:
             client.close()
         return info["role"] == "master" or info.get("master_link_status") == "up"
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.alive()
-
-    def exit_status(self) -> str:
-        return self.process.exit_status() if self.process is not None else "not started"
-
-    def restart(self) -> None:
-        """Same port, same data folder: the append-only file brings the key store back."""
-        self.stop()
-        self.start()
-
-    def kill(self) -> None:
-        if self.process is not None:
-            self.process.kill()
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.stop()
-        if self.port:
-            self.config_path.unlink(missing_ok=True)  # it may hold passwords

@@ -18,7 +18,7 @@ import redis
 
 from core.paths import free_port, redis_server_binary
 from core.process import ManagedProcess
-from devstack.redis_launcher import RedisServer
+from devstack.redis_launcher import RedisProcess, RedisServer
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ FAILOVER_TIMEOUT_MS = 10_000
 
 
 @dataclass
-class RedisSentinel:
+class RedisSentinel(RedisProcess):
     workdir: Path
     primary_port: int
     password: str | None
@@ -99,22 +99,6 @@ class RedisSentinel:
             )
         finally:
             client.close()
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.alive()
-
-    def exit_status(self) -> str:
-        return self.process.exit_status() if self.process is not None else "not started"
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.stop()
-        if self.port:
-            self.config_path.unlink(missing_ok=True)
 
 
 @dataclass

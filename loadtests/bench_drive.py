@@ -117,18 +117,7 @@ async def send(
         got = Attempt("lost", 0, detail="timeout")
     except (httpx.HTTPError, ValueError) as exc:
         got = Attempt("lost", 0, detail=type(exc).__name__)
-    return Record(
-        t=t,
-        latency_s=time.perf_counter() - started,
-        outcome=got.outcome,
-        status=got.status,
-        replica=got.replica,
-        ttft_s=got.ttft_s,
-        tokens=got.tokens,
-        stream=stream,
-        retry_after_s=got.retry_after_s,
-        detail=got.detail,
-    )
+    return Record.of(got, t, time.perf_counter() - started, stream)
 
 
 @dataclass

@@ -365,22 +365,8 @@ class ChatUser(FastHttpUser):
                 )
             )
             raise
-        COLLECTOR.add(
-            Record(
-                t=t0,
-                latency_s=time.perf_counter() - p0,
-                outcome=got.outcome,
-                status=got.status,
-                replica=got.replica,
-                ttft_s=got.ttft_s,
-                tokens=got.tokens,
-                stream=stream,
-                retries=retries,
-                tier=self.key.label(),
-                retry_after_s=got.retry_after_s,
-                detail=got.detail,
-            )
-        )
+        latency_s = time.perf_counter() - p0
+        COLLECTOR.add(Record.of(got, t0, latency_s, stream, retries, self.key.label()))
 
     def _attempt(
         self, body: dict[str, Any], headers: dict[str, str], stream: bool, p0: float

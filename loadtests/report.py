@@ -24,9 +24,12 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, astuple, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from loadtests.measure import jsonable, percentile
+
+if TYPE_CHECKING:
+    from loadtests.traffic import Attempt
 
 Outcome = Literal["ok", "shed", "error", "cut", "lost"]
 ANSWERED: frozenset[str] = frozenset({"ok", "shed", "error"})
@@ -56,6 +59,32 @@ class Record:
     """The Retry-After of the final 503/429, when it carried one."""
     detail: str = ""
     """Error code / kind, for the report."""
+
+    @classmethod
+    def of(
+        cls,
+        got: Attempt,
+        t: float,
+        latency_s: float,
+        stream: bool,
+        retries: int = 0,
+        tier: str = "",
+    ) -> Record:
+        """The record of a request whose final attempt answered ``got``."""
+        return cls(
+            t=t,
+            latency_s=latency_s,
+            outcome=got.outcome,
+            status=got.status,
+            replica=got.replica,
+            ttft_s=got.ttft_s,
+            tokens=got.tokens,
+            stream=stream,
+            retries=retries,
+            tier=tier,
+            retry_after_s=got.retry_after_s,
+            detail=got.detail,
+        )
 
     def row(self) -> list[Any]:
         """Compact form for transport (Locust worker -> master) and files."""

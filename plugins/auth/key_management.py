@@ -273,7 +273,9 @@ async def delete(body: dict[str, Any], user: UserAPIKeyAuth) -> dict[str, Any]:
     hashes: list[str] = []
     for key in request.keys or []:
         hashes.append((await record_or_404(store, key)).key_hash)
-    aliases = {alias: h for h, alias in (await store.aliases()).items()}
+    aliases = (
+        {alias: h for h, alias in (await store.aliases()).items()} if request.key_aliases else {}
+    )
     for alias in request.key_aliases or []:
         if alias not in aliases:  # aliases only: never a key id that looks like one
             raise error(f"no key with alias {alias!r}", 404, "key_aliases", "not_found_error")
@@ -304,9 +306,10 @@ class OfflineKeyRoute(APIRoute):
     routes put ahead of LiteLLM's never hide its database-backed ones."""
 
     def matches(self, scope: Any) -> tuple[Match, dict[str, Any]]:
-        if not offline_store_in_use():
+        match, child = super().matches(scope)  # the path first: every request passes here
+        if match is not Match.NONE and not offline_store_in_use():
             return Match.NONE, {}
-        return super().matches(scope)
+        return match, child
 
 
 async def store_call(call: Awaitable[dict[str, Any]]) -> dict[str, Any]:
