@@ -26,6 +26,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Span, StatusCode
 
 TRACER = trace.get_tracer("triage")
+_API_TRACER = TRACER  # a test may put its own tracer in TRACER: then it is used as is
 PARENT_KEY = "litellm_parent_otel_span"
 """Where LiteLLM's proxy puts its request span (``litellm_pre_call_utils``): the request's
 ``metadata`` (or ``litellm_metadata``)."""
@@ -48,10 +49,21 @@ def _attributes(values: Mapping[str, Attribute | None]) -> dict[str, Attribute]:
     return {key: value for key, value in values.items() if value is not None}
 
 
+def enabled() -> bool:
+    """Whether an SDK tracer provider is set (LiteLLM's otel callback sets one): without it
+    the plugins make no span and touch no context (nothing on the request path)."""
+    return not isinstance(
+        trace.get_tracer_provider(), trace.ProxyTracerProvider | trace.NoOpTracerProvider
+    )
+
+
 @contextmanager
 def span(name: str, parent: Span | None, **attributes: Attribute | None) -> Iterator[Span]:
     """A span named ``name`` under ``parent`` (the current one without), current inside the
     block; an exception leaving the block is recorded on it, and marks it an error."""
+    if not enabled() and TRACER is _API_TRACER:
+        yield trace.INVALID_SPAN
+        return
     context = trace.set_span_in_context(parent) if parent is not None else None
     with TRACER.start_as_current_span(
         name,
@@ -77,6 +89,8 @@ def failed(current: Span, exc: BaseException) -> None:
 def start_span(name: str, parent: Span | None, **attributes: Attribute | None) -> Span:
     """A span that is not made current (one that outlives a generator's steps): the caller
     ends it."""
+    if not enabled() and TRACER is _API_TRACER:
+        return trace.INVALID_SPAN
     context = trace.set_span_in_context(parent) if parent is not None else None
     return TRACER.start_span(name, context=context, attributes=_attributes(_dotted(attributes)))
 
