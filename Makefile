@@ -2,7 +2,7 @@
 VENV ?= .venv
 export LITELLM_LOCAL_MODEL_COST_MAP := True
 
-.PHONY: bootstrap up test lint
+.PHONY: bootstrap test-tools up test lint
 
 bootstrap:
 	@bash scripts/bootstrap.sh
@@ -10,7 +10,11 @@ bootstrap:
 up: bootstrap
 	$(VENV)/bin/triage up $(ARGS)
 
-test: bootstrap
+# test-only: PostgreSQL and the Prisma engine stand-in for LiteLLM's database keys (tests/prisma_engine)
+test-tools: bootstrap
+	@bash scripts/install_prisma_standin.sh $(VENV)
+
+test: bootstrap test-tools
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/pytest $(ARGS)

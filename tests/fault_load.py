@@ -176,6 +176,12 @@ async def under_load(
             "heal_s": round(healed, 2),
         }
     )
+    for index, proxy in enumerate(stack.proxies):
+        # a proxy that died by itself cuts every later connection to it: say why it died
+        assert proxy.process.alive() or index in load.skip_proxies, (
+            f"proxy {proxy.name} died ({proxy.process.exit_status()}):\n"
+            + proxy.process.log_tail(80)
+        )
     lost = [o for o in load.outcomes if o.kind == "lost"]
     assert not lost, lost[:5]
     return kinds, healed, load

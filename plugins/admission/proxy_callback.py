@@ -4,9 +4,9 @@ invalid or missing settings make the proxy fail at start-up with the field named
 
 from __future__ import annotations
 
-from plugins import log_setup
+from plugins import proxy_process
 from plugins.admission.hook import AdmissionHook
 from plugins.admission.settings import AdmissionSettings
 
-log_setup.configure()
+proxy_process.prepare()
 admission = AdmissionHook(AdmissionSettings())

@@ -353,4 +353,8 @@ def install_key_routes(app: FastAPI) -> None:
     ):
         route = OfflineKeyRoute(path, handler, methods=[method], tags=["key management"])
         app.router.routes.insert(0, route)
-    log.info("key management: %s served by the offline key store", ", ".join(KEY_ROUTES))
+    log.info(
+        "key management: %s served by the offline key store whenever it is the proxy's "
+        "custom_auth (else LiteLLM's own routes answer)",
+        ", ".join(KEY_ROUTES),
+    )

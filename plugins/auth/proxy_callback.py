@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from litellm.proxy import proxy_server
 
-from plugins import log_setup
+from plugins import proxy_process
 from plugins.auth.disclosure import DisclosureHook, install_model_info_route
 from plugins.auth.key_management import install_key_routes
 
-log_setup.configure()
+proxy_process.prepare()
 disclosure = DisclosureHook()
 install_model_info_route(proxy_server.app)
 install_key_routes(proxy_server.app)

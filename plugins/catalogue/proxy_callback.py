@@ -4,10 +4,10 @@ an invalid catalogue file or setting makes the proxy fail at start-up with the f
 
 from __future__ import annotations
 
-from plugins import log_setup
+from plugins import proxy_process
 from plugins.catalogue.hook import CatalogueHook
 from plugins.catalogue.settings import CatalogueSettings
 
-log_setup.configure()
+proxy_process.prepare()
 catalogue = CatalogueHook(CatalogueSettings())
 catalogue.install_listing()

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 from litellm.proxy.proxy_server import app as litellm_app
 
-from plugins import log_setup
+from plugins import proxy_process
 from plugins.front_door.door import FrontDoor
 from plugins.front_door.proxy_side import LiteLLMSide
 from plugins.front_door.settings import FrontDoorSettings
 
-log_setup.configure()
+proxy_process.prepare()
 settings = FrontDoorSettings()
 app = FrontDoor(litellm_app, settings, LiteLLMSide(settings))

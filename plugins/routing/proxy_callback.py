@@ -4,9 +4,9 @@ missing settings make the proxy fail at start-up with the field named."""
 
 from __future__ import annotations
 
-from plugins import log_setup
+from plugins import proxy_process
 from plugins.routing.hook import RoutingHook
 from plugins.routing.settings import RoutingSettings
 
-log_setup.configure()
+proxy_process.prepare()
 routing = RoutingHook(RoutingSettings())
