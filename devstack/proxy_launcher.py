@@ -62,8 +62,6 @@ def start_proxy(
     ]
     full_env = {**os.environ, **env, **(extra_env or {})}
     full_env["PATH"] = f"{venv_bin()}{os.pathsep}{full_env.get('PATH', '')}"
-    # a crash in a C extension leaves each thread's Python stack in the proxy's log
-    full_env.setdefault("PYTHONFAULTHANDLER", "1")
     process = ManagedProcess(
         f"litellm[{name}]", argv, workdir / f"proxy-{name}.log", env=full_env, cwd=REPO_ROOT
     )

@@ -180,6 +180,8 @@ def proxy_env(
         "LITELLM_LOG": "ERROR",
         **({} if api_docs else API_DOCS_OFF),
         "DISABLE_ADMIN_UI": "True",
+        # a crash in a C extension leaves each thread's Python stack in the proxy's log
+        "PYTHONFAULTHANDLER": "1",
         # each plugin names its own store (they may differ); here all share the stack's
         **{
             f"TRIAGE_{plugin}_{name}": value
