@@ -81,6 +81,10 @@ class StandinSettings(BaseModel):
     batch_slowdown: float = Field(default=0.05, ge=0)
     kv_cache_blocks: int = Field(default=512, ge=1)
     kv_tokens_per_block: int = Field(default=64, ge=1)
+    kv_cache_reuse: bool = Field(
+        default=True,
+        description="TensorRT-LLM's enable_kv_cache_reuse: a cached prompt prefix is not prefilled",
+    )
 
     @model_validator(mode="after")
     def _distinct_names(self) -> StandinSettings:
@@ -124,6 +128,7 @@ def _write_engine(
         "batch_slowdown": settings.batch_slowdown,
         "kv_cache_blocks": settings.kv_cache_blocks,
         "kv_tokens_per_block": settings.kv_tokens_per_block,
+        "enable_kv_cache_reuse": str(settings.kv_cache_reuse).lower(),
     }
     for key, value in params.items():
         config.parameters[key].string_value = str(value)
@@ -131,7 +136,8 @@ def _write_engine(
     if target.exists():
         shutil.rmtree(target)
     (target / "1").mkdir(parents=True)
-    shutil.copy2(STANDIN_REPOSITORY / "tensorrt_llm" / "1" / "model.py", target / "1" / "model.py")
+    for module in (STANDIN_REPOSITORY / "tensorrt_llm" / "1").glob("*.py"):  # model.py, kv_cache.py
+        shutil.copy2(module, target / "1" / module.name)
     (target / "config.pbtxt").write_text(text)
 
 

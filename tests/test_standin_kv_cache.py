@@ -78,6 +78,28 @@ def test_running_sequences_share_a_cached_block_and_count_it_once() -> None:
     assert cache.used == 0 and not cache.references
 
 
+def test_a_prompt_is_reusable_from_the_end_of_its_context_iteration_on() -> None:
+    cache = kv_cache.PagedKVCache(capacity=16, tokens_per_block=TPB)
+    prompt = tokens(10)
+    hashes = kv_cache.block_hashes(prompt, TPB)
+    running, _ = cache.admit(hashes, len(prompt))
+    assert cache.cached_prefix(hashes) == 0  # not before its prefill is done
+    cache.store(running, hashes)
+    assert running.cached == hashes and running.own == 1 and cache.used == 3
+    other, cached = cache.admit(hashes, len(prompt))  # arrives while the first one runs
+    assert cached == 8 and cache.used == 4  # the two full blocks shared
+    twin_hashes = kv_cache.block_hashes(tokens(9, 70), TPB)
+    twin, _ = cache.admit(twin_hashes, 9)
+    again, _ = cache.admit(twin_hashes, 9)  # in the same iteration: nothing to reuse yet
+    cache.store(twin, twin_hashes)
+    cache.store(again, twin_hashes)  # stored by the twin: it keeps its own copies
+    assert twin.cached == twin_hashes and again.cached == [] and again.own == 3
+    for holding, seq in ((running, prompt), (other, prompt), (twin, tokens(9, 70))):
+        cache.release(holding, kv_cache.block_hashes(seq, TPB))
+    cache.release(again, kv_cache.block_hashes(tokens(9, 70), TPB))
+    assert cache.used == 0 and cache.cached_blocks == 4
+
+
 def test_generated_tokens_are_cached_for_the_next_turn() -> None:
     cache = kv_cache.PagedKVCache(capacity=16, tokens_per_block=TPB)
     turn1 = tokens(6)
@@ -142,6 +164,8 @@ def test_the_block_counts_always_add_up(ops: list[tuple[int, int, int]]) -> None
         if admitted is not None:
             holding, cached = admitted
             assert 0 <= cached < len(prompt)
+            if rng.random() < 0.7:
+                cache.store(holding, kv_cache.block_hashes(prompt, TPB))  # its context ended
             seq = prompt + tokens(generated, 5000)
             if not cache.grow(holding, len(seq)):
                 seq = prompt

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from core.paths import STANDIN_REPOSITORY
 from devstack.triton_launcher import (
@@ -133,6 +134,33 @@ def test_trtllm_metrics_published(fast: TritonServer) -> None:
     assert "triage_request_success" not in text
     # the ensemble's own counters are Triton's, completion-timed
     assert f'nv_inference_request_success{{model="{MODEL}",version="1"}}' in text
+
+
+def kv_blocks(server: TritonServer) -> dict[str, float]:
+    """The engine's ``nv_trt_llm_kv_cache_block_metrics`` by ``kv_cache_block_type``."""
+    text = httpx.get(server.metrics_url).text
+    return {
+        s.labels["kv_cache_block_type"]: s.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "nv_trt_llm_kv_cache_block_metrics"
+        for s in family.samples
+    }
+
+
+def test_a_shared_prompt_prefix_is_reused_and_counted(fast: TritonServer) -> None:
+    """``enable_kv_cache_reuse`` (on by default): a prompt that starts with a prompt already
+    computed reuses its full blocks (64 tokens each); ``reused`` counts them since start, as
+    TensorRT-LLM's ``reusedBlocks`` does; cached blocks no sequence holds count as free."""
+    system = " ".join(f"rule{i} ." for i in range(70))  # 140 tokens: two full blocks
+    before = kv_blocks(fast)
+    assert generate(fast, 2, system + " first question").status_code == 200
+    assert kv_blocks(fast)["reused"] == before["reused"]
+    assert generate(fast, 2, system + " another question").status_code == 200
+    assert generate(fast, 2, "rule0 . " + system).status_code == 200  # differs from token 3 on
+    after = kv_blocks(fast)
+    assert after["reused"] - before["reused"] == 2
+    assert after["used"] == 0 and after["free"] == after["max"] and after["fraction"] == 0
+    assert after["tokens_per"] == 64
 
 
 def test_per_token_latency_grows_with_batch(fast: TritonServer) -> None:

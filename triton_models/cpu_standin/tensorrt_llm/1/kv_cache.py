@@ -9,12 +9,19 @@ keeps it when ``enable_kv_cache_reuse`` is on.
   takes a reference on those blocks (several running sequences may share one) and the engine
   prefills only the tokens after them (at least the prompt's last token, which must be computed
   to produce the first output token).
-* When a sequence ends, each of its full blocks (prompt and generated tokens: a multi-turn
-  conversation's next prompt starts with this one's answer) stays in the cache, unreferenced,
-  as the most recently used; the blocks a sequence no longer references count as **free**, as
-  TensorRT-LLM counts them, and are evicted least recently used first (a prefix's last block
-  before its first, so an evicted block never strands the blocks after it) when a new block is
-  needed and no block is empty.
+* When its context (prefill) iteration ends, a sequence's full prompt blocks enter the cache,
+  so requests that arrive while it runs reuse them too; when it ends, so do the full blocks of
+  its generated tokens (a multi-turn conversation's next prompt starts with this answer). A
+  block that is cached already (another sequence stored the same tokens) stays the sequence's
+  own copy.
+* Blocks that no running sequence references stay cached and count as **free**, as TensorRT-LLM
+  counts them; they are evicted least recently used first (a prefix's last block before its
+  first, so an evicted block never strands the blocks after it) when a new block is needed and
+  no block is empty.
+
+Not modelled: TensorRT-LLM's partial reuse of a block that matches only in part
+(``enablePartialReuse``, on by default, with no Triton parameter), retention priorities, and
+offloading evicted blocks to host memory. Sources: ``tests/fixtures/upstream/kv_cache_reuse.json``.
 
 Pure Python, no Triton: ``tests/test_standin_kv_cache.py`` imports it directly.
 """
@@ -45,10 +52,13 @@ def block_hashes(token_ids: Sequence[int], tokens_per_block: int) -> list[bytes]
 
 @dataclass
 class Holding:
-    """The blocks one running sequence holds: references on cached blocks, then its own."""
+    """The blocks one running sequence holds: references on cached blocks (in the order of its
+    tokens) and blocks of its own outside the cache."""
 
     cached: list[bytes] = field(default_factory=list)
     own: int = 0
+    covered: int = 0
+    """Its leading full blocks that are in the cache (reused, stored, or stored by another)."""
 
     @property
     def blocks(self) -> int:
@@ -122,7 +132,7 @@ class PagedKVCache:
         waking = sum(1 for digest in hashes[:reused] if digest in self.evictable)
         if new > self._room(spare_cached=waking):
             return None
-        holding = Holding(cached=list(hashes[:reused]))
+        holding = Holding(cached=list(hashes[:reused]), covered=reused)
         for digest in holding.cached:
             if digest in self.evictable:
                 del self.evictable[digest]
@@ -144,19 +154,30 @@ class PagedKVCache:
         holding.own += extra
         return True
 
+    def store(self, holding: Holding, hashes: Sequence[bytes]) -> None:
+        """Put the full blocks ``hashes`` of a running sequence's tokens in the cache (at the
+        end of its context iteration: its prompt's): it goes on holding them, now shared."""
+        if not self.reuse:
+            return
+        for digest in hashes[holding.covered :]:
+            if holding.own == 0:
+                break
+            holding.covered += 1
+            if digest in self.references or digest in self.evictable:
+                continue  # stored by another sequence: this one keeps its own copy
+            self.references[digest] = 1
+            holding.cached.append(digest)
+            holding.own -= 1
+            self.own -= 1
+
     def release(self, holding: Holding, hashes: Sequence[bytes]) -> None:
         """A sequence ended, ``hashes`` being the full blocks of its tokens (prompt and
-        generated): those it filled itself stay cached (when reuse is on); the rest is freed."""
-        stored: list[bytes] = []
-        if self.reuse:
-            for digest in hashes[len(holding.cached) :][: holding.own]:
-                if digest not in self.references and digest not in self.evictable:
-                    stored.append(digest)
+        generated): they stay cached (when reuse is on), unheld; the rest is freed."""
+        self.store(holding, hashes)
         self.own -= holding.own
-        released = holding.cached + stored
         # most recently used last; within a sequence its first block last, so a prefix's end
         # is evicted before its start
-        for digest in reversed(released):
+        for digest in reversed(holding.cached):
             count = self.references.get(digest, 0)
             if count > 1:
                 self.references[digest] = count - 1
@@ -164,4 +185,4 @@ class PagedKVCache:
             self.references.pop(digest, None)
             self.evictable[digest] = None
             self.evictable.move_to_end(digest)
-        holding.cached, holding.own = [], 0
+        holding.cached, holding.own, holding.covered = [], 0, 0

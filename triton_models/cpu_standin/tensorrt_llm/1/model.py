@@ -24,8 +24,14 @@ Inside, a thread imitates TensorRT-LLM's executor:
   (running ones first, then new ones in arrival order); the rest of the active ones are
   ``waiting`` (= active - scheduled, a subset of active). ``context`` counts the scheduled ones
   in their first (prefill) iteration.
+* the KV cache is paged (``kv_cache_blocks`` of ``kv_tokens_per_block`` tokens) and, with
+  ``enable_kv_cache_reuse`` (TensorRT-LLM's parameter), keeps the full blocks of ended
+  sequences for later prompts that start with the same tokens (``kv_cache.py``: chained block
+  hashes, LRU eviction of unheld blocks). The ``kv_cache_block_type`` gauges read it: ``used``
+  is the blocks running sequences hold, ``free`` the rest (cached-but-unheld ones included),
+  ``reused`` the blocks found cached at admission since start.
 * an iteration costs ``decode_ms_per_token * (1 + batch_slowdown * (scheduled - 1)) / speed``
-  plus ``prefill_ms_per_token * prompt tokens of the context requests / speed``.
+  plus ``prefill_ms_per_token * uncached prompt tokens of the context requests / speed``.
 * the gauges are refreshed after every iteration; the iteration that empties the executor is
   reported too, so they read 0 when idle (``executionLoop`` does the same).
 * before every iteration it asks Triton whether each request it holds (active or queued) was
@@ -40,17 +46,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import random
 import re
 import threading
 import time
+import zlib
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+from kv_cache import Holding, PagedKVCache, block_hashes
 
 TOKEN_RE = re.compile(r"\w+|[^\w\s]")
 VOCAB = (
@@ -89,11 +96,6 @@ HISTOGRAM_BUCKETS = [10.0, 50.0, 100.0, 500.0, 1000.0]
 KV_BYTES_PER_TOKEN = 131072  # fp16 K+V of an 8B Llama (32 layers x 8 KV heads x 128 x 2 x 2 B)
 
 
-def count_tokens(text: str) -> int:
-    """The stand-in's tokenizer: words and punctuation marks (the gateway uses the same rule)."""
-    return len(TOKEN_RE.findall(text))
-
-
 def queue_full_message(size: int) -> str:
     """TensorRT-LLM's TllmException text for a full executor queue: message (file:line) + trace."""
     frames = [
@@ -107,18 +109,33 @@ def queue_full_message(size: int) -> str:
     )
 
 
+def token_id(word: str) -> int:
+    """A token's id: the ``preprocessing`` step's (CRC32 of the token, 31 bits)."""
+    return zlib.crc32(word.encode()) & 0x7FFFFFFF
+
+
 @dataclass(eq=False)  # identity: sequences are removed from lists by identity
 class Sequence:
     sender: Any
-    prompt_tokens: int
+    prompt_ids: list[int]
     max_tokens: int
     stream: bool
     stop_words: list[str]
     rng: np.random.Generator
     generated: list[str] = field(default_factory=list)
+    generated_ids: list[int] = field(default_factory=list)
     enqueued_at: float = field(default_factory=time.monotonic)
     admitted_at: float = 0.0
-    kv_blocks: int = 0  # blocks held since its context iteration
+    holding: Holding | None = None  # its KV blocks, from its context iteration on
+    cached_tokens: int = 0  # prompt tokens found in the KV cache (not prefilled)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.generated_ids)
 
     def cancelled(self) -> bool:
         """Whether Triton cancelled the request (one IPC round trip to the backend)."""
@@ -130,9 +147,6 @@ class Sequence:
                 f"({len(self.generated)}/{self.max_tokens} tokens): {exc}"
             )
             return False
-
-    def blocks_needed(self, tokens_per_block: int) -> int:
-        return math.ceil((self.prompt_tokens + len(self.generated) + 1) / tokens_per_block)
 
 
 class EngineFull(Exception):
@@ -180,6 +194,7 @@ class TritonPythonModel:
         self.batch_slowdown = float(_param(config, "batch_slowdown", "0.05"))
         self.kv_blocks = int(_param(config, "kv_cache_blocks", "512"))
         self.tokens_per_block = int(_param(config, "kv_tokens_per_block", "64"))
+        reuse = _param(config, "enable_kv_cache_reuse", "false").lower()
         if (
             self.speed <= 0
             or self.max_active < 1
@@ -193,6 +208,11 @@ class TritonPythonModel:
                 f"max_batch_size={self.max_batch_size} engine_queue_size={self.engine_queue_size}"
                 f" kv_cache_blocks={self.kv_blocks} kv_tokens_per_block={self.tokens_per_block}"
             )
+        if reuse not in ("true", "false"):
+            raise pb_utils.TritonModelException(
+                f"enable_kv_cache_reuse must be true or false, not {reuse!r}"
+            )
+        self.kv = PagedKVCache(self.kv_blocks, self.tokens_per_block, reuse=reuse == "true")
         if self.engine_queue_full not in ("reject", "block"):
             raise pb_utils.TritonModelException(
                 f"engine_queue_full must be reject or block, not {self.engine_queue_full!r}"
@@ -299,14 +319,14 @@ class TritonPythonModel:
         # plausible constants: the KV pool on the GPU, host-side buffers, pinned staging
         kv_bytes = self.kv_blocks * self.tokens_per_block * KV_BYTES_PER_TOKEN
         self.memory = {"cpu": 412 * 2**20, "gpu": kv_bytes + 1536 * 2**20, "pinned": 64 * 2**20}
-        self._report(scheduled=[], context=[], reused=0)
+        self._report(scheduled=[], context=[])
 
-    def _report(self, scheduled: list[Sequence], context: list[Sequence], reused: int) -> None:
+    def _report(self, scheduled: list[Sequence], context: list[Sequence]) -> None:
         """One iteration's stats, as WaitForStats turns IterationStats into the gauges."""
         if not self.metrics:
             return
         active = len(self.active)
-        used = min(sum(s.kv_blocks for s in self.active), self.kv_blocks)
+        used = self.kv.used
         request = {
             "active": active,
             "max": self.max_active,
@@ -320,16 +340,16 @@ class TritonPythonModel:
             self.m_memory[key].set(value)
         kv = {
             "max": self.kv_blocks,
-            "free": self.kv_blocks - used,
+            "free": self.kv.free,
             "used": used,
             "tokens_per": self.tokens_per_block,
-            "reused": reused,
+            "reused": self.kv.reused_blocks,
             "fraction": used / self.kv_blocks,
         }
         for key, value in kv.items():
             self.m_kv[key].set(value)
         ifb = {
-            "total_context_tokens": sum(s.prompt_tokens for s in context),
+            "total_context_tokens": sum(s.prompt_tokens - s.cached_tokens for s in context),
             "generation_requests": len(scheduled) - len(context),
             "micro_batch_id": 0,
             "paused_requests": 0,
@@ -365,11 +385,12 @@ class TritonPythonModel:
             raise ValueError(f"{prompt_name} is required")
         if self.dialect == "ensemble":
             ids = tensor.as_numpy().reshape(-1).astype(np.int32)
-            prompt_bytes, prompt_tokens = ids.tobytes(), int(ids.size)
+            prompt_bytes, prompt_ids = ids.tobytes(), [int(i) for i in ids]
         else:
             text = tensor.as_numpy().reshape(-1)[0]
             prompt = text.decode("utf-8") if isinstance(text, bytes) else str(text)
-            prompt_bytes, prompt_tokens = prompt.encode(), count_tokens(prompt)
+            prompt_bytes = prompt.encode()
+            prompt_ids = [token_id(word) for word in TOKEN_RE.findall(prompt)]
         max_tokens_raw = _scalar(request, max_name)
         max_tokens = int(max_tokens_raw) if max_tokens_raw is not None else 16
         if max_tokens < 1:
@@ -381,7 +402,7 @@ class TritonPythonModel:
         rng = np.random.default_rng(base ^ int(seed) if seed is not None else base)
         return Sequence(
             sender=sender,
-            prompt_tokens=max(1, prompt_tokens),
+            prompt_ids=prompt_ids or [0],
             max_tokens=max_tokens,
             stream=stream,
             stop_words=_strings(request, stop_name),
@@ -420,33 +441,36 @@ class TritonPythonModel:
     # ---- executor loop ----------------------------------------------------------------------
     def _schedule(self) -> tuple[list[Sequence], list[Sequence]]:
         """This iteration's batch: running sequences first (they keep their blocks), then
-        sequences not started yet whose prompt fits in the free blocks; at most
-        ``max_batch_size``. Called with ``self.cond`` held."""
-        free = self.kv_blocks - sum(s.kv_blocks for s in self.active)
+        sequences not started yet whose prompt fits in the free blocks (its cached prefix
+        reused); at most ``max_batch_size``. Called with ``self.cond`` held."""
         batch: list[Sequence] = []
         context: list[Sequence] = []
         for seq in self.active:
             if len(batch) >= self.max_batch_size:
                 break
-            if seq.kv_blocks:
-                extra = max(0, seq.blocks_needed(self.tokens_per_block) - seq.kv_blocks)
-                if extra > free:
-                    continue  # no room for its next token: it waits (no eviction)
-                free -= extra
-                seq.kv_blocks += extra
+            if seq.holding is not None:
+                if not self.kv.grow(seq.holding, seq.tokens):
+                    continue  # no room for its next token: it waits (no preemption)
                 batch.append(seq)
         for seq in self.active:
             if len(batch) >= self.max_batch_size:
                 break
-            if not seq.kv_blocks:
-                need = seq.blocks_needed(self.tokens_per_block)
-                if need > free:
+            if seq.holding is None:
+                hashes = block_hashes(seq.prompt_ids, self.tokens_per_block)
+                admitted = self.kv.admit(hashes, seq.prompt_tokens)
+                if admitted is None:
                     break  # first come, first served: later ones do not overtake it
-                free -= need
-                seq.kv_blocks = need
+                seq.holding, seq.cached_tokens = admitted
                 batch.append(seq)
                 context.append(seq)
         return batch, context
+
+    def _release(self, seq: Sequence) -> None:
+        """Its blocks back to the cache (its full blocks stay cached). ``self.cond`` held."""
+        if seq.holding is not None:
+            ids = seq.prompt_ids + seq.generated_ids
+            self.kv.release(seq.holding, block_hashes(ids, self.tokens_per_block))
+            seq.holding = None
 
     def _run(self) -> None:
         while True:
@@ -468,7 +492,7 @@ class TritonPythonModel:
                 batch, context = self._schedule()
                 self.last_batch, self.last_context = batch, context
                 self.iterations += 1
-                self._report(batch, context, reused=0)
+                self._report(batch, context)
                 self.cond.notify_all()
             if not batch:
                 if not self.active:
@@ -476,20 +500,26 @@ class TritonPythonModel:
                 time.sleep(self.decode_s / self.speed)  # nothing fits: wait an iteration
                 continue
 
-            prefill = sum(s.prompt_tokens for s in context) * self.prefill_s
+            prefill = sum(s.prompt_tokens - s.cached_tokens for s in context) * self.prefill_s
             decode = self.decode_s * (1.0 + self.batch_slowdown * (len(batch) - 1))
             time.sleep(max(0.0, step_start + (prefill + decode) / self.speed - time.monotonic()))
 
             finished = [seq for seq in batch if self._step(seq)]
+            if context:
+                with self.cond:  # the prompts just computed are reusable from now on
+                    for seq in context:
+                        if seq.holding is not None and seq not in finished:
+                            hashes = block_hashes(seq.prompt_ids, self.tokens_per_block)
+                            self.kv.store(seq.holding, hashes)
             if finished:
                 with self.cond:
                     for seq in finished:
                         self.active.remove(seq)
-                        seq.kv_blocks = 0
+                        self._release(seq)
                     if not self.active and not self.queued:
                         # executionLoop reports the iteration that empties the executor
                         self.iterations += 1
-                        self._report([], [], reused=0)
+                        self._report([], [])
                     self.cond.notify_all()
                 if self.metrics:
                     for seq in finished:
@@ -505,7 +535,7 @@ class TritonPythonModel:
             for seq in cancelled:
                 if seq in self.active:
                     self.active.remove(seq)
-                    seq.kv_blocks = 0
+                    self._release(seq)
                 elif seq in self.queued:
                     self.queued.remove(seq)
                 else:
@@ -514,7 +544,7 @@ class TritonPythonModel:
             if dropped:  # the last iteration's batch, less what was dropped
                 batch = [s for s in self.last_batch if s in self.active]
                 context = [s for s in self.last_context if s in self.active]
-                self._report(batch, context, reused=0)
+                self._report(batch, context)
                 self.cond.notify_all()
         for seq in dropped:
             self.cancellations.increment(1)
@@ -537,6 +567,7 @@ class TritonPythonModel:
         word = VOCAB[int(seq.rng.integers(len(VOCAB)))]
         piece = word if not seq.generated else " " + word
         seq.generated.append(piece)
+        seq.generated_ids.append(token_id(word))
         text = "".join(seq.generated)
         done = len(seq.generated) >= seq.max_tokens or any(w in text for w in seq.stop_words)
         if seq.stream:
