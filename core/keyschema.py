@@ -23,6 +23,11 @@ Keys, all under a prefix (default ``triage:``):
   model until it expires (the cooldown).
 * ``lastused:{model}`` hash: server id -> last time (ms) a request was sent to the model there
   (least-recently-used unloading).
+* ``prefix:{id}`` sorted set: the replica's prefix index, written by the pick
+  (``pick_lib.lua``): member = a salted hash of a prompt's leading block (16 hex digits, never
+  text), score = the time (ms) of the last pick that sent it there x 1024 + (1023 - its block
+  position), so older prompts, and within one prompt its later blocks, are forgotten first;
+  bounded to the blocks the replica's KV cache holds, expires an hour after the last pick.
 """
 
 from __future__ import annotations
@@ -103,6 +108,10 @@ class KeySchema:
         """String with expiry: why loading ``model`` on ``server_id`` failed (cooldown)."""
         return f"{self.prefix}loadfailed:{server_id}:{model}"
 
+    def prefix_index(self, replica_id: str) -> str:
+        """Sorted set: the replica's prefix index (salted block hashes -> last use)."""
+        return f"{self.prefix}prefix:{replica_id}"
+
     def last_used(self, model: str) -> str:
         """Hash: server id -> last request time (ms) of ``model`` on that server."""
         return f"{self.prefix}lastused:{model}"
@@ -135,6 +144,12 @@ class ReplicaState(BaseModel):
         ge=1, description="the executor's cap on active requests (C_i; TensorRT-LLM's `max`)"
     )
     kv_fraction: float = Field(ge=0.0, le=1.0, description="KV-cache blocks used / max")
+    kv_tokens: int | None = Field(
+        default=None,
+        ge=0,
+        description="KV-cache capacity in tokens (TensorRT-LLM's max blocks x tokens per block): "
+        "bounds the replica's prefix index (blocks it may hold cached)",
+    )
     service_ms: float | None = Field(
         default=None,
         ge=0.0,

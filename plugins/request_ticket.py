@@ -30,6 +30,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from plugins.routing.policy import RequestShape
     from plugins.routing.store import PickPlan, Reservation
 
 log = logging.getLogger(__name__)
@@ -48,6 +51,9 @@ class TicketOwner(Protocol):
 
 class ReplicaPicker(Protocol):
     """The routing strategy, offering the admission gate a pick in the call that admits."""
+
+    def describe(self, call_id: str, request: Mapping[str, Any]) -> None:
+        """Note the request's shape (size, prompt blocks) for the picks of ``call_id``."""
 
     def plan_pick(self, call_id: str) -> PickPlan | None: ...
 
@@ -83,6 +89,8 @@ class Routing:
     """The replica the admission gate reserved, until the first attempt routes there."""
     adopted: Held | None = None
     """The gate's reservation (one of ``reservations``), released with the admission."""
+    shape: RequestShape | None = None
+    """The request's size and prompt-block hashes, for its picks (``routing/prefix.py``)."""
 
 
 @dataclass

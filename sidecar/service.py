@@ -239,6 +239,7 @@ class Sidecar:
             active=sample.active if sample else 0,
             max_active=max_active,
             kv_fraction=sample.kv_fraction if sample else 0.0,
+            kv_tokens=sample.kv_tokens if sample else None,
             service_ms=self.service_ms(),
             drain_rps=self.window.drain_rps,
             request_ms=self.request_ms(),

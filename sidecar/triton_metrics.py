@@ -52,6 +52,8 @@ class EngineSample:
     pending: int
     """Triton's own queue in front of the routed model and the engine model."""
     kv_fraction: float
+    kv_tokens: int | None = None
+    """KV-cache capacity in tokens (``max`` blocks x ``tokens_per`` block), when exported."""
     iterations: float | None = None
     """TensorRT-LLM's executor ``iteration_counter`` (cumulative), when exported."""
     completions: float | None = None
@@ -135,6 +137,8 @@ def parse_engine_sample(
     max_active = pick(values, TRT_REQUESTS, engine, request_type="max")
     scheduled = pick(values, TRT_REQUESTS, engine, request_type="scheduled")
     kv = pick(values, TRT_KV, engine, kv_cache_block_type="fraction")
+    kv_max = pick(values, TRT_KV, engine, kv_cache_block_type="max")
+    kv_tokens_per = pick(values, TRT_KV, engine, kv_cache_block_type="tokens_per")
     iterations = pick(values, TRT_GENERAL, engine, general_type="iteration_counter")
     return EngineSample(
         source="trtllm",
@@ -143,6 +147,7 @@ def parse_engine_sample(
         scheduled=None if scheduled is None else _int(scheduled),
         pending=pending,
         kv_fraction=min(1.0, max(0.0, kv or 0.0)),
+        kv_tokens=_int(kv_max) * _int(kv_tokens_per) or None,
         iterations=iterations,
         completions=completions,
         arrivals=arrivals,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import random
 from collections import Counter
 from typing import Any
@@ -15,7 +16,7 @@ from redis.asyncio import Redis
 
 from core.keyschema import KeySchema, ReplicaState
 from devstack.redis_launcher import RedisServer
-from plugins.routing.policy import PolicyParams, choose, scores
+from plugins.routing.policy import PolicyParams, RequestShape, choose, scores
 from plugins.routing.store import RoutingStore
 
 from replica_states import replica_state
@@ -290,3 +291,104 @@ async def test_pick_argument_checks(client: Redis) -> None:
         await store.pick(["a"], PolicyParams(), 2**53)
     with pytest.raises(ValueError):
         await store.pick(["a"], PolicyParams(), 0, lease_ms=0)
+
+
+# --- (b) with the request's shape and the prefix indexes: the same choice, score and index ----
+
+HASHES = tuple(f"{i:016x}" for i in range(1, 9))
+
+
+@st.composite
+def shapes(draw: st.DrawFn) -> RequestShape:
+    blocks = draw(st.integers(0, len(HASHES)))
+    return RequestShape(
+        prompt_tokens=draw(st.sampled_from([0, 1, 40, 500, 3000])),
+        output_tokens=draw(st.sampled_from([1, 16, 200])),
+        tokens_per_block=draw(st.sampled_from([0.0, 16.0, 63.5, 64.0])),
+        hashes=HASHES[:blocks],
+    )
+
+
+@settings(
+    max_examples=120,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    specs=st.lists(replica_specs(), min_size=1, max_size=5),
+    held=st.lists(st.lists(st.integers(0, 9), max_size=8), min_size=5, max_size=5),
+    sources=st.lists(st.sampled_from(["trtllm", "triton"]), min_size=5, max_size=5),
+    kv_tokens=st.lists(st.sampled_from([None, 0, 64, 200, 100_000]), min_size=5, max_size=5),
+    shape=shapes(),
+    params=st.builds(
+        PolicyParams,
+        prefill_ms_per_token=st.sampled_from([0.0, 0.2, 5.0]),
+        tie_tolerance=st.sampled_from([0.0, 0.2]),
+        prefix_index_blocks=st.sampled_from([1, 3, 4096]),
+        block_tokens=st.sampled_from([16.0, 64.0]),
+    ),
+    tiebreak=st.integers(0, 2**32),
+)
+async def test_lua_pick_with_prefix_indexes_matches_python(
+    client: Redis,
+    specs: list[dict[str, Any]],
+    held: list[list[int]],
+    sources: list[str],
+    kv_tokens: list[int | None],
+    shape: RequestShape,
+    params: PolicyParams,
+    tiebreak: int,
+) -> None:
+    """Indexes holding a prefix of the prompt's blocks, or blocks with gaps, or other blocks:
+    Lua and Python credit each replica with the same cached blocks and choose alike; the chosen
+    replica's index then holds every block of the prompt, bounded by its KV capacity."""
+    keys = fresh_keys()
+    store = RoutingStore(client, keys)
+    ids = [f"r{i}" for i in range(len(specs))]
+    now = await redis_now_ms(client)
+    async with client.pipeline(transaction=False) as pipe:
+        for i, (replica_id, spec) in enumerate(zip(ids, specs, strict=True)):
+            if spec["present"]:
+                ts = now - 10_000 if spec["stale"] else now
+                fields = {k: spec[k] for k in ("waiting", "active", "max_active", "kv_fraction")}
+                st_ = state(
+                    replica_id,
+                    ts,
+                    service_ms=spec["service_ms"],
+                    healthy=spec["healthy"],
+                    state="healthy" if spec["healthy"] else "unhealthy",
+                    source=sources[i],
+                    kv_tokens=kv_tokens[i],
+                    **fields,
+                )
+                pipe.hset(keys.replica(replica_id), mapping=st_.to_redis())
+            if spec["inflight"]:
+                pipe.zadd(keys.inflight(replica_id), reservations(spec["inflight"]))
+            members = {HASHES[b] if b < len(HASHES) else f"other{b}": 1 for b in held[i]}
+            if members:
+                pipe.zadd(keys.prefix_index(replica_id), members)
+        await pipe.execute()
+
+    snap = await store.snapshot(ids)
+    cached = await store.cached_blocks(ids, shape)
+    now = await redis_now_ms(client)
+    expected = choose(snap, params, now, tiebreak, shape, cached)
+    got = await store.pick(ids, params, tiebreak, shape=shape)
+    if expected is None:
+        assert got is None
+    else:
+        assert got is not None and got.replica_id == expected
+        index = ids.index(expected)
+        assert got.score == scores(snap, params, now, shape, cached)[index]  # bit-identical
+        members = await client.zrange(keys.prefix_index(expected), 0, -1, withscores=True)
+        state_ = snap[index][1]
+        bound = params.prefix_index_blocks
+        if state_ is not None and state_.kv_tokens:
+            bound = max(1, math.floor(state_.kv_tokens / params.block_tokens))
+        if shape.hashes:  # the index is written only for a prompt of known blocks
+            assert len(members) <= bound
+            kept = {m.decode() for m, _ in members}
+            # the prompt's first blocks are the last forgotten: as many as the bound holds
+            assert set(shape.hashes[: min(bound, len(shape.hashes))]) <= kept
+            assert 0 < await client.pttl(keys.prefix_index(expected)) <= params.prefix_ttl_ms
+    await client.delete(*store.candidate_keys(ids))

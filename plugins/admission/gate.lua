@@ -15,7 +15,8 @@
 --                                     message)
 -- then (variable) the replica:{id} hashes of the model's N replicas, then the inflight:{id}
 --   routing reservations of the same replicas (sorted sets, score = lease expiry; empty when the
---   routing plugin is not used); a replica reported unhealthy counts none of its reservations
+--   routing plugin is not used), then their prefix:{id} indexes (pick_lib.lua; read and written
+--   only when picking); a replica reported unhealthy counts none of its reservations
 --   (lease_lib.lua)
 -- ARG      op (enter | poll | leave | release | peek), ticket, priority, lease_ms, queue_lease_ms,
 --          allowance, unknown_slots, stale_after_ms, queue_limit (this priority), max_queue,
@@ -25,7 +26,7 @@
 --          reservation, its replica's index in 1..N and its id, released in this same call;
 --          0 and '' for none),
 --          then optionally (enter, poll; when the routing plugin routes this model): pick_params
---          (pick_lib.lua) and the N replica ids: an admitted request (enter, or poll claiming its
+--          (pick_lib.lua), the N replica ids and the prompt-block hashes: an admitted request (enter, or poll claiming its
 --          grant) also gets its replica picked and reserved, in this same atomic call
 --
 -- slots       = sum over replicas: fresh and healthy -> max_active; fresh and unhealthy -> 0;
@@ -76,7 +77,7 @@ local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
 local admitted, queue, qlease = KEY.admitted, KEY.queue, KEY.queue_lease
-local FIRST_REPLICA = FIXED_KEYS + 1 -- KEYS[FIRST_REPLICA..]: replica hashes, then reservations
+local FIRST_REPLICA = FIXED_KEYS + 1 -- KEYS[FIRST_REPLICA..]: replica hashes, reservations, indexes
 
 -- heal: ended leases (lease_lib.lua: admissions no proxy renews any more, unclaimed grants)
 -- and abandoned places in the queue
@@ -87,7 +88,7 @@ if #gone > 0 then
   redis.call('ZREM', qlease, unpack(gone))
 end
 
-local n = (#KEYS - FIXED_KEYS) / 2
+local n = (#KEYS - FIXED_KEYS) / 3
 
 if op == 'release' or op == 'leave' then
   -- leave: a waiter gives up (timeout, client gone); a grant it had not claimed goes too

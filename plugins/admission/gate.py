@@ -110,7 +110,11 @@ class AdmissionGate:
         s = self._settings
         k = self._keys
         keys = GATE.keys_for(
-            [*(k.replica(r) for r in replica_ids), *(k.inflight(r) for r in replica_ids)],
+            [
+                *(k.replica(r) for r in replica_ids),
+                *(k.inflight(r) for r in replica_ids),
+                *(k.prefix_index(r) for r in replica_ids),
+            ],
             admitted=k.admitted(model),
             queue=k.queue(model),
             queue_lease=k.queue_lease(model),
@@ -119,7 +123,7 @@ class AdmissionGate:
             enqueue_seq=k.enqueue_seq(model),
         )
         args = GATE.argv(
-            [*pick.args(), *replica_ids] if pick is not None else [],
+            [*pick.args(), *pick.tail(replica_ids)] if pick is not None else [],
             op=op,
             ticket=ticket,
             priority=priority,

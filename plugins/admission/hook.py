@@ -93,6 +93,8 @@ class AdmissionHook(RequestEndHook):
         if not ticket:
             ticket = data["litellm_call_id"] = str(uuid.uuid4())
         picker = self.book.picker  # the triage routing plugin: pick in the same call
+        if picker is not None:
+            picker.describe(str(ticket), data)  # the request's size and prompt blocks
         priority = priority_of(user_api_key_dict)
         parent = user_api_key_dict.parent_otel_span
         with span("triage.admit", parent, model=str(model), priority=priority):

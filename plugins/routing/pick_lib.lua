@@ -7,7 +7,12 @@
 --   KEYS[first_key+n .. first_key+2n-1]   inflight:{id} reservation sets (sorted sets: member =
 --                                         reservation id, score = lease expiry in ms since the
 --                                         epoch), same candidate order
+--   KEYS[first_key+2n .. first_key+3n-1]  prefix:{id} prefix indexes (sorted sets: member = a
+--                                         salted prompt-block hash, score = last use), same order
 --   ARGV[first_id .. first_id+n-1]        the candidates' replica ids
+--   ARGV[first_id+n .. first_id+n+b-1]    the request's b = p.blocks prompt-block hashes, first
+--                                         block first (the request's shape: p.prompt_tokens,
+--                                         p.output_tokens, p.tokens_per_block)
 --   p                                     pick_params(first): the PICK_PARAMS_COUNT values of
 --                                         ARGV from `first`, by name (PICK_PARAMS in
 --                                         plugins/routing/store.py declares them)
@@ -15,6 +20,11 @@
 -- ended leases are removed first, so a reservation whose release was lost or whose proxy died
 -- heals one lease after its last renewal; a replica reported down counts none, though it scores
 -- inf anyway).
+-- A fresh, healthy candidate is credited with the prompt's leading blocks its index holds
+-- (ZMSCORE, up to the first missing one). The chosen candidate's index gets every block of the
+-- prompt (score now_ms * 1024 + 1023 - position: older prompts, and a prompt's later blocks,
+-- are forgotten first), trimmed to the blocks its KV cache holds (kv_tokens / block_tokens,
+-- else prefix_index_blocks), and expires prefix_ttl_ms after this pick.
 -- Returns {index = the chosen candidate (1-based), inflight = its reservations now, score}, or
 -- nil when no candidate is eligible (all unhealthy, or n = 0).
 --
@@ -70,6 +80,16 @@ local function parse(h)
   if waiting == nil or active == nil or max_active == nil or kv == nil or ts == nil then
     return nil
   end
+  if h[11] ~= 'trtllm' and h[11] ~= 'triton' then
+    return nil
+  end
+  local kv_tokens = nil
+  if h[10] and h[10] ~= '' then
+    kv_tokens = int(h[10])
+    if kv_tokens == nil or kv_tokens < 0 then
+      return nil
+    end
+  end
   if h[6] == false then -- healthy missing (an empty value reads as unhealthy, as in Python)
     return nil
   end
@@ -90,6 +110,8 @@ local function parse(h)
     ts = ts,
     drain_rps = drain,
     request_ms = request_ms,
+    kv_tokens = kv_tokens,
+    source = h[11],
   }
 end
 
@@ -110,7 +132,7 @@ end
 -- the pick and for the admission gate (gate.lua), so that both agree on which are valid.
 local function read_replica(key)
   return parse(redis.call('HMGET', key, 'waiting', 'active', 'max_active', 'kv_fraction',
-    'service_ms', 'healthy', 'ts_ms', 'drain_rps', 'request_ms'))
+    'service_ms', 'healthy', 'ts_ms', 'drain_rps', 'request_ms', 'kv_tokens', 'source'))
 end
 
 local function pick_replica(first_key, n, p, first_id, now_ms)
@@ -136,6 +158,25 @@ local function pick_replica(first_key, n, p, first_id, now_ms)
     fallback = total / count
   end
 
+  -- The prompt's leading blocks each fresh, healthy candidate's prefix index holds.
+  local hashes = {}
+  for k = 1, p.blocks do
+    hashes[k] = ARGV[first_id + n + k - 1]
+  end
+  local cached = {}
+  for i = 1, n do
+    cached[i] = 0
+    if p.blocks > 0 and fresh[i] and states[i].healthy then
+      local found = redis.call('ZMSCORE', KEYS[first_key + 2 * n + i - 1], unpack(hashes))
+      for k = 1, p.blocks do
+        if not found[k] then
+          break
+        end
+        cached[i] = k
+      end
+    end
+  end
+
   local best = nil
   local scores = {}
   for i = 1, n do
@@ -153,7 +194,16 @@ local function pick_replica(first_key, n, p, first_id, now_ms)
       local load = math.max(inflight[i], s.active + s.waiting)
       local excess = math.max(0, s.kv - p.kv_threshold)
       local kv_penalty = 1 + p.kv_weight * excess / (1 - p.kv_threshold)
-      score = math.max(1, (load + 1) / s.max_active) * service * kv_penalty
+      local per_request = service
+      if s.source == 'trtllm' then
+        per_request = service * p.output_tokens
+      end
+      local uncached = 0
+      if p.prompt_tokens > 0 then
+        uncached = math.max(1, p.prompt_tokens - cached[i] * p.tokens_per_block)
+      end
+      score = math.max(1, (load + 1) / s.max_active) * per_request * kv_penalty
+        + p.prefill_ms_per_token * uncached
     end
     scores[i] = score
     if score < math.huge and (best == nil or score < best) then
@@ -165,11 +215,18 @@ local function pick_replica(first_key, n, p, first_id, now_ms)
     return nil
   end
 
-  -- Tied: every score within tie_tolerance of the best; among them the fewest in-flight.
+  -- Tied: every score within tie_tolerance of the best; among them the most cached blocks,
+  -- then the fewest in-flight.
   local limit = best + math.abs(best) * p.tie_tolerance
+  local most = nil
+  for i = 1, n do
+    if scores[i] <= limit and (most == nil or cached[i] > most) then
+      most = cached[i]
+    end
+  end
   local fewest, tied = nil, {}
   for i = 1, n do
-    if scores[i] <= limit then
+    if scores[i] <= limit and cached[i] == most then
       if fewest == nil or inflight[i] < fewest then
         fewest, tied = inflight[i], { i }
       elseif inflight[i] == fewest then
@@ -187,6 +244,27 @@ local function pick_replica(first_key, n, p, first_id, now_ms)
   redis.call('ZADD', key, now_ms + p.lease_ms, p.reservation)
   if redis.call('PTTL', key) < p.lease_ms then
     redis.call('PEXPIRE', key, p.lease_ms) -- the set lives as long as its longest lease
+  end
+  if p.blocks > 0 then
+    -- the chosen replica will hold the prompt's blocks: index them (scores as exact integers:
+    -- a number argument would reach Redis with 14 significant digits only)
+    local index = KEYS[first_key + 2 * n + chosen - 1]
+    local members = {}
+    for k = 1, p.blocks do
+      members[#members + 1] = string.format('%.0f', now_ms * 1024 + (1024 - k))
+      members[#members + 1] = hashes[k]
+    end
+    redis.call('ZADD', index, unpack(members))
+    local bound = p.prefix_index_blocks
+    local s = states[chosen]
+    if s ~= nil and s.kv_tokens ~= nil and s.kv_tokens > 0 then
+      bound = math.max(1, math.floor(s.kv_tokens / p.block_tokens))
+    end
+    local size = redis.call('ZCARD', index)
+    if size > bound then
+      redis.call('ZREMRANGEBYRANK', index, 0, size - bound - 1)
+    end
+    redis.call('PEXPIRE', index, p.prefix_ttl_ms)
   end
   return { index = chosen, inflight = redis.call('ZCARD', key), score = scores[chosen] }
 end

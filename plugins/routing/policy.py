@@ -1,13 +1,25 @@
 """The routing policy: one set of pure functions (no I/O), mirrored by ``pick.lua``.
 
-A replica's score estimates the **expected completion time** of one more request on it
+A replica's score estimates the **expected completion time** of this request on it
 (shortest expected delay; lower is better)::
 
     n          = max(inflight, active + waiting)        # reserved by proxies vs seen at the replica
     C          = max_active                             # the executor's cap on active requests
     s          = service_ms (or the candidates' mean, or default_service_ms)
+    per_req    = s * output_tokens  when s is an engine iteration (source "trtllm"), else s
     kv_penalty = 1 + kv_weight * max(0, kv_fraction - kv_threshold) / (1 - kv_threshold)
-    score      = max(1, (n + 1) / C) * s * kv_penalty
+    uncached   = max(1, prompt_tokens - cached_blocks * tokens_per_block)   (0: no prompt size)
+    score      = max(1, (n + 1) / C) * per_req * kv_penalty + prefill_ms_per_token * uncached
+
+The request's own size (``RequestShape``: its prompt tokens, its expected output, the salted
+hashes of its prompt's blocks) enters twice: decode as ``output_tokens`` engine iterations, and
+prefill of the prompt tokens the replica does not hold in its KV cache. ``cached_blocks`` is
+how many of the prompt's leading blocks the replica's prefix index holds (``prefix.py``; the
+index is read and updated by ``pick_lib.lua`` in the call that picks). Without a shape
+(``output_tokens = 1``, no prompt) this is the request-count score it always was. A cached
+prefix saves only its prefill time, so a replica that holds it but has a longer wait loses as
+soon as the wait costs more than the prefill saved: load wins over affinity, and one hot prefix
+does not herd every request onto one replica.
 
 With in-flight batching a request that finds a free batch slot (``n < C``) starts at once and
 takes about ``s``; one that finds all ``C`` slots taken waits for ``n - C + 1`` completions, one
@@ -26,9 +38,11 @@ one request each, which costs latency (measured in ``tests/test_proxy_skewed.py`
 * ``choose`` treats every score within ``tie_tolerance`` of the lowest as tied
   (``score <= best + |best| * tie_tolerance``): measured service times of identical replicas
   differ by noise, and a strict minimum would send every request of an idle fleet to the same
-  replica. Among the tied, the fewest in-flight (the proxies' reservations: the freshest
-  signal); among those still tied, the replica ids sorted by code point (= UTF-8 byte order)
-  and index ``tiebreak % len(tied)``, so a random ``tiebreak`` from the caller spreads ties.
+  replica. Among the tied, the most cached blocks of the prompt (its prefill saving is within
+  the noise, its cache stays warm: affinity), then the fewest in-flight (the proxies'
+  reservations: the freshest signal); among those still tied, the replica ids sorted by code
+  point (= UTF-8 byte order) and index ``tiebreak % len(tied)``, so a random ``tiebreak`` from
+  the caller spreads ties.
 
 Bit-identical with Lua
 ----------------------
@@ -39,8 +53,10 @@ operation that Lua performs identically:
 
 * ``kv_penalty = 1.0 + ((kv_weight * excess) / (1.0 - kv_threshold))`` with
   ``excess = max(0.0, kv_fraction - kv_threshold)``;
-* ``score = (max(1.0, (n + 1) / max_active) * service_ms) * kv_penalty`` (the integers
-  ``n + 1`` and ``max_active`` are exact as doubles);
+* ``per_req = service_ms * output_tokens`` (trtllm) or ``service_ms``;
+  ``uncached = max(1.0, prompt_tokens - (cached_blocks * tokens_per_block))``;
+* ``score = ((max(1.0, (n + 1) / max_active) * per_req) * kv_penalty) + (prefill_ms_per_token
+  * uncached)`` (the integers ``n + 1`` and ``max_active`` are exact as doubles);
 * unknown: ``unknown_score + inflight``;
 * the mean service time is a left-to-right running sum divided by the count (not ``sum()``,
   whose float algorithm differs across Python versions, nor ``statistics.mean``);
@@ -61,6 +77,41 @@ from core.keyschema import ReplicaState
 Candidate = tuple[str, ReplicaState | None, int]
 """(replica_id, published state or None when missing/invalid, in-flight reservations)."""
 
+MAX_PROMPT_BLOCKS = 1024
+"""The most prompt blocks a pick looks up and indexes (longer prompts: their first blocks)."""
+
+
+@dataclass(frozen=True)
+class RequestShape:
+    """What the pick knows of the request before it is sent: its size and the salted hashes of
+    its prompt's leading blocks (``prefix.py``). The default is a request of unknown size."""
+
+    prompt_tokens: int = 0
+    output_tokens: int = 1
+    """Expected output tokens: engine iterations on a trtllm replica."""
+    tokens_per_block: float = 0.0
+    """Prompt tokens per block (the blocks are fixed in characters)."""
+    hashes: tuple[str, ...] = ()
+    """Hex block hashes, first block first: what the prefix index stores (never text)."""
+
+    def __post_init__(self) -> None:
+        if self.prompt_tokens < 0 or self.output_tokens < 1:
+            raise ValueError(f"prompt_tokens {self.prompt_tokens}, output {self.output_tokens}")
+        if not (math.isfinite(self.tokens_per_block) and self.tokens_per_block >= 0.0):
+            raise ValueError(f"tokens_per_block must be finite and >= 0: {self.tokens_per_block}")
+        if len(self.hashes) > MAX_PROMPT_BLOCKS:
+            raise ValueError(f"at most {MAX_PROMPT_BLOCKS} block hashes, got {len(self.hashes)}")
+
+    def uncached_tokens(self, cached_blocks: int) -> float:
+        """Prompt tokens to prefill when the first ``cached_blocks`` blocks are cached (at
+        least one: the last prompt token is always computed); 0 for a prompt of unknown size."""
+        if self.prompt_tokens == 0:
+            return 0.0
+        return max(1.0, self.prompt_tokens - cached_blocks * self.tokens_per_block)
+
+
+NO_SHAPE = RequestShape()
+
 
 @dataclass(frozen=True)
 class PolicyParams:
@@ -77,7 +128,18 @@ class PolicyParams:
     default_service_ms: float = 1.0
     """Service time used when no candidate publishes one (then only counts matter)."""
     tie_tolerance: float = 0.2
-    """Scores within this fraction of the lowest are tied (then fewest in-flight, then random)."""
+    """Scores within this fraction of the lowest are tied (then the most cached prompt blocks,
+    then the fewest in-flight, then random)."""
+    prefill_ms_per_token: float = 0.2
+    """Prefill time of one prompt token (ms): what a cached prompt block saves. The stand-in's
+    default; a TensorRT-LLM 8B model on one H100 prefills roughly 10,000+ tokens/s (0.1)."""
+    prefix_index_blocks: int = 4096
+    """Blocks the prefix index keeps per replica when the replica publishes no KV capacity."""
+    block_tokens: float = 64.0
+    """Nominal tokens per index block: a replica's KV capacity in tokens / this = its index's
+    bound in blocks (the blocks it may hold; older ones are forgotten first)."""
+    prefix_ttl_ms: int = 3_600_000
+    """A replica's index expires this long after its last pick (a replica gone for good)."""
 
     def __post_init__(self) -> None:
         if self.stale_after_ms < 0:
@@ -94,6 +156,12 @@ class PolicyParams:
             raise ValueError(
                 f"default_service_ms must be finite and > 0, got {self.default_service_ms}"
             )
+        if not (math.isfinite(self.prefill_ms_per_token) and self.prefill_ms_per_token >= 0.0):
+            raise ValueError(f"prefill_ms_per_token must be >= 0: {self.prefill_ms_per_token}")
+        if self.prefix_index_blocks < 1 or self.prefix_ttl_ms < 1:
+            raise ValueError("prefix_index_blocks and prefix_ttl_ms must be >= 1")
+        if not (math.isfinite(self.block_tokens) and self.block_tokens > 0.0):
+            raise ValueError(f"block_tokens must be finite and > 0, got {self.block_tokens}")
 
 
 def is_fresh(state: ReplicaState | None, params: PolicyParams, now_ms: int) -> bool:
@@ -107,10 +175,13 @@ def score(
     service_ms: float,
     params: PolicyParams,
     now_ms: int,
+    shape: RequestShape = NO_SHAPE,
+    cached_blocks: int = 0,
 ) -> float:
-    """Expected completion time of one more request on the replica; lower is better.
+    """Expected completion time of the request ``shape`` on the replica; lower is better.
 
-    ``service_ms`` is the replica's effective service time (see ``effective_service_ms``).
+    ``service_ms`` is the replica's effective service time (see ``effective_service_ms``);
+    ``cached_blocks`` the prompt's leading blocks its prefix index holds.
     Unknown (None or stale) → ``unknown_score + inflight``; unhealthy → ``math.inf``.
     """
     if state is None or not is_fresh(state, params, now_ms):
@@ -120,7 +191,9 @@ def score(
     n = max(inflight, state.active + state.waiting)
     excess = max(0.0, state.kv_fraction - params.kv_threshold)
     kv_penalty = 1.0 + params.kv_weight * excess / (1.0 - params.kv_threshold)
-    return max(1.0, (n + 1) / state.max_active) * service_ms * kv_penalty
+    per_request = service_ms * shape.output_tokens if state.source == "trtllm" else service_ms
+    wait_and_decode = max(1.0, (n + 1) / state.max_active) * per_request * kv_penalty
+    return wait_and_decode + params.prefill_ms_per_token * shape.uncached_tokens(cached_blocks)
 
 
 def _own_service_ms(state: ReplicaState | None, params: PolicyParams, now_ms: int) -> float | None:
@@ -148,34 +221,64 @@ def effective_service_ms(
     return [fallback if value is None else value for value in own]
 
 
-def scores(candidates: Sequence[Candidate], params: PolicyParams, now_ms: int) -> list[float]:
-    """The score of every candidate, in order (``math.inf`` = excluded)."""
-    service = effective_service_ms([state for _, state, _ in candidates], params, now_ms)
+def usable_cached_blocks(
+    candidates: Sequence[Candidate], cached: Sequence[int] | None, params: PolicyParams, now_ms: int
+) -> list[int]:
+    """The cached blocks each candidate is credited with: what its index holds when it is fresh
+    and healthy (an unknown or down replica's cache is not counted on)."""
+    if cached is None:
+        return [0] * len(candidates)
     return [
-        score(state, inflight, s, params, now_ms)
-        for (_, state, inflight), s in zip(candidates, service, strict=True)
+        blocks if state is not None and is_fresh(state, params, now_ms) and state.healthy else 0
+        for (_, state, _), blocks in zip(candidates, cached, strict=True)
+    ]
+
+
+def scores(
+    candidates: Sequence[Candidate],
+    params: PolicyParams,
+    now_ms: int,
+    shape: RequestShape = NO_SHAPE,
+    cached: Sequence[int] | None = None,
+) -> list[float]:
+    """The score of every candidate, in order (``math.inf`` = excluded). ``cached``: the
+    prompt's leading blocks each candidate's prefix index holds (``prefix.cached_prefix``)."""
+    service = effective_service_ms([state for _, state, _ in candidates], params, now_ms)
+    blocks = usable_cached_blocks(candidates, cached, params, now_ms)
+    return [
+        score(state, inflight, s, params, now_ms, shape, b)
+        for (_, state, inflight), s, b in zip(candidates, service, blocks, strict=True)
     ]
 
 
 def choose(
-    candidates: Sequence[Candidate], params: PolicyParams, now_ms: int, tiebreak: int
+    candidates: Sequence[Candidate],
+    params: PolicyParams,
+    now_ms: int,
+    tiebreak: int,
+    shape: RequestShape = NO_SHAPE,
+    cached: Sequence[int] | None = None,
 ) -> str | None:
-    """The replica id to send the next request to, or None if no candidate is eligible.
+    """The replica id to send the request to, or None if no candidate is eligible.
 
-    Lowest score; among the scores within ``tie_tolerance`` of it the fewest in-flight; among
-    those, the ids in sorted order and index ``tiebreak % len(tied)``.
+    Lowest score; among the scores within ``tie_tolerance`` of it the most cached blocks, then
+    the fewest in-flight; among those, the ids in sorted order and index
+    ``tiebreak % len(tied)``.
     """
-    ranked = scores(candidates, params, now_ms)
+    ranked = scores(candidates, params, now_ms, shape, cached)
+    blocks = usable_cached_blocks(candidates, cached, params, now_ms)
     eligible = [
-        (s, inflight, replica_id)
-        for (replica_id, _, inflight), s in zip(candidates, ranked, strict=True)
+        (s, b, inflight, replica_id)
+        for (replica_id, _, inflight), s, b in zip(candidates, ranked, blocks, strict=True)
         if s < math.inf  # excludes inf (unhealthy) and, defensively, nan
     ]
     if not eligible:
         return None
-    best = min(s for s, _, _ in eligible)
+    best = min(s for s, _, _, _ in eligible)
     limit = best + abs(best) * params.tie_tolerance
-    tied = [(inflight, replica_id) for s, inflight, replica_id in eligible if s <= limit]
-    fewest = min(inflight for inflight, _ in tied)
-    names = sorted(replica_id for inflight, replica_id in tied if inflight == fewest)
+    tied = [(b, inflight, replica_id) for s, b, inflight, replica_id in eligible if s <= limit]
+    most = max(b for b, _, _ in tied)
+    warm = [(inflight, replica_id) for b, inflight, replica_id in tied if b == most]
+    fewest = min(inflight for inflight, _ in warm)
+    names = sorted(replica_id for inflight, replica_id in warm if inflight == fewest)
     return names[tiebreak % len(names)]

@@ -5,7 +5,7 @@ The Redis connection pool (size, wait) is shared by every proxy-side client: ``T
 
 from __future__ import annotations
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from core.keyschema import DEFAULT_PREFIX
@@ -16,9 +16,11 @@ from plugins.routing.leases import (
     DEFAULT_RENEW_MS,
     check_lease_settings,
 )
-from plugins.routing.policy import PolicyParams
+from plugins.routing.policy import MAX_PROMPT_BLOCKS, PolicyParams
 
 _POLICY = PolicyParams()
+CHARS_PER_TOKEN = 4.0
+"""Characters per token for the index's bound (a block of 256 characters ~ 64 tokens)."""
 
 
 class RoutingSettings(BaseSettings):
@@ -40,6 +42,37 @@ class RoutingSettings(BaseSettings):
     default_service_ms: float = Field(default=_POLICY.default_service_ms, gt=0.0)
     tie_tolerance: float = Field(
         default=_POLICY.tie_tolerance, ge=0.0, le=1.0, description="near-equal = tied"
+    )
+    prefill_ms_per_token: float = Field(
+        default=_POLICY.prefill_ms_per_token,
+        ge=0.0,
+        description="prefill time of one prompt token on a replica (ms): what a cached prompt "
+        "block saves in the score",
+    )
+    prefix_affinity: bool = Field(
+        default=True,
+        description="keep a prefix index per replica in Redis and credit a replica with the "
+        "prompt blocks it holds (plugins/routing/README.md)",
+    )
+    prefix_salt: SecretStr | None = Field(
+        default=None,
+        description="the secret the prompt-block hashes are keyed with, the same for every "
+        "proxy; default: derived from LITELLM_MASTER_KEY (affinity off without either)",
+    )
+    prefix_block_chars: int = Field(
+        default=256, ge=16, description="characters per prompt block (about 64 tokens)"
+    )
+    prefix_max_blocks: int = Field(
+        default=256, ge=1, le=MAX_PROMPT_BLOCKS, description="prompt blocks hashed per request"
+    )
+    prefix_index_blocks: int = Field(
+        default=_POLICY.prefix_index_blocks,
+        ge=1,
+        description="index bound per replica when it publishes no KV capacity",
+    )
+    prefix_ttl_ms: int = Field(default=_POLICY.prefix_ttl_ms, ge=1000)
+    expected_output_tokens: int = Field(
+        default=256, ge=1, description="a request's expected output when it sets no max_tokens"
     )
     lease_ms: int = Field(
         default=DEFAULT_LEASE_MS,
@@ -79,4 +112,8 @@ class RoutingSettings(BaseSettings):
             unknown_score=self.unknown_score,
             default_service_ms=self.default_service_ms,
             tie_tolerance=self.tie_tolerance,
+            prefill_ms_per_token=self.prefill_ms_per_token,
+            prefix_index_blocks=self.prefix_index_blocks,
+            block_tokens=self.prefix_block_chars / CHARS_PER_TOKEN,
+            prefix_ttl_ms=self.prefix_ttl_ms,
         )

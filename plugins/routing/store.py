@@ -24,7 +24,8 @@ from redis.asyncio import Redis
 from core.keyschema import KeySchema, ReplicaState
 from core.lua import ArgGroup, ScriptProtocol, fields, lua_source
 from plugins.routing.leases import DEFAULT_LEASE_MS
-from plugins.routing.policy import Candidate, PolicyParams
+from plugins.routing.policy import NO_SHAPE, Candidate, PolicyParams, RequestShape
+from plugins.routing.prefix import cached_prefix
 
 log = logging.getLogger(__name__)
 
@@ -46,16 +47,25 @@ PICK_PARAMS = ArgGroup(
         ("tie_tolerance", "float"),
         "reservation",
         ("lease_ms", "int"),
+        ("prefill_ms_per_token", "float"),
+        ("prefix_index_blocks", "int"),
+        ("block_tokens", "float"),
+        ("prefix_ttl_ms", "int"),
+        ("prompt_tokens", "int"),
+        ("output_tokens", "int"),
+        ("tokens_per_block", "float"),
+        ("blocks", "int"),
     ),
 )
-"""The policy's parameters and the reservation to take, as ``pick_lib.lua`` reads them (after
-the pick's own arguments in ``pick.lua``, after the gate's in ``gate.lua``)."""
+"""The policy's parameters, the reservation to take and the request's shape, as
+``pick_lib.lua`` reads them (after the pick's own arguments in ``pick.lua``, after the gate's in
+``gate.lua``); the replica ids, then the ``blocks`` prompt-block hashes, follow them."""
 PICKED = fields(("index", "int"), ("inflight", "int"), ("score", "float"))
 """What a pick answers: the chosen candidate (1-based; 0 = none eligible), its reservations
 now, its score."""
 PICK = ScriptProtocol("pick", args=fields(("n", "int")), reply=PICKED)
-"""``pick.lua``: KEYS the N replica hashes then their reservation sets; ARGV ``n``, then
-``PICK_PARAMS``, then the N replica ids."""
+"""``pick.lua``: KEYS the N replica hashes, their reservation sets, their prefix indexes; ARGV
+``n``, then ``PICK_PARAMS``, then the N replica ids, then the prompt-block hashes."""
 RELEASE = ScriptProtocol("release", keys=("inflight",), args=fields("reservation"))
 """``release.lua``: replies the replica's live reservations (a number)."""
 COUNT = ScriptProtocol("count")
@@ -88,6 +98,8 @@ class PickPlan:
     reservation_id: str
     """Unique among live reservations."""
     lease_ms: int = DEFAULT_LEASE_MS
+    shape: RequestShape = NO_SHAPE
+    """The request's size and prompt-block hashes (``prefix.request_shape``)."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.tiebreak < MAX_TIEBREAK:
@@ -108,7 +120,19 @@ class PickPlan:
             tie_tolerance=p.tie_tolerance,
             reservation=self.reservation_id,
             lease_ms=int(self.lease_ms),
+            prefill_ms_per_token=p.prefill_ms_per_token,
+            prefix_index_blocks=p.prefix_index_blocks,
+            block_tokens=p.block_tokens,
+            prefix_ttl_ms=p.prefix_ttl_ms,
+            prompt_tokens=self.shape.prompt_tokens,
+            output_tokens=self.shape.output_tokens,
+            tokens_per_block=self.shape.tokens_per_block,
+            blocks=len(self.shape.hashes),
         )
+
+    def tail(self, replica_ids: Sequence[str]) -> list[str]:
+        """What follows ``PICK_PARAMS`` in ARGV: the replica ids, then the block hashes."""
+        return [*replica_ids, *self.shape.hashes]
 
     def reservation(
         self, replica_ids: Sequence[str], index: int, inflight: int, score: float
@@ -144,6 +168,7 @@ class RoutingStore:
         tiebreak: int,
         reservation_id: str | None = None,
         lease_ms: int = DEFAULT_LEASE_MS,
+        shape: RequestShape = NO_SHAPE,
     ) -> Reservation | None:
         """Choose a replica among ``replica_ids`` and reserve it, atomically.
 
@@ -152,7 +177,7 @@ class RoutingStore:
         ``reservation_id`` must be unique among live reservations (default: a random UUID).
         """
         reservation = reservation_id if reservation_id is not None else uuid.uuid4().hex
-        plan = PickPlan(params, tiebreak, reservation, lease_ms)
+        plan = PickPlan(params, tiebreak, reservation, lease_ms, shape)
         return await self.pick_planned(replica_ids, plan)
 
     async def pick_planned(self, replica_ids: Sequence[str], plan: PickPlan) -> Reservation | None:
@@ -162,10 +187,32 @@ class RoutingStore:
             return None
         if len(set(ids)) != len(ids):
             raise ValueError(f"duplicate replica ids: {ids}")
-        keys = [self._keys.replica(r) for r in ids] + [self._keys.inflight(r) for r in ids]
-        args = PICK.argv([*plan.args(), *ids], n=len(ids))
+        keys = self.candidate_keys(ids)
+        args = PICK.argv([*plan.args(), *plan.tail(ids)], n=len(ids))
         reply, _ = PICK.decode(await self._pick(keys=PICK.keys_for(keys), args=args))
         return plan.reservation(ids, **reply)
+
+    def candidate_keys(self, replica_ids: Sequence[str]) -> list[str]:
+        """The keys ``pick_lib.lua`` reads of the candidates: their replica hashes, reservation
+        sets and prefix indexes, in that order."""
+        k = self._keys
+        return [
+            *(k.replica(r) for r in replica_ids),
+            *(k.inflight(r) for r in replica_ids),
+            *(k.prefix_index(r) for r in replica_ids),
+        ]
+
+    async def cached_blocks(self, replica_ids: Sequence[str], shape: RequestShape) -> list[int]:
+        """The prompt's leading blocks each replica's prefix index holds (as the pick reads
+        them), in one round trip: for tests and diagnostics."""
+        ids = list(replica_ids)
+        if not shape.hashes or not ids:
+            return [0] * len(ids)
+        async with self._client.pipeline(transaction=True) as pipe:
+            for replica_id in ids:
+                pipe.zmscore(self._keys.prefix_index(replica_id), list(shape.hashes))
+            replies = await pipe.execute()
+        return [cached_prefix(found) for found in replies]
 
     async def release(self, replica_id: str, reservation_id: str) -> int:
         """Give back one reservation (idempotent); returns the replica's live reservations."""

@@ -26,9 +26,11 @@ outage: the pick fails with ``RedisBusy`` (a 503 the router may retry), no per-p
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 import litellm
@@ -47,7 +49,8 @@ from plugins.redis_outage import RedisOutage
 from plugins.request_ticket import TICKETS, Held, RequestTicket, Routing, TicketBook
 from plugins.routing.fallback import LocalCounts
 from plugins.routing.leases import LeaseRenewer
-from plugins.routing.policy import choose
+from plugins.routing.policy import NO_SHAPE, RequestShape, choose
+from plugins.routing.prefix import derive_salt, shape_of_request
 from plugins.routing.settings import RoutingSettings
 from plugins.routing.store import MAX_TIEBREAK, PickPlan, Reservation, RoutingStore
 
@@ -80,6 +83,23 @@ class NoEligibleReplica(litellm.ServiceUnavailableError):
 class RedisBusy(litellm.ServiceUnavailableError):
     """No pooled Redis connection became free in time for the pick: this process is
     overloaded (back-pressure, a 503 to retry later), Redis is not down."""
+
+
+def prefix_salt(settings: RoutingSettings) -> bytes | None:
+    """The key of the prompt-block hashes: the configured salt, else one derived from the
+    proxy's master key (the same on every proxy of a deployment); None turns affinity off."""
+    if not settings.prefix_affinity:
+        return None
+    if settings.prefix_salt is not None:
+        return derive_salt(settings.prefix_salt.get_secret_value())
+    master_key = os.environ.get("LITELLM_MASTER_KEY")
+    if master_key:
+        return derive_salt(master_key)
+    log.warning(
+        "routing: prefix affinity off: set TRIAGE_ROUTING_PREFIX_SALT (the same on every "
+        "proxy) or LITELLM_MASTER_KEY"
+    )
+    return None
 
 
 def replica_id_of(deployment: dict[str, Any]) -> str:
@@ -123,6 +143,7 @@ class LeastBusyStrategy(CustomRoutingStrategyBase):
             settings.log_interval_s,
         )
         self._next_expiry = 0.0
+        self.salt = prefix_salt(settings)
 
     # -- installation ----------------------------------------------------------------------
 
@@ -235,6 +256,7 @@ class LeastBusyStrategy(CustomRoutingStrategyBase):
         call_id = kwargs.get("litellm_call_id")
         if not call_id:
             call_id = kwargs["litellm_call_id"] = str(uuid.uuid4())
+        self.describe(str(call_id), {**kwargs, "messages": messages, "input": input})
         with tracing.span("triage.pick", span or tracing.parent_span(kwargs), model=model):
             return await self.choose_deployment(model, deployments, str(call_id))
 
@@ -252,6 +274,24 @@ class LeastBusyStrategy(CustomRoutingStrategyBase):
 
     # -- the pick made with the admission ----------------------------------------------------
 
+    def describe(self, call_id: str, request: Mapping[str, Any]) -> None:
+        """Note the request's shape for its picks (once: retries and restarts keep it)."""
+        routing = self._routing(self.book.open(call_id))
+        if routing.shape is None:
+            s = self.settings
+            routing.shape = shape_of_request(
+                request,
+                self.salt,
+                s.prefix_block_chars,
+                s.prefix_max_blocks,
+                s.expected_output_tokens,
+            )
+
+    def shape(self, call_id: str) -> RequestShape:
+        ticket = self.book.get(call_id)
+        routing = ticket.routing if ticket is not None else None
+        return routing.shape if routing is not None and routing.shape is not None else NO_SHAPE
+
     def plan_pick(self, call_id: str) -> PickPlan | None:
         """The pick the admission gate may make for ``call_id`` in the call that admits it
         (None while Redis is out: the router picks by local counts then)."""
@@ -259,7 +299,13 @@ class LeastBusyStrategy(CustomRoutingStrategyBase):
 
     def _plan(self, call_id: str) -> PickPlan:
         reservation_id = f"{call_id}:{uuid.uuid4().hex[:8]}"  # unique per attempt
-        return PickPlan(self.params, random.getrandbits(32), reservation_id, self.settings.lease_ms)
+        return PickPlan(
+            self.params,
+            random.getrandbits(32),
+            reservation_id,
+            self.settings.lease_ms,
+            self.shape(call_id),
+        )
 
     def adopt(self, model: str, ticket: RequestTicket, reservation: Reservation) -> None:
         """``reservation`` was taken for ``ticket`` by the admission gate (with a
