@@ -392,3 +392,25 @@ async def test_lua_pick_with_prefix_indexes_matches_python(
             assert set(shape.hashes[: min(bound, len(shape.hashes))]) <= kept
             assert 0 < await client.pttl(keys.prefix_index(expected)) <= params.prefix_ttl_ms
     await client.delete(*store.candidate_keys(ids))
+
+
+async def test_the_index_forgets_the_oldest_prompts_first_within_the_kv_capacity(
+    client: Redis,
+) -> None:
+    """A replica whose KV cache holds 4 index blocks (256 tokens at 64 per block): after prompt
+    A (3 blocks) and then prompt B (3 blocks), A's later blocks are forgotten, its first kept."""
+    keys = fresh_keys()
+    store = RoutingStore(client, keys)
+    now = await redis_now_ms(client)
+    await client.hset(keys.replica("r0"), mapping=state("r0", now, kv_tokens=256).to_redis())
+    params = PolicyParams(block_tokens=64.0)
+    a = RequestShape(prompt_tokens=200, tokens_per_block=64.0, hashes=("a1", "a2", "a3"))
+    b = RequestShape(prompt_tokens=200, tokens_per_block=64.0, hashes=("b1", "b2", "b3"))
+    await store.pick(["r0"], params, 0, shape=a)
+    assert await store.cached_blocks(["r0"], a) == [3]
+    await asyncio.sleep(0.002)  # a later pick
+    await store.pick(["r0"], params, 0, shape=b)
+    assert await client.zcard(keys.prefix_index("r0")) == 4
+    assert await store.cached_blocks(["r0"], b) == [3]
+    assert await store.cached_blocks(["r0"], a) == [1]
+    await client.delete(*store.candidate_keys(["r0"]))

@@ -12,7 +12,9 @@ from pathlib import Path
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from redis.asyncio import Redis
 
+from core.keyschema import KeySchema
 from devstack.stack import Stack
 from devstack.stack_settings import StackSettings
 
@@ -186,3 +188,73 @@ async def test_redis_outage_keeps_serving_and_routing_recovers(stack: Stack) -> 
 def test_stack_state_file_is_private(stack: Stack) -> None:
     state = Path(stack.workdir) / "stack.json"
     assert state.stat().st_mode & 0o077 == 0
+
+
+SYSTEM = " ".join(f"zanzibar{i} rule: answer briefly and cite the fleet." for i in range(40))
+"""A long system prompt (~2,000 characters: 7 blocks of the prefix index) with a word that
+appears nowhere else, to look for in Redis."""
+
+
+async def chat_with_system(client: object, system: str, question: str, max_tokens: int) -> str:
+    raw = await client.chat.completions.with_raw_response.create(  # type: ignore[attr-defined]
+        model=MODEL,
+        messages=[{"role": "system", "content": system}, {"role": "user", "content": question}],
+        max_tokens=max_tokens,
+    )
+    assert raw.parse().choices[0].message.content
+    return raw.headers["x-litellm-model-id"]
+
+
+async def every_stored_byte(stack: Stack) -> bytes:
+    """Every key name and value in the stack's Redis, concatenated."""
+    assert stack.redis is not None
+    redis = Redis.from_url(stack.redis.url)
+    out: list[bytes] = []
+    try:
+        async for key in redis.scan_iter(count=500):
+            out.append(key)
+            kind = (await redis.type(key)).decode()
+            if kind == "string":
+                out.append(await redis.get(key) or b"")
+            elif kind == "hash":
+                for field, value in (await redis.hgetall(key)).items():
+                    out += [field, value]
+            elif kind == "zset":
+                out += [m for m, _ in await redis.zrange(key, 0, -1, withscores=True)]
+            elif kind == "set":
+                out += list(await redis.smembers(key))
+            elif kind == "list":
+                out += await redis.lrange(key, 0, -1)
+    finally:
+        await redis.aclose()
+    return b"\n".join(out)
+
+
+async def test_a_shared_prompt_prefix_follows_its_replica_until_it_is_busy(stack: Stack) -> None:
+    """Requests with the same long system prompt go to the replica that served it first, from
+    either proxy (the index is shared in Redis); when that replica is busy enough the load wins;
+    the index holds hashes only: the prompt's text is nowhere in Redis."""
+    clients = [sdk(stack, 0), sdk(stack, 1)]
+    for replica_id in ("replica-0", "replica-1"):
+        await wait_for_state(stack, replica_id, lambda s: s.active == 0)
+    first = await chat_with_system(clients[0], SYSTEM, "question 0", 4)
+    picks = [await chat_with_system(clients[i % 2], SYSTEM, f"q {i}", 4) for i in range(1, 7)]
+    assert picks == [first] * 6
+    other = "replica-1" if first == "replica-0" else "replica-0"
+    assert stack.redis is not None
+    redis = Redis.from_url(stack.redis.url)
+    try:
+        keys = KeySchema(stack.settings.key_prefix)
+        assert await redis.zcard(keys.prefix_index(first)) >= 7
+    finally:
+        await redis.aclose()
+
+    # busy enough: its 4 slots and 8 more queued (one slot's wait alone costs about what the
+    # cached prompt saves, a tie the fewest in-flight decides)
+    busy = occupy(stack, first, 12, max_tokens=250)
+    await wait_for_state(stack, first, lambda s: s.active + s.waiting >= 12)
+    assert await chat_with_system(clients[0], SYSTEM, "while it is busy", 30) == other
+    await busy.finish()
+
+    stored = await every_stored_byte(stack)
+    assert b"zanzibar" not in stored and b"cite the fleet" not in stored

@@ -12,11 +12,13 @@ import pytest
 from core.keyschema import ReplicaState
 from plugins.routing.policy import (
     PolicyParams,
+    RequestShape,
     choose,
     effective_service_ms,
     is_fresh,
     score,
     scores,
+    usable_cached_blocks,
 )
 
 from replica_states import replica_state
@@ -147,7 +149,7 @@ SERVICE = [
         ],
         [10.0, 30.0, 20.0, 20.0, 20.0],
     ),
-    ("default when none known", [rs(service_ms=None), None], [1.0, 1.0]),
+    ("default when none known", [rs(service_ms=None), None], [20.0, 20.0]),
     ("unhealthy still informs the mean", [rs(service_ms=40.0, healthy=False), None], [40.0, 40.0]),
 ]
 
@@ -261,3 +263,51 @@ def test_deterministic() -> None:
     first = [choose(cands, P, NOW, t) for t in range(20)]
     assert all([choose(cands, P, NOW, t) for t in range(20)] == first for _ in range(5))
     assert scores(cands, P, NOW) == scores(cands, P, NOW)
+
+
+# --- the request's shape: a cached prompt prefix wins when idle, loses when busy enough -------
+
+LONG = RequestShape(prompt_tokens=2000, output_tokens=50, tokens_per_block=64.0, hashes=("a",) * 30)
+
+
+def test_a_replica_holding_the_prompt_wins_on_an_idle_fleet() -> None:
+    cands = [("cold", rs(service_ms=20.0), 0), ("warm", rs(service_ms=20.0), 0)]
+    cached = [0, 30]
+    s_cold, s_warm = scores(cands, P, NOW, LONG, cached)
+    # 50 iterations of 20 ms; then 2000 tokens of prefill at 0.2 ms, or the 80 not cached
+    assert s_cold == 50 * 20.0 + 0.2 * 2000 and s_warm == 50 * 20.0 + 0.2 * 80
+    assert {choose(cands, P, NOW, t, LONG, cached) for t in range(8)} == {"warm"}
+
+
+def test_within_the_tie_tolerance_the_warm_replica_still_wins_unless_busier() -> None:
+    short = RequestShape(prompt_tokens=200, output_tokens=50, tokens_per_block=64.0, hashes=("a",))
+    cands = [("cold", rs(service_ms=20.0), 0), ("warm", rs(service_ms=20.0), 0)]
+    assert {choose(cands, P, NOW, t, short, [0, 1]) for t in range(8)} == {"warm"}
+    # the same scores, one more request in flight on the warm one: the fewest in-flight first
+    cands = [("cold", rs(service_ms=20.0), 0), ("warm", rs(service_ms=20.0), 1)]
+    assert {choose(cands, P, NOW, t, short, [0, 1]) for t in range(8)} == {"cold"}
+
+
+def test_load_wins_over_a_cached_prompt_when_the_wait_costs_more_than_its_prefill() -> None:
+    idle = ("cold", rs(service_ms=20.0), 0)
+    full = ("warm", rs(service_ms=20.0, active=4, waiting=4), 0)  # 4 slots, 4 more queued
+    assert {choose([idle, full], P, NOW, t, LONG, [0, 30]) for t in range(8)} == {"cold"}
+    # a prompt much longer than its output: the saving outweighs that wait
+    huge = RequestShape(
+        prompt_tokens=20_000, output_tokens=5, tokens_per_block=64.0, hashes=LONG.hashes
+    )
+    assert {choose([idle, full], P, NOW, t, huge, [0, 30]) for t in range(8)} == {"warm"}
+
+
+def test_an_unknown_or_down_replica_is_credited_with_no_cache() -> None:
+    stale = rs(service_ms=20.0, ts_ms=NOW - 60_000)
+    cands = [("stale", stale, 0), ("down", rs(healthy=False, state="unhealthy"), 0)]
+    assert usable_cached_blocks(cands, [30, 30], P, NOW) == [0, 0]
+
+
+def test_without_a_shape_the_score_is_the_request_count_score() -> None:
+    state = rs(service_ms=20.0, active=4, waiting=2)
+    assert score(state, 0, 20.0, P, NOW) == max(1.0, 7 / 4) * 20.0
+    assert score(state, 0, 20.0, P, NOW, LONG, 0) == max(1.0, 7 / 4) * 20.0 * 50 + 0.2 * 2000
+    triton = rs(service_ms=300.0, source="triton")  # a request's time, not an iteration's
+    assert score(triton, 0, 300.0, P, NOW, LONG, 0) == 300.0 + 0.2 * 2000

@@ -34,6 +34,8 @@ nv_trt_llm_request_metrics{model="tensorrt_llm",request_type="active",version="1
 # HELP nv_trt_llm_kv_cache_block_metrics KV
 # TYPE nv_trt_llm_kv_cache_block_metrics gauge
 nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type="fraction",model="tensorrt_llm",version="1"} 0.25
+nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type="max",model="tensorrt_llm",version="1"} 4096
+nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type="tokens_per",model="tensorrt_llm",version="1"} 32
 """
 
 PLAIN_TEXT = """\
@@ -49,6 +51,7 @@ def test_trtllm_gauges_read_with_their_upstream_meanings() -> None:
     assert (sample.active, sample.scheduled, sample.max_active) == (7, 4, 64)
     assert sample.pending == 2  # Triton's own queues of the ensemble and the engine
     assert sample.kv_fraction == 0.25
+    assert sample.kv_tokens == 4096 * 32  # the KV capacity: max blocks x tokens per block
     # finished = the ensemble's successes + failures; arrivals = preprocessing's successes
     assert (sample.completions, sample.arrivals) == (13, 30)
 
@@ -72,6 +75,7 @@ def test_falls_back_to_pending_count_without_trtllm_gauges() -> None:
     assert sample.source == "triton"
     assert (sample.pending, sample.active, sample.max_active) == (4, 0, None)
     assert sample.completions is None and sample.arrivals is None
+    assert sample.kv_tokens is None
 
 
 def test_hidden_queue_is_what_exceeds_the_drift_measured_with_room() -> None:

@@ -215,21 +215,21 @@ local function pick_replica(first_key, n, p, first_id, now_ms)
     return nil
   end
 
-  -- Tied: every score within tie_tolerance of the best; among them the most cached blocks,
-  -- then the fewest in-flight.
+  -- Tied: every score within tie_tolerance of the best; among them the fewest in-flight,
+  -- then the most cached blocks.
   local limit = best + math.abs(best) * p.tie_tolerance
-  local most = nil
+  local fewest = nil
   for i = 1, n do
-    if scores[i] <= limit and (most == nil or cached[i] > most) then
-      most = cached[i]
+    if scores[i] <= limit and (fewest == nil or inflight[i] < fewest) then
+      fewest = inflight[i]
     end
   end
-  local fewest, tied = nil, {}
+  local most, tied = nil, {}
   for i = 1, n do
-    if scores[i] <= limit and cached[i] == most then
-      if fewest == nil or inflight[i] < fewest then
-        fewest, tied = inflight[i], { i }
-      elseif inflight[i] == fewest then
+    if scores[i] <= limit and inflight[i] == fewest then
+      if most == nil or cached[i] > most then
+        most, tied = cached[i], { i }
+      elseif cached[i] == most then
         tied[#tied + 1] = i
       end
     end

@@ -38,11 +38,12 @@ one request each, which costs latency (measured in ``tests/test_proxy_skewed.py`
 * ``choose`` treats every score within ``tie_tolerance`` of the lowest as tied
   (``score <= best + |best| * tie_tolerance``): measured service times of identical replicas
   differ by noise, and a strict minimum would send every request of an idle fleet to the same
-  replica. Among the tied, the most cached blocks of the prompt (its prefill saving is within
-  the noise, its cache stays warm: affinity), then the fewest in-flight (the proxies'
-  reservations: the freshest signal); among those still tied, the replica ids sorted by code
-  point (= UTF-8 byte order) and index ``tiebreak % len(tied)``, so a random ``tiebreak`` from
-  the caller spreads ties.
+  replica. Among the tied, the fewest in-flight (the proxies' reservations: the freshest
+  signal), then the most cached blocks of the prompt (a prefill saving within the noise still
+  keeps one cache warm: affinity on an idle or evenly loaded fleet, never onto a replica with
+  more requests in flight); among those still tied, the replica ids sorted by code point
+  (= UTF-8 byte order) and index ``tiebreak % len(tied)``, so a random ``tiebreak`` from the
+  caller spreads ties.
 
 Bit-identical with Lua
 ----------------------
@@ -125,11 +126,13 @@ class PolicyParams:
     """Penalty added at a full KV cache: the score is multiplied by ``1 + kv_weight``."""
     unknown_score: float = 1e9
     """Base score of an unknown replica: usable, never preferred over a known healthy one."""
-    default_service_ms: float = 1.0
-    """Service time used when no candidate publishes one (then only counts matter)."""
+    default_service_ms: float = 20.0
+    """Service time used when no candidate publishes one yet (a sidecar needs 50 busy engine
+    iterations to measure it): a typical TensorRT-LLM decode iteration (and the stand-in's
+    default), so that the prefill of uncached prompt tokens weighs as it would."""
     tie_tolerance: float = 0.2
-    """Scores within this fraction of the lowest are tied (then the most cached prompt blocks,
-    then the fewest in-flight, then random)."""
+    """Scores within this fraction of the lowest are tied (then the fewest in-flight, then the
+    most cached prompt blocks, then random)."""
     prefill_ms_per_token: float = 0.2
     """Prefill time of one prompt token (ms): what a cached prompt block saves. The stand-in's
     default; a TensorRT-LLM 8B model on one H100 prefills roughly 10,000+ tokens/s (0.1)."""
@@ -261,8 +264,8 @@ def choose(
 ) -> str | None:
     """The replica id to send the request to, or None if no candidate is eligible.
 
-    Lowest score; among the scores within ``tie_tolerance`` of it the most cached blocks, then
-    the fewest in-flight; among those, the ids in sorted order and index
+    Lowest score; among the scores within ``tie_tolerance`` of it the fewest in-flight, then
+    the most cached blocks; among those, the ids in sorted order and index
     ``tiebreak % len(tied)``.
     """
     ranked = scores(candidates, params, now_ms, shape, cached)
@@ -277,8 +280,8 @@ def choose(
     best = min(s for s, _, _, _ in eligible)
     limit = best + abs(best) * params.tie_tolerance
     tied = [(b, inflight, replica_id) for s, b, inflight, replica_id in eligible if s <= limit]
-    most = max(b for b, _, _ in tied)
-    warm = [(inflight, replica_id) for b, inflight, replica_id in tied if b == most]
-    fewest = min(inflight for inflight, _ in warm)
-    names = sorted(replica_id for inflight, replica_id in warm if inflight == fewest)
+    fewest = min(inflight for _, inflight, _ in tied)
+    least = [(b, replica_id) for b, inflight, replica_id in tied if inflight == fewest]
+    most = max(b for b, _ in least)
+    names = sorted(replica_id for b, replica_id in least if b == most)
     return names[tiebreak % len(names)]
