@@ -266,8 +266,19 @@ class Stack:
         options = ProxyOptions(
             routing=s.routing, num_retries=s.num_retries, catalogue_file=catalogue
         )
+        # the stand-in answers its requests' reused KV-cache blocks (return_perf_metrics), as
+        # TensorRT-LLM does: usage.prompt_tokens_details.cached_tokens
         config = build_proxy_config(
-            s.model, s.model, endpoints, options, dialect=PROVIDER_DIALECT[s.dialect]
+            s.model,
+            s.model,
+            endpoints,
+            options,
+            dialect=PROVIDER_DIALECT[s.dialect],
+            provider_settings={
+                "request_kv_cache_stats": True,
+                # the stack's stand-ins keep StandinSettings' block size
+                "kv_tokens_per_block": StandinSettings().kv_tokens_per_block,
+            },
         )
         path = write_proxy_config(config, self.workdir / "proxy.yaml")
         env = proxy_env(self.redis_url(PROXY_USER), s.key_prefix, self.master_key, catalogue)

@@ -9,6 +9,7 @@ through the YAML, so one YAML works for N proxy processes and secrets stay out o
 from __future__ import annotations
 
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -71,9 +72,11 @@ def build_proxy_config(
     replicas: list[ReplicaEndpoint],
     options: ProxyOptions | None = None,
     dialect: str | None = None,
+    provider_settings: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The proxy's config: ``model_name`` served by ``triton_model`` on ``replicas``, in the
-    provider's ``dialect`` (``plugins/triton_provider/dialects.py``; None: its default)."""
+    provider's ``dialect`` (``plugins/triton_provider/dialects.py``; None: its default), with
+    ``provider_settings`` (``TritonProviderSettings`` fields) on every deployment."""
     opts = options or ProxyOptions()
     # order matters for pre-call hooks: refuse a key's forbidden model (403) before it takes
     # an admission slot; the routing hook only (re-)installs the strategy
@@ -109,6 +112,7 @@ def build_proxy_config(
                 r.api_base,
                 triton_model,
                 dialect=dialect,
+                provider_settings=provider_settings,
                 model_info=limits,
             )
             for r in replicas

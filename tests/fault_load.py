@@ -147,8 +147,8 @@ async def under_load(
     stack: Stack,
     fault: str,
     inject: Callable[[Load], Awaitable[None]],
-    before_s: float = 2.0,
-    after_s: float = 3.0,
+    before_s: float = 1.0,
+    after_s: float = 2.0,
 ) -> tuple[Counter[str], float, Load]:
     """Load, ``before_s``, the fault (``inject`` returns when it is over), ``after_s`` more
     load, stop; then how long until every count is back to zero."""

@@ -25,7 +25,7 @@ from loadtests.keys import create_tier_keys, parse_tiers, write_keys
 
 pytestmark = pytest.mark.integration
 
-RUN_S = 20  # arrivals + drain
+RUN_S = 17  # arrivals + drain
 
 
 @pytest.fixture(scope="module")

@@ -195,13 +195,20 @@ SYSTEM = " ".join(f"zanzibar{i} rule: answer briefly and cite the fleet." for i 
 appears nowhere else, to look for in Redis."""
 
 
+CACHED: list[int | None] = []
+"""``usage.prompt_tokens_details.cached_tokens`` of each ``chat_with_system`` answer."""
+
+
 async def chat_with_system(client: object, system: str, question: str, max_tokens: int) -> str:
     raw = await client.chat.completions.with_raw_response.create(  # type: ignore[attr-defined]
         model=MODEL,
         messages=[{"role": "system", "content": system}, {"role": "user", "content": question}],
         max_tokens=max_tokens,
     )
-    assert raw.parse().choices[0].message.content
+    completion = raw.parse()
+    assert completion.choices[0].message.content
+    details = completion.usage.prompt_tokens_details
+    CACHED.append(details.cached_tokens if details is not None else None)
     return raw.headers["x-litellm-model-id"]
 
 
@@ -237,9 +244,12 @@ async def test_a_shared_prompt_prefix_follows_its_replica_until_it_is_busy(stack
     clients = [sdk(stack, 0), sdk(stack, 1)]
     for replica_id in ("replica-0", "replica-1"):
         await wait_for_state(stack, replica_id, lambda s: s.active == 0)
+    CACHED.clear()
     first = await chat_with_system(clients[0], SYSTEM, "question 0", 4)
     picks = [await chat_with_system(clients[i % 2], SYSTEM, f"q {i}", 4) for i in range(1, 7)]
     assert picks == [first] * 6
+    # the engine reused the system prompt's blocks from the second request on, and said so
+    assert CACHED[0] == 0 and all(cached >= 64 for cached in CACHED[1:]), CACHED
     other = "replica-1" if first == "replica-0" else "replica-0"
     assert stack.redis is not None
     redis = Redis.from_url(stack.redis.url)
@@ -251,10 +261,34 @@ async def test_a_shared_prompt_prefix_follows_its_replica_until_it_is_busy(stack
 
     # busy enough: its 4 slots and 8 more queued (one slot's wait alone costs about what the
     # cached prompt saves, a tie the fewest in-flight decides)
-    busy = occupy(stack, first, 12, max_tokens=250)
+    busy = occupy(stack, first, 12, max_tokens=120)
     await wait_for_state(stack, first, lambda s: s.active + s.waiting >= 12)
     assert await chat_with_system(clients[0], SYSTEM, "while it is busy", 30) == other
     await busy.finish()
 
     stored = await every_stored_byte(stack)
     assert b"zanzibar" not in stored and b"cite the fleet" not in stored
+
+
+async def test_a_stream_reports_its_cached_prompt_tokens_in_the_final_usage(stack: Stack) -> None:
+    """``stream_options.include_usage``: the last chunk's usage carries
+    ``prompt_tokens_details.cached_tokens`` (the second time the system prompt is sent)."""
+    client = sdk(stack)
+    system = SYSTEM.replace("zanzibar", "kilimanjaro")
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": "a"}]
+    seen: list[int | None] = []
+    for _ in range(2):
+        stream = await client.chat.completions.create(
+            model=MODEL,
+            messages=messages,  # type: ignore[arg-type]
+            max_tokens=4,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        usage = None
+        async for chunk in stream:
+            usage = chunk.usage or usage
+        assert usage is not None and usage.prompt_tokens > 0
+        details = usage.prompt_tokens_details
+        seen.append(details.cached_tokens if details is not None else None)
+    assert seen[0] == 0 and (seen[1] or 0) >= 64, seen

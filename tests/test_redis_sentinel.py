@@ -69,7 +69,7 @@ async def test_primary_killed_under_load_fails_over_and_loses_nothing(stack: Sta
         figures["answered_during_failover"] = len(load.outcomes)
 
     kinds, healed, load = await under_load(
-        stack, "Redis primary SIGKILL, Sentinel failover", kill_primary, after_s=3.0
+        stack, "Redis primary SIGKILL, Sentinel failover", kill_primary, after_s=2.0
     )
     ok_after = [
         o for o in load.outcomes[int(figures["answered_during_failover"]) :] if o.kind == "ok"

@@ -495,6 +495,30 @@ def test_usage_ignores_upstream_counts_when_told() -> None:
     }
 
 
+def test_usage_reports_the_prompt_tokens_found_in_the_kv_cache() -> None:
+    """``kv_cache_reused_blocks`` (asked with ``return_perf_metrics``) x the engine's block
+    size, at most the prompt less one token (the last one is always computed), as
+    ``usage.prompt_tokens_details.cached_tokens`` (what trtllm-serve reports)."""
+    prompt = " ".join(["w"] * 150)
+    counter = UsageCounter(
+        prompt, reused_blocks_field="kv_cache_reused_blocks", tokens_per_block=64
+    )
+    counter.add({"kv_cache_reused_blocks": [2]}, "x")
+    counter.add({"kv_cache_reused_blocks": [2]}, " y")
+    assert counter.usage().cached_tokens == 128
+    assert counter.usage().as_dict()["prompt_tokens_details"] == {"cached_tokens": 128}
+    whole = UsageCounter(
+        "a b c d", reused_blocks_field="kv_cache_reused_blocks", tokens_per_block=4
+    )
+    whole.add({"kv_cache_reused_blocks": 1}, "x")
+    assert whole.usage().cached_tokens == 3
+    # not asked, or not answered: no field (not a 0 that claims a miss)
+    silent = UsageCounter(prompt, reused_blocks_field="kv_cache_reused_blocks")
+    silent.add({}, "x")
+    assert "prompt_tokens_details" not in silent.usage().as_dict()
+    assert "prompt_tokens_details" not in UsageCounter(prompt).usage().as_dict()
+
+
 # ---- dialects: upstream facts and responses ---------------------------------------------------
 
 UPSTREAM = json.loads(

@@ -191,11 +191,17 @@ def test_ensemble_and_llmapi_use_the_stock_ensemble_names(
             wanted = stock[given.name]
             assert model_config_pb2.DataType.Name(given.data_type) == wanted["data_type"]
             assert given.optional == wanted["optional"], given.name
-        assert [o.name for o in model.output] == ["text_output"]
+        stock_outputs = set(STOCK["models"]["ensemble"]["outputs"])
+        outputs = [o.name for o in model.output]
+        assert outputs[0] == "text_output" and set(outputs) <= stock_outputs, outputs
         names = {i.name for i in model.input}
         assert {"text_input", "max_tokens", "stream", "seed", "min_tokens"} <= names
         # the provider may send exclude_input_in_output (engine-path deployments)
         assert "exclude_input_in_output" in names
+    # the request's reused KV-cache blocks, for usage.prompt_tokens_details.cached_tokens
+    ensemble = configs(engine_repo)["ensemble"]
+    assert [o.name for o in ensemble.output] == ["text_output", "kv_cache_reused_blocks"]
+    assert "return_perf_metrics" in {i.name for i in ensemble.input}
 
 
 @pytest.mark.parametrize("name", ["preprocessing", "tensorrt_llm", "postprocessing"])

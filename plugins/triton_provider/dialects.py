@@ -44,6 +44,10 @@ class Dialect:
     """Boolean inputs that ask for ``num_input_tokens`` / ``num_output_tokens`` (may be empty)."""
     cumulative_stream_text: bool
     """A stream's ``text_output`` is the whole text so far (else: the text of that event)."""
+    perf_metrics_input: str
+    """The boolean input that asks for per-request perf metrics, the KV-cache stats among them."""
+    reused_blocks_output: str
+    """The output that then counts the request's prompt blocks found in the KV cache."""
     kinds: Mapping[str, InputKind]
     """Every input name this provider can send in this dialect, with its value's type."""
 
@@ -67,6 +71,8 @@ INFLIGHT_BATCHER_LLM = Dialect(
     },
     token_count_inputs=("return_num_input_tokens", "return_num_output_tokens"),
     cumulative_stream_text=False,
+    perf_metrics_input="return_perf_metrics",
+    reused_blocks_output="kv_cache_reused_blocks",
     kinds={
         "text_input": "str",
         "max_tokens": "int",
@@ -83,6 +89,7 @@ INFLIGHT_BATCHER_LLM = Dialect(
         "repetition_penalty": "float",
         "return_num_input_tokens": "bool",
         "return_num_output_tokens": "bool",
+        "return_perf_metrics": "bool",
     },
 )
 
@@ -103,6 +110,8 @@ LLMAPI = Dialect(
     },
     token_count_inputs=(),
     cumulative_stream_text=True,
+    perf_metrics_input="sampling_param_return_perf_metrics",
+    reused_blocks_output="kv_cache_reused_block",
     kinds={
         "text_input": "str",
         "sampling_param_max_tokens": "int",
@@ -115,6 +124,7 @@ LLMAPI = Dialect(
         "sampling_param_seed": "uint",
         "sampling_param_presence_penalty": "float",
         "sampling_param_frequency_penalty": "float",
+        "sampling_param_return_perf_metrics": "bool",
     },
 )
 
@@ -145,6 +155,7 @@ def sendable_inputs(d: Dialect) -> dict[str, InputKind]:
         d.exclude_input,
         *d.sampling.values(),
         *d.token_count_inputs,
+        d.perf_metrics_input,
     }
     missing = names - set(d.kinds)
     if missing:  # a table edit that forgot a kind: fail loudly in tests

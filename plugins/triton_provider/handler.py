@@ -133,7 +133,13 @@ class StreamState:
     def __init__(self, request: PreparedRequest) -> None:
         self.request = request
         self.reader = TextReader(request.dialect)
-        self.counter = UsageCounter(request.prompt, request.settings.use_upstream_token_counts)
+        settings = request.settings
+        self.counter = UsageCounter(
+            request.prompt,
+            settings.use_upstream_token_counts,
+            request.dialect.reused_blocks_output if settings.request_kv_cache_stats else None,
+            settings.kv_tokens_per_block,
+        )
         self.trimmer = StopTrimmer(request.stops if request.settings.trim_stop else [])
         self.events = 0
         self.emitted: list[str] = []
@@ -157,11 +163,7 @@ class StreamState:
             tool_use=None,
             is_finished=True,
             finish_reason=finish_reason(usage, self.request.max_tokens, self.stopped),
-            usage={
-                "prompt_tokens": usage.prompt_tokens,
-                "completion_tokens": usage.completion_tokens,
-                "total_tokens": usage.total_tokens,
-            },
+            usage=usage.as_dict(),  # type: ignore[typeddict-item]
             index=0,
         )
 
@@ -282,6 +284,8 @@ class TritonGenerateHandler(CustomLLM):
             extra_inputs=settings.extra_inputs,
             token_counts=settings.request_token_counts,
         )
+        if settings.request_kv_cache_stats:
+            payload[wire.perf_metrics_input] = True
         endpoint = "generate_stream" if upstream_stream else "generate"
         request_headers = dict(headers or {})
         if api_key:

@@ -81,6 +81,19 @@ class TritonProviderSettings(BaseSettings):
         "return_num_output_tokens so that the ensemble answers num_input_tokens / "
         "num_output_tokens (ensembles that declare these inputs only; older ones reject them)",
     )
+    request_kv_cache_stats: bool = Field(
+        default=False,
+        description="send return_perf_metrics (inflight_batcher_llm) or "
+        "sampling_param_return_perf_metrics (llmapi) so that the model answers the request's "
+        "reused KV-cache blocks; usage.prompt_tokens_details.cached_tokens = reused blocks x "
+        "kv_tokens_per_block, at most prompt_tokens - 1 (what trtllm-serve reports)",
+    )
+    kv_tokens_per_block: int = Field(
+        default=64,
+        ge=1,
+        description="the engine's tokens per KV-cache block (trtllm-build --tokens_per_block; "
+        "the stand-in's kv_tokens_per_block)",
+    )
     extra_inputs: dict[str, Any] = Field(
         default_factory=dict,
         description="fixed extra inputs merged into every payload, e.g. {end_id: 2, pad_id: 2}",

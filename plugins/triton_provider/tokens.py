@@ -31,17 +31,22 @@ def count_tokens(text: str) -> int:
 class TokenUsage:
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int | None = None
+    """Prompt tokens the engine found in its KV cache (None: the model did not say)."""
 
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
 
     def as_dict(self) -> dict[str, int]:
-        return {
+        out: dict[str, Any] = {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.total_tokens,
         }
+        if self.cached_tokens is not None:  # OpenAI's field, as trtllm-serve fills it
+            out["prompt_tokens_details"] = {"cached_tokens": self.cached_tokens}
+        return out
 
 
 def upstream_count(event: Mapping[str, Any], field: str) -> int | None:
@@ -63,9 +68,18 @@ class UsageCounter:
     every event carries one, else the text is counted.
     """
 
-    def __init__(self, prompt: str, use_upstream: bool = True) -> None:
+    def __init__(
+        self,
+        prompt: str,
+        use_upstream: bool = True,
+        reused_blocks_field: str | None = None,
+        tokens_per_block: int = 64,
+    ) -> None:
         self._prompt = prompt
         self._use_upstream = use_upstream
+        self._reused_field = reused_blocks_field
+        self._tokens_per_block = tokens_per_block
+        self._reused: int | None = None
         self._texts: list[str] = []
         self._input: int | None = None
         self._outputs: list[int] = []
@@ -74,6 +88,10 @@ class UsageCounter:
     def add(self, event: Mapping[str, Any], text: str) -> None:
         self._events += 1
         self._texts.append(text)
+        if self._reused_field is not None:
+            reused = upstream_count(event, self._reused_field)
+            if reused is not None:
+                self._reused = max(reused, self._reused or 0)
         if not self._use_upstream:
             return
         n_in = upstream_count(event, INPUT_COUNT_FIELD)
@@ -93,4 +111,7 @@ class UsageCounter:
             completion = sum(self._outputs)
         else:
             completion = count_tokens(self.text)
-        return TokenUsage(prompt_tokens=prompt, completion_tokens=completion)
+        cached = None
+        if self._reused is not None:
+            cached = max(0, min(self._reused * self._tokens_per_block, prompt - 1))
+        return TokenUsage(prompt_tokens=prompt, completion_tokens=completion, cached_tokens=cached)

@@ -128,6 +128,9 @@ class Sequence:
     admitted_at: float = 0.0
     holding: Holding | None = None  # its KV blocks, from its context iteration on
     cached_tokens: int = 0  # prompt tokens found in the KV cache (not prefilled)
+    perf_metrics: bool = False  # return_perf_metrics: its responses carry the kv_cache_* outputs
+    reused_blocks: int = 0  # prompt blocks found cached at admission
+    allocated_blocks: int = 0  # blocks it took at admission
 
     @property
     def prompt_tokens(self) -> int:
@@ -396,6 +399,7 @@ class TritonPythonModel:
         if max_tokens < 1:
             raise ValueError(f"{max_name} must be >= 1, got {max_tokens}")
         stream = bool(_scalar(request, stream_name) or False)
+        perf = self.dialect == "ensemble" and bool(_scalar(request, "return_perf_metrics"))
         seed = _scalar(request, seed_name)
         digest = hashlib.sha256(prompt_bytes).digest()
         base = int.from_bytes(digest[:8], "little")
@@ -407,6 +411,7 @@ class TritonPythonModel:
             stream=stream,
             stop_words=_strings(request, stop_name),
             rng=rng,
+            perf_metrics=perf,
         )
 
     def _full(self) -> bool:
@@ -461,6 +466,7 @@ class TritonPythonModel:
                 if admitted is None:
                     break  # first come, first served: later ones do not overtake it
                 seq.holding, seq.cached_tokens = admitted
+                seq.reused_blocks, seq.allocated_blocks = seq.holding.covered, seq.holding.own
                 batch.append(seq)
                 context.append(seq)
         return batch, context
@@ -580,10 +586,20 @@ class TritonPythonModel:
 
     @staticmethod
     def _send(seq: Sequence, text: str, final: bool) -> None:
-        out = pb_utils.Tensor("text_output", np.array([[text.encode("utf-8")]], dtype=np.object_))
+        out = [pb_utils.Tensor("text_output", np.array([[text.encode("utf-8")]], dtype=np.object_))]
+        if seq.perf_metrics:
+            # the backend's per-request KV-cache stats (return_perf_metrics): the prompt blocks
+            # at admission, reused from the cache or newly taken (no block is "new" vs
+            # "recycled" here: both counts are the blocks taken)
+            for name, value in (
+                ("kv_cache_reused_blocks", seq.reused_blocks),
+                ("kv_cache_alloc_total_blocks", seq.allocated_blocks),
+                ("kv_cache_alloc_new_blocks", seq.allocated_blocks),
+            ):
+                out.append(pb_utils.Tensor(name, np.array([[value]], dtype=np.int32)))
         flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0
         try:
-            seq.sender.send(pb_utils.InferenceResponse(output_tensors=[out]), flags=flags)
+            seq.sender.send(pb_utils.InferenceResponse(output_tensors=out), flags=flags)
         except Exception as exc:  # the client went away between steps
             pb_utils.Logger.log_warn(f"stand-in: could not send a response: {exc}")
 
