@@ -599,7 +599,13 @@ async def test_the_memo_counts_what_other_proxies_queued_since(
     await asyncio.sleep(0.05)
     assert a.memo["m", 1].ahead == 1.0  # its next request would have 1 ahead: room
     tasks.append(asyncio.create_task(b.admit("m", IDS, "b-wait-1", 1)))
-    await asyncio.sleep(0.05)
+    # until A has heard of B's enqueue on the channel (a fixed 50 ms wait was not always
+    # enough on a loaded CI machine: A then asked Redis, and the shed came from there)
+    channel = a.gate.enqueues_channel("m")
+    deadline = time.monotonic() + 5.0
+    while a.grants.enqueued_since(channel, 0, 1) < 2:
+        assert time.monotonic() < deadline, "proxy A never heard of B's enqueue"
+        await asyncio.sleep(0.01)
     from_redis, from_memo = decisions("m", "shed", "redis"), decisions("m", "shed", "memo")
     with pytest.raises(GatewayError) as info:
         await a.admit("m", IDS, "a-next", 1)  # 2 ahead now (1 of them from B): over
