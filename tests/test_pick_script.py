@@ -42,6 +42,36 @@ def state(replica_id: str, ts_ms: int, **fields: Any) -> ReplicaState:
     return replica_state(replica_id, ts_ms, **fields)
 
 
+async def write_specs(
+    client: Redis,
+    keys: KeySchema,
+    ids: list[str],
+    specs: list[dict[str, Any]],
+    extra: list[dict[str, Any]] | None = None,
+) -> None:
+    """Each replica of ``specs`` (``replica_specs``) as its sidecar and the proxies would have
+    left it: its hash (``extra`` fields per replica), its reservations."""
+    now = await redis_now_ms(client)
+    async with client.pipeline(transaction=False) as pipe:
+        for i, (replica_id, spec) in enumerate(zip(ids, specs, strict=True)):
+            if spec["present"]:
+                ts = now - 10_000 if spec["stale"] else now
+                fields = {k: spec[k] for k in ("waiting", "active", "max_active", "kv_fraction")}
+                st_ = state(
+                    replica_id,
+                    ts,
+                    service_ms=spec["service_ms"],
+                    healthy=spec["healthy"],
+                    state="healthy" if spec["healthy"] else "unhealthy",
+                    **(extra[i] if extra else {}),
+                    **fields,
+                )
+                pipe.hset(keys.replica(replica_id), mapping=st_.to_redis())
+            if spec["inflight"]:
+                pipe.zadd(keys.inflight(replica_id), reservations(spec["inflight"]))
+        await pipe.execute()
+
+
 # --- (a) Lua pick == Python choose ---------------------------------------------------------
 
 # Small value sets make exact score ties (and so the tie rules) common; floats add variety.
@@ -112,24 +142,7 @@ async def test_lua_pick_matches_python_choose(
     keys = fresh_keys()
     store = RoutingStore(client, keys)
     ids = names[: len(specs)]
-    now = await redis_now_ms(client)
-    async with client.pipeline(transaction=False) as pipe:
-        for replica_id, spec in zip(ids, specs, strict=True):
-            if spec["present"]:
-                ts = now - 10_000 if spec["stale"] else now
-                fields = {k: spec[k] for k in ("waiting", "active", "max_active", "kv_fraction")}
-                st_ = state(
-                    replica_id,
-                    ts,
-                    service_ms=spec["service_ms"],
-                    healthy=spec["healthy"],
-                    state="healthy" if spec["healthy"] else "unhealthy",
-                    **fields,
-                )
-                pipe.hset(keys.replica(replica_id), mapping=st_.to_redis())
-            if spec["inflight"]:
-                pipe.zadd(keys.inflight(replica_id), reservations(spec["inflight"]))
-        await pipe.execute()
+    await write_specs(client, keys, ids, specs)
 
     snap = await store.snapshot(ids)
     now = await redis_now_ms(client)
@@ -345,25 +358,15 @@ async def test_lua_pick_with_prefix_indexes_matches_python(
     keys = fresh_keys()
     store = RoutingStore(client, keys)
     ids = [f"r{i}" for i in range(len(specs))]
-    now = await redis_now_ms(client)
+    await write_specs(
+        client,
+        keys,
+        ids,
+        specs,
+        [{"source": s, "kv_tokens": k} for s, k in zip(sources, kv_tokens, strict=True)],
+    )
     async with client.pipeline(transaction=False) as pipe:
-        for i, (replica_id, spec) in enumerate(zip(ids, specs, strict=True)):
-            if spec["present"]:
-                ts = now - 10_000 if spec["stale"] else now
-                fields = {k: spec[k] for k in ("waiting", "active", "max_active", "kv_fraction")}
-                st_ = state(
-                    replica_id,
-                    ts,
-                    service_ms=spec["service_ms"],
-                    healthy=spec["healthy"],
-                    state="healthy" if spec["healthy"] else "unhealthy",
-                    source=sources[i],
-                    kv_tokens=kv_tokens[i],
-                    **fields,
-                )
-                pipe.hset(keys.replica(replica_id), mapping=st_.to_redis())
-            if spec["inflight"]:
-                pipe.zadd(keys.inflight(replica_id), reservations(spec["inflight"]))
+        for i, replica_id in enumerate(ids):
             members = {HASHES[b] if b < len(HASHES) else f"other{b}": 1 for b in held[i]}
             if members:
                 pipe.zadd(keys.prefix_index(replica_id), members)

@@ -15,7 +15,7 @@ from core.keyschema import KeySchema
 from core.lua import ScriptProtocol, fields, lua_source
 from plugins.admission.rules import Status
 from plugins.admission.settings import AdmissionSettings
-from plugins.routing.store import PICK_PARAMS, PICKED, PickPlan, Reservation
+from plugins.routing.store import PICK_PARAMS, PICKED, PickPlan, Reservation, candidate_keys
 
 GATE_LUA = Path(__file__).with_name("gate.lua")
 
@@ -110,11 +110,7 @@ class AdmissionGate:
         s = self._settings
         k = self._keys
         keys = GATE.keys_for(
-            [
-                *(k.replica(r) for r in replica_ids),
-                *(k.inflight(r) for r in replica_ids),
-                *(k.prefix_index(r) for r in replica_ids),
-            ],
+            candidate_keys(k, replica_ids),
             admitted=k.admitted(model),
             queue=k.queue(model),
             queue_lease=k.queue_lease(model),

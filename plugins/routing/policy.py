@@ -246,8 +246,19 @@ def scores(
 ) -> list[float]:
     """The score of every candidate, in order (``math.inf`` = excluded). ``cached``: the
     prompt's leading blocks each candidate's prefix index holds (``prefix.cached_prefix``)."""
+    return _scores(
+        candidates, params, now_ms, shape, usable_cached_blocks(candidates, cached, params, now_ms)
+    )
+
+
+def _scores(
+    candidates: Sequence[Candidate],
+    params: PolicyParams,
+    now_ms: int,
+    shape: RequestShape,
+    blocks: Sequence[int],
+) -> list[float]:
     service = effective_service_ms([state for _, state, _ in candidates], params, now_ms)
-    blocks = usable_cached_blocks(candidates, cached, params, now_ms)
     return [
         score(state, inflight, s, params, now_ms, shape, b)
         for (_, state, inflight), s, b in zip(candidates, service, blocks, strict=True)
@@ -268,8 +279,8 @@ def choose(
     the most cached blocks; among those, the ids in sorted order and index
     ``tiebreak % len(tied)``.
     """
-    ranked = scores(candidates, params, now_ms, shape, cached)
     blocks = usable_cached_blocks(candidates, cached, params, now_ms)
+    ranked = _scores(candidates, params, now_ms, shape, blocks)
     eligible = [
         (s, b, inflight, replica_id)
         for (replica_id, _, inflight), s, b in zip(candidates, ranked, blocks, strict=True)

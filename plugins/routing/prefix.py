@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -92,7 +91,7 @@ def request_shape(
     return RequestShape(
         prompt_tokens=max(0, prompt_tokens),
         output_tokens=max(1, output_tokens),
-        tokens_per_block=tokens_per_block if math.isfinite(tokens_per_block) else 0.0,
+        tokens_per_block=tokens_per_block,
         hashes=hashes,
     )
 

@@ -71,6 +71,17 @@ RELEASE = ScriptProtocol("release", keys=("inflight",), args=fields("reservation
 COUNT = ScriptProtocol("count")
 """``count.lua``: KEYS the reservation sets; replies their live counts, in order."""
 
+
+def candidate_keys(keys: KeySchema, replica_ids: Sequence[str]) -> list[str]:
+    """The keys ``pick_lib.lua`` reads of the candidates (in ``pick.lua`` and ``gate.lua``):
+    their replica hashes, reservation sets and prefix indexes, in that order."""
+    return [
+        *(keys.replica(r) for r in replica_ids),
+        *(keys.inflight(r) for r in replica_ids),
+        *(keys.prefix_index(r) for r in replica_ids),
+    ]
+
+
 MAX_TIEBREAK = 2**53
 """``tiebreak`` must be in ``[0, MAX_TIEBREAK)``: Lua holds it as an exact double."""
 
@@ -193,14 +204,7 @@ class RoutingStore:
         return plan.reservation(ids, **reply)
 
     def candidate_keys(self, replica_ids: Sequence[str]) -> list[str]:
-        """The keys ``pick_lib.lua`` reads of the candidates: their replica hashes, reservation
-        sets and prefix indexes, in that order."""
-        k = self._keys
-        return [
-            *(k.replica(r) for r in replica_ids),
-            *(k.inflight(r) for r in replica_ids),
-            *(k.prefix_index(r) for r in replica_ids),
-        ]
+        return candidate_keys(self._keys, replica_ids)
 
     async def cached_blocks(self, replica_ids: Sequence[str], shape: RequestShape) -> list[int]:
         """The prompt's leading blocks each replica's prefix index holds (as the pick reads

@@ -30,6 +30,7 @@ import os
 import random
 import time
 import uuid
+from collections import ChainMap
 from collections.abc import Mapping
 from typing import Any
 
@@ -256,7 +257,7 @@ class LeastBusyStrategy(CustomRoutingStrategyBase):
         call_id = kwargs.get("litellm_call_id")
         if not call_id:
             call_id = kwargs["litellm_call_id"] = str(uuid.uuid4())
-        self.describe(str(call_id), {**kwargs, "messages": messages, "input": input})
+        self.describe(str(call_id), ChainMap({"messages": messages, "input": input}, kwargs))
         with tracing.span("triage.pick", span or tracing.parent_span(kwargs), model=model):
             return await self.choose_deployment(model, deployments, str(call_id))
 

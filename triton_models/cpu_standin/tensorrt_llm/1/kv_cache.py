@@ -110,10 +110,10 @@ class PagedKVCache:
         return count
 
     def _room(self, spare_cached: int = 0) -> int:
-        """Blocks a new allocation may take: empty ones and evictable ones, less the
-        ``spare_cached`` evictable blocks that it is about to reference."""
-        empty = self.capacity - self.used - len(self.evictable)
-        return empty + len(self.evictable) - spare_cached
+        """Blocks a new allocation may take: empty ones and evictable ones (every block no
+        running sequence holds), less the ``spare_cached`` evictable blocks that it is about to
+        reference."""
+        return self.capacity - self.used - spare_cached
 
     def _take(self, count: int) -> None:
         """``count`` blocks for a sequence's own use, evicting the least recently used."""

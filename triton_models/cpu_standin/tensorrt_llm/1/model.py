@@ -118,6 +118,7 @@ def token_id(word: str) -> int:
 class Sequence:
     sender: Any
     prompt_ids: list[int]
+    prompt_hashes: list[bytes]  # the chained hashes of its prompt's full KV blocks
     max_tokens: int
     stream: bool
     stop_words: list[str]
@@ -407,6 +408,7 @@ class TritonPythonModel:
         return Sequence(
             sender=sender,
             prompt_ids=prompt_ids or [0],
+            prompt_hashes=block_hashes(prompt_ids or [0], self.tokens_per_block),
             max_tokens=max_tokens,
             stream=stream,
             stop_words=_strings(request, stop_name),
@@ -461,8 +463,7 @@ class TritonPythonModel:
             if len(batch) >= self.max_batch_size:
                 break
             if seq.holding is None:
-                hashes = block_hashes(seq.prompt_ids, self.tokens_per_block)
-                admitted = self.kv.admit(hashes, seq.prompt_tokens)
+                admitted = self.kv.admit(seq.prompt_hashes, seq.prompt_tokens)
                 if admitted is None:
                     break  # first come, first served: later ones do not overtake it
                 seq.holding, seq.cached_tokens = admitted
@@ -515,8 +516,7 @@ class TritonPythonModel:
                 with self.cond:  # the prompts just computed are reusable from now on
                     for seq in context:
                         if seq.holding is not None and seq not in finished:
-                            hashes = block_hashes(seq.prompt_ids, self.tokens_per_block)
-                            self.kv.store(seq.holding, hashes)
+                            self.kv.store(seq.holding, seq.prompt_hashes)
             if finished:
                 with self.cond:
                     for seq in finished:
