@@ -204,7 +204,7 @@ async def test_the_call_that_admits_also_reserves_the_replica_routing_would_pick
     async def what_pick_lua_picks(tiebreak: int) -> tuple[str, float]:
         routed = await store.pick(IDS, PolicyParams(), tiebreak, "probe", 60_000)
         assert routed is not None
-        await store.release(routed.replica_id, "probe")
+        await store.release(routed.replica_id, routed.reservation_id)
         return routed.replica_id, routed.score
 
     picked = []
@@ -213,20 +213,21 @@ async def test_the_call_that_admits_also_reserves_the_replica_routing_would_pick
         reply = await gate.enter("m", IDS, f"t{i}", 1, None, plan(f"r{i}", tiebreak))
         assert reply.status == Status.ADMITTED and reply.reservation is not None
         assert (reply.reservation.replica_id, reply.reservation.score) == expected
-        assert await client.zscore(keys.inflight(expected[0]), f"r{i}") is not None
+        member = reply.reservation.reservation_id
+        assert member == f"r{i}#1" and await client.zscore(keys.inflight(expected[0]), member)
         picked.append(expected[0])
     assert set(picked) == {"a", "b"}  # load-aware: b once a's load outweighs its speed
     assert sum(await store.inflight(IDS)) == 4  # full: capacity 4, no allowance
     waiting = await gate.enter("m", IDS, "w", 1, None, plan("rw"))
     assert waiting.status == Status.WAITING and waiting.reservation is None
     assert sum(await store.inflight(IDS)) == 4
-    await store.release(picked[3], "r3")
+    await store.release(picked[3], "r3#1")
     await gate.release("m", IDS, "t3")  # grants the freed slot to "w"
     expected = await what_pick_lua_picks(0)
     claimed = await gate.poll("m", IDS, "w", 1, plan("rw2"))
     assert claimed.status == Status.ADMITTED and claimed.reservation is not None
     assert (claimed.reservation.replica_id, claimed.reservation.score) == expected
-    assert await client.zscore(keys.inflight(expected[0]), "rw2") is not None
+    assert await client.zscore(keys.inflight(expected[0]), "rw2#1") is not None
     plain = await gate.enter("m", IDS, "x", 1)  # no plan: the router picks later, as before
     assert plain.reservation is None
 

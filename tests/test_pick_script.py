@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 
 from core.keyschema import KeySchema, ReplicaState
 from devstack.redis_launcher import RedisServer
-from plugins.routing.policy import PolicyParams, RequestShape, choose, scores
+from plugins.routing.policy import NO_SHAPE, PolicyParams, RequestShape, choose, scores
 from plugins.routing.store import RoutingStore
 
 from replica_states import replica_state
@@ -33,9 +33,11 @@ async def redis_now_ms(client: Redis) -> int:
     return int(seconds) * 1000 + int(micros) // 1000
 
 
-def reservations(count: int) -> dict[str, int]:
-    """``count`` live reservations (leases far in the future) for ``ZADD inflight:{id}``."""
-    return {f"held-{i}": 2**50 for i in range(count)}
+def reservations(count: int, sizes: list[str] | None = None) -> dict[str, int]:
+    """``count`` live reservations (leases far in the future) for ``ZADD inflight:{id}``, named
+    with the size suffixes ``sizes`` in turn (none: no size, as an older proxy names them)."""
+    marks = sizes or [""]
+    return {f"held-{i}{marks[i % len(marks)]}": 2**50 for i in range(count)}
 
 
 def state(replica_id: str, ts_ms: int, **fields: Any) -> ReplicaState:
@@ -68,7 +70,9 @@ async def write_specs(
                 )
                 pipe.hset(keys.replica(replica_id), mapping=st_.to_redis())
             if spec["inflight"]:
-                pipe.zadd(keys.inflight(replica_id), reservations(spec["inflight"]))
+                pipe.zadd(
+                    keys.inflight(replica_id), reservations(spec["inflight"], spec.get("sizes"))
+                )
         await pipe.execute()
 
 
@@ -87,6 +91,11 @@ service_times = st.one_of(
 )
 
 
+size_marks = st.sampled_from(
+    ["", "#1", "#7", "#150", "#0", "#x", "#12a", "#99999999999", "#1000000001", "#b#40"]
+)
+
+
 @st.composite
 def replica_specs(draw: st.DrawFn) -> dict[str, Any]:
     return {
@@ -99,6 +108,8 @@ def replica_specs(draw: st.DrawFn) -> dict[str, Any]:
         "service_ms": draw(service_times),
         "healthy": draw(st.sampled_from([True, True, True, False])),
         "inflight": draw(st.one_of(st.none(), small_ints)),  # None: no counter key
+        # the reservations' sizes (policy.reservation_member), valid or not
+        "sizes": draw(st.lists(size_marks, min_size=1, max_size=3)),
     }
 
 
@@ -145,8 +156,9 @@ async def test_lua_pick_matches_python_choose(
     await write_specs(client, keys, ids, specs)
 
     snap = await store.snapshot(ids)
+    reserved = await store.reserved(ids, NO_SHAPE.output_tokens)
     now = await redis_now_ms(client)
-    expected = choose(snap, params, now, tiebreak)
+    expected = choose(snap, params, now, tiebreak, reserved=reserved)
     got = await store.pick(ids, params, tiebreak)
 
     if expected is None:
@@ -159,7 +171,8 @@ async def test_lua_pick_matches_python_choose(
         assert chosen == expected
         index = ids.index(chosen)
         assert new_inflight == snap[index][2] + 1
-        assert lua_score == scores(snap, params, now)[index]  # bit-identical, not approx
+        # bit-identical, not approx
+        assert lua_score == scores(snap, params, now, reserved=reserved)[index]
         after = await store.snapshot(ids)
         assert [c[2] for c in after] == [c[2] + (1 if c[0] == chosen else 0) for c in snap]
     await client.delete(*keys_of(keys, ids))
@@ -271,12 +284,12 @@ async def test_release_is_idempotent_and_never_negative(client: Redis) -> None:
     first = await store.pick(["a"], PolicyParams(), 0, reservation_id="r1")
     second = await store.pick(["a"], PolicyParams(), 0, reservation_id="r2")
     assert first is not None and second is not None
-    assert (first.reservation_id, first.inflight, second.inflight) == ("r1", 1, 2)
-    assert await store.release("a", "r1") == 1
-    assert await store.release("a", "r1") == 1  # success and failure callbacks both fired
-    assert await store.release("a", "r2") == 0
+    assert (first.reservation_id, first.inflight, second.inflight) == ("r1#1", 1, 2)
+    assert await store.release("a", "r1#1") == 1
+    assert await store.release("a", "r1#1") == 1  # success and failure callbacks both fired
+    assert await store.release("a", "r2#1") == 0
     assert await store.inflight(["a"]) == [0]
-    results = await asyncio.gather(*(store.release("a", "r2") for _ in range(50)))
+    results = await asyncio.gather(*(store.release("a", "r2#1") for _ in range(50)))
     assert set(results) == {0}
 
 
@@ -374,15 +387,16 @@ async def test_lua_pick_with_prefix_indexes_matches_python(
 
     snap = await store.snapshot(ids)
     cached = await store.cached_blocks(ids, shape)
+    reserved = await store.reserved(ids, shape.output_tokens)
     now = await redis_now_ms(client)
-    expected = choose(snap, params, now, tiebreak, shape, cached)
+    expected = choose(snap, params, now, tiebreak, shape, cached, reserved)
     got = await store.pick(ids, params, tiebreak, shape=shape)
     if expected is None:
         assert got is None
     else:
         assert got is not None and got.replica_id == expected
         index = ids.index(expected)
-        assert got.score == scores(snap, params, now, shape, cached)[index]  # bit-identical
+        assert got.score == scores(snap, params, now, shape, cached, reserved)[index]
         members = await client.zrange(keys.prefix_index(expected), 0, -1, withscores=True)
         state_ = snap[index][1]
         bound = params.prefix_index_blocks

@@ -16,6 +16,9 @@ from plugins.routing.policy import (
     choose,
     effective_service_ms,
     is_fresh,
+    reservation_member,
+    reservation_size,
+    reserved_tokens,
     score,
     scores,
     usable_cached_blocks,
@@ -311,3 +314,74 @@ def test_without_a_shape_the_score_is_the_request_count_score() -> None:
     assert score(state, 0, 20.0, P, NOW, LONG, 0) == max(1.0, 7 / 4) * 20.0 * 50 + 0.2 * 2000
     triton = rs(service_ms=300.0, source="triton")  # a request's time, not an iteration's
     assert score(triton, 0, 300.0, P, NOW, LONG, 0) == 300.0 + 0.2 * 2000
+
+
+# --- reservations carry their size -------------------------------------------------------
+
+SIZES = [
+    ("call:1a2b3c4d#150", 150),
+    ("abc#1", 1),
+    ("a#b#40", 40),  # the last mark counts
+    ("#7", 7),
+    ("plain-uuid", None),  # named by an older proxy: no size
+    ("abc#", None),
+    ("abc#0", None),
+    ("abc#12x", None),
+    ("abc#-3", None),
+    ("abc#1000000001", None),  # above MAX_RESERVED_SIZE
+    ("abc#99999999999", None),  # too many digits
+    ("abc#٣", None),  # a digit, but not an ASCII one (Lua's %d would not match it)
+]
+
+
+@pytest.mark.parametrize(("member", "size"), SIZES, ids=[m for m, _ in SIZES])
+def test_reservation_size(member: str, size: int | None) -> None:
+    assert reservation_size(member) == size
+
+
+def test_a_reservation_is_named_with_its_size() -> None:
+    member = reservation_member("call:1a2b3c4d", 42)
+    assert member == "call:1a2b3c4d#42" and reservation_size(member) == 42
+    assert member.rpartition(":")[0] == "call"  # the ticket is still found by its call id
+    with pytest.raises(ValueError, match="output_tokens"):
+        reservation_member("x", 0)
+    assert reserved_tokens(["a#10", "b", "c#5", "d#0"], unknown_size=3) == 10 + 3 + 5 + 3
+
+
+def test_few_long_requests_ahead_weigh_more_than_many_short_ones() -> None:
+    """Two replicas with 2 slots each: one runs 2 requests of 500 tokens, the other holds 6 of
+    10. Counting requests sends the next one to the first (2 < 6 ahead); counting tokens to the
+    second, where a slot frees every 5 iterations instead of every 250."""
+    shape = RequestShape(output_tokens=100)
+    long_few = ("long", rs(max_active=2, service_ms=20.0), 2)
+    short_many = ("short", rs(max_active=2, service_ms=20.0), 6)
+    assert choose([long_few, short_many], P, NOW, 0, shape) == "long"  # sizes unknown
+    assert choose([long_few, short_many], P, NOW, 0, shape, reserved=[1000, 60]) == "short"
+    both = scores([long_few, short_many], P, NOW, shape, reserved=[1000, 60])
+    assert both == [(100 + 1 / 2 * 500) * 20.0, (100 + 5 / 2 * 10) * 20.0]
+
+
+def test_below_saturation_the_sizes_ahead_do_not_matter() -> None:
+    """With a free slot the request decodes at one token per iteration whatever runs beside it."""
+    shape = RequestShape(output_tokens=100)
+    state = rs(max_active=8, service_ms=20.0)
+    assert {score(state, 3, 20.0, P, NOW, shape, 0, r) for r in (3, 300, 30_000)} == {2000.0}
+
+
+def test_with_every_request_of_one_size_the_token_score_is_the_count_score() -> None:
+    for active, waiting, inflight, own in [(4, 2, 3, 50), (0, 0, 6, 7), (9, 0, 0, 1)]:
+        state = rs(service_ms=20.0, active=active, waiting=waiting, max_active=4)
+        shape = RequestShape(output_tokens=own)
+        n = max(inflight, active + waiting)
+        counted = max(1.0, (n + 1) / 4) * 20.0 * own
+        sized = score(state, inflight, 20.0, P, NOW, shape, 0, inflight * own)
+        assert sized == pytest.approx(counted, rel=1e-12)
+        assert score(state, inflight, 20.0, P, NOW, shape) == sized  # None: of this size
+
+
+def test_requests_nobody_reserved_are_taken_at_this_requests_size() -> None:
+    """The replica runs 5 requests, 2 of them reserved (30 tokens in all): the other 3 are
+    assumed to be as long as this one (a client beside the proxies, a lost reservation)."""
+    state = rs(service_ms=10.0, active=5, max_active=2)
+    shape = RequestShape(output_tokens=20)
+    assert score(state, 2, 10.0, P, NOW, shape, 0, 30) == (20 + 4 / 2 * ((30 + 3 * 20) / 5)) * 10.0

@@ -135,6 +135,26 @@ local function read_replica(key)
     'service_ms', 'healthy', 'ts_ms', 'drain_rps', 'request_ms', 'kv_tokens', 'source'))
 end
 
+-- The output tokens the reservations in `key` carry (their names end in '#<tokens>',
+-- policy.reservation_member); `unknown_size` for each one without a valid size. The mirror of
+-- policy.reserved_tokens; call it after the ended leases are removed (counted_reservations).
+local MAX_RESERVED_SIZE = 1000000000
+local function reserved_tokens(key, unknown_size)
+  local total = 0
+  for _, member in ipairs(redis.call('ZRANGE', key, 0, -1)) do
+    local digits = string.match(member, '#(%d+)$')
+    local size = nil
+    if digits ~= nil and #digits <= 10 then
+      size = tonumber(digits)
+    end
+    if size == nil or size < 1 or size > MAX_RESERVED_SIZE then
+      size = unknown_size
+    end
+    total = total + size
+  end
+  return total
+end
+
 local function pick_replica(first_key, n, p, first_id, now_ms)
   local states, fresh, inflight = {}, {}, {}
   for i = 1, n do
@@ -191,19 +211,29 @@ local function pick_replica(first_key, n, p, first_id, now_ms)
       if s.service ~= nil and s.service > 0 then
         service = s.service
       end
-      local load = math.max(inflight[i], s.active + s.waiting)
       local excess = math.max(0, s.kv - p.kv_threshold)
       local kv_penalty = 1 + p.kv_weight * excess / (1 - p.kv_threshold)
-      local per_request = service
-      if s.source == 'trtllm' then
-        per_request = service * p.output_tokens
-      end
       local uncached = 0
       if p.prompt_tokens > 0 then
         uncached = math.max(1, p.prompt_tokens - cached[i] * p.tokens_per_block)
       end
-      score = math.max(1, (load + 1) / s.max_active) * per_request * kv_penalty
-        + p.prefill_ms_per_token * uncached
+      local prefill = p.prefill_ms_per_token * uncached
+      if s.source == 'trtllm' then
+        -- sizes in tokens: with every slot taken, wait for n - C + 1 completions of the
+        -- requests ahead (reserved ones at their sizes, unreserved ones at this one's)
+        local own = p.output_tokens
+        local load = math.max(inflight[i], s.active + s.waiting)
+        local wait = 0
+        if load + 1 > s.max_active then
+          local ahead = reserved_tokens(KEYS[first_key + n + i - 1], own)
+            + math.max(0, s.active + s.waiting - inflight[i]) * own
+          wait = (load + 1 - s.max_active) / s.max_active * (ahead / load)
+        end
+        score = (own + wait) * service * kv_penalty + prefill
+      else
+        local load = math.max(inflight[i], s.active + s.waiting)
+        score = math.max(1, (load + 1) / s.max_active) * service * kv_penalty + prefill
+      end
     end
     scores[i] = score
     if score < math.huge and (best == nil or score < best) then

@@ -6,14 +6,28 @@ A replica's score estimates the **expected completion time** of this request on 
     n          = max(inflight, active + waiting)        # reserved by proxies vs seen at the replica
     C          = max_active                             # the executor's cap on active requests
     s          = service_ms (or the candidates' mean, or default_service_ms)
-    per_req    = s * output_tokens  when s is an engine iteration (source "trtllm"), else s
     kv_penalty = 1 + kv_weight * max(0, kv_fraction - kv_threshold) / (1 - kv_threshold)
     uncached   = max(1, prompt_tokens - cached_blocks * tokens_per_block)   (0: no prompt size)
-    score      = max(1, (n + 1) / C) * per_req * kv_penalty + prefill_ms_per_token * uncached
+    prefill    = prefill_ms_per_token * uncached
+
+    source "trtllm" (s is one engine iteration; sizes in tokens, o = the request's output tokens):
+    ahead      = reserved + max(0, active + waiting - inflight) * o   # the n requests' tokens
+    wait       = max(0, n + 1 - C) / C * (ahead / n)                  # iterations until a slot
+    score      = (o + wait) * s * kv_penalty + prefill
+    source "triton" (s is one whole request):
+    score      = max(1, (n + 1) / C) * s * kv_penalty + prefill
+
+``reserved`` is the output tokens the replica's live reservations carry: every reservation is
+named ``<id>#<output tokens>`` (``reservation_member``) and ``reserved_tokens`` sums them (one
+without a size counts as ``o``). Requests the replica runs that no proxy reserved (other
+clients; reservations lost with Redis) are taken to be of this request's size. So a replica
+whose slots are taken by long requests loses to one whose queue holds many short ones, and with
+every request of one size the score is ``max(1, (n + 1) / C) * s * o``, the request-count score.
 
 The request's own size (``RequestShape``: its prompt tokens, its expected output, the salted
-hashes of its prompt's blocks) enters twice: decode as ``output_tokens`` engine iterations, and
-prefill of the prompt tokens the replica does not hold in its KV cache. ``cached_blocks`` is
+hashes of its prompt's blocks) enters three times: its decode as ``output_tokens`` engine
+iterations, its share of the batch behind the tokens reserved ahead of it, and the prefill of
+the prompt tokens the replica does not hold in its KV cache. ``cached_blocks`` is
 how many of the prompt's leading blocks the replica's prefix index holds (``prefix.py``; the
 index is read and updated by ``pick_lib.lua`` in the call that picks). Without a shape
 (``output_tokens = 1``, no prompt) this is the request-count score it always was. A cached
@@ -23,11 +37,16 @@ does not herd every request onto one replica.
 
 With in-flight batching a request that finds a free batch slot (``n < C``) starts at once and
 takes about ``s``; one that finds all ``C`` slots taken waits for ``n - C + 1`` completions, one
-every ``s / C`` on average: ``s + (n - C + 1) * s / C = (n + 1) * s / C``. Below saturation the
-score is flat (all replicas of one speed tie, and the tie rules spread by in-flight count), so a
-slow replica is not used while a faster one has a free slot; the oracle's ``(n + 1) * s / C``
-(processor sharing) would send work to an idle half-speed replica as soon as the fast ones hold
-one request each, which costs latency (measured in ``tests/test_proxy_skewed.py``).
+every ``s / C`` on average: ``s + (n - C + 1) * s / C = (n + 1) * s / C``. In tokens, with
+the requests ahead as far along as each other on average (their progress is not known), a
+completion comes every ``m / C`` iterations, ``m = ahead / n`` their mean size: the wait for a
+slot is ``(n - C + 1) / C * m`` iterations, then the request's own ``o``. Below saturation the
+sizes ahead do not matter: every running request decodes one token per iteration.
+Below saturation the score is flat (all replicas of one speed tie, and the tie rules spread by
+in-flight count), so a slow replica is not used while a faster one has a free slot; the
+oracle's ``(n + 1) * s / C`` (processor sharing) would send work to an idle half-speed replica
+as soon as the fast ones hold one request each, which costs latency (measured in
+``tests/test_proxy_skewed.py``).
 
 * A replica with no state (missing or expired hash) or a stale one (``ts_ms`` older than
   ``now_ms - stale_after_ms``) is *unknown*: ``score = unknown_score + inflight``. Unknowns stay
@@ -54,10 +73,13 @@ operation that Lua performs identically:
 
 * ``kv_penalty = 1.0 + ((kv_weight * excess) / (1.0 - kv_threshold))`` with
   ``excess = max(0.0, kv_fraction - kv_threshold)``;
-* ``per_req = service_ms * output_tokens`` (trtllm) or ``service_ms``;
-  ``uncached = max(1.0, prompt_tokens - (cached_blocks * tokens_per_block))``;
-* ``score = ((max(1.0, (n + 1) / max_active) * per_req) * kv_penalty) + (prefill_ms_per_token
-  * uncached)`` (the integers ``n + 1`` and ``max_active`` are exact as doubles);
+* ``uncached = max(1.0, prompt_tokens - (cached_blocks * tokens_per_block))``;
+* trtllm: ``ahead = reserved + (max(0, (active + waiting) - inflight) * o)``,
+  ``wait = (max(0, (n + 1) - max_active) / max_active) * (ahead / n)`` (0 when ``n + 1 <=
+  max_active``) and ``score = (((o + wait) * service_ms) * kv_penalty) + (prefill_ms_per_token *
+  uncached)`` (token counts are integers, exact as doubles);
+* triton: ``score = ((max(1.0, (n + 1) / max_active) * service_ms) * kv_penalty) +
+  (prefill_ms_per_token * uncached)`` (the integers ``n + 1`` and ``max_active`` are exact);
 * unknown: ``unknown_score + inflight``;
 * the mean service time is a left-to-right running sum divided by the count (not ``sum()``,
   whose float algorithm differs across Python versions, nor ``statistics.mean``);
@@ -70,7 +92,7 @@ Integer fields are compared as integers; ``now_ms`` is Redis ``TIME`` in whole m
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from core.keyschema import ReplicaState
@@ -80,6 +102,38 @@ Candidate = tuple[str, ReplicaState | None, int]
 
 MAX_PROMPT_BLOCKS = 1024
 """The most prompt blocks a pick looks up and indexes (longer prompts: their first blocks)."""
+
+SIZE_MARK = "#"
+"""Separates a reservation's id from its size in output tokens (``reservation_member``)."""
+MAX_RESERVED_SIZE = 1_000_000_000
+"""A reservation's size is valid in ``[1, MAX_RESERVED_SIZE]``; any other counts as unknown."""
+
+
+def reservation_member(reservation_id: str, output_tokens: int) -> str:
+    """The name of a reservation in ``inflight:{id}``: its id and its size in output tokens, so
+    that every proxy's pick can weigh the work already on the replica (``reserved_tokens``)."""
+    if not 1 <= output_tokens <= MAX_RESERVED_SIZE:
+        raise ValueError(f"output_tokens must be in [1, {MAX_RESERVED_SIZE}]: {output_tokens}")
+    return f"{reservation_id}{SIZE_MARK}{output_tokens}"
+
+
+def reservation_size(member: str) -> int | None:
+    """The size a reservation's name carries; None when it carries none (or an invalid one)."""
+    _, mark, digits = member.rpartition(SIZE_MARK)
+    if not mark or not digits or not all("0" <= c <= "9" for c in digits) or len(digits) > 10:
+        return None
+    size = int(digits)
+    return size if 1 <= size <= MAX_RESERVED_SIZE else None
+
+
+def reserved_tokens(members: Iterable[str], unknown_size: int) -> int:
+    """The output tokens a replica's live reservations carry; ``unknown_size`` for each one
+    that carries none (``pick_lib.lua``'s ``reserved_tokens`` mirrors this)."""
+    total = 0
+    for member in members:
+        size = reservation_size(member)
+        total += unknown_size if size is None else size
+    return total
 
 
 @dataclass(frozen=True)
@@ -180,11 +234,14 @@ def score(
     now_ms: int,
     shape: RequestShape = NO_SHAPE,
     cached_blocks: int = 0,
+    reserved: int | None = None,
 ) -> float:
     """Expected completion time of the request ``shape`` on the replica; lower is better.
 
     ``service_ms`` is the replica's effective service time (see ``effective_service_ms``);
-    ``cached_blocks`` the prompt's leading blocks its prefix index holds.
+    ``cached_blocks`` the prompt's leading blocks its prefix index holds; ``reserved`` the
+    output tokens its counted reservations carry (``reserved_tokens``; None: each of the
+    ``inflight`` is taken to be of this request's size).
     Unknown (None or stale) → ``unknown_score + inflight``; unhealthy → ``math.inf``.
     """
     if state is None or not is_fresh(state, params, now_ms):
@@ -194,9 +251,16 @@ def score(
     n = max(inflight, state.active + state.waiting)
     excess = max(0.0, state.kv_fraction - params.kv_threshold)
     kv_penalty = 1.0 + params.kv_weight * excess / (1.0 - params.kv_threshold)
-    per_request = service_ms * shape.output_tokens if state.source == "trtllm" else service_ms
-    wait_and_decode = max(1.0, (n + 1) / state.max_active) * per_request * kv_penalty
-    return wait_and_decode + params.prefill_ms_per_token * shape.uncached_tokens(cached_blocks)
+    prefill = params.prefill_ms_per_token * shape.uncached_tokens(cached_blocks)
+    if state.source != "trtllm":
+        return max(1.0, (n + 1) / state.max_active) * service_ms * kv_penalty + prefill
+    own = shape.output_tokens
+    wait = 0.0
+    if n + 1 > state.max_active:  # every slot taken: wait for n - C + 1 completions
+        in_reservations = inflight * own if reserved is None else reserved
+        ahead = in_reservations + max(0, state.active + state.waiting - inflight) * own
+        wait = (n + 1 - state.max_active) / state.max_active * (ahead / n)
+    return (own + wait) * service_ms * kv_penalty + prefill
 
 
 def _own_service_ms(state: ReplicaState | None, params: PolicyParams, now_ms: int) -> float | None:
@@ -243,12 +307,14 @@ def scores(
     now_ms: int,
     shape: RequestShape = NO_SHAPE,
     cached: Sequence[int] | None = None,
+    reserved: Sequence[int] | None = None,
 ) -> list[float]:
     """The score of every candidate, in order (``math.inf`` = excluded). ``cached``: the
-    prompt's leading blocks each candidate's prefix index holds (``prefix.cached_prefix``)."""
-    return _scores(
-        candidates, params, now_ms, shape, usable_cached_blocks(candidates, cached, params, now_ms)
-    )
+    prompt's leading blocks each candidate's prefix index holds (``prefix.cached_prefix``);
+    ``reserved``: the output tokens each one's counted reservations carry (``reserved_tokens``;
+    None: every reservation of this request's size)."""
+    blocks = usable_cached_blocks(candidates, cached, params, now_ms)
+    return _scores(candidates, params, now_ms, shape, blocks, reserved)
 
 
 def _scores(
@@ -257,11 +323,13 @@ def _scores(
     now_ms: int,
     shape: RequestShape,
     blocks: Sequence[int],
+    reserved: Sequence[int] | None,
 ) -> list[float]:
     service = effective_service_ms([state for _, state, _ in candidates], params, now_ms)
+    sizes: Sequence[int | None] = [None] * len(candidates) if reserved is None else reserved
     return [
-        score(state, inflight, s, params, now_ms, shape, b)
-        for (_, state, inflight), s, b in zip(candidates, service, blocks, strict=True)
+        score(state, inflight, s, params, now_ms, shape, b, r)
+        for (_, state, inflight), s, b, r in zip(candidates, service, blocks, sizes, strict=True)
     ]
 
 
@@ -272,6 +340,7 @@ def choose(
     tiebreak: int,
     shape: RequestShape = NO_SHAPE,
     cached: Sequence[int] | None = None,
+    reserved: Sequence[int] | None = None,
 ) -> str | None:
     """The replica id to send the request to, or None if no candidate is eligible.
 
@@ -280,7 +349,7 @@ def choose(
     ``tiebreak % len(tied)``.
     """
     blocks = usable_cached_blocks(candidates, cached, params, now_ms)
-    ranked = _scores(candidates, params, now_ms, shape, blocks)
+    ranked = _scores(candidates, params, now_ms, shape, blocks, reserved)
     eligible = [
         (s, b, inflight, replica_id)
         for (replica_id, _, inflight), s, b in zip(candidates, ranked, blocks, strict=True)

@@ -24,7 +24,14 @@ from redis.asyncio import Redis
 from core.keyschema import KeySchema, ReplicaState
 from core.lua import ArgGroup, ScriptProtocol, fields, lua_source
 from plugins.routing.leases import DEFAULT_LEASE_MS
-from plugins.routing.policy import NO_SHAPE, Candidate, PolicyParams, RequestShape
+from plugins.routing.policy import (
+    NO_SHAPE,
+    Candidate,
+    PolicyParams,
+    RequestShape,
+    reservation_member,
+    reserved_tokens,
+)
 from plugins.routing.prefix import cached_prefix
 
 log = logging.getLogger(__name__)
@@ -93,6 +100,7 @@ class Reservation:
 
     replica_id: str
     reservation_id: str
+    """Its member in ``inflight:{id}`` (``PickPlan.member``: the plan's id and the size)."""
     inflight: int
     """The replica's live reservations right after this one was taken."""
     score: float
@@ -112,6 +120,12 @@ class PickPlan:
     shape: RequestShape = NO_SHAPE
     """The request's size and prompt-block hashes (``prefix.request_shape``)."""
 
+    @property
+    def member(self) -> str:
+        """The reservation's name in ``inflight:{id}``: its id and its size in output tokens
+        (``policy.reservation_member``); what ``Reservation.reservation_id`` holds."""
+        return reservation_member(self.reservation_id, self.shape.output_tokens)
+
     def __post_init__(self) -> None:
         if not 0 <= self.tiebreak < MAX_TIEBREAK:
             raise ValueError(f"tiebreak must be in [0, 2**53), got {self.tiebreak}")
@@ -129,7 +143,7 @@ class PickPlan:
             unknown_score=p.unknown_score,
             default_service_ms=p.default_service_ms,
             tie_tolerance=p.tie_tolerance,
-            reservation=self.reservation_id,
+            reservation=self.member,
             lease_ms=int(self.lease_ms),
             prefill_ms_per_token=p.prefill_ms_per_token,
             prefix_index_blocks=p.prefix_index_blocks,
@@ -151,7 +165,7 @@ class PickPlan:
         """The reservation a pick's ``PICKED`` fields describe (None: index 0, none taken)."""
         if index == 0:
             return None
-        return Reservation(replica_ids[index - 1], self.reservation_id, inflight, score)
+        return Reservation(replica_ids[index - 1], self.member, inflight, score)
 
 
 class RoutingStore:
@@ -217,6 +231,24 @@ class RoutingStore:
                 pipe.zmscore(self._keys.prefix_index(replica_id), list(shape.hashes))
             replies = await pipe.execute()
         return [cached_prefix(found) for found in replies]
+
+    async def reserved(self, replica_ids: Sequence[str], unknown_size: int) -> list[int]:
+        """The output tokens each replica's reservations carry (``policy.reserved_tokens``: as
+        the pick sums them; call after ``snapshot``, which drops the ended leases), in one round
+        trip: for tests and diagnostics."""
+        ids = list(replica_ids)
+        if not ids:
+            return []
+        async with self._client.pipeline(transaction=True) as pipe:
+            for replica_id in ids:
+                pipe.zrange(self._keys.inflight(replica_id), 0, -1)
+            replies = await pipe.execute()
+        return [
+            reserved_tokens(
+                (m.decode() if isinstance(m, bytes) else m for m in members), unknown_size
+            )
+            for members in replies
+        ]
 
     async def release(self, replica_id: str, reservation_id: str) -> int:
         """Give back one reservation (idempotent); returns the replica's live reservations."""
