@@ -115,6 +115,7 @@ class Stack:
                     decode_ms_per_token=s.decode_ms_per_token,
                     batch_slowdown=s.batch_slowdown,
                     prefill_ms_per_token=s.prefill_ms_per_token,
+                    kv_cache_blocks=s.kv_cache_blocks,
                 )
                 for index, speed in enumerate(s.speeds)
             }

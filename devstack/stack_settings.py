@@ -42,6 +42,9 @@ class StackSettings(BaseSettings):
         default=0.05, ge=0, description="stand-in step cost per extra sequence"
     )
     prefill_ms_per_token: float = Field(default=0.2, ge=0, description="stand-in prefill cost")
+    kv_cache_blocks: int = Field(
+        default=512, ge=1, description="stand-in KV-cache blocks per replica (64 tokens each)"
+    )
     poll_interval_ms: int = Field(default=250, ge=20)
     key_prefix: str = DEFAULT_PREFIX
     workdir: Path | None = Field(default=None, description="logs and state; default a temp dir")

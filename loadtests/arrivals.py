@@ -1,5 +1,6 @@
-"""A recorded arrival sequence: Poisson arrival times with each request's lengths and mode, made
-once from a seed, saved as JSON and replayed open-loop for every strategy (``triage bench``)."""
+"""A recorded arrival sequence: Poisson arrival times with each request's lengths, mode and
+place in its workload (tenant or conversation, ``workloads.py``), made once from a seed, saved as
+JSON and replayed open-loop for every strategy (``triage bench``)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from loadtests.traffic import LengthDist
+from loadtests.workloads import Workload
 
 FORMAT = "triage-arrivals/1"
 
@@ -20,8 +22,13 @@ class Arrival:
     t: float
     """Seconds from the start of the replay."""
     prompt_tokens: int
+    """Tokens of its own user message (besides what it shares with its group)."""
     max_tokens: int
     stream: bool
+    group: int = -1
+    """Its tenant or conversation (``Workload.messages``); -1: it shares nothing."""
+    turn: int = 0
+    """multi-turn: the turns of its conversation before it."""
 
 
 @dataclass
@@ -33,6 +40,7 @@ class ArrivalSequence:
     output: str
     stream_fraction: float
     arrivals: list[Arrival] = field(default_factory=list)
+    workload: Workload = field(default_factory=Workload)
     meta: dict[str, Any] = field(default_factory=dict)
     """Free-form context (load fraction, capacity) kept with the file."""
 
@@ -46,6 +54,7 @@ class ArrivalSequence:
         output: LengthDist | str,
         stream_fraction: float,
         meta: dict[str, Any] | None = None,
+        workload: Workload | None = None,
     ) -> ArrivalSequence:
         """Exponential gaps of mean ``1 / rate_rps`` within ``[0, seconds)``. Times and request
         attributes come from separate random streams of ``seed``: the same seed gives the same
@@ -55,17 +64,22 @@ class ArrivalSequence:
         if not 0 <= stream_fraction <= 1:
             raise ValueError("stream_fraction must be in [0, 1]")
         prompt_dist, output_dist = LengthDist.parse(prompt), LengthDist.parse(output)
+        work = workload if workload is not None else Workload()
         times = random.Random(seed)
         attrs = random.Random(f"attributes-{seed}")
+        assign = work.assigner(random.Random(f"groups-{seed}"))
         arrivals: list[Arrival] = []
         t = times.expovariate(rate_rps)
         while t < seconds:
+            group, turn = assign()
             arrivals.append(
                 Arrival(
                     t=round(t, 6),
                     prompt_tokens=prompt_dist.sample(attrs),
                     max_tokens=output_dist.sample(attrs),
                     stream=attrs.random() < stream_fraction,
+                    group=group,
+                    turn=turn,
                 )
             )
             t += times.expovariate(rate_rps)
@@ -77,15 +91,22 @@ class ArrivalSequence:
             output=str(output_dist),
             stream_fraction=stream_fraction,
             arrivals=arrivals,
+            workload=work,
             meta=dict(meta or {}),
         )
+
+    def messages(self, index: int) -> list[dict[str, str]]:
+        """The chat messages of arrival ``index``."""
+        a = self.arrivals[index]
+        return self.workload.messages(a.group, a.turn, a.prompt_tokens, self.seed, index)
 
     def to_json(self) -> dict[str, Any]:
         doc = asdict(self)
         doc["format"] = FORMAT
-        # compact rows: [t, prompt_tokens, max_tokens, stream]
+        # compact rows: [t, prompt_tokens, max_tokens, stream, group, turn]
         doc["arrivals"] = [
-            [a.t, a.prompt_tokens, a.max_tokens, int(a.stream)] for a in self.arrivals
+            [a.t, a.prompt_tokens, a.max_tokens, int(a.stream), a.group, a.turn]
+            for a in self.arrivals
         ]
         return doc
 
@@ -94,7 +115,10 @@ class ArrivalSequence:
         if doc.get("format") != FORMAT:
             raise ValueError(f"not an arrival sequence ({FORMAT}): format={doc.get('format')!r}")
         rows = doc["arrivals"]
-        arrivals = [Arrival(float(t), int(p), int(m), bool(s)) for t, p, m, s in rows]
+        arrivals = [  # rows of files recorded before workloads have 4 columns
+            Arrival(float(r[0]), int(r[1]), int(r[2]), bool(r[3]), *(int(x) for x in r[4:6]))
+            for r in rows
+        ]
         if any(b.t < a.t for a, b in pairwise(arrivals)):
             raise ValueError("arrival times must not decrease")
         return cls(
@@ -105,6 +129,7 @@ class ArrivalSequence:
             output=str(doc["output"]),
             stream_fraction=float(doc["stream_fraction"]),
             arrivals=arrivals,
+            workload=Workload(**(doc.get("workload") or {})),
             meta=dict(doc.get("meta") or {}),
         )
 

@@ -22,8 +22,11 @@ from core.process import start_concurrently
 from devstack.proxy_launcher import LiteLLMProxy, start_proxy
 from devstack.stack import Stack
 from loadtests.bench_settings import (
+    KV_TOKENS_PER_BLOCK,
     OURS,
+    TRIAGE_KINDS,
     BenchSettings,
+    CompareStrategy,
     DecisionSettings,
     Strategy,
 )
@@ -89,9 +92,9 @@ async def create_key(stack: Stack) -> str:
     return await stack.create_key(f"bench-{os.getpid()}-{random.randrange(1 << 30)}")
 
 
-def proxy_options(strategy: Strategy, stack: Stack, settings: BenchSettings) -> ProxyOptions:
+def proxy_options(strategy: CompareStrategy, stack: Stack, settings: BenchSettings) -> ProxyOptions:
     assert stack.redis is not None
-    if strategy == "triage":
+    if strategy in TRIAGE_KINDS:
         return ProxyOptions(routing="triage", admission=True, num_retries=settings.num_retries)
     # LiteLLM's own strategy, no plugin; Redis for its router state, as LiteLLM ships it
     return ProxyOptions(
@@ -103,17 +106,31 @@ def proxy_options(strategy: Strategy, stack: Stack, settings: BenchSettings) -> 
 
 
 def start_strategy_proxies(
-    stack: Stack, strategy: Strategy, settings: BenchSettings
+    stack: Stack, strategy: CompareStrategy, settings: BenchSettings
 ) -> list[LiteLLMProxy]:
     assert stack.redis is not None
     endpoints = [ReplicaEndpoint(rid, s.http_url) for rid, s in stack.replicas.items()]
     options = proxy_options(strategy, stack, settings)
-    config = build_proxy_config(stack.settings.model, stack.settings.model, endpoints, options)
+    config = build_proxy_config(
+        stack.settings.model,
+        stack.settings.model,
+        endpoints,
+        options,
+        # every strategy's answers say how many prompt tokens the replica had cached
+        provider_settings={
+            "request_kv_cache_stats": True,
+            "kv_tokens_per_block": KV_TOKENS_PER_BLOCK,
+        },
+    )
     path = write_proxy_config(config, stack.workdir / f"proxy-bench-{strategy}.yaml")
     env = proxy_env(stack.redis.url, stack.settings.key_prefix, stack.master_key)
     extra: dict[str, str] = {}
-    if strategy == "triage":
+    if strategy in TRIAGE_KINDS:
         extra = {f"TRIAGE_ADMISSION_{k.upper()}": v for k, v in settings.admission.items()}
+        # the routing's prefill cost is the stand-in's
+        extra["TRIAGE_ROUTING_PREFILL_MS_PER_TOKEN"] = str(settings.standin_prefill_ms_per_token)
+        if strategy == "triage-no-affinity":
+            extra["TRIAGE_ROUTING_PREFIX_AFFINITY"] = "false"
     started = start_concurrently(
         {
             name: partial(

@@ -30,19 +30,20 @@ def render_level(level: Level, replica_ids: Sequence[str]) -> str:
     share_cols = "".join(f"{rid:>10}" for rid in replica_ids)
     lines.append(
         f"  {'strategy':<19}{'p50 s':>7}{'p95 s':>7}{'p99 s':>7}{'TTFT95':>8}{'good r/s':>9}"
-        f"{'503 %':>7}{'lost':>5}{share_cols}{'proxy CPU':>10}"
+        f"{'503 %':>7}{'lost':>5}{'cached':>7}{share_cols}{'proxy CPU':>10}"
     )
     rows: list[tuple[str, Summary, float | None]] = [
         (name, r.summary, r.cpu_cores.get("proxies")) for name, r in level.runs.items()
     ]
     if level.oracle is not None:
-        rows.append(("oracle (replayed)", level.oracle, None))
+        rows.append((f"oracle ({level.oracle_kind})", level.oracle, None))
     for name, s, cpu in rows:
         shares = "".join(f"{100 * s.share.get(rid, 0.0):>9.1f}%" for rid in replica_ids)
         lines.append(
             f"  {name:<19}{fmt_s(s.p50_s):>7}{fmt_s(s.p95_s):>7}{fmt_s(s.p99_s):>7}"
             f"{fmt_s(s.ttft_p95_s):>8}{fmt_s(s.goodput_rps):>9}"
-            f"{100 * s.shed_share:>7.1f}{s.lost:>5}{shares}"
+            f"{100 * s.shed_share:>7.1f}{s.lost:>5}"
+            f"{'-' if s.cached_share is None else f'{100 * s.cached_share:.0f}%':>7}{shares}"
             f"{(fmt_s(cpu) + ' c') if cpu is not None else '-':>10}"
         )
     for pair, values in level.ratios.items():

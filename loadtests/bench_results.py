@@ -68,6 +68,8 @@ class Level:
     answer_bound_s: float
     runs: dict[str, StrategyRun] = field(default_factory=dict)
     oracle: Summary | None = None
+    oracle_kind: str = "ps"
+    """Which replayed oracle had the lowest p95 (``bench_drive.replay_oracle_records``)."""
     ratios: dict[str, dict[str, float]] = field(default_factory=dict)
     plots: list[str] = field(default_factory=list)
 

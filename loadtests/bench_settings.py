@@ -7,20 +7,28 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from core.speeds import check_speeds
 from devstack.stack_settings import StackSettings
+from devstack.triton_launcher import StandinSettings
 from loadtests.traffic import (
     LengthDist,
     StandinTiming,
 )
+from loadtests.workloads import Workload, WorkloadKind
 
 Strategy = Literal["simple-shuffle", "least-busy", "triage"]
 OURS: Strategy = "triage"
+CompareStrategy = Literal["simple-shuffle", "least-busy", "triage", "triage-no-affinity"]
+"""What ``triage bench compare`` compares: LiteLLM's strategies, triage, and triage with its
+prefix affinity off (``TRIAGE_ROUTING_PREFIX_AFFINITY=false``: load and size only)."""
+TRIAGE_KINDS = ("triage", "triage-no-affinity")
+KV_TOKENS_PER_BLOCK: int = StandinSettings.model_fields["kv_tokens_per_block"].default
+"""The stand-in's KV block (the bench keeps its default)."""
 
 
 class FleetSettings(BaseSettings):
@@ -55,7 +63,10 @@ class FleetSettings(BaseSettings):
         )
 
 
-def check_strategies(strategies: list[Strategy]) -> list[Strategy]:
+S = TypeVar("S", bound=str)
+
+
+def check_strategies(strategies: list[S]) -> list[S]:
     if not strategies or len(set(strategies)) != len(strategies):
         raise ValueError(f"strategies must be distinct and non-empty: {strategies}")
     return strategies
@@ -92,8 +103,31 @@ class BenchSettings(FleetSettings):
     seconds: float = Field(default=35.0, gt=0, description="arrival window per run")
     seed: int = Field(default=7, description="arrival sequence seed (level k uses seed + k)")
     proxies: int = Field(default=1, ge=1, le=8, description="proxy processes per strategy")
-    strategies: list[Strategy] = Field(
+    strategies: list[CompareStrategy] = Field(
         default=["simple-shuffle", "least-busy", "triage"], description="what to compare"
+    )
+    workload: WorkloadKind = Field(
+        default="independent",
+        description="what the prompts share (loadtests/workloads.py): independent, "
+        "shared-prefix, hot-tenant, multi-turn",
+    )
+    tenants: int = Field(default=12, ge=1, description="shared-prefix, hot-tenant: tenants")
+    prefix_tokens: int = Field(default=1024, ge=1, description="a tenant's system prompt")
+    hot_share: float = Field(default=0.5, gt=0, lt=1, description="hot-tenant: tenant 0's share")
+    sessions: int = Field(default=16, ge=1, description="multi-turn: conversations open at once")
+    turns: int = Field(default=6, ge=1, description="multi-turn: turns per conversation")
+    turn_tokens: int = Field(default=128, ge=1, description="multi-turn: tokens per earlier turn")
+    prefill_ms_per_token: float | None = Field(
+        default=None,
+        ge=0,
+        description="stand-in prefill per prompt token at time scale 1 (x time scale); default "
+        "0.2 where prompts share prefixes (the stand-in's default), else 0 (the reference's)",
+    )
+    kv_cache_blocks: int | None = Field(
+        default=None,
+        ge=8,
+        description="KV-cache blocks (64 tokens) per replica; default 96 where prompts share "
+        "prefixes (a replica holds about a third of 12 tenants' 1,024-token prompts), else 512",
     )
     engine_queue_size: int = Field(
         default=4096, ge=0, description="stand-in engine queue: large, the fleet never sheds"
@@ -134,7 +168,7 @@ class BenchSettings(FleetSettings):
 
     @field_validator("strategies")
     @classmethod
-    def _strategies(cls, strategies: list[Strategy]) -> list[Strategy]:
+    def _strategies(cls, strategies: list[CompareStrategy]) -> list[CompareStrategy]:
         return check_strategies(strategies)
 
     @field_validator("admission", mode="before")
@@ -168,17 +202,46 @@ class BenchSettings(FleetSettings):
     def decode_ms_per_token(self) -> float:
         return REFERENCE_DECODE_MS * self.time_scale
 
+    def workload_shape(self) -> Workload:
+        return Workload(
+            kind=self.workload,
+            tenants=self.tenants,
+            prefix_tokens=self.prefix_tokens,
+            hot_share=self.hot_share,
+            sessions=self.sessions,
+            turns=self.turns,
+            turn_tokens=self.turn_tokens,
+        )
+
+    @property
+    def standin_prefill_ms_per_token(self) -> float:
+        """The stand-in's prefill per prompt token (at this time scale)."""
+        if self.prefill_ms_per_token is not None:
+            return self.prefill_ms_per_token * self.time_scale
+        return (0.2 if self.workload != "independent" else 0.0) * self.time_scale
+
+    @property
+    def standin_kv_cache_blocks(self) -> int:
+        if self.kv_cache_blocks is not None:
+            return self.kv_cache_blocks
+        return 96 if self.workload != "independent" else 512
+
     def timing(self) -> StandinTiming:
         return StandinTiming(
             max_active=self.max_active,
             decode_ms_per_token=self.decode_ms_per_token,
             batch_slowdown=0.0,
-            prefill_ms_per_token=0.0,
+            prefill_ms_per_token=self.standin_prefill_ms_per_token,
         )
 
     def capacity_rps(self) -> float:
+        """Completions per second of the fleet kept full, every shared prefix cached: only each
+        request's own message is prefilled (the capacity a cache-aware router can reach)."""
         output = LengthDist.parse(self.output_tokens).mean()
-        return self.timing().fleet_rps(self.speeds, output, 0.0)
+        own = (
+            LengthDist.parse(self.prompt_tokens).mean() if self.standin_prefill_ms_per_token else 0
+        )
+        return self.timing().fleet_rps(self.speeds, output, own)
 
     def service_s(self, speed: float = 1.0) -> float:
         return self.timing().service_s(LengthDist.parse(self.output_tokens).mean(), 0.0, speed)
@@ -188,7 +251,8 @@ class BenchSettings(FleetSettings):
             engine_queue_size=self.engine_queue_size,
             decode_ms_per_token=self.decode_ms_per_token,
             batch_slowdown=0.0,
-            prefill_ms_per_token=0.0,
+            prefill_ms_per_token=self.standin_prefill_ms_per_token,
+            kv_cache_blocks=self.standin_kv_cache_blocks,
             proxies=0,
             **specific,
         )

@@ -59,6 +59,9 @@ class Record:
     """The Retry-After of the final 503/429, when it carried one."""
     detail: str = ""
     """Error code / kind, for the report."""
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    """Prompt tokens the replica had in its KV cache (the answer's usage)."""
 
     @classmethod
     def of(
@@ -84,6 +87,8 @@ class Record:
             tier=tier,
             retry_after_s=got.retry_after_s,
             detail=got.detail,
+            prompt_tokens=got.prompt_tokens,
+            cached_tokens=got.cached_tokens,
         )
 
     def row(self) -> list[Any]:
@@ -108,6 +113,12 @@ class Record:
 
 
 RECORD_FIELDS = [f.name for f in fields(Record)]
+
+
+def cached_share(records: Sequence[Record]) -> float | None:
+    """The share of the records' prompt tokens their replicas had cached (None: none known)."""
+    prompt = sum(r.prompt_tokens for r in records)
+    return sum(r.cached_tokens for r in records) / prompt if prompt > 0 else None
 
 
 SPREAD = ("p50", "p95", "p99", "max")
@@ -177,6 +188,9 @@ class Summary:
     tiers: dict[str, TierFigures] = field(default_factory=dict)
     late_arrivals: int = 0
     """Locust: arrivals that left late (the user's previous request was still running)."""
+    cached_share: float | None = None
+    """Of the successes' prompt tokens, the share the replicas had in their KV cache (None: no
+    answer reported its prompt tokens)."""
 
     @property
     def p50_s(self) -> float:
@@ -248,6 +262,7 @@ def summarize(
         offered_rps=n_started / window if window > 0 else float("nan"),
         goodput_rps=len(ok) / span if span > 0 else float("nan"),
         goodput_tokens_per_s=sum(r.tokens for r in ok) / span if span > 0 else float("nan"),
+        cached_share=cached_share(ok),
         span_s=span,
         streams=sum(1 for r in ok if r.stream),
         share={rid: picks.get(rid, 0) / len(ok) if ok else 0.0 for rid in ids},

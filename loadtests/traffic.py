@@ -289,6 +289,22 @@ class SseEvent:
     error: dict[str, Any] | None = None
     completion_tokens: int | None = None
     """From a usage chunk, when the server sends one."""
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    """From the usage chunk: its prompt tokens and ``prompt_tokens_details.cached_tokens``."""
+
+
+def prompt_usage(usage: Any) -> tuple[int, int]:
+    """A usage object's prompt tokens and the cached ones among them (0 when absent)."""
+    if not isinstance(usage, dict):
+        return 0, 0
+    prompt = usage.get("prompt_tokens")
+    details = usage.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    return (
+        prompt if isinstance(prompt, int) else 0,
+        cached if isinstance(cached, int) else 0,
+    )
 
 
 def parse_sse_line(line: bytes | str) -> SseEvent | None:
@@ -318,7 +334,13 @@ def parse_sse_line(line: bytes | str) -> SseEvent | None:
             content += piece
     usage = chunk.get("usage") or {}
     tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
-    return SseEvent(content=content, completion_tokens=tokens if isinstance(tokens, int) else None)
+    prompt, cached = prompt_usage(usage)
+    return SseEvent(
+        content=content,
+        completion_tokens=tokens if isinstance(tokens, int) else None,
+        prompt_tokens=prompt,
+        cached_tokens=cached,
+    )
 
 
 AttemptOutcome = Literal["ok", "shed", "error", "lost"]
@@ -336,6 +358,9 @@ class Attempt:
     ttft_s: float | None = None
     tokens: int = 0
     retry_after_s: float | None = None
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    """Prompt tokens the replica found in its KV cache (usage.prompt_tokens_details)."""
 
 
 def refusal(status: int, replica: str | None, body: Any, headers: Mapping[str, str]) -> Attempt:
@@ -360,8 +385,15 @@ def completion(status: int, replica: str | None, body: bytes | str) -> Attempt:
             raise ValueError("no choices")
     except (ValueError, AttributeError):
         return Attempt("lost", status, replica, "malformed completion")
+    usage = data.get("usage") or {}
+    prompt, cached = prompt_usage(usage)
     return Attempt(
-        "ok", status, replica, tokens=int((data.get("usage") or {}).get("completion_tokens") or 0)
+        "ok",
+        status,
+        replica,
+        tokens=int(usage.get("completion_tokens") or 0),
+        prompt_tokens=prompt,
+        cached_tokens=cached,
     )
 
 
@@ -375,6 +407,7 @@ class StreamReading:
         self.ttft_s: float | None = None
         self.chunks = 0
         self.usage: int | None = None
+        self.prompt_tokens = self.cached_tokens = 0
 
     def line(self, raw: bytes | str, now: float) -> Attempt | None:
         event = parse_sse_line(raw)
@@ -393,6 +426,7 @@ class StreamReading:
                 self.ttft_s = now - self.started
         if event.completion_tokens is not None:
             self.usage = event.completion_tokens
+            self.prompt_tokens, self.cached_tokens = event.prompt_tokens, event.cached_tokens
         return None
 
     def cut_short(self, detail: str = "stream truncated") -> Attempt:
@@ -406,4 +440,6 @@ class StreamReading:
             detail,
             self.ttft_s,
             self.chunks if tokens is None else tokens,
+            prompt_tokens=self.prompt_tokens,
+            cached_tokens=self.cached_tokens,
         )

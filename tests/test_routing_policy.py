@@ -297,9 +297,22 @@ def test_load_wins_over_a_cached_prompt_when_the_wait_costs_more_than_its_prefil
     assert {choose([idle, full], P, NOW, t, LONG, [0, 30]) for t in range(8)} == {"cold"}
     # a prompt much longer than its output: the saving outweighs that wait
     huge = RequestShape(
-        prompt_tokens=20_000, output_tokens=5, tokens_per_block=64.0, hashes=LONG.hashes
+        prompt_tokens=2000, output_tokens=5, tokens_per_block=64.0, hashes=LONG.hashes
     )
     assert {choose([idle, full], P, NOW, t, huge, [0, 30]) for t in range(8)} == {"warm"}
+
+
+def test_a_prefill_delays_the_batch_it_joins() -> None:
+    """The uncached tokens cost their prefill once per request in the batch they join: a miss
+    on a busy replica costs more than one on an idle replica, a hit the same."""
+    shape = RequestShape(prompt_tokens=1000, output_tokens=10, tokens_per_block=50.0)
+    idle, busy = rs(service_ms=20.0), rs(service_ms=20.0, active=2)  # 4 slots
+    assert score(idle, 0, 20.0, P, NOW, shape, 0) == 10 * 20.0 + 0.2 * 1000
+    assert score(busy, 0, 20.0, P, NOW, shape, 0) == 10 * 20.0 + 0.2 * 1000 * 3
+    full = rs(service_ms=20.0, active=4, waiting=5)  # it joins a batch of C - 1 = 3 others
+    assert score(full, 0, 20.0, P, NOW, shape, 20) - score(full, 0, 20.0, P, NOW, shape, 0) == (
+        pytest.approx(-0.2 * 1000 * 4 + 0.2 * 1 * 4)
+    )
 
 
 def test_an_unknown_or_down_replica_is_credited_with_no_cache() -> None:
@@ -311,7 +324,9 @@ def test_an_unknown_or_down_replica_is_credited_with_no_cache() -> None:
 def test_without_a_shape_the_score_is_the_request_count_score() -> None:
     state = rs(service_ms=20.0, active=4, waiting=2)
     assert score(state, 0, 20.0, P, NOW) == max(1.0, 7 / 4) * 20.0
-    assert score(state, 0, 20.0, P, NOW, LONG, 0) == max(1.0, 7 / 4) * 20.0 * 50 + 0.2 * 2000
+    assert score(state, 0, 20.0, P, NOW, LONG, 0) == (
+        max(1.0, 7 / 4) * 20.0 * 50 + 0.2 * 2000 * 4  # the prefill delays its batch of 4
+    )
     triton = rs(service_ms=300.0, source="triton")  # a request's time, not an iteration's
     assert score(triton, 0, 300.0, P, NOW, LONG, 0) == 300.0 + 0.2 * 2000
 

@@ -217,12 +217,13 @@ local function pick_replica(first_key, n, p, first_id, now_ms)
       if p.prompt_tokens > 0 then
         uncached = math.max(1, p.prompt_tokens - cached[i] * p.tokens_per_block)
       end
-      local prefill = p.prefill_ms_per_token * uncached
+      local load = math.max(inflight[i], s.active + s.waiting)
+      -- the prefill delays this request and the ones it shares the batch with
+      local prefill = p.prefill_ms_per_token * uncached * (1 + math.min(load, s.max_active - 1))
       if s.source == 'trtllm' then
         -- sizes in tokens: with every slot taken, wait for n - C + 1 completions of the
         -- requests ahead (reserved ones at their sizes, unreserved ones at this one's)
         local own = p.output_tokens
-        local load = math.max(inflight[i], s.active + s.waiting)
         local wait = 0
         if load + 1 > s.max_active then
           local ahead = reserved_tokens(KEYS[first_key + n + i - 1], own)
@@ -231,7 +232,6 @@ local function pick_replica(first_key, n, p, first_id, now_ms)
         end
         score = (own + wait) * service * kv_penalty + prefill
       else
-        local load = math.max(inflight[i], s.active + s.waiting)
         score = math.max(1, (load + 1) / s.max_active) * service * kv_penalty + prefill
       end
     end

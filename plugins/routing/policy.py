@@ -1,14 +1,14 @@
 """The routing policy: one set of pure functions (no I/O), mirrored by ``pick.lua``.
 
-A replica's score estimates the **expected completion time** of this request on it
-(shortest expected delay; lower is better)::
+A replica's score estimates the **expected completion time** of this request on it, plus the
+delay its prefill adds to the requests it shares the batch with (lower is better)::
 
     n          = max(inflight, active + waiting)        # reserved by proxies vs seen at the replica
     C          = max_active                             # the executor's cap on active requests
     s          = service_ms (or the candidates' mean, or default_service_ms)
     kv_penalty = 1 + kv_weight * max(0, kv_fraction - kv_threshold) / (1 - kv_threshold)
     uncached   = max(1, prompt_tokens - cached_blocks * tokens_per_block)   (0: no prompt size)
-    prefill    = prefill_ms_per_token * uncached
+    prefill    = prefill_ms_per_token * uncached * (1 + min(n, C - 1))   # itself + its batch
 
     source "trtllm" (s is one engine iteration; sizes in tokens, o = the request's output tokens):
     ahead      = reserved + max(0, active + waiting - inflight) * o   # the n requests' tokens
@@ -34,6 +34,14 @@ index is read and updated by ``pick_lib.lua`` in the call that picks). Without a
 prefix saves only its prefill time, so a replica that holds it but has a longer wait loses as
 soon as the wait costs more than the prefill saved: load wins over affinity, and one hot prefix
 does not herd every request onto one replica.
+
+A prefill is not the request's own business: TensorRT-LLM runs a request's context phase in an
+engine iteration beside the requests generating there (chunked prefill spreads it over several,
+the same total), so every one of them waits as long as the prefill. The score counts that delay
+for the ``min(n, C - 1)`` requests it will share the batch with: a prompt's uncached tokens cost
+``1 + min(n, C - 1)`` times their prefill. On an idle replica a cache miss costs the request
+alone; on a busy one it costs the batch, and a replica holding the prefix is worth that much
+more. The stand-in stalls its batch for a prefill in the same way.
 
 With in-flight batching a request that finds a free batch slot (``n < C``) starts at once and
 takes about ``s``; one that finds all ``C`` slots taken waits for ``n - C + 1`` completions, one
@@ -74,12 +82,13 @@ operation that Lua performs identically:
 * ``kv_penalty = 1.0 + ((kv_weight * excess) / (1.0 - kv_threshold))`` with
   ``excess = max(0.0, kv_fraction - kv_threshold)``;
 * ``uncached = max(1.0, prompt_tokens - (cached_blocks * tokens_per_block))``;
+  ``prefill = (prefill_ms_per_token * uncached) * (1 + min(n, max_active - 1))``;
 * trtllm: ``ahead = reserved + (max(0, (active + waiting) - inflight) * o)``,
   ``wait = (max(0, (n + 1) - max_active) / max_active) * (ahead / n)`` (0 when ``n + 1 <=
-  max_active``) and ``score = (((o + wait) * service_ms) * kv_penalty) + (prefill_ms_per_token *
-  uncached)`` (token counts are integers, exact as doubles);
-* triton: ``score = ((max(1.0, (n + 1) / max_active) * service_ms) * kv_penalty) +
-  (prefill_ms_per_token * uncached)`` (the integers ``n + 1`` and ``max_active`` are exact);
+  max_active``) and ``score = (((o + wait) * service_ms) * kv_penalty) + prefill`` (token
+  counts are integers, exact as doubles);
+* triton: ``score = ((max(1.0, (n + 1) / max_active) * service_ms) * kv_penalty) + prefill``
+  (the integers ``n + 1`` and ``max_active`` are exact);
 * unknown: ``unknown_score + inflight``;
 * the mean service time is a left-to-right running sum divided by the count (not ``sum()``,
   whose float algorithm differs across Python versions, nor ``statistics.mean``);
@@ -251,7 +260,8 @@ def score(
     n = max(inflight, state.active + state.waiting)
     excess = max(0.0, state.kv_fraction - params.kv_threshold)
     kv_penalty = 1.0 + params.kv_weight * excess / (1.0 - params.kv_threshold)
-    prefill = params.prefill_ms_per_token * shape.uncached_tokens(cached_blocks)
+    batch = 1 + min(n, state.max_active - 1)  # the prefill delays itself and its batch
+    prefill = params.prefill_ms_per_token * shape.uncached_tokens(cached_blocks) * batch
     if state.source != "trtllm":
         return max(1.0, (n + 1) / state.max_active) * service_ms * kv_penalty + prefill
     own = shape.output_tokens
