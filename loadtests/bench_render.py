@@ -36,7 +36,7 @@ def render_level(level: Level, replica_ids: Sequence[str]) -> str:
         (name, r.summary, r.cpu_cores.get("proxies")) for name, r in level.runs.items()
     ]
     if level.oracle is not None:
-        rows.append((f"oracle ({level.oracle_kind})", level.oracle, None))
+        rows.append((f"oracle ({level.oracle_kind}, replayed)", level.oracle, None))
     for name, s, cpu in rows:
         shares = "".join(f"{100 * s.share.get(rid, 0.0):>9.1f}%" for rid in replica_ids)
         lines.append(

@@ -330,7 +330,7 @@ def test_ratio_table_is_ours_over_theirs() -> None:
     )
     text = render_level(level, ["replica-0", "replica-1"])
     assert "ratio triage/least-busy" in text and "p99 0.50x" in text and "n/a" in text
-    assert "oracle (replayed)" in text
+    assert "oracle (ps, replayed)" in text
 
 
 def bench_run(levels: list[Level], overhead: Overhead | None = None) -> BenchRun:
