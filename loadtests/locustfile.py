@@ -44,6 +44,7 @@ from pydantic import ValidationError
 
 from loadtests.load_settings import LoadSettings, Resolved, resolve
 from loadtests.report import Record, plot_runs, render_text, summarize
+from loadtests.workloads import GroupAssigner, Workload
 from loadtests.traffic import (
     Attempt,
     KeyTier,
@@ -51,7 +52,6 @@ from loadtests.traffic import (
     StreamReading,
     completion,
     pick_key,
-    prompt_text,
     refusal,
 )
 
@@ -109,6 +109,9 @@ class State:
     resolved: Resolved | None = None
     prompt: LengthDist = LengthDist.parse("uniform:16,64")
     output: LengthDist = LengthDist.parse("fixed:25")
+    workload: Workload = Workload()
+    assign: GroupAssigner = Workload().assigner(random.Random(0))
+    """The tenant or conversation of each request of this process (``workloads.py``)."""
     last_report: str = ""
 
 
@@ -161,6 +164,9 @@ def configure(environment: Environment) -> None:
     settings = settings_from(options)
     STATE.settings = settings
     STATE.prompt, STATE.output = settings.prompt_dist(), settings.output_dist()
+    STATE.workload = settings.workload_shape()
+    # one stream of tenants / conversations per process (a worker's users share it)
+    STATE.assign = STATE.workload.assigner(random.Random(f"{settings.seed}-{os.getpid()}"))
     if isinstance(environment.runner, WorkerRunner):
         raw = getattr(options, RESOLVED_ARG, "")
         if raw:
@@ -329,11 +335,14 @@ class ChatUser(FastHttpUser):
         assert settings is not None and STATE.resolved is not None
         stream = self.rng.random() < settings.stream_fraction
         max_tokens = STATE.output.sample(self.rng)
+        group, turn = STATE.assign()
+        own = STATE.prompt.sample(self.rng)
+        messages = STATE.workload.messages(
+            group, turn, own, settings.seed, self.rng.getrandbits(48)
+        )
         body = {
             "model": STATE.resolved.model,
-            "messages": [
-                {"role": "user", "content": prompt_text(STATE.prompt.sample(self.rng), self.rng)}
-            ],
+            "messages": messages,
             "max_tokens": max_tokens,
             "stream": stream,
         }

@@ -324,6 +324,9 @@ async def test_pick_argument_checks(client: Redis) -> None:
 HASHES = tuple(f"{i:016x}" for i in range(1, 9))
 
 
+SESSION = "s0123456789abcdef"
+
+
 @st.composite
 def shapes(draw: st.DrawFn) -> RequestShape:
     blocks = draw(st.integers(0, len(HASHES)))
@@ -332,6 +335,7 @@ def shapes(draw: st.DrawFn) -> RequestShape:
         output_tokens=draw(st.sampled_from([1, 16, 200])),
         tokens_per_block=draw(st.sampled_from([0.0, 16.0, 63.5, 64.0])),
         hashes=HASHES[:blocks],
+        session=draw(st.sampled_from(["", SESSION])),
     )
 
 
@@ -345,6 +349,7 @@ def shapes(draw: st.DrawFn) -> RequestShape:
     held=st.lists(st.lists(st.integers(0, 9), max_size=8), min_size=5, max_size=5),
     sources=st.lists(st.sampled_from(["trtllm", "triton"]), min_size=5, max_size=5),
     kv_tokens=st.lists(st.sampled_from([None, 0, 64, 200, 100_000]), min_size=5, max_size=5),
+    in_session=st.lists(st.booleans(), min_size=5, max_size=5),
     shape=shapes(),
     params=st.builds(
         PolicyParams,
@@ -361,6 +366,7 @@ async def test_lua_pick_with_prefix_indexes_matches_python(
     held: list[list[int]],
     sources: list[str],
     kv_tokens: list[int | None],
+    in_session: list[bool],
     shape: RequestShape,
     params: PolicyParams,
     tiebreak: int,
@@ -381,6 +387,8 @@ async def test_lua_pick_with_prefix_indexes_matches_python(
     async with client.pipeline(transaction=False) as pipe:
         for i, replica_id in enumerate(ids):
             members = {HASHES[b] if b < len(HASHES) else f"other{b}": 1 for b in held[i]}
+            if in_session[i]:  # it has served the session (whether this request has one)
+                members[SESSION] = 1
             if members:
                 pipe.zadd(keys.prefix_index(replica_id), members)
         await pipe.execute()
@@ -388,8 +396,9 @@ async def test_lua_pick_with_prefix_indexes_matches_python(
     snap = await store.snapshot(ids)
     cached = await store.cached_blocks(ids, shape)
     reserved = await store.reserved(ids, shape.output_tokens)
+    holders = await store.session_holders(ids, shape)
     now = await redis_now_ms(client)
-    expected = choose(snap, params, now, tiebreak, shape, cached, reserved)
+    expected = choose(snap, params, now, tiebreak, shape, cached, reserved, holders)
     got = await store.pick(ids, params, tiebreak, shape=shape)
     if expected is None:
         assert got is None
@@ -408,6 +417,9 @@ async def test_lua_pick_with_prefix_indexes_matches_python(
             # the prompt's first blocks are the last forgotten: as many as the bound holds
             assert set(shape.hashes[: min(bound, len(shape.hashes))]) <= kept
             assert 0 < await client.pttl(keys.prefix_index(expected)) <= params.prefix_ttl_ms
+        if shape.session and bound > len(shape.hashes):  # it has served the session now (the
+            # session is forgotten before the prompt's blocks)
+            assert await client.zscore(keys.prefix_index(expected), shape.session) is not None
     await client.delete(*store.candidate_keys(ids))
 
 

@@ -8,6 +8,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -292,3 +293,28 @@ async def test_a_stream_reports_its_cached_prompt_tokens_in_the_final_usage(stac
         details = usage.prompt_tokens_details
         seen.append(details.cached_tokens if details is not None else None)
     assert seen[0] == 0 and (seen[1] or 0) >= 64, seen
+
+
+async def test_a_session_sticks_to_its_replica_when_its_prompts_share_no_block(
+    stack: Stack,
+) -> None:
+    """Short prompts (under one prefix block) of one session, named by the OpenAI ``user`` or
+    by LiteLLM's ``x-litellm-session-id`` header, go where the session went first, from either
+    proxy; the session id is stored only as a salted hash."""
+    clients = [sdk(stack, 0), sdk(stack, 1)]
+    for replica_id in ("replica-0", "replica-1"):
+        await wait_for_state(stack, replica_id, lambda s: s.active == 0)
+
+    async def ask(i: int, **session: Any) -> str:
+        raw = await clients[i % 2].chat.completions.with_raw_response.create(
+            model=MODEL, messages=[{"role": "user", "content": f"hi {i}"}], max_tokens=2, **session
+        )
+        return raw.headers["x-litellm-model-id"]
+
+    for session in (
+        {"user": "user-zanzibar"},
+        {"extra_headers": {"x-litellm-session-id": "session-zanzibar-1"}},
+    ):
+        picks = [await ask(i, **session) for i in range(6)]
+        assert picks == [picks[0]] * 6, (session, picks)
+    assert b"zanzibar" not in await every_stored_byte(stack)

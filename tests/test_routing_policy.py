@@ -22,6 +22,7 @@ from plugins.routing.policy import (
     score,
     scores,
     usable_cached_blocks,
+    usable_session,
 )
 
 from replica_states import replica_state
@@ -400,3 +401,25 @@ def test_requests_nobody_reserved_are_taken_at_this_requests_size() -> None:
     state = rs(service_ms=10.0, active=5, max_active=2)
     shape = RequestShape(output_tokens=20)
     assert score(state, 2, 10.0, P, NOW, shape, 0, 30) == (20 + 4 / 2 * ((30 + 3 * 20) / 5)) * 10.0
+
+
+# --- session affinity: the last tie rule ---------------------------------------------------
+
+SESSION_SHAPE = RequestShape(prompt_tokens=20, output_tokens=10, session="sabc")
+
+
+def test_a_replica_that_served_the_session_wins_the_ties() -> None:
+    cands = [("a", rs(service_ms=20.0), 0), ("b", rs(service_ms=20.0), 0)]
+    picks = {choose(cands, P, NOW, t, SESSION_SHAPE, session=[False, True]) for t in range(8)}
+    assert picks == {"b"}
+    assert {choose(cands, P, NOW, t, SESSION_SHAPE) for t in range(8)} == {"a", "b"}  # none
+
+
+def test_the_session_gives_way_to_load_and_to_cached_blocks() -> None:
+    busier = [("a", rs(service_ms=20.0), 0), ("b", rs(service_ms=20.0), 1)]
+    assert choose(busier, P, NOW, 0, SESSION_SHAPE, session=[False, True]) == "a"
+    warm = [("a", rs(service_ms=20.0), 0), ("b", rs(service_ms=20.0), 0)]
+    shape = RequestShape(prompt_tokens=20, output_tokens=10, hashes=("x",), session="sabc")
+    assert choose(warm, P, NOW, 0, shape, cached=[1, 0], session=[False, True]) == "a"
+    down = [("a", rs(service_ms=20.0), 0), ("b", rs(healthy=False, state="unhealthy"), 0)]
+    assert usable_session(down, [True, True], P, NOW) == [True, False]

@@ -21,7 +21,9 @@
 -- heals one lease after its last renewal; a replica reported down counts none, though it scores
 -- inf anyway).
 -- A fresh, healthy candidate is credited with the prompt's leading blocks its index holds
--- (ZMSCORE, up to the first missing one). The chosen candidate's index gets every block of the
+-- (ZMSCORE, up to the first missing one), and with the request's session (p.session, a member
+-- of the same index) when it has served that session: the last tie rule. The chosen
+-- candidate's index gets every block of the
 -- prompt (score now_ms * 1024 + 1023 - position: older prompts, and a prompt's later blocks,
 -- are forgotten first), trimmed to the blocks its KV cache holds (kv_tokens / block_tokens,
 -- else prefix_index_blocks), and expires prefix_ttl_ms after this pick.
@@ -197,6 +199,15 @@ local function pick_replica(first_key, n, p, first_id, now_ms)
     end
   end
 
+  -- Whether each fresh, healthy candidate has served the request's session (its index holds it).
+  local held = {}
+  for i = 1, n do
+    held[i] = false
+    if p.session ~= '' and fresh[i] and states[i].healthy then
+      held[i] = redis.call('ZSCORE', KEYS[first_key + 2 * n + i - 1], p.session) ~= false
+    end
+  end
+
   local best = nil
   local scores = {}
   for i = 1, n do
@@ -246,7 +257,7 @@ local function pick_replica(first_key, n, p, first_id, now_ms)
   end
 
   -- Tied: every score within tie_tolerance of the best; among them the fewest in-flight,
-  -- then the most cached blocks.
+  -- then the most cached blocks, then the ones that have served the session.
   local limit = best + math.abs(best) * p.tie_tolerance
   local fewest = nil
   for i = 1, n do
@@ -264,6 +275,15 @@ local function pick_replica(first_key, n, p, first_id, now_ms)
       end
     end
   end
+  local warm = {}
+  for _, i in ipairs(tied) do
+    if held[i] then
+      warm[#warm + 1] = i
+    end
+  end
+  if #warm > 0 then
+    tied = warm
+  end
   table.sort(tied, function(x, y)
     return bytes_less(ARGV[first_id + x - 1], ARGV[first_id + y - 1])
   end)
@@ -275,14 +295,19 @@ local function pick_replica(first_key, n, p, first_id, now_ms)
   if redis.call('PTTL', key) < p.lease_ms then
     redis.call('PEXPIRE', key, p.lease_ms) -- the set lives as long as its longest lease
   end
-  if p.blocks > 0 then
-    -- the chosen replica will hold the prompt's blocks: index them (scores as exact integers:
-    -- a number argument would reach Redis with 14 significant digits only)
+  if p.blocks > 0 or p.session ~= '' then
+    -- the chosen replica will hold the prompt's blocks and has served the session: index
+    -- them (scores as exact integers: a number argument would reach Redis with 14 significant
+    -- digits only)
     local index = KEYS[first_key + 2 * n + chosen - 1]
     local members = {}
     for k = 1, p.blocks do
       members[#members + 1] = string.format('%.0f', now_ms * 1024 + (1024 - k))
       members[#members + 1] = hashes[k]
+    end
+    if p.session ~= '' then -- forgotten before this prompt's blocks
+      members[#members + 1] = string.format('%.0f', now_ms * 1024)
+      members[#members + 1] = p.session
     end
     redis.call('ZADD', index, unpack(members))
     local bound = p.prefix_index_blocks

@@ -68,7 +68,9 @@ as soon as the fast ones hold one request each, which costs latency (measured in
   replica. Among the tied, the fewest in-flight (the proxies' reservations: the freshest
   signal), then the most cached blocks of the prompt (a prefill saving within the noise still
   keeps one cache warm: affinity on an idle or evenly loaded fleet, never onto a replica with
-  more requests in flight); among those still tied, the replica ids sorted by code point
+  more requests in flight), then the replicas that have served the request's session (session
+  affinity, for prompts that share no text: the OpenAI ``user`` field or LiteLLM's session id,
+  ``prefix.session_member``); among those still tied, the replica ids sorted by code point
   (= UTF-8 byte order) and index ``tiebreak % len(tied)``, so a random ``tiebreak`` from the
   caller spreads ties.
 
@@ -157,6 +159,9 @@ class RequestShape:
     """Prompt tokens per block (the blocks are fixed in characters)."""
     hashes: tuple[str, ...] = ()
     """Hex block hashes, first block first: what the prefix index stores (never text)."""
+    session: str = ""
+    """The index member of the request's session (``prefix.session_member``; "" for none): a
+    replica that has served the session wins the ties its prompt's blocks leave."""
 
     def __post_init__(self) -> None:
         if self.prompt_tokens < 0 or self.output_tokens < 1:
@@ -311,6 +316,18 @@ def usable_cached_blocks(
     ]
 
 
+def usable_session(
+    candidates: Sequence[Candidate], holds: Sequence[bool] | None, params: PolicyParams, now_ms: int
+) -> list[bool]:
+    """Whether each candidate has served the request's session and is fresh and healthy."""
+    if holds is None:
+        return [False] * len(candidates)
+    return [
+        held and state is not None and is_fresh(state, params, now_ms) and state.healthy
+        for (_, state, _), held in zip(candidates, holds, strict=True)
+    ]
+
+
 def scores(
     candidates: Sequence[Candidate],
     params: PolicyParams,
@@ -351,27 +368,34 @@ def choose(
     shape: RequestShape = NO_SHAPE,
     cached: Sequence[int] | None = None,
     reserved: Sequence[int] | None = None,
+    session: Sequence[bool] | None = None,
 ) -> str | None:
     """The replica id to send the request to, or None if no candidate is eligible.
 
     Lowest score; among the scores within ``tie_tolerance`` of it the fewest in-flight, then
-    the most cached blocks; among those, the ids in sorted order and index
-    ``tiebreak % len(tied)``.
+    the most cached blocks, then the ones that have served the request's session (``session``:
+    per candidate, whether its index holds ``shape.session``); among those, the ids in sorted
+    order and index ``tiebreak % len(tied)``.
     """
     blocks = usable_cached_blocks(candidates, cached, params, now_ms)
+    sticky = usable_session(candidates, session, params, now_ms)
     ranked = _scores(candidates, params, now_ms, shape, blocks, reserved)
     eligible = [
-        (s, b, inflight, replica_id)
-        for (replica_id, _, inflight), s, b in zip(candidates, ranked, blocks, strict=True)
+        (s, b, k, inflight, replica_id)
+        for (replica_id, _, inflight), s, b, k in zip(
+            candidates, ranked, blocks, sticky, strict=True
+        )
         if s < math.inf  # excludes inf (unhealthy) and, defensively, nan
     ]
     if not eligible:
         return None
-    best = min(s for s, _, _, _ in eligible)
+    best = min(s for s, _, _, _, _ in eligible)
     limit = best + abs(best) * params.tie_tolerance
-    tied = [(b, inflight, replica_id) for s, b, inflight, replica_id in eligible if s <= limit]
-    fewest = min(inflight for _, inflight, _ in tied)
-    least = [(b, replica_id) for b, inflight, replica_id in tied if inflight == fewest]
-    most = max(b for b, _ in least)
-    names = sorted(replica_id for b, replica_id in least if b == most)
+    tied = [(b, k, n, replica_id) for s, b, k, n, replica_id in eligible if s <= limit]
+    fewest = min(n for _, _, n, _ in tied)
+    least = [(b, k, replica_id) for b, k, n, replica_id in tied if n == fewest]
+    most = max(b for b, _, _ in least)
+    warm = [(k, replica_id) for b, k, replica_id in least if b == most]
+    held = any(k for k, _ in warm)
+    names = sorted(replica_id for k, replica_id in warm if k == held)
     return names[tiebreak % len(names)]

@@ -14,6 +14,12 @@ shares (``TRIAGE_ROUTING_PREFIX_SALT``, else derived from the proxy's master key
 bits; the text itself is never stored or logged. A short prompt whose text an attacker can guess
 is safe as long as the salt is secret.
 
+A request's **session** (LiteLLM's session id: the ``x-litellm-session-id`` header,
+``litellm_session_id`` or ``metadata.session_id``; else the OpenAI ``user`` field) is one more
+member of the same index, ``s`` + the HMAC of the id: a replica that has served the session wins
+the ties the prompt's blocks leave (``policy.choose``), for conversations whose prompts share no
+text with their last turn (a client that trims its history, short prompts under one block).
+
 The prompt is the request's messages as the chat template would see them: each message's role
 and text, in order (multi-part content: its text parts; other parts by their type), so two
 requests with the same system prompt share their first blocks whatever follows.
@@ -76,6 +82,27 @@ def block_hashes(text: str, salt: bytes, block_chars: int, max_blocks: int) -> t
     return tuple(out)
 
 
+def session_member(session_id: str, salt: bytes) -> str:
+    """The index member of a session: ``s`` + 16 hex digits of its salted HMAC (never a block
+    hash, which is hex only)."""
+    digest = hmac.new(salt, b"session\0" + session_id.encode("utf-8", "surrogatepass"), "sha256")
+    return "s" + digest.digest()[: HASH_HEX // 2].hex()
+
+
+def session_of_request(request: Mapping[str, Any]) -> str | None:
+    """The request's session id: LiteLLM's (``litellm_session_id``, set from the
+    ``x-litellm-session-id`` header; or ``metadata.session_id``), else the OpenAI ``user``."""
+    metadata = request.get("metadata")
+    for value in (
+        request.get("litellm_session_id"),
+        metadata.get("session_id") if isinstance(metadata, Mapping) else None,
+        request.get("user"),
+    ):
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
 def request_shape(
     text: str,
     prompt_tokens: int,
@@ -83,9 +110,11 @@ def request_shape(
     salt: bytes | None,
     block_chars: int,
     max_blocks: int,
+    session_id: str | None = None,
 ) -> RequestShape:
     """The shape of a request: ``prompt_tokens`` (counted by the caller), the expected
-    ``output_tokens``, and the prompt's block hashes (none without a ``salt``: affinity off)."""
+    ``output_tokens``, the prompt's block hashes and its session's member (none without a
+    ``salt``: affinity off)."""
     hashes = block_hashes(text, salt, block_chars, max_blocks) if salt else ()
     tokens_per_block = prompt_tokens * block_chars / len(text) if text else 0.0
     return RequestShape(
@@ -93,6 +122,7 @@ def request_shape(
         output_tokens=max(1, output_tokens),
         tokens_per_block=tokens_per_block,
         hashes=hashes,
+        session=session_member(session_id, salt) if salt and session_id else "",
     )
 
 
@@ -128,4 +158,12 @@ def shape_of_request(
         output_tokens = int(output) if output is not None else default_output_tokens
     except (TypeError, ValueError):
         output_tokens = default_output_tokens  # the front door answers a bad value with 400
-    return request_shape(text, count_tokens(text), output_tokens, salt, block_chars, max_blocks)
+    return request_shape(
+        text,
+        count_tokens(text),
+        output_tokens,
+        salt,
+        block_chars,
+        max_blocks,
+        session_of_request(request),
+    )

@@ -62,6 +62,7 @@ PICK_PARAMS = ArgGroup(
         ("output_tokens", "int"),
         ("tokens_per_block", "float"),
         ("blocks", "int"),
+        "session",
     ),
 )
 """The policy's parameters, the reservation to take and the request's shape, as
@@ -153,6 +154,7 @@ class PickPlan:
             output_tokens=self.shape.output_tokens,
             tokens_per_block=self.shape.tokens_per_block,
             blocks=len(self.shape.hashes),
+            session=self.shape.session,
         )
 
     def tail(self, replica_ids: Sequence[str]) -> list[str]:
@@ -231,6 +233,18 @@ class RoutingStore:
                 pipe.zmscore(self._keys.prefix_index(replica_id), list(shape.hashes))
             replies = await pipe.execute()
         return [cached_prefix(found) for found in replies]
+
+    async def session_holders(self, replica_ids: Sequence[str], shape: RequestShape) -> list[bool]:
+        """Whether each replica's index holds the request's session (as the pick reads it), in
+        one round trip: for tests and diagnostics."""
+        ids = list(replica_ids)
+        if not shape.session or not ids:
+            return [False] * len(ids)
+        async with self._client.pipeline(transaction=True) as pipe:
+            for replica_id in ids:
+                pipe.zscore(self._keys.prefix_index(replica_id), shape.session)
+            replies = await pipe.execute()
+        return [score is not None for score in replies]
 
     async def reserved(self, replica_ids: Sequence[str], unknown_size: int) -> list[int]:
         """The output tokens each replica's reservations carry (``policy.reserved_tokens``: as
