@@ -10,7 +10,8 @@
   prompt, then ``k`` user messages and answers of ``turn_tokens`` each) and a new user message;
   a conversation ends after ``turns`` turns and a new one opens.
 
-The prompt's own user message has the arrival's ``prompt_tokens``; its output, ``max_tokens``.
+The prompt's own user message has the arrival's ``prompt_tokens`` (words drawn at random: no two
+requests share a block of it); its output, ``max_tokens``.
 Texts are words the stand-in counts as one token each, drawn from seeded streams: a tenant's
 system prompt, or a conversation's earlier turns, is the same text in every request that carries
 it, and differs between tenants and conversations. The texts are built by the client from the
@@ -28,7 +29,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from loadtests.traffic import WORDS, prompt_text
+from loadtests.traffic import WORDS
 
 WorkloadKind = Literal["independent", "shared-prefix", "hot-tenant", "multi-turn"]
 WORKLOADS: tuple[WorkloadKind, ...] = ("independent", "shared-prefix", "hot-tenant", "multi-turn")
@@ -88,7 +89,7 @@ class Workload:
         self, group: int, turn: int, own_tokens: int, seed: int, index: int
     ) -> list[dict[str, str]]:
         """The chat messages of arrival ``index`` of a sequence recorded with ``seed``."""
-        own = prompt_text(own_tokens, random.Random(f"{seed}-{index}"))
+        own = words(random.Random(f"{seed}-{index}"), own_tokens)  # no two alike
         match self.kind:
             case "independent":
                 return [{"role": "user", "content": own}]

@@ -32,7 +32,7 @@ from typing import Literal
 
 from core.keyschema import ReplicaState
 from loadtests.simulator.model import BatchReplica, FifoReplica, Fleet, Workload
-from loadtests.simulator.policies import Policy, World
+from loadtests.simulator.policies import Policy, World, request_size
 from sidecar.service_time import StepTimeWindow
 
 ServiceSource = Literal["measured", "true"]
@@ -213,12 +213,14 @@ def run(scenario: Scenario, policy: Policy) -> RunResult:
             for i, (s, c) in enumerate(zip(fleet.speeds, fleet.slots, strict=True))
         ]
     inflight = [0] * size
+    reserved = [0] * size
     visible: list[ReplicaState | None] = [None] * size
     world = World(
         ids=ids,
         speeds=list(fleet.speeds),
         slots=list(fleet.slots),
         inflight=inflight,
+        reserved=reserved,
         visible=visible,
         replicas=replicas,
         proxies=sc.proxies,
@@ -228,6 +230,7 @@ def run(scenario: Scenario, policy: Policy) -> RunResult:
     policy.bind(world)
 
     arrivals, tokens, proxy_of = sc.arrivals, sc.tokens, sc.proxy_of
+    sizes = [request_size(x) for x in tokens]
     n = len(arrivals)
     nan = math.nan
     replica_of = [-1] * n
@@ -271,6 +274,7 @@ def run(scenario: Scenario, policy: Policy) -> RunResult:
                 r = replica_of[x]
                 replicas[r].release(t)  # type: ignore[call-arg]
                 inflight[r] -= 1
+                reserved[r] -= sizes[x]
                 outstanding -= 1
                 completed(proxy_of[x], r, t)
             elif kind == POLL:
@@ -315,6 +319,7 @@ def run(scenario: Scenario, policy: Policy) -> RunResult:
                 for req in rep_b.wake(t, started):
                     finish[req] = t
                     inflight[x] -= 1
+                    reserved[x] -= sizes[req]
                     outstanding -= 1
                     completed(proxy_of[req], x, t)
                 _record_starts(started, start, first)
@@ -331,6 +336,7 @@ def run(scenario: Scenario, policy: Policy) -> RunResult:
                 if rep_b.admit(t, i, tokens[i], started):
                     replica_of[i] = r
                     inflight[r] += 1
+                    reserved[r] += sizes[i]
                     outstanding += 1
                     assigned(p, r, t)
                     _record_starts(started, start, first)
@@ -342,6 +348,7 @@ def run(scenario: Scenario, policy: Policy) -> RunResult:
                     start[i], first[i], finish[i] = admitted
                     push(heap, (admitted[2], DONE, i, 0))
                     inflight[r] += 1
+                    reserved[r] += sizes[i]
                     outstanding += 1
                     assigned(p, r, t)
             i += 1

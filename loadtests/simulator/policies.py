@@ -45,10 +45,15 @@ from typing import TYPE_CHECKING, ClassVar
 from core.keyschema import ReplicaState
 from loadtests.oracle import expected_delay
 from plugins.routing import policy as routing_policy
-from plugins.routing.policy import PolicyParams
+from plugins.routing.policy import PolicyParams, RequestShape
 
 if TYPE_CHECKING:
     from loadtests.simulator.model import BatchReplica, FifoReplica, Workload
+
+
+def request_size(tokens: float) -> int:
+    """A request's size in whole output tokens (what its ``max_tokens`` would say)."""
+    return max(1, math.ceil(tokens))
 
 
 @dataclass
@@ -60,6 +65,8 @@ class World:
     slots: list[int]
     inflight: list[int]
     """Fleet-wide requests assigned and not finished, per replica (instant, exact)."""
+    reserved: list[int]
+    """Their output tokens (``request_size``), as their reservations carry them."""
     visible: list[ReplicaState | None]
     """The sidecar snapshots proxies can read now (stale by the poll age + staleness)."""
     replicas: list[FifoReplica] | list[BatchReplica]
@@ -273,6 +280,10 @@ class TriagePolicy(Policy):
 
     params: PolicyParams = field(default_factory=PolicyParams)
     exact: bool = False
+    sized: bool = True
+    """Each request's size and the sizes its replicas' reservations carry go to ``choose``
+    (as the proxies send them): the score then depends on the request, so every pick scores the
+    whole fleet. False: every request of unknown size (the request-count score, fast path)."""
     name: ClassVar[str] = "triage"
     full_picks: int = 0
     fast_picks: int = 0
@@ -316,6 +327,16 @@ class TriagePolicy(Policy):
         now_ms = int(now * 1000.0)
         tiebreak = self.rng.getrandbits(32)
         params = self.params
+        if self.sized:
+            self.full_picks += 1
+            candidates = list(zip(world.ids, world.visible, world.inflight, strict=True))
+            shape = RequestShape(output_tokens=request_size(tokens))
+            chosen = routing_policy.choose(
+                candidates, params, now_ms, tiebreak, shape, reserved=world.reserved
+            )
+            if chosen is None:
+                raise RuntimeError("triage policy found no eligible replica")
+            return self.index[chosen]
         if self.exact or self.unknown > 0 or min(self.ts) < now_ms - params.stale_after_ms:
             self.full_picks += 1
             candidates = list(zip(world.ids, world.visible, world.inflight, strict=True))
@@ -334,6 +355,15 @@ class TriagePolicy(Policy):
         return self.index[chosen]
 
 
+@dataclass
+class TriageCountPolicy(TriagePolicy):
+    """``triage`` with every request of unknown size: the request-count score (the policy
+    before reservations carried sizes), for a side-by-side run."""
+
+    sized: bool = False
+    name: ClassVar[str] = "triage-count"
+
+
 POLICIES: dict[str, type[Policy]] = {
     cls.name: cls
     for cls in (
@@ -345,6 +375,7 @@ POLICIES: dict[str, type[Policy]] = {
         BestOfTwoPolicy,
         JsqPolicy,
         TriagePolicy,
+        TriageCountPolicy,
         OraclePolicy,
         OracleSedPolicy,
         OraclePsPolicy,
@@ -368,6 +399,7 @@ def make_policy(name: str, params: PolicyParams | None = None, exact: bool = Fal
     name = ALIASES.get(name, name)
     if name not in POLICIES:
         raise ValueError(f"unknown policy {name!r}; one of {sorted(POLICIES)}")
-    if name == "triage":
-        return TriagePolicy(params=params or PolicyParams(), exact=exact)
+    if name in ("triage", "triage-count"):
+        policy = TriagePolicy if name == "triage" else TriageCountPolicy
+        return policy(params=params or PolicyParams(), exact=exact)
     return POLICIES[name]()
