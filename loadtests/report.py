@@ -320,6 +320,11 @@ def render_text(s: Summary, title: str = "load run") -> str:
         f"{fmt_s(s.tokens_per_s_p50, 1)} tokens/s p50)",
         "share     " + "  ".join(f"{rid} {100 * share:.1f} %" for rid, share in s.share.items()),
     ]
+    if s.cached_share is not None:
+        lines.append(
+            f"cached    {100 * s.cached_share:.1f} % of the successes' prompt tokens were in "
+            "their replica's KV cache (usage.prompt_tokens_details.cached_tokens)"
+        )
     if s.answered_within_bound_share is not None and s.answer_bound_s is not None:
         lines.append(
             f"answered within {s.answer_bound_s:.1f} s: "

@@ -96,6 +96,12 @@ def test_headless_locust_run_loses_nothing_and_reports(stack: Stack, tmp_path: P
         str(RUN_S - 6),
         "--output-tokens",
         "uniform:8,24",
+        "--workload",  # two tenants, each with its system prompt (loadtests/workloads.py)
+        "shared-prefix",
+        "--tenants",
+        "2",
+        "--prefix-tokens",
+        "300",
         "--csv",
         str(tmp_path / "csv" / "run"),
         timeout_s=RUN_S + 60,
@@ -119,6 +125,8 @@ def test_headless_locust_run_loses_nothing_and_reports(stack: Stack, tmp_path: P
     for key in ("p50_s", "p95_s", "p99_s", "ttft_p95_s", "goodput_rps", "shed_share"):
         assert summary[key] is not None and summary[key] >= 0, key
     assert summary["streams"] > 0 and summary["latency_p50_s"] > 0
+    # the tenants' system prompts were served from the replicas' KV caches, and said so
+    assert summary["cached_share"] > 0.3, summary["cached_share"]
     assert set(summary["tiers"]) == {"interactive", "standard", "batch"}
     for name in ("latency.png", "replicas.png"):
         png = report_dir / name
