@@ -350,8 +350,7 @@ async def run_level(
     runs: dict[str, list[Record]] = {}
     for strategy in order:
         waited = await wait_idle(fleet.stack, settings.idle_timeout_s)
-        if sequence.workload.shares_prefixes:  # every strategy starts with cold caches
-            await forget_caches(fleet, settings)
+        await forget_caches(fleet, settings)  # every strategy starts with cold caches
         await asyncio.sleep(settings.pause_s)
         proxies = fleet.proxies[strategy]
         hists_before = await proxy_histograms(proxies, fleet.stack.master_key, strategy)
