@@ -83,7 +83,9 @@ def replay_oracle(
         )
         replica = replicas[best]
         shared = workload.shared_tokens(arrival.turn) if workload and arrival.group >= 0 else 0
-        prompt = shared + arrival.prompt_tokens
+        prompt = shared + (
+            workload.own_tokens(arrival.prompt_tokens) if workload else arrival.prompt_tokens
+        )
         uncached = prompt - caches[best].hit(arrival.group, shared)
         prefill = uncached * replica.prefill_s if workload is not None else 0.0
         caches[best].use(arrival.group, shared)
@@ -145,7 +147,9 @@ def replay_cache_oracle(
             while finishing and finishing[0] <= now:
                 heapq.heappop(finishing)
         shared = workload.shared_tokens(arrival.turn) if arrival.group >= 0 else 0
-        prompt = shared + arrival.prompt_tokens
+        prompt = shared + (
+            workload.own_tokens(arrival.prompt_tokens) if workload else arrival.prompt_tokens
+        )
         uncached = [prompt - cache.hit(arrival.group, shared) for cache in caches]
         finish = [
             max(now, slots[i][0]) + uncached[i] * r.prefill_s + arrival.max_tokens * r.step_s

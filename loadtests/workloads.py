@@ -7,8 +7,10 @@
   the rest uniformly.
 * ``multi-turn``: a conversation: ``sessions`` are open at once, each request is the next turn
   of one of them (chosen uniformly); turn ``k`` sends the conversation so far (a short system
-  prompt, then ``k`` user messages and answers of ``turn_tokens`` each) and a new user message;
-  a conversation ends after ``turns`` turns and a new one opens.
+  prompt, then ``k`` user messages and answers) and a new user message, every message of
+  ``turn_tokens`` (the arrival's ``prompt_tokens`` is not used): each turn's prompt starts with
+  the whole prompt of the turn before. A conversation ends after ``turns`` turns and a new one
+  opens.
 
 The prompt's own user message has the arrival's ``prompt_tokens`` (words drawn at random: no two
 requests share a block of it); its output, ``max_tokens``.
@@ -78,6 +80,11 @@ class Workload:
             case _:
                 return self.prefix_tokens
 
+    def own_tokens(self, prompt_tokens: int) -> int:
+        """Tokens of a request's own message: the arrival's, but ``turn_tokens`` for a
+        conversation's turn (every message of a conversation has that length)."""
+        return self.turn_tokens if self.kind == "multi-turn" else prompt_tokens
+
     def mean_shared_tokens(self) -> float:
         return (
             self.shared_tokens((self.turns - 1) / 2)
@@ -93,14 +100,17 @@ class Workload:
         match self.kind:
             case "independent":
                 return [{"role": "user", "content": own}]
-            case "multi-turn":
+            case "multi-turn":  # the last turn's prompt, its answer, then this turn's message
+
+                def said(k: int, role: str) -> dict[str, str]:
+                    rng = random.Random(f"{seed}-session-{group}-{k}-{role}")
+                    return {"role": role, "content": words(rng, self.turn_tokens)}
+
                 system = words(random.Random(f"{seed}-system"), SYSTEM_TOKENS_MULTI_TURN)
                 out = [{"role": "system", "content": system}]
                 for k in range(turn):
-                    for role in ("user", "assistant"):
-                        rng = random.Random(f"{seed}-session-{group}-{k}-{role}")
-                        out.append({"role": role, "content": words(rng, self.turn_tokens)})
-                return [*out, {"role": "user", "content": own}]
+                    out += [said(k, "user"), said(k, "assistant")]
+                return [*out, said(turn, "user")]
             case _:
                 system = words(random.Random(f"{seed}-tenant-{group}"), self.prefix_tokens)
                 return [{"role": "system", "content": system}, {"role": "user", "content": own}]

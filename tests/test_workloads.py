@@ -34,8 +34,8 @@ def test_every_turn_of_a_conversation_extends_the_last() -> None:
     turns = [w.messages(7, k, 5, seed=1, index=100 + k) for k in range(4)]
     for k in range(1, 4):
         before, now = turns[k - 1], turns[k]
-        assert now[: len(before) - 1] == before[:-1]  # the conversation so far, unchanged
-        assert len(now) == len(before) + 2  # one more user message and answer
+        assert now[: len(before)] == before  # the last turn's whole prompt, unchanged
+        assert len(now) == len(before) + 2  # its answer and a new message
         shared = sum(count_tokens(m["content"]) for m in now[:-1])
         assert shared == w.shared_tokens(k)
     assert w.messages(8, 1, 5, seed=1, index=9)[1] != turns[1][1]  # another conversation
