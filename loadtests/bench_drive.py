@@ -4,6 +4,7 @@ strategy, the overhead and service-time measurements, one load level, the replay
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import os
@@ -78,9 +79,9 @@ from loadtests.traffic import (
     LengthDist,
     StreamReading,
     completion,
-    prompt_text,
     refusal,
 )
+from loadtests.workloads import words
 
 log = logging.getLogger("triage.bench")
 
@@ -406,6 +407,8 @@ async def run_level(
             run.litellm_redis_counts = await litellm_counts(fleet)
         out.runs[strategy] = run
         runs[strategy] = result.records
+        with open(settings.out_dir / f"load{round(100 * load)}-{strategy}.records.jsonl", "w") as f:
+            f.writelines(json.dumps(r.row()) + "\n" for r in result.records)
     oracles = {
         kind: (
             records,
@@ -470,7 +473,7 @@ async def forget_caches(fleet: Fleet, settings: BenchSettings) -> None:
 
     async def fill(client: httpx.AsyncClient, url: str, replica: int) -> None:
         for i in range(count):
-            text = prompt_text(chunk, random.Random(f"forget-{replica}-{i}-{time.time_ns()}"))
+            text = words(random.Random(f"forget-{replica}-{i}-{time.time_ns()}"), chunk)
             body = {"text_input": text, "max_tokens": 1}
             response = await client.post(f"{url}/v2/models/{model}/generate", json=body)
             response.raise_for_status()
