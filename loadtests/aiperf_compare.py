@@ -45,6 +45,9 @@ from loadtests.workloads import Workload
 log = logging.getLogger("triage.aiperf")
 ROOT = Path(__file__).resolve().parent.parent
 STRATEGIES = ("triage-no-affinity", "triage")
+CHAT_TEMPLATE_TOKENS = 28
+"""Tokens the stand-in's chat template adds around a system and a user message and for the
+answer's start (plugins/triton_provider/chat_template.py, counted by count_tokens)."""
 
 
 @dataclass
@@ -112,20 +115,39 @@ def run_aiperf(url: str, key: str, model: str, out: Path, args: argparse.Namespa
     return aiperf_figures(out)
 
 
+def prompt_tokens_seen(artifacts: Path) -> float | None:
+    """The mean prompt tokens the stand-in counted for aiperf's requests (their usage)."""
+    doc = json.loads((artifacts / "profile_export_aiperf.json").read_text())
+    value = (doc.get("usage_prompt_tokens") or {}).get("avg")
+    return float(value) if value is not None else None
+
+
 async def run_ours(
-    url: str, key: str, model: str, settings: BenchSettings, args: argparse.Namespace
+    url: str,
+    key: str,
+    model: str,
+    settings: BenchSettings,
+    args: argparse.Namespace,
+    prompt_tokens: float | None,
 ) -> Figures:
+    """The same shape as aiperf's run: ``args.count`` Poisson arrivals at ``args.rate``, and
+    prompts as long as the stand-in counted aiperf's (``prompt_tokens``: aiperf sizes its
+    texts in ``cl100k_base`` tokens, the stand-in counts words and punctuation marks)."""
+    prefix = args.prefix_tokens
+    if prompt_tokens is not None:  # the shared part is what remains of aiperf's prompt
+        prefix = max(1, round(prompt_tokens) - args.own_tokens - CHAT_TEMPLATE_TOKENS)
     sequence = ArrivalSequence.poisson(
         rate_rps=args.rate,
-        seconds=args.count / args.rate,
+        seconds=2 * args.count / args.rate,
         seed=args.seed,
         prompt=f"fixed:{args.own_tokens}",
         output=f"fixed:{args.output_tokens}",
         stream_fraction=1.0,
-        workload=Workload(
-            kind="shared-prefix", tenants=args.tenants, prefix_tokens=args.prefix_tokens
-        ),
+        workload=Workload(kind="shared-prefix", tenants=args.tenants, prefix_tokens=prefix),
     )
+    sequence.arrivals = sequence.arrivals[: args.count]
+    sequence.seconds = sequence.arrivals[-1].t
+    log.info("ours: %d requests, a shared prefix of %d tokens", len(sequence.arrivals), prefix)
     result = await replay(sequence, [url], key, model, settings)
     s = summarize(result.records, window_s=sequence.seconds)
     return Figures(
@@ -176,7 +198,8 @@ async def compare(fleet: Fleet, settings: BenchSettings, args: argparse.Namespac
                     run_aiperf, proxy.base_url, fleet.api_key, model, out, args
                 )
             else:
-                figures = await run_ours(proxy.base_url, fleet.api_key, model, settings, args)
+                seen = prompt_tokens_seen(args.out_dir / f"aiperf-{strategy}")
+                figures = await run_ours(proxy.base_url, fleet.api_key, model, settings, args, seen)
             results[strategy][client] = figures
             log.info("%s %s: %s", strategy, client, figures)
     return render(results)
