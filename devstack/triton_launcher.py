@@ -27,7 +27,7 @@ from google.protobuf import text_format
 from pydantic import BaseModel, Field, model_validator
 from tritonclient.grpc import model_config_pb2
 
-from core.paths import STANDIN_REPOSITORY, cache_dir, free_port, pytriton_root, venv_bin
+from core.paths import STANDIN_REPOSITORY, cache_dir, free_ports, pytriton_root, venv_bin
 from core.process import ManagedProcess, StartError
 
 log = logging.getLogger(__name__)
@@ -277,7 +277,7 @@ class TritonServer:
         if self.http_port and self.grpc_port and self.metrics_port:
             return self._start()
         for attempt in range(1, PORT_ATTEMPTS + 1):
-            self.http_port, self.grpc_port, self.metrics_port = (free_port() for _ in range(3))
+            self.http_port, self.grpc_port, self.metrics_port = free_ports(3)
             try:
                 return self._start()
             except StartError as exc:

@@ -154,3 +154,16 @@ def test_free_ports_lie_below_the_ephemeral_range() -> None:
     for port in ports:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", port))
+
+
+def test_a_server_listening_on_several_ports_gets_distinct_ones(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Triton's HTTP, gRPC and metrics ports: ``free_ports`` never repeats one, even when the
+    random picks do (a CI run's Triton exited: "cannot listen to HTTP requests and GRPC requests
+    at the same address and port")."""
+    import core.paths as paths
+
+    picks = iter([20001, 20001, 20002, 20001, 20003])
+    monkeypatch.setattr(paths, "free_port", lambda host="127.0.0.1": next(picks))
+    assert paths.free_ports(3) == [20001, 20002, 20003]

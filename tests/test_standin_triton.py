@@ -273,14 +273,17 @@ def test_a_free_port_taken_before_triton_binds_it_is_replaced(
     import socket
 
     import devstack.triton_launcher as launcher
-    from core.paths import free_port
+    from core.paths import free_ports
 
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
     taken.listen()
     taken_port = taken.getsockname()[1]
-    ports = iter([free_port(), free_port(), taken_port])  # the metrics port is taken
-    monkeypatch.setattr(launcher, "free_port", lambda: next(ports, None) or free_port())
+    first = [*free_ports(2), taken_port]  # the metrics port is taken
+    picks = iter([first])
+    monkeypatch.setattr(
+        launcher, "free_ports", lambda count: next(picks, None) or free_ports(count)
+    )
     try:
         server = launcher.start_standin_replica("port-race", StandinSettings(), tmp_path, 60.0)
     finally:
