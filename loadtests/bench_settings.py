@@ -19,7 +19,7 @@ from loadtests.traffic import (
     LengthDist,
     StandinTiming,
 )
-from loadtests.workloads import Workload, WorkloadKind
+from loadtests.workloads import WorkloadSettings
 
 Strategy = Literal["simple-shuffle", "least-busy", "triage"]
 OURS: Strategy = "triage"
@@ -78,7 +78,7 @@ IDLE, BACK_TO_BACK = "idle", "back-to-back"  # the overhead's two kinds of round
 REFERENCE_ORACLE_85 = (1.00, 1.23)  # p95, p99 s: the reference's simulated speed-aware oracle
 
 
-class BenchSettings(FleetSettings):
+class BenchSettings(FleetSettings, WorkloadSettings):
     """Settings of ``triage bench compare``: flags (``--seconds 20``) or ``TRIAGE_BENCH_*``."""
 
     model_config = SettingsConfigDict(
@@ -106,17 +106,6 @@ class BenchSettings(FleetSettings):
     strategies: list[CompareStrategy] = Field(
         default=["simple-shuffle", "least-busy", "triage"], description="what to compare"
     )
-    workload: WorkloadKind = Field(
-        default="independent",
-        description="what the prompts share (loadtests/workloads.py): independent, "
-        "shared-prefix, hot-tenant, multi-turn",
-    )
-    tenants: int = Field(default=12, ge=1, description="shared-prefix, hot-tenant: tenants")
-    prefix_tokens: int = Field(default=1024, ge=1, description="a tenant's system prompt")
-    hot_share: float = Field(default=0.5, gt=0, lt=1, description="hot-tenant: tenant 0's share")
-    sessions: int = Field(default=16, ge=1, description="multi-turn: conversations open at once")
-    turns: int = Field(default=6, ge=1, description="multi-turn: turns per conversation")
-    turn_tokens: int = Field(default=128, ge=1, description="multi-turn: tokens per earlier turn")
     prefill_ms_per_token: float | None = Field(
         default=None,
         ge=0,
@@ -201,17 +190,6 @@ class BenchSettings(FleetSettings):
     @property
     def decode_ms_per_token(self) -> float:
         return REFERENCE_DECODE_MS * self.time_scale
-
-    def workload_shape(self) -> Workload:
-        return Workload(
-            kind=self.workload,
-            tenants=self.tenants,
-            prefix_tokens=self.prefix_tokens,
-            hot_share=self.hot_share,
-            sessions=self.sessions,
-            turns=self.turns,
-            turn_tokens=self.turn_tokens,
-        )
 
     @property
     def standin_prefill_ms_per_token(self) -> float:

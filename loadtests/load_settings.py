@@ -17,13 +17,13 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from loadtests.scenarios import Scenario, ScenarioKind
 from loadtests.traffic import KeyTier, LengthDist, StandinTiming, load_keys
-from loadtests.workloads import Workload, WorkloadKind
+from loadtests.workloads import WorkloadSettings
 from plugins.admission.settings import AdmissionSettings
 
 STACK_STATE_ENV = "TRIAGE_STACK_STATE"  # the same variable ``triage keys`` reads
 
 
-class LoadSettings(BaseSettings):
+class LoadSettings(BaseSettings, WorkloadSettings):
     model_config = SettingsConfigDict(env_prefix="TRIAGE_LOAD_", extra="forbid")
 
     stack_state: Path | None = Field(
@@ -87,17 +87,6 @@ class LoadSettings(BaseSettings):
         default=4.0, ge=0, description="master: wait for the workers' last reports"
     )
     seed: int = Field(default=0, description="random seed (users add their index)")
-    workload: WorkloadKind = Field(
-        default="independent",
-        description="what the prompts share (loadtests/workloads.py): independent, "
-        "shared-prefix, hot-tenant, multi-turn",
-    )
-    tenants: int = Field(default=12, ge=1, description="shared-prefix, hot-tenant: tenants")
-    prefix_tokens: int = Field(default=1024, ge=1, description="a tenant's system prompt")
-    hot_share: float = Field(default=0.5, gt=0, lt=1, description="hot-tenant: tenant 0's share")
-    sessions: int = Field(default=16, ge=1, description="multi-turn: conversations open at once")
-    turns: int = Field(default=6, ge=1, description="multi-turn: turns per conversation")
-    turn_tokens: int = Field(default=128, ge=1, description="multi-turn: tokens per earlier turn")
 
     @field_validator("prompt_tokens", "output_tokens")
     @classmethod
@@ -126,17 +115,6 @@ class LoadSettings(BaseSettings):
             burst_s=self.burst_s,
             kill_at_s=self.kill_at_s,
             drain_s=drain_s if drain_s is not None else (self.drain_s or 0.0),
-        )
-
-    def workload_shape(self) -> Workload:
-        return Workload(
-            kind=self.workload,
-            tenants=self.tenants,
-            prefix_tokens=self.prefix_tokens,
-            hot_share=self.hot_share,
-            sessions=self.sessions,
-            turns=self.turns,
-            turn_tokens=self.turn_tokens,
         )
 
     def prompt_dist(self) -> LengthDist:

@@ -25,7 +25,7 @@ same function, ``expected_delay``, so the bench and the simulator compare agains
 from __future__ import annotations
 
 import heapq
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from loadtests.arrivals import Arrival
@@ -61,19 +61,10 @@ def replay_oracle(
     ``workload``, each replica's cached prefixes are kept as in ``replay_cache_oracle`` and a
     request is charged the prefill of what its replica does not hold (the choice stays
     ``expected_delay``)."""
-    if not replicas:
-        raise ValueError("no replicas")
-    busy: list[list[float]] = [[] for _ in replicas]  # finish times of unfinished requests
-    slots: list[list[float]] = [[0.0] * r.slots for r in replicas]  # next free time per slot
-    caches = [PrefixCache(r.cache_tokens) for r in replicas]
     mean_s = [mean_tokens * r.step_s for r in replicas]
-    out: list[Record] = []
-    for arrival in arrivals:
-        now = arrival.t
-        for finishing in busy:
-            while finishing and finishing[0] <= now:
-                heapq.heappop(finishing)
-        best = min(
+
+    def by_expected_delay(busy: list[list[float]], _finish: list[float]) -> int:
+        return min(
             range(len(replicas)),
             key=lambda i: (
                 expected_delay(len(busy[i]), replicas[i].slots, mean_s[i]),
@@ -81,33 +72,8 @@ def replay_oracle(
                 i,
             ),
         )
-        replica = replicas[best]
-        shared = workload.shared_tokens(arrival.turn) if workload and arrival.group >= 0 else 0
-        prompt = shared + (
-            workload.own_tokens(arrival.prompt_tokens) if workload else arrival.prompt_tokens
-        )
-        uncached = prompt - caches[best].hit(arrival.group, shared)
-        prefill = uncached * replica.prefill_s if workload is not None else 0.0
-        caches[best].use(arrival.group, shared)
-        start = max(now, heapq.heappop(slots[best]))
-        finish = start + prefill + arrival.max_tokens * replica.step_s
-        heapq.heappush(slots[best], finish)
-        heapq.heappush(busy[best], finish)
-        out.append(
-            Record(
-                t=now,
-                latency_s=finish - now,
-                outcome="ok",
-                status=200,
-                replica=replica.name,
-                ttft_s=(start - now + prefill + replica.step_s) if arrival.stream else None,
-                tokens=arrival.max_tokens,
-                stream=arrival.stream,
-                prompt_tokens=prompt if workload is not None else 0,
-                cached_tokens=prompt - uncached if workload is not None else 0,
-            )
-        )
-    return out
+
+    return _replay(arrivals, replicas, workload, by_expected_delay)
 
 
 @dataclass
@@ -135,10 +101,30 @@ def replay_cache_oracle(
 ) -> list[Record]:
     """One record per arrival (``t`` = its arrival time), in arrival order: earliest
     completion, knowing every request's size and every replica's cached prefixes."""
+
+    def earliest(busy: list[list[float]], finish: list[float]) -> int:
+        return min(range(len(replicas)), key=lambda i: (finish[i], len(busy[i]), i))
+
+    return _replay(arrivals, replicas, workload, earliest)
+
+
+Choice = Callable[[list[list[float]], list[float]], int]
+"""Picks a replica from the unfinished requests' finish times per replica and the time each
+replica would finish this request."""
+
+
+def _replay(
+    arrivals: Sequence[Arrival],
+    replicas: Sequence[OracleReplica],
+    workload: Workload | None,
+    choose: Choice,
+) -> list[Record]:
+    """The replay both oracles share: FCFS slots per replica, each replica's cached prefixes
+    (without a ``workload``: no prompt, no prefill), one record per arrival."""
     if not replicas:
         raise ValueError("no replicas")
-    busy: list[list[float]] = [[] for _ in replicas]
-    slots: list[list[float]] = [[0.0] * r.slots for r in replicas]
+    busy: list[list[float]] = [[] for _ in replicas]  # finish times of unfinished requests
+    slots: list[list[float]] = [[0.0] * r.slots for r in replicas]  # next free time per slot
     caches = [PrefixCache(r.cache_tokens) for r in replicas]
     out: list[Record] = []
     for arrival in arrivals:
@@ -146,19 +132,23 @@ def replay_cache_oracle(
         for finishing in busy:
             while finishing and finishing[0] <= now:
                 heapq.heappop(finishing)
-        shared = workload.shared_tokens(arrival.turn) if arrival.group >= 0 else 0
+        shared = workload.shared_tokens(arrival.turn) if workload and arrival.group >= 0 else 0
         prompt = shared + (
             workload.own_tokens(arrival.prompt_tokens) if workload else arrival.prompt_tokens
         )
         uncached = [prompt - cache.hit(arrival.group, shared) for cache in caches]
+        prefills = [
+            u * r.prefill_s if workload is not None else 0.0
+            for u, r in zip(uncached, replicas, strict=True)
+        ]
         finish = [
-            max(now, slots[i][0]) + uncached[i] * r.prefill_s + arrival.max_tokens * r.step_s
+            max(now, slots[i][0]) + prefills[i] + arrival.max_tokens * r.step_s
             for i, r in enumerate(replicas)
         ]
-        best = min(range(len(replicas)), key=lambda i: (finish[i], len(busy[i]), i))
+        best = choose(busy, finish)
         replica = replicas[best]
         start = max(now, heapq.heappop(slots[best]))
-        prefill = uncached[best] * replica.prefill_s
+        prefill = prefills[best]
         done = start + prefill + arrival.max_tokens * replica.step_s
         caches[best].use(arrival.group, shared)
         heapq.heappush(slots[best], done)
@@ -173,10 +163,8 @@ def replay_cache_oracle(
                 ttft_s=(start - now + prefill + replica.step_s) if arrival.stream else None,
                 tokens=arrival.max_tokens,
                 stream=arrival.stream,
-                prompt_tokens=prompt,
-                cached_tokens=prompt - round(prefill / replica.prefill_s)
-                if replica.prefill_s
-                else 0,
+                prompt_tokens=prompt if workload is not None else 0,
+                cached_tokens=prompt - uncached[best] if workload is not None else 0,
             )
         )
     return out

@@ -31,6 +31,8 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from pydantic import BaseModel, Field
+
 from loadtests.traffic import WORDS
 
 WorkloadKind = Literal["independent", "shared-prefix", "hot-tenant", "multi-turn"]
@@ -164,3 +166,31 @@ class GroupAssigner:
                     self._open.remove(slot)
                 return session, turn
         raise AssertionError(w.kind)
+
+
+class WorkloadSettings(BaseModel):
+    """The workload's settings, shared by ``triage bench compare`` and Locust (each settings
+    class inherits them, under its own env prefix)."""
+
+    workload: WorkloadKind = Field(
+        default="independent",
+        description="what the prompts share (loadtests/workloads.py): independent, "
+        "shared-prefix, hot-tenant, multi-turn",
+    )
+    tenants: int = Field(default=12, ge=1, description="shared-prefix, hot-tenant: tenants")
+    prefix_tokens: int = Field(default=1024, ge=1, description="a tenant's system prompt")
+    hot_share: float = Field(default=0.5, gt=0, lt=1, description="hot-tenant: tenant 0's share")
+    sessions: int = Field(default=16, ge=1, description="multi-turn: conversations open at once")
+    turns: int = Field(default=6, ge=1, description="multi-turn: turns per conversation")
+    turn_tokens: int = Field(default=128, ge=1, description="multi-turn: tokens per earlier turn")
+
+    def workload_shape(self) -> Workload:
+        return Workload(
+            kind=self.workload,
+            tenants=self.tenants,
+            prefix_tokens=self.prefix_tokens,
+            hot_share=self.hot_share,
+            sessions=self.sessions,
+            turns=self.turns,
+            turn_tokens=self.turn_tokens,
+        )
