@@ -62,6 +62,16 @@ async def wait_for_state(
     raise AssertionError(f"{replica_id}: state never satisfied the check; last {last}")
 
 
+async def engines_idle(stack: Stack, timeout_s: float = 30.0) -> None:
+    """Wait until every replica publishes no active and no waiting request. Behind a stock
+    ensemble a client's disconnect does not cancel the engine's work (it runs to max_tokens),
+    so the gateway's counts reach zero long before the engines do."""
+    for replica_id in stack.replicas:
+        await wait_for_state(
+            stack, replica_id, lambda s: s.active == 0 and s.waiting == 0, timeout_s
+        )
+
+
 @dataclass
 class Occupation:
     """Long requests sent straight to one replica's Triton (the proxies do not see them)."""

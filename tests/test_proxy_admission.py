@@ -20,7 +20,7 @@ from devstack.stack import Stack
 from devstack.stack_settings import StackSettings
 from plugins.auth.keystore import KeyStore
 
-from proxy_helpers import MESSAGES, wait_for_state
+from proxy_helpers import MESSAGES, engines_idle, wait_for_state
 
 pytestmark = pytest.mark.integration
 
@@ -275,7 +275,7 @@ async def test_client_disconnects_give_everything_back(stack: Stack) -> None:
         async with (
             httpx.AsyncClient(timeout=30) as client,
             client.stream(
-                "POST", urls[i % 2], json=body(400, stream=True), headers=headers
+                "POST", urls[i % 2], json=body(200, stream=True), headers=headers
             ) as response,
         ):
             assert response.status_code == 200
@@ -286,19 +286,25 @@ async def test_client_disconnects_give_everything_back(stack: Stack) -> None:
     async def give_up_waiting(i: int) -> None:
         async with httpx.AsyncClient(timeout=0.5) as client:
             with pytest.raises(httpx.TimeoutException):
-                await client.post(urls[i % 2], json=body(400), headers=headers)
+                await client.post(urls[i % 2], json=body(200), headers=headers)
 
     await asyncio.gather(*(leave_mid_stream(i) for i in range(CAPACITY)))
     await asyncio.gather(*(give_up_waiting(i) for i in range(4)))
     await settle(stack, timeout_s=20)
+    # the gateway's counts are back; the engines still generate what the clients left (a
+    # stock ensemble does not pass a cancel on): the next test must not meet that work
+    await engines_idle(stack)
 
 
 async def test_replica_crash_mid_burst_loses_nothing(stack: Stack) -> None:
     """Last in the module: kills replica-1's Triton while requests are in flight."""
+    await engines_idle(stack)  # the burst meets idle engines, whatever ran before
     clients = [
         AsyncOpenAI(base_url=f"{p.base_url}/v1", api_key=stack.api_key, max_retries=0, timeout=60)
         for p in stack.proxies
     ]
+
+    failures: list[str] = []
 
     async def one(i: int) -> int:
         try:
@@ -309,6 +315,7 @@ async def test_replica_crash_mid_burst_loses_nothing(stack: Stack) -> None:
             status = getattr(exc, "status_code", None)
             assert status in {500, 503}, repr(exc)
             assert getattr(exc, "body", None), repr(exc)
+            failures.append(f"{status} {getattr(exc, 'body', None)}"[:300])
             return int(status)
         return 200
 
@@ -316,7 +323,7 @@ async def test_replica_crash_mid_burst_loses_nothing(stack: Stack) -> None:
     await asyncio.sleep(0.3)
     stack.replicas["replica-1"].kill()
     codes = await asyncio.wait_for(asyncio.gather(*burst), timeout=60)  # none hangs
-    assert codes.count(200) >= CAPACITY // 2
+    assert codes.count(200) >= CAPACITY // 2, (codes, failures)
     await wait_for_state(stack, "replica-1", lambda s: not s.healthy, timeout_s=10)
     after = [await one(i) for i in range(4)]
     assert after == [200] * 4  # the survivor serves everything once the crash is known
