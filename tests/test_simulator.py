@@ -14,7 +14,7 @@ import pytest
 import plugins.routing.policy as routing_policy
 from loadtests.simulator.__main__ import main, parse_speeds
 from loadtests.simulator.engine import Scenario, run
-from loadtests.simulator.model import Fleet, Workload
+from loadtests.simulator.model import Fleet, PrefixCache, Workload
 from loadtests.simulator.policies import TriagePolicy, make_policy
 from loadtests.simulator.report import best_oracle, ratios, summarize, table
 from loadtests.simulator.validate import (
@@ -399,3 +399,100 @@ def test_cli_writes_table_json_and_plots(
     assert load_reference(tmp_path / "results.json")["triage"]["p95_s"] > 0
     for png in ("latency_over_time.png", "replica_share.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+
+
+# -- shared prefixes: KV caches, the proxies' index, the cache-aware oracle --------------------
+
+PROMPTS = dict(groups=4, prefix_tokens=2000, own_tokens=200, prefill_ms_per_token=0.1)
+
+
+def test_prefix_cache_is_an_lru_of_tenants() -> None:
+    cache = PrefixCache(2)
+    assert [cache.use(g) for g in (1, 2, 1, 3)] == [False, False, True, False]
+    assert 1 in cache and 3 in cache and 2 not in cache  # 2 was the least recently used
+    assert not PrefixCache(0).use(1) and not PrefixCache(0).use(1)  # holds nothing
+    assert not cache.use(-1) and -1 not in cache  # a request without a tenant
+
+
+def test_a_request_pays_the_prefill_its_replica_does_not_hold() -> None:
+    """One replica, one slot: the first of a tenant prefills 2200 tokens (0.22 s), the next of
+    the same tenant only its own 200 (0.02 s), another tenant's the whole prompt again."""
+    workload = Workload(service_s=0.5, **PROMPTS)
+    scenario = Scenario(
+        fleet=Fleet((1.0,), (1,)),
+        workload=workload,
+        arrivals=(0.0, 0.1, 0.2),
+        tokens=(25.0, 25.0, 25.0),
+        proxy_of=(0, 0, 0),
+        group_of=(0, 0, 1),
+        cache_prefixes=4,
+        window_s=0.2,
+    )
+    result = run(scenario, make_policy("random"))
+    assert result.cached == [0, 2000, 0]
+    first_done = 0.22 + 0.5
+    second_done = first_done + 0.02 + 0.5
+    assert result.finish == pytest.approx([first_done, second_done, second_done + 0.22 + 0.5])
+    assert result.first[1] == pytest.approx(first_done + 0.02 + 0.02)  # prefill + one step
+    assert summarize(result)["cached_share"] == pytest.approx(2000 / (3 * 2200))
+
+
+def test_the_oracle_knows_which_replica_holds_the_prefix() -> None:
+    """Two idle replicas, the second holds tenant 0: the earliest completion is there."""
+    scenario = Scenario(
+        fleet=Fleet((1.0, 1.0), (4, 4)),
+        workload=Workload(service_s=0.5, **PROMPTS),
+        arrivals=(0.0, 1.0),
+        tokens=(25.0, 25.0),
+        proxy_of=(0, 0),
+        group_of=(0, 0),
+        cache_prefixes=4,
+        window_s=1.0,
+    )
+    oracle = make_policy("oracle")
+    result = run(scenario, oracle)
+    assert result.replica_of[1] == result.replica_of[0]
+    assert result.cached == [0, 2000]
+
+
+def test_triage_keeps_tenants_on_the_replicas_its_index_names() -> None:
+    """An even fleet, 8 tenants, room for 2 prefixes per replica: random routing finds few
+    prefixes cached; triage's index (written at each pick, read by the next) finds most, and
+    only the index differs from triage without affinity."""
+    workload = Workload(service_s=0.5, lengths="exponential", **{**PROMPTS, "groups": 8})
+    scenario = Scenario.build(
+        Fleet((1.0,) * 6, (4,) * 6),
+        workload,
+        load=0.5,
+        requests=1500,
+        proxies=3,
+        cache_prefixes=2,
+        warmup_s=2.0,
+    )
+    params = routing_policy.PolicyParams(prefill_ms_per_token=0.1)
+    share = {
+        name: summarize(run(scenario, make_policy(name, params)))["cached_share"]
+        for name in ("random", "triage-no-affinity", "triage")
+    }
+    assert share["triage"] > 0.6 > 0.4 > share["triage-no-affinity"], share
+    assert share["random"] < 0.4, share
+
+
+def test_one_hot_tenant_is_spread_when_its_replicas_are_busy() -> None:
+    """Half the traffic from one tenant at 85 % load: more than its replicas can serve, so load
+    wins over affinity and the tenant's prefix ends up cached on most replicas."""
+    workload = Workload(service_s=0.5, hot_share=0.5, **{**PROMPTS, "groups": 8})
+    scenario = Scenario.build(
+        Fleet((1.0,) * 6, (4,) * 6),
+        workload,
+        load=0.85,
+        requests=1500,
+        proxies=3,
+        cache_prefixes=2,
+        warmup_s=2.0,
+    )
+    params = routing_policy.PolicyParams(prefill_ms_per_token=0.1)
+    result = run(scenario, make_policy("triage", params))
+    hot = [r for r, g in zip(result.replica_of, scenario.group_of, strict=True) if g == 0]
+    assert len(set(hot)) >= 4, sorted(set(hot))
+    assert max(summarize(result)["share"]) < 0.3

@@ -83,6 +83,18 @@ class SimSettings(BaseSettings):
     service_s: float = Field(default=0.5, gt=0, description="mean decode time at speed 1 (s)")
     decode_ms_per_token: float = Field(default=20.0, gt=0, description="step time at speed 1")
     prefill_ms: float = Field(default=0.0, ge=0, description="per-request prefill at speed 1")
+    groups: int = Field(default=0, ge=0, description="tenants sharing a system prompt (0: none)")
+    hot_share: float = Field(
+        default=0.0, ge=0, lt=1, description="share of requests from tenant 0 (0: even)"
+    )
+    prefix_tokens: int = Field(default=0, ge=0, description="tokens of each tenant's prefix")
+    own_tokens: int = Field(default=0, ge=0, description="each request's own prompt tokens")
+    prefill_ms_per_token: float = Field(
+        default=0.0, ge=0, description="prefill per uncached prompt token at speed 1 (ms)"
+    )
+    cache_prefixes: int = Field(
+        default=0, ge=0, description="tenants' prefixes each replica's KV cache holds (LRU)"
+    )
     lengths: LengthDist = Field(default="fixed", description="request length distribution")
     lognormal_sigma: float = Field(default=1.0, gt=0, description="lognormal lengths' sigma")
     batch_slowdown: float = Field(
@@ -169,6 +181,11 @@ class SimSettings(BaseSettings):
             prefill_ms=self.prefill_ms,
             lengths=self.lengths,
             sigma=self.lognormal_sigma,
+            groups=self.groups,
+            hot_share=self.hot_share,
+            prefix_tokens=self.prefix_tokens,
+            own_tokens=self.own_tokens,
+            prefill_ms_per_token=self.prefill_ms_per_token,
         )
 
     def scenario(self) -> Scenario:
@@ -189,10 +206,15 @@ class SimSettings(BaseSettings):
             batch_slowdown=self.batch_slowdown,
             queue_limit=self.queue_limit,
             kv_per_active=self.kv_per_active,
+            cache_prefixes=self.cache_prefixes,
         )
 
     def params(self) -> PolicyParams:
-        return PolicyParams(tie_tolerance=self.tie_tolerance, stale_after_ms=self.stale_after_ms)
+        return PolicyParams(
+            tie_tolerance=self.tie_tolerance,
+            stale_after_ms=self.stale_after_ms,
+            prefill_ms_per_token=self.prefill_ms_per_token,  # as an operator sets it
+        )
 
 
 def simulate(
@@ -215,6 +237,14 @@ def simulate(
 
 def describe(settings: SimSettings, scenario: Scenario) -> str:
     speeds = scenario.fleet.speeds
+    prompts = ""
+    if settings.groups:
+        hot = f", tenant 0 {100 * settings.hot_share:g} %" if settings.hot_share else ""
+        prompts = (
+            f"; {settings.groups} tenants{hot}, prompts {settings.prefix_tokens} shared + "
+            f"{settings.own_tokens} own tokens at {settings.prefill_ms_per_token:g} ms/token, "
+            f"{settings.cache_prefixes} prefixes per KV cache"
+        )
     mix = ", ".join(f"{speeds.count(s)} x speed {s:g}" for s in sorted(set(speeds)))
     return (
         f"{len(speeds)} replicas ({mix}), slots {settings.slots}, {settings.service_s:g} s "
@@ -222,7 +252,7 @@ def describe(settings: SimSettings, scenario: Scenario) -> str:
         f"{len(scenario.arrivals)} arrivals over {scenario.window_s:.1f} s "
         f"(load {settings.load:g}), {settings.proxies} proxies, polls "
         f"{settings.poll_interval_ms:g} ms, staleness {settings.staleness_ms:g} ms, service "
-        f"{settings.service_source}, seed {settings.seed}"
+        f"{settings.service_source}, seed {settings.seed}{prompts}"
     )
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Literal
 
 from core.keyschema import ReplicaState
-from loadtests.simulator.model import BatchReplica, FifoReplica, Fleet, Workload
+from loadtests.simulator.model import BatchReplica, FifoReplica, Fleet, PrefixCache, Workload
 from loadtests.simulator.policies import Policy, World, request_size
 from sidecar.service_time import StepTimeWindow
 
@@ -42,7 +42,7 @@ ProxyAssign = Literal["random", "round-robin"]
 DONE, WAKE, POLL, SHOW = 0, 1, 2, 3
 
 # independent random streams of one seed
-_ARRIVALS, _LENGTHS, _PROXIES, _PHASES, _POLICY = range(5)
+_ARRIVALS, _LENGTHS, _PROXIES, _PHASES, _POLICY, _GROUPS = range(6)
 
 
 def stream(seed: int, which: int) -> random.Random:
@@ -71,6 +71,10 @@ class Scenario:
     queue_limit: int | None = None
     kv_per_active: float = 0.0
     """KV-cache fraction one active sequence holds (0: KV pressure not modelled)."""
+    group_of: tuple[int, ...] = ()
+    """Each request's tenant (-1: none; empty: no request has one)."""
+    cache_prefixes: int = 0
+    """Tenants' prefixes each replica's KV cache holds (LRU; 0: none)."""
     seed: int = 1
     service_window_s: float = 10.0
     min_iterations: float = 50.0
@@ -79,6 +83,10 @@ class Scenario:
         n = len(self.arrivals)
         if len(self.tokens) != n or len(self.proxy_of) != n:
             raise ValueError("one length and one proxy per arrival")
+        if self.group_of and len(self.group_of) != n:
+            raise ValueError("one tenant (or -1) per arrival")
+        if self.cache_prefixes < 0:
+            raise ValueError("cache_prefixes must be >= 0")
         if self.proxies < 1 or any(not 0 <= p < self.proxies for p in set(self.proxy_of)):
             raise ValueError("proxy indices must be in [0, proxies)")
         if not (self.poll_interval_s > 0 and self.staleness_s >= 0):
@@ -129,6 +137,7 @@ class Scenario:
                 window = duration_s
         n = len(arrivals)
         tokens = workload.draw(stream(seed, _LENGTHS), n)
+        groups = workload.draw_groups(stream(seed, _GROUPS), n) if workload.groups else []
         if proxy_assign == "round-robin":
             proxy_of = [i % proxies for i in range(n)]
         else:
@@ -140,6 +149,7 @@ class Scenario:
             arrivals=tuple(arrivals),
             tokens=tuple(tokens),
             proxy_of=tuple(proxy_of),
+            group_of=tuple(groups),
             proxies=proxies,
             window_s=window,
             warmup_s=min(warmup_s, window / 2),
@@ -172,6 +182,8 @@ class RunResult:
     start: list[float]
     first: list[float]
     finish: list[float]
+    cached: list[int] = field(default_factory=list)
+    """Prompt tokens each admitted request found cached on its replica."""
     wall_s: float = 0.0
     events: int = 0
     service_ms: list[float | None] = field(default_factory=list)
@@ -197,6 +209,7 @@ def run(scenario: Scenario, policy: Policy) -> RunResult:
                 prefill_s=wl.prefill_ms / 1000.0 / s,
                 slowdown=sc.batch_slowdown,
                 queue_limit=sc.queue_limit,
+                cache=PrefixCache(sc.cache_prefixes),
             )
             for i, (s, c) in enumerate(zip(fleet.speeds, fleet.slots, strict=True))
         ]
@@ -209,6 +222,7 @@ def run(scenario: Scenario, policy: Policy) -> RunResult:
                 step_s=wl.decode_ms_per_token / 1000.0 / s,
                 prefill_s=wl.prefill_ms / 1000.0 / s,
                 queue_limit=sc.queue_limit,
+                cache=PrefixCache(sc.cache_prefixes),
             )
             for i, (s, c) in enumerate(zip(fleet.speeds, fleet.slots, strict=True))
         ]
@@ -232,6 +246,9 @@ def run(scenario: Scenario, policy: Policy) -> RunResult:
     arrivals, tokens, proxy_of = sc.arrivals, sc.tokens, sc.proxy_of
     sizes = [request_size(x) for x in tokens]
     n = len(arrivals)
+    group_of = sc.group_of or (-1,) * n
+    cached = [0] * n
+    prompt = wl.prompt_tokens
     nan = math.nan
     replica_of = [-1] * n
     start = [nan] * n
@@ -329,11 +346,18 @@ def run(scenario: Scenario, policy: Policy) -> RunResult:
                 break
             t = ta
             p = proxy_of[i]
-            r = pick(p, t, tokens[i])
+            g = group_of[i]
+            r = pick(p, t, tokens[i], g)
             events += 1
+            rep = replicas[r]
+            held = g >= 0 and g in rep.cache
+            uncached = wl.uncached_tokens(held)
+            prefill = wl.prefill_s(uncached) / rep.speed
             if batch:
                 rep_b = replicas[r]  # type: ignore[assignment]
-                if rep_b.admit(t, i, tokens[i], started):
+                if rep_b.admit(t, i, tokens[i], started, prefill):
+                    rep_b.cache.use(g)
+                    cached[i] = prompt - uncached
                     replica_of[i] = r
                     inflight[r] += 1
                     reserved[r] += sizes[i]
@@ -342,8 +366,10 @@ def run(scenario: Scenario, policy: Policy) -> RunResult:
                     _record_starts(started, start, first)
                     _schedule_wake(rep_b, t, heap)
             else:
-                admitted = replicas[r].admit(t, tokens[i])  # type: ignore[call-arg]
+                admitted = replicas[r].admit(t, tokens[i], prefill)  # type: ignore[call-arg]
                 if admitted is not None:
+                    rep.cache.use(g)
+                    cached[i] = prompt - uncached
                     replica_of[i] = r
                     start[i], first[i], finish[i] = admitted
                     push(heap, (admitted[2], DONE, i, 0))
@@ -359,6 +385,7 @@ def run(scenario: Scenario, policy: Policy) -> RunResult:
         start=start,
         first=first,
         finish=finish,
+        cached=cached,
         wall_s=time.perf_counter() - began,
         events=events,
         service_ms=[

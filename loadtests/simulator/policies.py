@@ -12,10 +12,12 @@
   requests (ties at random).
 * ``jsq``: the fewest live fleet-wide in-flight (= active + waiting, exact and instant; ties at
   random); no speed.
-* ``triage``: the published snapshots (polled, stale) and the live fleet-wide reservations, fed
-  to **the real** ``plugins.routing.policy.choose`` / ``score``.
-* ``oracle``: exact instant state, true speeds and each request's own length: earliest
-  completion.
+* ``triage``: the published snapshots (polled, stale), the live fleet-wide reservations with
+  their sizes and the proxies' shared prefix index, fed to **the real**
+  ``plugins.routing.policy.choose`` / ``score``.
+* ``triage-no-affinity``: ``triage`` with the prefix index off (every prompt uncached to it).
+* ``oracle``: exact instant state, true speeds, each request's own length and every replica's
+  cache: earliest completion.
 * ``oracle-sed``: exact in-flight and true speeds: ``max(1, (n + 1) / C) * s`` (ties: fewer
   in-flight, then random).
 * ``oracle-ps``: the same information, ``(n + 1) * s / C`` (the speed-aware oracle of
@@ -44,6 +46,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 from core.keyschema import ReplicaState
 from loadtests.oracle import expected_delay
+from loadtests.simulator.model import PrefixCache
 from plugins.routing import policy as routing_policy
 from plugins.routing.policy import PolicyParams, RequestShape
 
@@ -85,7 +88,9 @@ class Policy:
         self.size = len(world.ids)
         self.rng = world.rng
 
-    def pick(self, proxy: int, now: float, tokens: float) -> int:
+    def pick(self, proxy: int, now: float, tokens: float, group: int = -1) -> int:
+        """The replica for a request of ``tokens`` output tokens from tenant ``group`` (-1:
+        none) arriving at ``proxy``."""
         raise NotImplementedError
 
     def assigned(self, proxy: int, replica: int, now: float) -> None:
@@ -107,7 +112,7 @@ def _random_min(values: list[int], rng: random.Random) -> int:
 class RandomPolicy(Policy):
     name = "random"
 
-    def pick(self, proxy: int, now: float, tokens: float) -> int:
+    def pick(self, proxy: int, now: float, tokens: float, group: int = -1) -> int:
         return self.rng.randrange(self.size)
 
 
@@ -118,7 +123,7 @@ class RoundRobinPolicy(Policy):
         super().bind(world)
         self.next = [self.rng.randrange(self.size) for _ in range(world.proxies)]
 
-    def pick(self, proxy: int, now: float, tokens: float) -> int:
+    def pick(self, proxy: int, now: float, tokens: float, group: int = -1) -> int:
         r = self.next[proxy]
         self.next[proxy] = (r + 1) % self.size
         return r
@@ -135,7 +140,7 @@ class LeastBusyPolicy(Policy):
         super().bind(world)
         self.counts = [[0] * self.size for _ in range(world.proxies)]
 
-    def pick(self, proxy: int, now: float, tokens: float) -> int:
+    def pick(self, proxy: int, now: float, tokens: float, group: int = -1) -> int:
         counts = self.counts[proxy]
         if self.random_ties:
             return _random_min(counts, self.rng)
@@ -158,7 +163,7 @@ class LeastBusyRedisPolicy(Policy):
 
     name = "least-busy-redis"
 
-    def pick(self, proxy: int, now: float, tokens: float) -> int:
+    def pick(self, proxy: int, now: float, tokens: float, group: int = -1) -> int:
         inflight = self.world.inflight
         return inflight.index(min(inflight))
 
@@ -166,7 +171,7 @@ class LeastBusyRedisPolicy(Policy):
 class BestOfTwoPolicy(Policy):
     name = "best-of-two"
 
-    def pick(self, proxy: int, now: float, tokens: float) -> int:
+    def pick(self, proxy: int, now: float, tokens: float, group: int = -1) -> int:
         if self.size == 1:
             return 0
         rng = self.rng
@@ -183,7 +188,7 @@ class BestOfTwoPolicy(Policy):
 class JsqPolicy(Policy):
     name = "jsq"
 
-    def pick(self, proxy: int, now: float, tokens: float) -> int:
+    def pick(self, proxy: int, now: float, tokens: float, group: int = -1) -> int:
         return _random_min(self.world.inflight, self.rng)
 
 
@@ -201,7 +206,7 @@ class OracleSedPolicy(Policy):
             s * (1.0 + slowdown * (c - 1)) for s, c in zip(self.service, world.slots, strict=True)
         ]
 
-    def pick(self, proxy: int, now: float, tokens: float) -> int:
+    def pick(self, proxy: int, now: float, tokens: float, group: int = -1) -> int:
         inflight = self.world.inflight
         est = [
             max(1.0, (n + 1) / c) * s
@@ -226,7 +231,7 @@ class OraclePsPolicy(OracleSedPolicy):
 
     name = "oracle-ps"
 
-    def pick(self, proxy: int, now: float, tokens: float) -> int:
+    def pick(self, proxy: int, now: float, tokens: float, group: int = -1) -> int:
         inflight = self.world.inflight
         est = [
             expected_delay(n, c, s)
@@ -244,16 +249,21 @@ class OraclePolicy(OracleSedPolicy):
         super().bind(world)
         self.exact = hasattr(world.replicas[0], "free")
         if self.exact:
+            wl = world.workload
             self.frees = [rep.free for rep in world.replicas]  # type: ignore[union-attr]
-            self.prefill = [rep.prefill_s for rep in world.replicas]
+            self.caches = [rep.cache for rep in world.replicas]
+            self.hit = [wl.prefill_s(wl.uncached_tokens(True)) / s for s in world.speeds]
+            self.miss = [wl.prefill_s(wl.uncached_tokens(False)) / s for s in world.speeds]
             self.step = [rep.step_s for rep in world.replicas]
 
-    def pick(self, proxy: int, now: float, tokens: float) -> int:
+    def pick(self, proxy: int, now: float, tokens: float, group: int = -1) -> int:
         if not self.exact:
-            return super().pick(proxy, now, tokens)
+            return super().pick(proxy, now, tokens, group)
         est = [
-            (f[0] if f[0] > now else now) + p + tokens * s
-            for f, p, s in zip(self.frees, self.prefill, self.step, strict=True)
+            max(f[0], now) + (hit if group >= 0 and group in c else miss) + tokens * s
+            for f, c, hit, miss, s in zip(
+                self.frees, self.caches, self.hit, self.miss, self.step, strict=True
+            )
         ]
         return self._best(est)
 
@@ -280,6 +290,10 @@ class TriagePolicy(Policy):
 
     params: PolicyParams = field(default_factory=PolicyParams)
     exact: bool = False
+    affinity: bool = True
+    """Read and write the proxies' shared prefix index (``prefix:{replica}`` in Redis: the
+    tenants' prefixes picked onto each replica, an LRU as large as its KV cache), as the pick
+    script does; False: ``TRIAGE_ROUTING_PREFIX_AFFINITY=false``."""
     sized: bool = True
     """Each request's size and the sizes its replicas' reservations carry go to ``choose``
     (as the proxies send them): the score then depends on the request, so every pick scores the
@@ -297,6 +311,8 @@ class TriagePolicy(Policy):
         self.unknown = self.size
         self.full_picks = 0
         self.fast_picks = 0
+        capacity = world.replicas[0].cache.capacity
+        self.prefixes = [PrefixCache(capacity) for _ in world.ids]
 
     def _rescore(self, r: int, now: float) -> None:
         state = self.world.visible[r]
@@ -322,7 +338,7 @@ class TriagePolicy(Policy):
     def completed(self, proxy: int, replica: int, now: float) -> None:
         self._rescore(replica, now)
 
-    def pick(self, proxy: int, now: float, tokens: float) -> int:
+    def pick(self, proxy: int, now: float, tokens: float, group: int = -1) -> int:
         world = self.world
         now_ms = int(now * 1000.0)
         tiebreak = self.rng.getrandbits(32)
@@ -330,13 +346,23 @@ class TriagePolicy(Policy):
         if self.sized:
             self.full_picks += 1
             candidates = list(zip(world.ids, world.visible, world.inflight, strict=True))
-            shape = RequestShape(output_tokens=request_size(tokens))
+            wl = world.workload
+            shape = RequestShape(  # the whole prefix as one block
+                prompt_tokens=wl.prompt_tokens,
+                output_tokens=request_size(tokens),
+                tokens_per_block=float(wl.prefix_tokens),
+            )
+            affine = self.affinity and group >= 0
+            cached = [int(group in ix) for ix in self.prefixes] if affine else None
             chosen = routing_policy.choose(
-                candidates, params, now_ms, tiebreak, shape, reserved=world.reserved
+                candidates, params, now_ms, tiebreak, shape, cached, world.reserved
             )
             if chosen is None:
                 raise RuntimeError("triage policy found no eligible replica")
-            return self.index[chosen]
+            r = self.index[chosen]
+            if affine:
+                self.prefixes[r].use(group)  # the pick writes the index
+            return r
         if self.exact or self.unknown > 0 or min(self.ts) < now_ms - params.stale_after_ms:
             self.full_picks += 1
             candidates = list(zip(world.ids, world.visible, world.inflight, strict=True))
@@ -364,6 +390,14 @@ class TriageCountPolicy(TriagePolicy):
     name: ClassVar[str] = "triage-count"
 
 
+@dataclass
+class TriageNoAffinityPolicy(TriagePolicy):
+    """``triage`` with the prefix index off: the size-aware score, every prompt uncached."""
+
+    affinity: bool = False
+    name: ClassVar[str] = "triage-no-affinity"
+
+
 POLICIES: dict[str, type[Policy]] = {
     cls.name: cls
     for cls in (
@@ -376,6 +410,7 @@ POLICIES: dict[str, type[Policy]] = {
         JsqPolicy,
         TriagePolicy,
         TriageCountPolicy,
+        TriageNoAffinityPolicy,
         OraclePolicy,
         OracleSedPolicy,
         OraclePsPolicy,
@@ -399,7 +434,7 @@ def make_policy(name: str, params: PolicyParams | None = None, exact: bool = Fal
     name = ALIASES.get(name, name)
     if name not in POLICIES:
         raise ValueError(f"unknown policy {name!r}; one of {sorted(POLICIES)}")
-    if name in ("triage", "triage-count"):
-        policy = TriagePolicy if name == "triage" else TriageCountPolicy
+    policy = POLICIES[name]
+    if issubclass(policy, TriagePolicy):
         return policy(params=params or PolicyParams(), exact=exact)
-    return POLICIES[name]()
+    return policy()

@@ -67,6 +67,7 @@ def summarize(result: RunResult, bins: int | None = None) -> dict[str, Any]:
         "goodput_rps": float(in_window.sum() / window),
         "tokens_per_s": float(tokens[in_window].sum() / window),
         "rejected_share": float((measured & (replica < 0)).sum() / max(total, 1)),
+        "cached_share": _cached_share(result, done),
         "share": share,
         "share_by_speed": by_speed,
         "share_max": float(max(share)),
@@ -81,6 +82,15 @@ def summarize(result: RunResult, bins: int | None = None) -> dict[str, Any]:
         "wall_s": result.wall_s,
         "events": result.events,
     }
+
+
+def _cached_share(result: RunResult, done: np.ndarray) -> float:
+    """Prompt tokens found cached / prompt tokens, over the measured admitted requests (nan
+    when prompts are not modelled)."""
+    prompt = result.scenario.workload.prompt_tokens
+    if not prompt or not result.cached or not done.any():
+        return math.nan
+    return float(np.asarray(result.cached)[done].sum() / (prompt * int(done.sum())))
 
 
 def _pct(values: np.ndarray, q: float) -> float:
@@ -146,6 +156,10 @@ def _fmt_s(value: float) -> str:
     return f"{value:.3f}" if value < 10 else f"{value:.1f}"
 
 
+def _fmt_pct(value: float | None) -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{100 * value:.0f}"
+
+
 def share_text(fig: Mapping[str, Any]) -> str:
     """Per-replica share: every replica on a small fleet, by speed class on a large one."""
     share: list[float] = fig["share"]
@@ -164,8 +178,8 @@ def table(figures: Mapping[str, Mapping[str, Any]], ours: str = "triage") -> str
     rel = ratios(figures, ours)
     head = (
         "| policy | p50 s | p95 s | p99 s | TTFT p95 s | goodput req/s | tokens/s | 503 % "
-        f"| {ours} p95 / p99 ratio | share per replica |\n"
-        "|---|---|---|---|---|---|---|---|---|---|\n"
+        f"| cached % | {ours} p95 / p99 ratio | share per replica |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     rows = []
     for name, fig in figures.items():
@@ -175,7 +189,8 @@ def table(figures: Mapping[str, Mapping[str, Any]], ours: str = "triage") -> str
             f"| {name} | {_fmt_s(fig['p50_s'])} | {_fmt_s(fig['p95_s'])} | "
             f"{_fmt_s(fig['p99_s'])} | {_fmt_s(fig['ttft_p95_s'])} | "
             f"{fig['goodput_rps']:.1f} | {fig['tokens_per_s']:.0f} | "
-            f"{100 * fig['rejected_share']:.1f} | {ratio} | {share_text(fig)} |"
+            f"{100 * fig['rejected_share']:.1f} | {_fmt_pct(fig.get('cached_share'))} | "
+            f"{ratio} | {share_text(fig)} |"
         )
     text = head + "\n".join(rows) + "\n"
     best = best_oracle(figures)
