@@ -12,8 +12,9 @@ Keys, all under a prefix (default ``triage:``):
 * ``inflight:{id}`` sorted set: reservations on the replica by all proxies, not yet finished
   (member = reservation id, score = lease expiry in ms, renewed by the holding proxy); the count
   is the unexpired members (none while the replica is reported down).
-* ``admitted:{model}``, ``queue:{model}``, ``queuelease:{model}``, ``queueseq:{model}``: the
-  admission gate (``plugins/admission/gate.lua``).
+* ``admitted:{model}``, ``queue:{model}``, ``queuelease:{model}``, ``fair:{model}``,
+  ``queueflow:{model}``, ``flowqueued:{model}``: the admission gate
+  (``plugins/admission/gate.lua``).
 * ``apikey:{sha256}`` hash: one virtual key's record (offline key store); ``apikeys`` set of
   the hashes. Keys themselves are never stored.
 * ``server:{id}`` hash, written by the server's sidecar(s) every poll, ``PEXPIRE`` 4 × interval:
@@ -59,16 +60,26 @@ class KeySchema:
         return f"{self.prefix}admitted:{model}"
 
     def queue(self, model: str) -> str:
-        """Sorted set: the gateway wait queue of ``model`` (score: priority * 2^40 + arrival)."""
+        """Sorted set: the gateway wait queue of ``model`` (score: priority * 2^40 + the
+        request's start tag in the fair order)."""
         return f"{self.prefix}queue:{model}"
 
     def queue_lease(self, model: str) -> str:
         """Sorted set: expiry (ms) of each waiting ticket's place in the queue."""
         return f"{self.prefix}queuelease:{model}"
 
-    def queue_seq(self, model: str) -> str:
-        """Integer: arrival sequence of the queue of ``model``."""
-        return f"{self.prefix}queueseq:{model}"
+    def fair(self, model: str) -> str:
+        """Hash: the fair order of ``model``'s queue: ``v:<priority>`` the tier's virtual time,
+        ``f:<priority>:<flow>`` the flow's last finish tag (``plugins/admission/rules.py``)."""
+        return f"{self.prefix}fair:{model}"
+
+    def queue_flow(self, model: str) -> str:
+        """Hash: each queued ticket of ``model`` -> its flow."""
+        return f"{self.prefix}queueflow:{model}"
+
+    def flow_queued(self, model: str) -> str:
+        """Hash: each flow -> its places in ``model``'s queue."""
+        return f"{self.prefix}flowqueued:{model}"
 
     def grant_seq(self, model: str) -> str:
         """Integer: grants of ``model``'s queue so far (each grant message carries its number)."""

@@ -55,6 +55,11 @@ class ReplicaPicker(Protocol):
     def describe(self, call_id: str, request: Mapping[str, Any]) -> None:
         """Note the request's shape (size, prompt blocks) for the picks of ``call_id``."""
 
+    def shape(self, call_id: str) -> RequestShape:
+        """The shape ``describe`` noted (``NO_SHAPE`` when none): its size counts in the fair
+        share between flows too."""
+        ...
+
     def plan_pick(self, call_id: str) -> PickPlan | None: ...
 
     def adopt(self, model: str, ticket: RequestTicket, reservation: Reservation) -> None: ...

@@ -19,6 +19,7 @@ from devstack.redis_launcher import RedisServer
 from plugins.admission.controller import AdmissionController, QueueRate
 from plugins.admission.errors import GatewayError
 from plugins.admission.gate import AdmissionGate, Status
+from plugins.admission.rules import PRIORITY_UNIT
 from plugins.admission.settings import AdmissionSettings
 from plugins.routing.policy import PolicyParams
 from plugins.routing.store import PickPlan, RoutingStore
@@ -27,6 +28,8 @@ from replica_states import replica_state
 
 _prefixes = itertools.count()
 IDS = ["a", "b"]
+TIER_1, TIER_2 = PRIORITY_UNIT, 2 * PRIORITY_UNIT
+"""Queue scores: below TIER_1 is tier 0, below TIER_2 tier 1 or better."""
 
 
 def settings(redis_server: RedisServer, **overrides: Any) -> AdmissionSettings:
@@ -544,12 +547,12 @@ async def test_an_expected_wait_over_the_limit_is_shed_at_once_then_without_redi
     assert decisions("m", "shed", "redis") == from_redis + 1
     assert await ctl.gate.counts("m") == (2, 2)  # neither took a place
     # past half its life, a memo shed renews the memo off the request's path (gate.peek)
-    old = ctl.memo["m", 1]
-    ctl.memo["m", 1] = dataclasses.replace(old, at=old.at - 3.0)
+    old = ctl.memo["m", 1, ""]
+    ctl.memo["m", 1, ""] = dataclasses.replace(old, at=old.at - 3.0)
     with pytest.raises(GatewayError):
         await ctl.admit("m", IDS, "ew3b", 1)
     await asyncio.sleep(0.05)
-    renewed = ctl.memo["m", 1]
+    renewed = ctl.memo["m", 1, ""]
     assert renewed.at > old.at - 3.0 and renewed.ahead == 2.0
     assert decisions("m", "shed", "memo") == from_memo + 2
     assert await ctl.gate.counts("m") == (2, 2)  # a peek takes no place
@@ -563,10 +566,10 @@ async def test_an_expected_wait_over_the_limit_is_shed_at_once_then_without_redi
     ctl.queue_rate["m"] = QueueRate(rps=2.0, samples=3, at=time.monotonic())
     # the memo (2 ahead) less the grant seen since: 1 ahead, room; but not while another
     # request of this process is on its way into the queue (it will be ahead as well)
-    ctl.entering["m", 1] = {"on-its-way"}
+    ctl.entering["m", 1, ""] = {"on-its-way"}
     with pytest.raises(GatewayError):
         await ctl.admit("m", IDS, "ew4b", 1)
-    ctl.entering["m", 1].clear()
+    ctl.entering["m", 1, ""].clear()
     assert decisions("m", "shed", "memo") == from_memo + 3
     waiters.append(asyncio.create_task(ctl.admit("m", IDS, "ew5", 1)))  # room: Redis queues it
     await asyncio.sleep(0.05)
@@ -598,13 +601,13 @@ async def test_the_memo_counts_what_other_proxies_queued_since(
     await a.admit("m", IDS, "full-2", 1)
     tasks = [asyncio.create_task(a.admit("m", IDS, "a-wait", 1))]
     await asyncio.sleep(0.05)
-    assert a.memo["m", 1].ahead == 1.0  # its next request would have 1 ahead: room
+    assert a.memo["m", 1, ""].ahead == 1.0  # its next request would have 1 ahead: room
     tasks.append(asyncio.create_task(b.admit("m", IDS, "b-wait-1", 1)))
     # until A has heard of B's enqueue on the channel (a fixed 50 ms wait was not always
     # enough on a loaded CI machine: A then asked Redis, and the shed came from there)
     channel = a.gate.enqueues_channel("m")
     deadline = time.monotonic() + 5.0
-    while a.grants.enqueued_since(channel, 0, 1) < 2:
+    while a.grants.enqueued_since(channel, 0, TIER_2, "other") < 2:
         assert time.monotonic() < deadline, "proxy A never heard of B's enqueue"
         await asyncio.sleep(0.01)
     from_redis, from_memo = decisions("m", "shed", "redis"), decisions("m", "shed", "memo")
@@ -613,8 +616,8 @@ async def test_the_memo_counts_what_other_proxies_queued_since(
     assert info.value.to_dict()["code"] == "expected_wait"
     assert decisions("m", "shed", "memo") == from_memo + 1
     assert decisions("m", "shed", "redis") == from_redis
-    assert a.grants.enqueued_since(a.gate.enqueues_channel("m"), 0, 1) == 2
-    assert a.grants.enqueued_since(a.gate.enqueues_channel("m"), 0, 0) == 0  # better tier
+    assert a.grants.enqueued_since(a.gate.enqueues_channel("m"), 0, TIER_2, "other") == 2
+    assert a.grants.enqueued_since(a.gate.enqueues_channel("m"), 0, TIER_1, "other") == 0  # tier 0
     assert await a.gate.counts("m") == (2, 2)
     for task in tasks:
         task.cancel()

@@ -54,18 +54,36 @@ def replica_specs(draw: st.DrawFn) -> dict[str, Any]:
     }
 
 
+FLOWS = ["a", "b", "c", ""]
+TAGS = st.one_of(st.sampled_from([0.0, 1.0, 2.5, 7.0]), st.floats(0.0, 1e6))
+
+
 @st.composite
 def gate_cases(draw: st.DrawFn) -> dict[str, Any]:
     replicas = draw(st.lists(replica_specs(), max_size=4))
     admitted = draw(st.integers(0, 10))
-    queue = draw(st.lists(st.tuples(st.integers(0, 2), st.booleans()), max_size=8))
+    queue = draw(
+        st.lists(
+            # mostly one flow: a full queue held by one flow's flood (push-out) is common
+            st.tuples(st.integers(0, 2), st.booleans(), st.sampled_from(["a", *FLOWS]), TAGS),
+            max_size=8,
+        )
+    )
     op = draw(st.sampled_from(["enter", "enter", "poll", "peek", "leave", "release"]))
     max_queue = draw(st.integers(0, 10))
     return {
         "replicas": replicas,
         "admitted": admitted,
         "ended_admitted": draw(st.integers(0, 3)),
-        "queue": queue,  # (priority, place still live)
+        "queue": queue,  # (priority, place still live, flow, start tag)
+        "virtual": draw(st.dictionaries(st.integers(0, 2), TAGS, max_size=3)),
+        "finish": draw(
+            st.dictionaries(st.tuples(st.integers(0, 2), st.sampled_from(FLOWS)), TAGS, max_size=6)
+        ),
+        "flow": draw(st.sampled_from(FLOWS)),
+        "weight": draw(st.one_of(st.sampled_from([1.0, 0.5, 3.0]), st.floats(0.01, 100.0))),
+        "cost": draw(st.one_of(st.sampled_from([1.0, 300.0]), st.floats(1.0, 1e5))),
+        "flow_limit": draw(st.one_of(st.none(), st.integers(0, 4))),
         "op": op,
         "who": draw(st.sampled_from(["new", "admitted", "queued"])),
         "priority": draw(st.integers(0, 2)),
@@ -96,15 +114,31 @@ async def redis_now_ms(client: Redis) -> int:
     return int(seconds) * 1000 + int(micros) // 1000
 
 
-@settings(
-    max_examples=200,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture],
-)
-@given(case=gate_cases())
-async def test_gate_lua_decides_as_the_pure_rules(
-    client: Redis, redis_server: RedisServer, case: dict[str, Any]
-) -> None:
+@st.composite
+def full_queue_cases(draw: st.DrawFn) -> dict[str, Any]:
+    """A new request meets a full fleet and a full queue (of the model, or of its tier), most
+    of it one flow's: where the fair order's push-out decides."""
+    case = draw(gate_cases())
+    busy = {"form": "fresh", "healthy": True, "max_active": 1, "reservations": 2}
+    case["replicas"] = [{**spec, **busy} for spec in case["replicas"]] or [
+        {**draw(replica_specs()), **busy}
+    ]
+    case["admitted"] = 10
+    case["op"], case["who"] = "enter", "new"
+    flood = st.sampled_from(["a", "a", "a", "a", "b"])
+    case["queue"] = [(p, alive, draw(flood), tag) for p, alive, _, tag in case["queue"]]
+    case["flow"] = draw(st.sampled_from(["b", "c", ""]))
+    live = sum(1 for _, alive, _, _ in case["queue"] if alive)
+    case["settings"]["max_queue"] = draw(st.integers(max(0, live - 1), live + 1))
+    if draw(st.booleans()):  # or the caller's tier is full, the model's queue not
+        tier = sum(1 for p, alive, _, _ in case["queue"] if alive and p == case["priority"])
+        case["settings"]["max_queue"] = live + 2
+        case["settings"]["priority_max_queue"] = {case["priority"]: tier}
+    case["rate"] = draw(st.sampled_from([None, 20.0]))
+    return case
+
+
+async def check_case(client: Redis, redis_server: RedisServer, case: dict[str, Any]) -> None:
     prefix = f"test-parity:{next(_prefixes)}:"
     s = AdmissionSettings(
         redis_url=redis_server.url,
@@ -121,7 +155,14 @@ async def test_gate_lua_decides_as_the_pure_rules(
 
     # -- the state, in Redis ----------------------------------------------------------------
     admitted = [f"adm-{i}" for i in range(case["admitted"])]
-    queued = [(f"q-{i}", p, live) for i, (p, live) in enumerate(case["queue"])]
+    queued = [
+        (f"q-{i}", rules.queue_score(p, tag), live, flow)
+        for i, (p, live, flow, tag) in enumerate(case["queue"])
+    ]
+    flow_counts: dict[str, int] = {}
+    for *_, flow in queued:
+        flow_counts[flow] = flow_counts.get(flow, 0) + 1
+    fair = rules.Fair(dict(case["virtual"]), dict(case["finish"]))
     async with client.pipeline(transaction=False) as pipe:
         for replica_id, spec in zip(ids, case["replicas"], strict=True):
             if spec["form"] != "missing":
@@ -146,24 +187,30 @@ async def test_gate_lua_decides_as_the_pure_rules(
         tickets |= {f"ended-{i}": ENDED for i in range(case["ended_admitted"])}
         if tickets:
             pipe.zadd(keys.admitted(model), tickets)
-        for seq, (ticket, priority, live) in enumerate(queued, 1):
-            pipe.zadd(keys.queue(model), {ticket: priority * rules.PRIORITY_UNIT + seq})
+        for ticket, score, live, flow in queued:
+            pipe.zadd(keys.queue(model), {ticket: score})
             pipe.zadd(keys.queue_lease(model), {ticket: LIVE if live else ENDED})
-        pipe.set(keys.queue_seq(model), len(queued))
+            pipe.hset(keys.queue_flow(model), ticket, flow)
+        if flow_counts:
+            pipe.hset(keys.flow_queued(model), mapping=flow_counts)
+        fair_fields = {f"v:{p}": repr(v) for p, v in fair.virtual.items()}
+        fair_fields |= {f"f:{p}:{fl}": repr(v) for (p, fl), v in fair.finish.items()}
+        if fair_fields:
+            pipe.hset(keys.fair(model), mapping=fair_fields)
         pipe.set(keys.grant_seq(model), 7)
         pipe.set(keys.enqueue_seq(model), 11)
         await pipe.execute()
 
     # -- the call -----------------------------------------------------------------------------
     op, priority = case["op"], case["priority"]
-    live_queue = [(t, p) for t, p, live in sorted(queued, key=lambda q: q[1]) if live]
+    live_queue = [rules.Queued(t, score, flow) for t, score, live, flow in queued if live]
     if case["who"] == "admitted" and admitted:
         ticket = admitted[0]
     elif case["who"] == "queued" and queued:
         ticket = queued[0][0]
     else:
         ticket = "new"
-    if op == "enter" and any(t == ticket for t, _, _ in queued):
+    if op == "enter" and any(t == ticket for t, *_ in queued):
         ticket = "new"  # a proxy enters a ticket again only after its place was lost
     routed = None
     if op == "release" and case["routed"] and ids and case["replicas"][0]["reservations"]:
@@ -188,17 +235,21 @@ async def test_gate_lua_decides_as_the_pure_rules(
         queue_limit=s.queue_limit(priority),
         max_queue=s.max_queue,
         ahead_limit=limit if op in ("enter", "peek") else None,
+        flow_limit=case["flow_limit"] if op == "enter" else None,
     )
-    view = rules.GateView(set(admitted), live_queue)
+    flow = rules.FlowCall(case["flow"], case["weight"], case["cost"])
+    view = rules.GateView(set(admitted), live_queue, fair)
     now = await redis_now_ms(client)
-    expected = rules.gate_call(view, op, ticket, priority, loads, params, now)
+    expected = rules.gate_call(view, op, ticket, priority, loads, params, now, flow)
 
     if op == "enter":
-        reply = await gate.enter(model, ids, ticket, priority, limit, plan)
+        reply = await gate.enter(
+            model, ids, ticket, priority, limit, plan, flow, case["flow_limit"]
+        )
     elif op == "poll":
         reply = await gate.poll(model, ids, ticket, priority, plan)
     elif op == "peek":
-        reply = await gate.peek(model, ids, priority, limit)
+        reply = await gate.peek(model, ids, priority, limit, flow)
     elif op == "leave":
         reply = await gate.leave(model, ids, ticket)
     else:
@@ -216,8 +267,23 @@ async def test_gate_lua_decides_as_the_pure_rules(
     assert reply.grants == 7 + len(expected.granted), context
     enqueued = 1 if op == "enter" and expected.status == rules.Status.WAITING else 0
     assert reply.enqueued == 11 + enqueued, context
-    queue_after = [t.decode() for t in await client.zrange(keys.queue(model), 0, -1)]
-    assert queue_after == [t for t, _ in view.queue], context
+    assert reply.next_score == expected.next_score, context
+    queue_after = await client.zrange(keys.queue(model), 0, -1, withscores=True)
+    assert [(t.decode(), sc) for t, sc in queue_after] == [
+        (q.ticket, q.score) for q in view.queue
+    ], context
+    flows_after = await client.hgetall(keys.queue_flow(model))
+    assert {t.decode(): f.decode() for t, f in flows_after.items()} == {
+        q.ticket: q.flow for q in view.queue
+    }, context
+    counts_after = await client.hgetall(keys.flow_queued(model))
+    assert {f.decode(): int(n) for f, n in counts_after.items()} == view.flow_counts(), context
+    fair_after: dict[str, float] = {
+        k.decode(): float(v) for k, v in (await client.hgetall(keys.fair(model))).items()
+    }
+    assert fair_after == {f"v:{p}": v for p, v in view.fair.virtual.items()} | {
+        f"f:{p}:{fl}": v for (p, fl), v in view.fair.finish.items()
+    }, context
     admitted_after = {t.decode() for t in await client.zrange(keys.admitted(model), 0, -1)}
     assert admitted_after == view.admitted, context
 
@@ -233,6 +299,30 @@ async def test_gate_lua_decides_as_the_pure_rules(
     else:
         assert reply.reservation is None, context
     await client.delete(*[k async for k in client.scan_iter(f"{prefix}*")])
+
+
+@settings(
+    max_examples=200,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(case=gate_cases())
+async def test_gate_lua_decides_as_the_pure_rules(
+    client: Redis, redis_server: RedisServer, case: dict[str, Any]
+) -> None:
+    await check_case(client, redis_server, case)
+
+
+@settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(case=full_queue_cases())
+async def test_a_full_queue_is_decided_alike_push_out_included(
+    client: Redis, redis_server: RedisServer, case: dict[str, Any]
+) -> None:
+    await check_case(client, redis_server, case)
 
 
 async def test_a_down_replica_counts_no_reservations_and_no_slots_in_both(

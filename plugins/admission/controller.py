@@ -35,6 +35,7 @@ from plugins.admission.expected_wait import EarlyShed, ahead_limit, ahead_now, e
 from plugins.admission.gate import AdmissionGate, GateReply, Status
 from plugins.admission.grants import GrantListener
 from plugins.admission.retry_after import RetryPromises, retry_after_s
+from plugins.admission.rules import NO_FLOW, FlowCall
 from plugins.admission.settings import AdmissionSettings
 from plugins.background import Background
 from plugins.redis_outage import RedisOutage
@@ -67,14 +68,20 @@ class QueueRate:
 
 @dataclass(frozen=True)
 class Memo:
-    """Redis's last answer for one model and priority: how many were ahead, when, the model's
-    grant and enqueue numbers then, and the grant listener's connection then."""
+    """Redis's last answer for one model, priority and flow: how many were ahead, when, the
+    model's grant and enqueue numbers then, the grant listener's connection then, and the
+    lowest score the flow's next request can get (enqueues below it are ahead of it)."""
 
     at: float
     ahead: float
     grants: int
     enqueued: int
     generation: int
+    bound: float
+
+
+MemoKey = tuple[str, int, str]
+"""(model, priority, flow)."""
 
 
 class AdmissionController:
@@ -93,17 +100,19 @@ class AdmissionController:
         """Per model: the gate's last ``throughput_rps`` (the fleet's rate with every slot busy)."""
         self.promised: dict[str, RetryPromises] = {}
         """Per model: clients told to come back (Retry-After) and not back yet, by estimate."""
-        self.memo: dict[tuple[str, int], Memo] = {}
-        self.entering: dict[tuple[str, int], set[str]] = {}
+        self.memo: dict[MemoKey, Memo] = {}
+        self.entering: dict[MemoKey, set[str]] = {}
         self.arriving: dict[str, dict[str, int]] = {}
         """Per model: tickets (and priorities) the front door let in that have not reached
         ``admit`` yet: LiteLLM's per-request work lies between the two."""
+        self._arriving_flows: dict[str, str] = {}
+        """Per ticket on its way to ``admit``: its flow."""
         self._reached_gate: dict[str, Callable[[], None]] = {}
         """Per model and priority: tickets of this process's ``enter`` calls awaiting their
         answer."""
         self.background = Background()
         """Background Redis calls (places given back, memo renewals), kept until done."""
-        self._refreshing: set[tuple[str, int]] = set()
+        self._refreshing: set[MemoKey] = set()
         self.outage = RedisOutage(
             settings.redis_retry_ms,
             settings.log_interval_s,
@@ -216,9 +225,11 @@ class AdmissionController:
         s = self.settings
         return ahead_limit(self._rate(model, now), s.max_wait_ms / 1000, s.expected_wait_fraction)
 
-    def _remember(self, model: str, priority: int, reply: GateReply, now: float) -> None:
-        """What the next request of this model and priority will find ahead of it."""
-        key = (model, priority)
+    def _remember(
+        self, model: str, priority: int, reply: GateReply, now: float, flow: str = ""
+    ) -> None:
+        """What the next request of this model, priority and flow will find ahead of it."""
+        key = (model, priority, flow)
         if reply.status in (Status.WAIT_TOO_LONG, Status.QUEUE_FULL):
             self.memo[key] = self._memo(now, reply.ahead, reply)
         elif reply.status == Status.WAITING:
@@ -227,7 +238,14 @@ class AdmissionController:
             self.memo.pop(key, None)
 
     def _memo(self, now: float, ahead: int, reply: GateReply) -> Memo:
-        return Memo(now, float(ahead), reply.grants, reply.enqueued, self.grants.generation)
+        return Memo(
+            now,
+            float(ahead),
+            reply.grants,
+            reply.enqueued,
+            self.grants.generation,
+            reply.next_score,
+        )
 
     def _shed_from_memo(
         self,
@@ -237,20 +255,22 @@ class AdmissionController:
         limit: float | None,
         now: float,
         pipeline: int = 0,
+        flow: str = "",
     ) -> GatewayError | None:
         """The 503 for a request that Redis's recent answer already says would find the queue
         full or wait too long: for ``shed_memo_ms`` after it, with the grants and the enqueues
-        (from any proxy) seen on the model's channels since, this process's requests on their
-        way in, and ``pipeline`` more known to be ahead (not while those channels are lost, or
-        after they were: a message could go uncounted)."""
-        memo = self.memo.get((model, priority))
+        (from any proxy) seen on the model's channels since that are ahead of it in the fair
+        order, this process's requests of its flow on their way in, and ``pipeline`` more known
+        to be ahead (not while those channels are lost, or after they were: a message could go
+        uncounted)."""
+        memo = self.memo.get((model, priority, flow))
         if memo is None or now - memo.at > self.settings.shed_memo_ms / 1000:
             return None
         if not self.grants.listening or memo.generation != self.grants.generation:
             return None
-        entering = self.entering.get((model, priority), set())
+        entering = self.entering.get((model, priority, flow), set())
         arrived = self.grants.enqueued_since(
-            self.gate.enqueues_channel(model), memo.enqueued, priority, entering
+            self.gate.enqueues_channel(model), memo.enqueued, memo.bound, flow, entering
         )
         if arrived is None:
             return None
@@ -264,7 +284,7 @@ class AdmissionController:
         if verdict is None:
             return None
         if now - memo.at > self.settings.shed_memo_ms / 2000:
-            self._refresh_memo(model, replica_ids, priority)
+            self._refresh_memo(model, replica_ids, priority, flow)
         return self._early(model, verdict, ahead + 1)
 
     def _early(self, model: str, verdict: EarlyShed, work_ahead: float) -> GatewayError:
@@ -293,10 +313,12 @@ class AdmissionController:
         ticket: str,
         priority: int,
         reached_gate: Callable[[], None] | None = None,
+        flow: str = "",
     ) -> None:
-        """The front door let ``ticket`` in: it is on its way to ``admit``, which calls
-        ``reached_gate`` when it gets there."""
+        """The front door let ``ticket`` (of ``flow``) in: it is on its way to ``admit``,
+        which calls ``reached_gate`` when it gets there."""
         self.arriving.setdefault(model, {})[ticket] = priority
+        self._arriving_flows[ticket] = flow
         if reached_gate is not None:
             self._reached_gate[ticket] = reached_gate
 
@@ -304,8 +326,13 @@ class AdmissionController:
         """The priority ``ticket`` arrived with (None: not on its way to the gate)."""
         return self.arriving.get(model, {}).get(ticket)
 
+    def flow_of(self, ticket: str) -> str:
+        """The flow ``ticket`` arrived with ("" when not on its way to the gate)."""
+        return self._arriving_flows.get(ticket, "")
+
     def arrived(self, ticket: str, model: str | None = None) -> None:
         """``ticket`` reached ``admit`` or ended before it (idempotent)."""
+        self._arriving_flows.pop(ticket, None)
         models = [model] if model is not None else list(self.arriving)
         for name in models:
             waiting = self.arriving.get(name)
@@ -332,24 +359,29 @@ class AdmissionController:
         arriving = self._arriving_ahead(model, priority, ticket)
         entering = sum(
             len(tickets)
-            for (name, p), tickets in self.entering.items()
+            for (name, p, _), tickets in self.entering.items()
             if name == model and p <= priority
         )
         return arriving + entering
 
-    def _refresh_memo(self, model: str, replica_ids: Sequence[str], priority: int) -> None:
+    def _refresh_memo(
+        self, model: str, replica_ids: Sequence[str], priority: int, flow: str
+    ) -> None:
         """Renew the memo off the request's path (``gate.peek``), so that while requests keep
         being shed it never expires into a Redis round trip for one of them."""
-        key = (model, priority)
+        key = (model, priority, flow)
         if key in self._refreshing:
             return
         self._refreshing.add(key)
-        self.background.spawn(self._peek(model, list(replica_ids), priority))
+        self.background.spawn(self._peek(model, list(replica_ids), priority, flow))
 
-    async def _peek(self, model: str, replica_ids: list[str], priority: int) -> None:
+    async def _peek(self, model: str, replica_ids: list[str], priority: int, flow: str) -> None:
         now = time.monotonic()
+        key = (model, priority, flow)
         try:
-            reply = await self.gate.peek(model, replica_ids, priority, self.ahead_limit(model, now))
+            reply = await self.gate.peek(
+                model, replica_ids, priority, self.ahead_limit(model, now), FlowCall(flow)
+            )
         except PoolExhausted as exc:
             self.pool_waits.exhausted(exc, f"renewing the {model} shed memo", "renewed later")
             return
@@ -357,8 +389,8 @@ class AdmissionController:
             self.outage.failed(exc, f"renewing the {model} shed memo")
             return
         finally:
-            self._refreshing.discard((model, priority))
-        self.memo[(model, priority)] = self._memo(now, reply.ahead, reply)
+            self._refreshing.discard(key)
+        self.memo[key] = self._memo(now, reply.ahead, reply)
 
     def _shed_expected_wait(self, model: str, work_ahead: float) -> GatewayError:
         wait = self.settings.max_wait_ms * self.settings.expected_wait_fraction / 1000
@@ -376,24 +408,35 @@ class AdmissionController:
         return seconds
 
     def shed(
-        self, model: str, reason: ShedReason, work_ahead: float, wait: str = ""
+        self,
+        model: str,
+        reason: ShedReason,
+        work_ahead: float,
+        wait: str = "",
+        status: int = 503,
     ) -> GatewayError:
         seconds = self.retry_after(model, work_ahead)
         metrics.SHED.labels(model, reason.value).inc()
         annotate(admission__outcome="shed", admission__reason=reason.value)
         metrics.RETRY_AFTER.labels(model).observe(seconds)
         log.info("admission: shed %s request (%s), retry after %.1f s", model, reason, seconds)
-        return overloaded(model, reason, seconds, wait)
+        return overloaded(model, reason, seconds, wait, status=status)
 
     def shed_early(
-        self, model: str, replica_ids: Sequence[str], priority: int, ticket: str | None = None
+        self,
+        model: str,
+        replica_ids: Sequence[str],
+        priority: int,
+        ticket: str | None = None,
+        flow: str = "",
     ) -> GatewayError | None:
         """The 503 for a request that would be shed, decided before LiteLLM's per-request work
         (the front door, ``plugins/front_door``): no await, no Redis call. From the memo (with
         this process's requests ahead in LiteLLM's pipeline), or, in a burst the gate has not
         answered yet, when even an empty fleet could not take it. None: let it in.
         ``ticket``: a request the front door let in already (judged again before it enters
-        LiteLLM: only those let in before it are ahead of it); None: a new arrival."""
+        LiteLLM: only those let in before it are ahead of it); None: a new arrival. ``flow``:
+        the key's flow (``identity.flow_of``), whose memo it is judged by."""
         if not self.outage.should_try():
             return None  # per-process fallback: the hook bounds it
         started = time.perf_counter()
@@ -401,7 +444,7 @@ class AdmissionController:
         limit = self.ahead_limit(model, now)
         pipeline = self._arriving_ahead(model, priority, ticket)
         shed = self._shed_from_memo(
-            model, replica_ids, priority, limit, now, pipeline
+            model, replica_ids, priority, limit, now, pipeline, flow
         ) or self._shed_beyond_capacity(
             model, priority, limit, self._pipeline(model, priority, ticket)
         )
@@ -418,9 +461,13 @@ class AdmissionController:
         ticket: str,
         priority: int,
         picker: ReplicaPicker | None = None,
+        flow: FlowCall = NO_FLOW,
+        own_limit: int | None = None,
     ) -> None:
         """Return when admitted; raise the 503 ``ProxyException`` when shed. With ``picker``,
-        the call that admits also reserves the request's replica, handed to the picker."""
+        the call that admits also reserves the request's replica, handed to the picker.
+        ``flow``: the request's place in the fair share between flows; ``own_limit``: its
+        key's own bound on the flow's places in the queue (over it: 429)."""
         started = time.perf_counter()
         self.arrived(ticket, model)
         if not self.outage.should_try():
@@ -428,19 +475,22 @@ class AdmissionController:
             return
         now = time.monotonic()
         limit = self.ahead_limit(model, now)
-        memo_shed = self._shed_from_memo(model, replica_ids, priority, limit, now)
+        memo_shed = self._shed_from_memo(model, replica_ids, priority, limit, now, 0, flow.flow)
         if memo_shed is not None:  # no await: the answer does not wait for the event loop
             _decided(model, "shed", "memo", started)
             raise memo_shed
         granted = self.grants.expect(ticket)  # before entering: a grant may come at once
-        entering = self.entering.setdefault((model, priority), set())
+        entering = self.entering.setdefault((model, priority, flow.flow), set())
+        flow_limit = self.settings.flow_limit(own_limit)
         try:
             entering.add(ticket)  # may queue ahead of the next arrival
             try:
                 channels = self.gate.grants_channel(model), self.gate.enqueues_channel(model)
                 await self.grants.watch(*channels)
                 plan = picker.plan_pick(ticket) if picker is not None else None
-                reply = await self.gate.enter(model, replica_ids, ticket, priority, limit, plan)
+                reply = await self.gate.enter(
+                    model, replica_ids, ticket, priority, limit, plan, flow, flow_limit
+                )
             except PoolExhausted as exc:
                 raise self._busy(model, exc, started) from exc
             except RedisError as exc:
@@ -451,7 +501,7 @@ class AdmissionController:
                 entering.discard(ticket)
             self.outage.succeeded()
             self._observe(model, reply)
-            self._remember(model, priority, reply, now)
+            self._remember(model, priority, reply, now, flow.flow)
             outcome = {Status.ADMITTED: "admitted", Status.WAITING: "queued"}
             _decided(model, outcome.get(reply.status, "shed"), "redis", started)
             if reply.status == Status.ADMITTED:
@@ -465,9 +515,16 @@ class AdmissionController:
                 raise self._shed_expected_wait(model, reply.work_ahead)
             if reply.status == Status.NO_CAPACITY:
                 raise self.shed(model, ShedReason.NO_HEALTHY_REPLICA, reply.work_ahead)
+            if reply.status == Status.FLOW_FULL:
+                own = self.settings.own_flow_limit(own_limit)
+                raise self.shed(
+                    model, ShedReason.FLOW_QUEUE_FULL, reply.work_ahead, status=429 if own else 503
+                )
             metrics.QUEUED.labels(model).inc()
             annotate(admission__outcome="queued")
-            await self._wait(model, replica_ids, ticket, priority, reply, granted, picker)
+            await self._wait(
+                model, replica_ids, ticket, priority, reply, granted, picker, flow, flow_limit
+            )
         finally:
             self.grants.forget(ticket)
 
@@ -495,6 +552,8 @@ class AdmissionController:
         reply: GateReply,
         granted: asyncio.Event,
         picker: ReplicaPicker | None,
+        flow: FlowCall = NO_FLOW,
+        flow_limit: int | None = None,
     ) -> None:
         """Wait for the grant of ``ticket``: woken by its message, or finding it by a poll
         every ``poll_ms`` (which also keeps the place in the queue alive)."""
@@ -524,7 +583,14 @@ class AdmissionController:
                     reply = await self.gate.poll(model, replica_ids, ticket, priority, plan)
                     if reply.status == Status.LOST:  # our place expired (a long stall): again
                         reply = await self.gate.enter(
-                            model, replica_ids, ticket, priority, None, plan
+                            model,
+                            replica_ids,
+                            ticket,
+                            priority,
+                            None,
+                            plan,
+                            flow,
+                            flow_limit,
                         )
                 except PoolExhausted as exc:
                     # this process is busy, Redis is not down: keep waiting, poll again

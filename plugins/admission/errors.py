@@ -20,6 +20,7 @@ class ShedReason(StrEnum):
     LOAD_FAILED = "load_failed"
     MODEL_LOADING = "model_loading"
     GATEWAY_BUSY = "gateway_busy"
+    FLOW_QUEUE_FULL = "flow_queue_full"
 
 
 MESSAGES = {
@@ -32,6 +33,10 @@ MESSAGES = {
     ShedReason.UPSTREAM_OVERLOADED: "every replica of model {model!r} is full",
     ShedReason.LOAD_FAILED: "model {model!r} could not be loaded",
     ShedReason.MODEL_LOADING: "model {model!r} is still loading after {wait}",
+    ShedReason.FLOW_QUEUE_FULL: (
+        "model {model!r} is at capacity and this key's (or tenant's) requests hold all the "
+        "places in its wait queue they may"
+    ),
     ShedReason.GATEWAY_BUSY: (
         "the gateway is too busy to admit a {model!r} request right now (no free connection "
         "to its load store)"
@@ -79,17 +84,23 @@ def stream_start_event(error: GatewayError) -> str:
 
 
 def overloaded(
-    model: str, reason: ShedReason, retry_after_s: float, wait: str = "", detail: str = ""
+    model: str,
+    reason: ShedReason,
+    retry_after_s: float,
+    wait: str = "",
+    detail: str = "",
+    status: int = 503,
 ) -> GatewayError:
-    """503 with the envelope ``{"error": {"message", "type", "param", "code"}}`` and headers."""
+    """503 with the envelope ``{"error": {"message", "type", "param", "code"}}`` and headers
+    (``status`` 429: a limit of the key's own, ``rate_limit_error``)."""
     message = MESSAGES[reason].format(model=model, wait=wait)
     if detail:
         message = f"{message}: {detail}"
     return GatewayError(
         message=f"{message}; retry after {retry_after_s:.1f} s",
-        type="service_unavailable",
+        type="rate_limit_error" if status == 429 else "service_unavailable",
         param=None,
-        status=503,
+        status=status,
         code=reason.value,
         headers=retry_after_headers(retry_after_s),
     )

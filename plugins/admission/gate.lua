@@ -6,9 +6,13 @@
 --
 -- KEY.admitted     admitted:{model}   sorted set: ticket -> lease expiry (ms); the proxy holding
 --                                     a ticket renews its lease while the request runs (renew.lua)
--- KEY.queue        queue:{model}      sorted set: ticket -> priority * 2^40 + arrival sequence
+-- KEY.queue        queue:{model}      sorted set: ticket -> priority * 2^40 + its start tag (the
+--                                     fair order, rules.py; ties by ticket)
 -- KEY.queue_lease  queuelease:{model} sorted set: ticket -> expiry of its place in the queue (ms)
--- KEY.queue_seq    queueseq:{model}   integer: arrival sequence
+-- KEY.fair         fair:{model}       hash: 'v:<priority>' -> the tier's virtual time,
+--                                     'f:<priority>:<flow>' -> the flow's last finish tag
+-- KEY.queue_flow   queueflow:{model}  hash: queued ticket -> its flow
+-- KEY.flow_queued  flowqueued:{model} hash: flow -> its places in the queue
 -- KEY.grant_seq    grantseq:{model}   integer: grants so far (each grant's number is in its
 --                                     message)
 -- KEY.enqueue_seq  enqueueseq:{model} integer: enqueues so far (each enqueue's number is in its
@@ -24,7 +28,9 @@
 --          the queue, from the expected-wait policy in expected_wait.py; none = no limit),
 --          enqueue_channel, routed_index and routed_reservation (release: the request's routing
 --          reservation, its replica's index in 1..N and its id, released in this same call;
---          0 and '' for none),
+--          0 and '' for none), flow, weight, cost (the fair order: the caller's flow, its
+--          weight, the request's tokens), flow_limit (the most places its flow may hold; none =
+--          no limit of its own),
 --          then optionally (enter, poll; when the routing plugin routes this model): pick_params
 --          (pick_lib.lua), the N replica ids and the prompt-block hashes: an admitted request (enter, or poll claiming its
 --          grant) also gets its replica picked and reserved, in this same atomic call
@@ -52,17 +58,19 @@
 -- polling; the numbers tell every proxy exactly how far the queue moved since a reply.
 --
 -- Every request that joins the queue is published on the enqueue channel
--- ("<enqueue number> <priority> <ticket>"): with the grants, every proxy can tell how many are ahead of
--- its next request between two calls (its shed memo, controller.py).
+-- ("<enqueue number> <score> <flow, or - for none> <ticket>"): with the grants, every proxy can
+-- tell how many are ahead of its next request between two calls (its shed memo, controller.py).
 --
 -- Replies REPLY{status, capacity, outstanding, queued, ahead, drain_rps, grants (so far),
 -- enqueued (so far), throughput_rps (the fleet's completions/s when every batch slot is busy:
 -- sum over fresh healthy replicas of max_active * 1000 / request_ms, from the sidecars; 0 while
--- none is measured), picked_index, picked_inflight, picked_score (pick_lib's pick when it
--- picked a replica; picked_index 0 when it did not)}:
+-- none is measured), next_score (enter, peek: the lowest score the caller's flow's next request
+-- can get), picked_index, picked_inflight, picked_score (pick_lib's pick when it picked a
+-- replica; picked_index 0 when it did not)}:
 --   status  1 admitted, 0 waiting (queued), -1 queue full, -2 no capacity (no healthy replica),
 --           -3 unknown ticket (its place expired), -4 expected wait too long (more than
---           ahead_limit ahead of it), 2 released / left
+--           ahead_limit ahead of it), -5 the flow's places all taken (flow_limit), 2 released /
+--           left
 
 --! protocol gate
 --! include ../routing/lease_lib.lua
@@ -77,7 +85,42 @@ local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
 local admitted, queue, qlease = KEY.admitted, KEY.queue, KEY.queue_lease
+local fair, queue_flow, flow_queued = KEY.fair, KEY.queue_flow, KEY.flow_queued
 local FIRST_REPLICA = FIXED_KEYS + 1 -- KEYS[FIRST_REPLICA..]: replica hashes, reservations, indexes
+
+local function fmt(x)
+  return string.format('%.17g', x) -- the same double back (tonumber)
+end
+
+-- a ticket left the queue: its flow holds one place less
+local function unqueued(t)
+  local flow = redis.call('HGET', queue_flow, t)
+  if flow then
+    redis.call('HDEL', queue_flow, t)
+    if redis.call('HINCRBY', flow_queued, flow, -1) <= 0 then
+      redis.call('HDEL', flow_queued, flow)
+    end
+  end
+end
+
+-- the fair order (rules.py: Fair)
+local function start_tag(prio, flow)
+  local v = tonumber(redis.call('HGET', fair, 'v:' .. prio) or '0')
+  local f = tonumber(redis.call('HGET', fair, 'f:' .. prio .. ':' .. flow) or '0')
+  return math.max(v, f)
+end
+
+local function charge(prio, tag)
+  redis.call('HSET', fair, 'f:' .. prio .. ':' .. ARG.flow, fmt(tag + ARG.cost / ARG.weight))
+end
+
+local function served(score)
+  local prio = math.floor(score / PRIORITY_UNIT)
+  local tag = score - prio * PRIORITY_UNIT
+  if tag > tonumber(redis.call('HGET', fair, 'v:' .. prio) or '0') then
+    redis.call('HSET', fair, 'v:' .. prio, fmt(tag))
+  end
+end
 
 -- heal: ended leases (lease_lib.lua: admissions no proxy renews any more, unclaimed grants)
 -- and abandoned places in the queue
@@ -86,6 +129,9 @@ local gone = redis.call('ZRANGEBYSCORE', qlease, '-inf', now_ms)
 if #gone > 0 then
   redis.call('ZREM', queue, unpack(gone))
   redis.call('ZREM', qlease, unpack(gone))
+  for _, t in ipairs(gone) do
+    unqueued(t)
+  end
 end
 
 local n = (#KEYS - FIXED_KEYS) / 3
@@ -93,7 +139,9 @@ local n = (#KEYS - FIXED_KEYS) / 3
 if op == 'release' or op == 'leave' then
   -- leave: a waiter gives up (timeout, client gone); a grant it had not claimed goes too
   redis.call('ZREM', admitted, ticket)
-  redis.call('ZREM', queue, ticket)
+  if redis.call('ZREM', queue, ticket) == 1 then
+    unqueued(ticket)
+  end
   redis.call('ZREM', qlease, ticket)
   if op == 'release' and ARG.routed_index > 0 then
     -- the request's routing reservation ends with it: its batch slot is granted below at once
@@ -138,12 +186,14 @@ local capacity = slots + ARG.allowance * healthy
 local outstanding = redis.call('ZCARD', admitted)
 free = free - math.max(0, outstanding - reserved)
 while free > 0 and outstanding < capacity do
-  local head = redis.call('ZRANGE', queue, 0, 0)
+  local head = redis.call('ZRANGE', queue, 0, 0, 'WITHSCORES')
   if #head == 0 then
     break
   end
   redis.call('ZREM', queue, head[1])
   redis.call('ZREM', qlease, head[1])
+  unqueued(head[1])
+  served(tonumber(head[2]))
   redis.call('ZADD', admitted, now_ms + queue_lease_ms, head[1])
   if redis.call('PTTL', admitted) < queue_lease_ms then
     redis.call('PEXPIRE', admitted, queue_lease_ms)
@@ -167,6 +217,7 @@ local function answer(status, out, waiting, ahead)
     grants = granted,
     enqueued = enqueued,
     throughput_rps = throughput,
+    next_score = 0,
     picked_index = 0,
     picked_inflight = 0,
     picked_score = 0,
@@ -174,8 +225,9 @@ local function answer(status, out, waiting, ahead)
 end
 
 -- admitted now: with the pick arguments, the replica is picked and reserved as well
-local function admit(out, waiting)
+local function admit(out, waiting, nxt)
   local reply = answer(1, out, waiting, 0)
+  reply.next_score = nxt or 0
   if picking then
     local first = FIXED_ARGS + 1
     local chosen = pick_replica(FIRST_REPLICA, n, pick_params(first), first + PICK_PARAMS_COUNT,
@@ -203,14 +255,22 @@ local function hold(expiry_ms)
   end
 end
 
+-- the scores below this one are ahead of a request of this flow and priority
+local function next_score()
+  return priority * PRIORITY_UNIT + start_tag(priority, ARG.flow)
+end
+
 if op == 'peek' then
-  -- what a new request of this priority would find (rules.py: peek): everything queued at its
-  -- priority or better is ahead of it (it would arrive last); nothing changes but the grants
-  local ahead = redis.call('ZCOUNT', queue, '-inf', '(' .. ((priority + 1) * PRIORITY_UNIT))
+  -- what a new request of this flow and priority would find (rules.py: peek): what is queued
+  -- below the score it would get; nothing changes but the grants
+  local score = next_score()
+  local ahead = redis.call('ZCOUNT', queue, '-inf', '(' .. fmt(score))
+  local reply = answer(0, outstanding, queued, ahead)
   if too_long(ahead) then
-    return REPLY(answer(-4, outstanding, queued, ahead))
+    reply.status = -4
   end
-  return REPLY(answer(0, outstanding, queued, ahead))
+  reply.next_score = score
+  return REPLY(reply)
 end
 
 if op == 'enter' then
@@ -218,31 +278,88 @@ if op == 'enter' then
   if redis.call('ZSCORE', admitted, ticket) then
     return REPLY(answer(1, outstanding, queued, 0))
   end
-  local score = priority * PRIORITY_UNIT + redis.call('INCR', KEY.queue_seq)
-  local ahead = redis.call('ZCOUNT', queue, '-inf', '(' .. score)
+  if queued == 0 then
+    redis.call('DEL', fair) -- nothing to share: the tags start again
+  end
+  local tag = start_tag(priority, ARG.flow)
+  local score = priority * PRIORITY_UNIT + tag
+  local ahead = redis.call('ZCOUNT', queue, '-inf', '(' .. fmt(score))
+  local function refused(status)
+    local reply = answer(status, outstanding, queued, ahead)
+    reply.next_score = score
+    return REPLY(reply)
+  end
   if ahead == 0 and outstanding < capacity then
     hold(now_ms + lease_ms)
-    return admit(outstanding + 1, queued)
+    charge(priority, tag)
+    served(score)
+    redis.call('PEXPIRE', fair, queue_lease_ms * 10)
+    return admit(outstanding + 1, queued, next_score())
   end
   if healthy + unknown == 0 then
-    return REPLY(answer(-2, outstanding, queued, ahead))
+    return refused(-2)
   end
   local same = redis.call('ZCOUNT', queue, priority * PRIORITY_UNIT,
     '(' .. ((priority + 1) * PRIORITY_UNIT))
+  local mine = tonumber(redis.call('HGET', flow_queued, ARG.flow) or '0')
+  if ARG.flow_limit ~= nil and mine >= ARG.flow_limit then
+    return refused(-5)
+  end
   if queued >= ARG.max_queue or same >= ARG.queue_limit then
-    return REPLY(answer(-1, outstanding, queued, ahead))
+    if too_long(ahead) then
+      return refused(-1)
+    end
+    -- rules.py: push_out. The last place (of the queue, or of this tier) goes to this request
+    -- when it comes after it and its flow holds more places than this one's flow will
+    local last
+    if queued >= ARG.max_queue then
+      last = redis.call('ZRANGE', queue, -1, -1, 'WITHSCORES')
+    else
+      last = redis.call('ZREVRANGEBYSCORE', queue, '(' .. ((priority + 1) * PRIORITY_UNIT),
+        priority * PRIORITY_UNIT, 'WITHSCORES', 'LIMIT', 0, 1)
+    end
+    if #last == 0 then
+      return refused(-1)
+    end
+    local victim, vscore = last[1], tonumber(last[2])
+    local vflow = redis.call('HGET', queue_flow, victim) or ''
+    local vcount = tonumber(redis.call('HGET', flow_queued, vflow) or '0')
+    if not (vscore > score and vcount > mine + 1) then
+      return refused(-1)
+    end
+    local fewer = same
+    if math.floor(vscore / PRIORITY_UNIT) == priority then
+      fewer = same - 1
+    end
+    if not (queued - 1 < ARG.max_queue and fewer < ARG.queue_limit) then
+      return refused(-1)
+    end
+    -- its waiter finds its place gone at its next poll (LOST)
+    redis.call('ZREM', queue, victim)
+    redis.call('ZREM', qlease, victim)
+    unqueued(victim)
+    queued = queued - 1
+  elseif too_long(ahead) then
+    return refused(-4)
   end
-  if too_long(ahead) then
-    return REPLY(answer(-4, outstanding, queued, ahead))
-  end
-  redis.call('ZADD', queue, score, ticket)
+  charge(priority, tag)
+  redis.call('ZADD', queue, fmt(score), ticket)
   redis.call('ZADD', qlease, now_ms + queue_lease_ms, ticket)
-  redis.call('PEXPIRE', queue, queue_lease_ms * 10)
-  redis.call('PEXPIRE', qlease, queue_lease_ms * 10)
-  redis.call('PEXPIRE', KEY.queue_seq, queue_lease_ms * 10)
+  redis.call('HSET', queue_flow, ticket, ARG.flow)
+  redis.call('HINCRBY', flow_queued, ARG.flow, 1)
+  for _, key in ipairs({queue, qlease, fair, queue_flow, flow_queued}) do
+    redis.call('PEXPIRE', key, queue_lease_ms * 10)
+  end
   enqueued = redis.call('INCR', KEY.enqueue_seq)
-  redis.call('PUBLISH', ARG.enqueue_channel, enqueued .. ' ' .. priority .. ' ' .. ticket)
-  return REPLY(answer(0, outstanding, queued + 1, ahead))
+  local flow_word = ARG.flow
+  if flow_word == '' then
+    flow_word = '-'
+  end
+  redis.call('PUBLISH', ARG.enqueue_channel,
+    enqueued .. ' ' .. fmt(score) .. ' ' .. flow_word .. ' ' .. ticket)
+  local reply = answer(0, outstanding, queued + 1, ahead)
+  reply.next_score = next_score()
+  return REPLY(reply)
 end
 
 -- poll: a waiter claims its grant (the admission's full lease from now), or keeps its place

@@ -13,7 +13,7 @@ from redis.asyncio import Redis
 
 from core.keyschema import KeySchema
 from core.lua import ScriptProtocol, fields, lua_source
-from plugins.admission.rules import Status
+from plugins.admission.rules import NO_FLOW, FlowCall, Status
 from plugins.admission.settings import AdmissionSettings
 from plugins.routing.store import PICK_PARAMS, PICKED, PickPlan, Reservation, candidate_keys
 
@@ -21,7 +21,16 @@ GATE_LUA = Path(__file__).with_name("gate.lua")
 
 GATE = ScriptProtocol(
     "gate",
-    keys=("admitted", "queue", "queue_lease", "queue_seq", "grant_seq", "enqueue_seq"),
+    keys=(
+        "admitted",
+        "queue",
+        "queue_lease",
+        "fair",
+        "queue_flow",
+        "flow_queued",
+        "grant_seq",
+        "enqueue_seq",
+    ),
     args=fields(
         "op",
         "ticket",
@@ -38,6 +47,10 @@ GATE = ScriptProtocol(
         "enqueue_channel",
         ("routed_index", "int"),
         "routed_reservation",
+        "flow",
+        ("weight", "float"),
+        ("cost", "float"),
+        ("flow_limit", "opt_float"),
     ),
     reply=fields(
         ("status", "int"),
@@ -49,6 +62,7 @@ GATE = ScriptProtocol(
         ("grants", "int"),
         ("enqueued", "int"),
         ("throughput_rps", "float"),
+        ("next_score", "float"),
         *((f"picked_{f.name}", f.kind) for f in PICKED),
     ),
 )
@@ -71,6 +85,9 @@ class GateReply:
     throughput_rps: float = 0.0
     """Completions/s of the model's healthy replicas with every batch slot busy (Σ max_active
     / mean request time; 0 while none is measured): how fast a full queue moves."""
+    next_score: float = 0.0
+    """``enter``/``peek``: the lowest queue score the caller's flow's next request of that
+    priority can get; enqueues below it are ahead of that request (``rules.Decision``)."""
     reservation: Reservation | None = None
     """Admitted with a ``PickPlan``: the replica reserved for the request (None when the
     script found no eligible replica; the router then picks as usual)."""
@@ -106,6 +123,8 @@ class AdmissionGate:
         ahead_limit: float | None = None,
         pick: PickPlan | None = None,
         routed: tuple[str, str] | None = None,
+        flow: FlowCall = NO_FLOW,
+        flow_limit: int | None = None,
     ) -> GateReply:
         s = self._settings
         k = self._keys
@@ -114,7 +133,9 @@ class AdmissionGate:
             admitted=k.admitted(model),
             queue=k.queue(model),
             queue_lease=k.queue_lease(model),
-            queue_seq=k.queue_seq(model),
+            fair=k.fair(model),
+            queue_flow=k.queue_flow(model),
+            flow_queued=k.flow_queued(model),
             grant_seq=k.grant_seq(model),
             enqueue_seq=k.enqueue_seq(model),
         )
@@ -135,6 +156,10 @@ class AdmissionGate:
             enqueue_channel=k.enqueues(model),
             routed_index=0 if routed is None else replica_ids.index(routed[0]) + 1,
             routed_reservation="" if routed is None else routed[1],
+            flow=flow.flow,
+            weight=flow.weight,
+            cost=flow.cost,
+            flow_limit=flow_limit,
         )
         reply, _ = GATE.decode(await self._script(keys=keys, args=args))
         picked = {f.name: reply.pop(f"picked_{f.name}") for f in PICKED}
@@ -152,20 +177,38 @@ class AdmissionGate:
         priority: int,
         ahead_limit: float | None = None,
         pick: PickPlan | None = None,
+        flow: FlowCall = NO_FLOW,
+        flow_limit: int | None = None,
     ) -> GateReply:
         """Admit, queue, or refuse ``ticket``; with ``ahead_limit``, refuse it
         (``WAIT_TOO_LONG``) rather than queue it behind more than that many; with ``pick``,
-        an admitted ticket's replica is reserved as well (``GateReply.reservation``)."""
+        an admitted ticket's replica is reserved as well (``GateReply.reservation``). ``flow``:
+        its place in the fair order; ``flow_limit``: the most places its flow may hold
+        (``FLOW_FULL`` beyond)."""
         return await self._call(
-            "enter", model, replica_ids, ticket, priority, ahead_limit, pick=pick
+            "enter",
+            model,
+            replica_ids,
+            ticket,
+            priority,
+            ahead_limit,
+            pick=pick,
+            flow=flow,
+            flow_limit=flow_limit,
         )
 
     async def peek(
-        self, model: str, replica_ids: Sequence[str], priority: int, ahead_limit: float | None
+        self,
+        model: str,
+        replica_ids: Sequence[str],
+        priority: int,
+        ahead_limit: float | None,
+        flow: FlowCall = NO_FLOW,
     ) -> GateReply:
-        """What a new request of ``priority`` would find (``ahead``; ``WAIT_TOO_LONG`` over
-        ``ahead_limit``), changing nothing but the grants every call makes first."""
-        return await self._call("peek", model, replica_ids, "", priority, ahead_limit)
+        """What a new request of ``flow`` and ``priority`` would find (``ahead``;
+        ``WAIT_TOO_LONG`` over ``ahead_limit``), changing nothing but the grants every call
+        makes first."""
+        return await self._call("peek", model, replica_ids, "", priority, ahead_limit, flow=flow)
 
     async def poll(
         self,

@@ -9,9 +9,10 @@ number seen per channel (``granted``) says how far the fleet-wide queue moved, w
 controller's shed memo reads (numbers, not counts: a message that arrives after the reply of a
 script call it preceded is not counted twice).
 
-The same connection listens to the model's enqueue channel: ``<enqueue number> <priority>
-<ticket>`` for each request any proxy queued. ``enqueued_since`` counts those after a reply's
-number at a priority or better: the arrivals now ahead of this process's next request.
+The same connection listens to the model's enqueue channel: ``<enqueue number> <score> <flow>
+<ticket>`` for each request any proxy queued (its queue score, its flow or ``-``).
+``enqueued_since`` counts those after a reply's number of the same flow or with a score below a
+bound: the arrivals now ahead of this process's next request of that flow in the fair order.
 ``generation`` changes with every (re)connection: messages may have been missed in between.
 """
 
@@ -21,6 +22,7 @@ import asyncio
 import bisect
 import contextlib
 import logging
+import math
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
@@ -43,30 +45,33 @@ class Enqueues:
     """Recent enqueue messages of one channel, in number order (Redis publishes in order)."""
 
     numbers: list[int] = field(default_factory=list)
-    priorities: list[int] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+    flows: list[str] = field(default_factory=list)
     tickets: list[str] = field(default_factory=list)
 
-    def add(self, number: int, priority: int, ticket: str) -> None:
+    def add(self, number: int, score: float, flow: str, ticket: str) -> None:
         if self.numbers and number <= self.numbers[-1]:
             return  # a repeat (or out of order): never counted twice
         self.numbers.append(number)
-        self.priorities.append(priority)
+        self.scores.append(score)
+        self.flows.append(flow)
         self.tickets.append(ticket)
         if len(self.numbers) > 2 * ENQUEUES_KEPT:
-            del self.numbers[:ENQUEUES_KEPT], self.priorities[:ENQUEUES_KEPT]
-            del self.tickets[:ENQUEUES_KEPT]
+            del self.numbers[:ENQUEUES_KEPT], self.scores[:ENQUEUES_KEPT]
+            del self.flows[:ENQUEUES_KEPT], self.tickets[:ENQUEUES_KEPT]
 
-    def since(self, number: int, priority: int, besides: Collection[str] = ()) -> int | None:
-        """Enqueues numbered above ``number`` at ``priority`` or better (lower), except the
-        tickets ``besides``; None when some of them are no longer kept."""
+    def since(
+        self, number: int, bound: float, flow: str = "", besides: Collection[str] = ()
+    ) -> int | None:
+        """Enqueues numbered above ``number`` ahead of the next request of ``flow`` whose score
+        is at least ``bound``: those of its own flow (first come, first served within a flow)
+        and those of other flows with a lower score; except the tickets ``besides``. None when
+        some of them are no longer kept."""
         if self.numbers and number < self.numbers[0] - 1:
             return None
         start = bisect.bisect_right(self.numbers, number)
-        return sum(
-            1
-            for p, t in zip(self.priorities[start:], self.tickets[start:], strict=True)
-            if p <= priority and t not in besides
-        )
+        rows = zip(self.scores[start:], self.flows[start:], self.tickets[start:], strict=True)
+        return sum(1 for score, f, t in rows if (f == flow or score < bound) and t not in besides)
 
 
 class GrantListener:
@@ -102,13 +107,18 @@ class GrantListener:
         self._waiters.pop(ticket, None)
 
     def enqueued_since(
-        self, channel: str, number: int, priority: int, besides: Collection[str] = ()
+        self,
+        channel: str,
+        number: int,
+        bound: float,
+        flow: str = "",
+        besides: Collection[str] = (),
     ) -> int | None:
-        """Requests queued on ``channel`` after enqueue ``number`` at ``priority`` or better,
-        except the tickets ``besides``; None when not known (not watched, or older than the
-        messages kept)."""
+        """Requests queued on ``channel`` after enqueue ``number`` ahead of the next request of
+        ``flow`` (score at least ``bound``), except the tickets ``besides``; None when not known
+        (not watched, or older than the messages kept)."""
         enqueues = self._enqueues.get(channel)
-        return enqueues.since(number, priority, besides) if enqueues is not None else None
+        return enqueues.since(number, bound, flow, besides) if enqueues is not None else None
 
     async def watch(self, grants: str, enqueues: str | None = None) -> None:
         """Listen to a model's ``grants`` channel (and its ``enqueues`` channel) from now on
@@ -172,10 +182,15 @@ class GrantListener:
         text = data.decode() if isinstance(data, bytes) else str(data)
         first, _, second = text.partition(" ")
         enqueues = self._enqueues.get(channel)
-        if enqueues is not None:  # "<enqueue number> <priority> <ticket>"
-            priority, _, ticket = second.partition(" ")
-            if first.isdigit() and priority.lstrip("-").isdigit():
-                enqueues.add(int(first), int(priority), ticket)
+        if enqueues is not None:  # "<enqueue number> <score> <flow, or -> <ticket>"
+            score, _, rest = second.partition(" ")
+            flow, _, ticket = rest.partition(" ")
+            try:
+                value = float(score)
+            except ValueError:
+                value = math.nan
+            if first.isdigit() and math.isfinite(value) and flow:
+                enqueues.add(int(first), value, "" if flow == "-" else flow, ticket)
             return
         if second.isdigit():  # "<ticket> <grant number>"
             self.granted[channel] = max(self.granted.get(channel, 0), int(second))

@@ -33,13 +33,16 @@ from core.redis_client import fail_fast_redis
 from plugins.admission.controller import AdmissionController
 from plugins.admission.errors import ShedReason, model_not_found, stream_start_event
 from plugins.admission.gate import AdmissionGate
+from plugins.admission.rules import FlowCall
 from plugins.admission.settings import AdmissionSettings
-from plugins.auth.identity import priority_of
+from plugins.auth.identity import flow_of, priority_of
 from plugins.loop_lag import MONITOR
 from plugins.overflow import is_upstream_overflow
 from plugins.request_end import RequestEndHook
 from plugins.request_ticket import TICKETS, TicketBook
 from plugins.routing.hook import proxy_router
+from plugins.routing.policy import NO_SHAPE, RequestShape
+from plugins.routing.prefix import count_tokens, prompt_text
 from plugins.tracing import annotate, span
 
 log = logging.getLogger(__name__)
@@ -96,6 +99,9 @@ class AdmissionHook(RequestEndHook):
         if picker is not None:
             picker.describe(str(ticket), data)  # the request's size and prompt blocks
         priority = priority_of(user_api_key_dict)
+        flow = flow_of(user_api_key_dict)
+        shape = picker.shape(str(ticket)) if picker is not None else NO_SHAPE
+        cost = request_cost(data, shape, self.settings.fair_default_output_tokens)
         parent = user_api_key_dict.parent_otel_span
         with span("triage.admit", parent, model=str(model), priority=priority):
             await self.controller.admit(
@@ -104,6 +110,8 @@ class AdmissionHook(RequestEndHook):
                 str(ticket),
                 priority,
                 picker if picker is not None and picker.installed_on(router) else None,
+                FlowCall(flow.name, flow.weight, cost),
+                flow.max_queued,
             )
             routing = self.book.get(str(ticket))
             annotate(replica=routing.routing.prepicked if routing and routing.routing else None)
@@ -178,3 +186,18 @@ class AdmissionHook(RequestEndHook):
         ticket = data.get("litellm_call_id")
         if ticket:
             await self.book.end(str(ticket))
+
+
+def request_cost(data: Mapping[str, Any], shape: RequestShape, default_output: int) -> float:
+    """A request's work for the fair share between flows, in tokens: its prompt and the output
+    it may produce (``max_tokens``; ``default_output`` without one). The routing plugin's
+    shape of it when there is one (counted once), else counted here."""
+    if shape is not NO_SHAPE:
+        return float(max(1, shape.prompt_tokens + shape.output_tokens))
+    text = prompt_text(data.get("messages"), data.get("prompt", data.get("input")))
+    output = data.get("max_completion_tokens") or data.get("max_tokens")
+    try:
+        output_tokens = int(output) if output is not None else default_output
+    except (TypeError, ValueError):
+        output_tokens = default_output
+    return float(max(1, count_tokens(text) + max(0, output_tokens)))

@@ -41,6 +41,20 @@ class AdmissionSettings(BaseSettings):
         description="queue depth limit per priority tier, e.g. {2: 16}: tier 2 may hold at "
         "most 16 places (tiers not listed: max_queue)",
     )
+    flow_max_queue: int | None = Field(
+        default=None,
+        ge=0,
+        description="the most places one flow (a key, its team or the tenant its metadata "
+        "names) may hold in a model's queue (503 flow_queue_full beyond; default none: a full "
+        "queue already gives the last place of the flow holding the most to a request of a "
+        "smaller one); a key's metadata max_queued bounds its own flow (429 beyond)",
+    )
+    fair_default_output_tokens: int = Field(
+        default=256,
+        ge=1,
+        description="the output tokens a request without max_tokens counts for in the fair "
+        "share between flows (its prompt tokens count too)",
+    )
     max_wait_ms: int = Field(default=10_000, ge=0, description="longest wait in the queue")
     expected_wait_fraction: float = Field(
         default=0.8,
@@ -111,3 +125,13 @@ class AdmissionSettings(BaseSettings):
 
     def queue_limit(self, priority: int) -> int:
         return min(self.max_queue, self.priority_max_queue.get(priority, self.max_queue))
+
+    def flow_limit(self, own: int | None = None) -> int | None:
+        """The places a flow may hold in a model's queue: ``flow_max_queue`` and the key's own
+        ``own`` bound, the lower (None: no bound of its own)."""
+        bounds = [b for b in (self.flow_max_queue, own) if b is not None]
+        return min(bounds) if bounds else None
+
+    def own_flow_limit(self, own: int | None) -> bool:
+        """Whether the key's own bound ``own`` is the one that holds (its overflow: 429)."""
+        return own is not None and (self.flow_max_queue is None or own < self.flow_max_queue)

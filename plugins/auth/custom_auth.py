@@ -59,7 +59,7 @@ from redis.exceptions import RedisError
 
 from core.redis_client import PoolExhausted
 from plugins.auth.errors import model_not_found
-from plugins.auth.identity import KEY_SOURCE, MASTER, key_id_of
+from plugins.auth.identity import KEY_SOURCE, MASTER, flow_from, key_id_of
 from plugins.auth.keystore import (
     CorruptRecordError,
     KeyRecord,
@@ -254,6 +254,8 @@ class CachedIdentity:
     revoked: answer 401."""
     priority: int = DEFAULT_PRIORITY
     models: tuple[str, ...] = ()
+    flow: str = ""
+    """The admission gate's flow of the key (``identity.flow_of``)."""
 
 
 def cached_identity(authorization: str | None) -> CachedIdentity | None:
@@ -274,11 +276,20 @@ def cached_identity(authorization: str | None) -> CachedIdentity | None:
         return CachedIdentity(known=False)
     master = os.environ.get(MASTER_KEY_ENV)
     if master and hmac.compare_digest(presented.encode(), master.encode()):
-        return CachedIdentity(known=True, priority=authenticator.settings.admin_priority)
+        return CachedIdentity(
+            known=True,
+            priority=authenticator.settings.admin_priority,
+            flow=flow_from(ADMIN_KEY_ID, {}).name,
+        )
     fresh, record = authenticator.cached(hash_key(presented))
     if record is None:
         return CachedIdentity(known=False) if fresh else None
-    return CachedIdentity(known=True, priority=record.priority, models=tuple(record.models))
+    return CachedIdentity(
+        known=True,
+        priority=record.priority,
+        models=tuple(record.models),
+        flow=flow_from(record.key_id, record.metadata).name,
+    )
 
 
 NO_KEY_MESSAGE = (

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from litellm.constants import LITELLM_PROXY_MASTER_KEY_ALIAS
 from litellm.proxy._types import UserAPIKeyAuth
@@ -89,3 +91,81 @@ def key_id_of(user_api_key_dict: UserAPIKeyAuth) -> str:
     if not _SHA256_HEX.match(token):  # never show part of a key that LiteLLM did not hash
         token = hashlib.sha256(token.encode()).hexdigest()
     return token[:KEY_ID_LEN]
+
+
+@dataclass(frozen=True)
+class Flow:
+    """A request's flow for the admission gate's fair share (``plugins/admission/rules.py``):
+    who it is served as, that flow's weight, and the places in the queue it may hold."""
+
+    name: str
+    """``tenant:<name>`` when the key's (or its team's) metadata names a ``tenant``, else
+    ``team:<id>`` for a key of a team, else ``key:<key id>``: never the key itself."""
+    weight: float = 1.0
+    """Metadata ``weight`` (> 0): the flow's share relative to the others of its tier."""
+    max_queued: int | None = None
+    """Metadata ``max_queued`` (>= 0): the most requests of the flow waiting in the queue."""
+
+
+def _metadata_number(
+    sources: tuple[tuple[str, object], ...], field: str, key_id: str, low: float
+) -> float | None:
+    """The first usable ``field`` (a number >= ``low``) of the metadata ``sources``."""
+    for where, metadata in sources:
+        if not isinstance(metadata, Mapping) or field not in metadata:
+            continue
+        value = metadata[field]
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            number = float(value)
+            if not (math.isfinite(number) and number >= low):
+                raise ValueError
+        except (TypeError, ValueError):
+            if key_id not in _warned and len(_warned) < _WARN_LIMIT:
+                _warned.add(key_id)
+                log.warning("key %s: ignoring %s.%s: %r", key_id, where, field, value)
+            continue
+        return number
+    return None
+
+
+def _word(text: str) -> str:
+    """A name as one word of at most 128 characters (it travels in space-separated messages)."""
+    return re.sub(r"\s+", "_", text.strip())[:128]
+
+
+def flow_from(
+    key_id: str,
+    metadata: object,
+    team_metadata: object = None,
+    team_id: str | None = None,
+) -> Flow:
+    """The flow of a key (``flow_of``), from its metadata, its team's, and its ids."""
+    sources = (("metadata", metadata), ("team_metadata", team_metadata))
+    name = f"key:{key_id}"
+    if team_id:
+        name = f"team:{_word(team_id)}"
+    for _, source in sources:
+        tenant = source.get("tenant") if isinstance(source, Mapping) else None
+        if isinstance(tenant, str) and tenant.strip():
+            name = f"tenant:{_word(tenant)}"
+            break
+    weight = _metadata_number(sources, "weight", key_id, 0.0)
+    queued = _metadata_number(sources, "max_queued", key_id, 0.0)
+    return Flow(
+        name=name,
+        weight=weight if weight is not None and weight > 0.0 else 1.0,
+        max_queued=int(queued) if queued is not None else None,
+    )
+
+
+def flow_of(user_api_key_dict: UserAPIKeyAuth) -> Flow:
+    """The request's flow: its key's (or team's) ``tenant``, ``weight`` and ``max_queued``
+    metadata, as ``priority_of`` reads ``priority``."""
+    return flow_from(
+        key_id_of(user_api_key_dict),
+        user_api_key_dict.metadata,
+        user_api_key_dict.team_metadata,
+        user_api_key_dict.team_id,
+    )

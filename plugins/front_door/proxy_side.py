@@ -102,11 +102,11 @@ class LiteLLMSide:
         if gated is None:
             return None
         controller, replica_ids = gated
-        shed = controller.shed_early(model, replica_ids, identity.priority)
+        shed = controller.shed_early(model, replica_ids, identity.priority, flow=identity.flow)
         if shed is not None:
             return _shed_answer(shed)
         # ahead of the next ones until it reaches the gate
-        controller.arrive(model, call_id, identity.priority, reached_gate)
+        controller.arrive(model, call_id, identity.priority, reached_gate, identity.flow)
         return None
 
     def recheck(self, model: str, call_id: str) -> Answer | None:
@@ -117,7 +117,9 @@ class LiteLLMSide:
         priority = controller.priority_of(model, call_id)
         if priority is None:
             return None
-        shed = controller.shed_early(model, replica_ids, priority, call_id)
+        shed = controller.shed_early(
+            model, replica_ids, priority, call_id, controller.flow_of(call_id)
+        )
         return None if shed is None else _shed_answer(shed)
 
     def _gated(self, model: str) -> tuple[AdmissionController, list[str]] | None:
