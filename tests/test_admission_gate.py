@@ -19,7 +19,7 @@ from devstack.redis_launcher import RedisServer
 from plugins.admission.controller import AdmissionController, QueueRate
 from plugins.admission.errors import GatewayError
 from plugins.admission.gate import AdmissionGate, Status
-from plugins.admission.rules import PRIORITY_UNIT
+from plugins.admission.rules import PRIORITY_UNIT, FlowCall
 from plugins.admission.settings import AdmissionSettings
 from plugins.routing.policy import PolicyParams
 from plugins.routing.store import PickPlan, RoutingStore
@@ -713,4 +713,89 @@ async def test_the_fleet_throughput_stands_in_for_the_queue_rate_until_one_is_me
     limit = ctl.ahead_limit("m", time.monotonic())
     assert limit == pytest.approx(s.expected_wait_fraction * s.max_wait_ms / 1000 * 20.0 - 1)
     await ctl.finish("t1")
+    await drained(ctl)
+
+
+async def test_a_flood_from_one_key_does_not_starve_another_across_two_proxies(
+    client: Redis,
+    redis_server: RedisServer,
+    controllers: Callable[[Redis, AdmissionSettings], AdmissionController],
+) -> None:
+    """Proxy A queues a flood of 6 from one key; proxy B then gets one request of another key:
+    of the next two slots that free, one is B's (its start tag ties with the flood's first).
+    With fair_share off (first come, first served in a tier, as before) B's request waits
+    behind the whole flood."""
+    for fair in (True, False):
+        s = settings(redis_server, max_queue=10, fair_share=fair, stale_after_ms=60_000)
+        await publish(client, s, a={"max_active": 2}, b={"healthy": False})  # 2 + 1 allowance
+        a, b = controllers(client, s), controllers(client, s)
+        flood = FlowCall("key:flood", 1.0, 100.0)
+        for i in range(3):
+            await a.admit("m", IDS, f"run-{i}", 1, flow=flood)
+        waiting = [
+            asyncio.create_task(a.admit("m", IDS, f"flood-{i}", 1, flow=flood)) for i in range(6)
+        ]
+        while (await a.gate.counts("m"))[1] < 6:
+            await asyncio.sleep(0.01)
+        steady = asyncio.create_task(
+            b.admit("m", IDS, "steady", 1, flow=FlowCall("key:steady", 1.0, 100.0))
+        )
+        while (await a.gate.counts("m"))[1] < 7:
+            await asyncio.sleep(0.01)
+        for i in range(3):  # two batch slots free: who gets them?
+            await a.finish(f"run-{i}")
+        granted: list[str] = []
+        pending = {steady, *waiting}
+        while len(granted) < 2:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            assert all(task.exception() is None for task in done)  # granted, not timed out
+            granted += ["steady" if task is steady else "flood" for task in done]
+
+        assert ("steady" in granted) == fair, (fair, granted)
+        for task in [steady, *waiting]:
+            task.cancel()
+        await asyncio.gather(steady, *waiting, return_exceptions=True)
+        for ticket in ("steady", *(f"flood-{i}" for i in range(6))):
+            await a.finish(ticket)
+            await b.finish(ticket)
+        await drained(a)
+
+
+async def test_a_keys_own_queue_bound_is_a_429_and_the_settings_a_503(
+    client: Redis,
+    redis_server: RedisServer,
+    controllers: Callable[[Redis, AdmissionSettings], AdmissionController],
+) -> None:
+    s = settings(redis_server, max_queue=10, flow_max_queue=3, stale_after_ms=60_000)
+    await publish(client, s, a={"max_active": 1}, b={"healthy": False})
+    ctl = controllers(client, s)
+    flood = FlowCall("key:flood", 1.0, 100.0)
+    await ctl.admit("m", IDS, "run-0", 1, flow=flood)
+    await ctl.admit("m", IDS, "run-1", 1, flow=flood)
+    own = [asyncio.create_task(ctl.admit("m", IDS, "own-0", 1, flow=flood, own_limit=2))]
+    own.append(asyncio.create_task(ctl.admit("m", IDS, "own-1", 1, flow=flood, own_limit=2)))
+    while (await ctl.gate.counts("m"))[1] < 2:
+        await asyncio.sleep(0.01)
+    with pytest.raises(GatewayError) as info:
+        await ctl.admit("m", IDS, "own-2", 1, flow=flood, own_limit=2)
+    assert info.value.status_code == 429
+    body = info.value.to_dict()
+    assert body["code"] == "flow_queue_full" and body["type"] == "rate_limit_error"
+    assert int((info.value.headers or {})["Retry-After"]) >= 1
+    own.append(asyncio.create_task(ctl.admit("m", IDS, "set-2", 1, flow=flood)))
+    while (await ctl.gate.counts("m"))[1] < 3:
+        await asyncio.sleep(0.01)
+    with pytest.raises(GatewayError) as info:
+        await ctl.admit("m", IDS, "set-3", 1, flow=flood)  # the setting's bound: 3
+    assert info.value.status_code == 503
+    assert info.value.to_dict()["code"] == "flow_queue_full"
+    # another key's request still queues
+    other = asyncio.create_task(ctl.admit("m", IDS, "other", 1, flow=FlowCall("key:other")))
+    while (await ctl.gate.counts("m"))[1] < 4:
+        await asyncio.sleep(0.01)
+    for task in [*own, other]:
+        task.cancel()
+    await asyncio.gather(*own, other, return_exceptions=True)
+    await ctl.finish("run-0")
+    await ctl.finish("run-1")
     await drained(ctl)

@@ -30,7 +30,7 @@ from plugins.auth.disclosure import (
     public_model_info,
     scrubbed_client_message,
 )
-from plugins.auth.identity import KEY_SOURCE, key_id_of, priority_of
+from plugins.auth.identity import KEY_SOURCE, Flow, flow_of, key_id_of, priority_of
 from plugins.auth.keystore import KeyStore, hash_key
 from plugins.auth.model_access import ModelAccessHook, model_access, model_allowed, model_served
 from plugins.auth.routes import (
@@ -692,6 +692,7 @@ def test_cli_create_list_revoke(cli_store: list[str], capsys: pytest.CaptureFixt
     assert (record.alias, record.models, record.priority) == ("cli-a", ("m1", "m2"), 0)
     assert record.max_parallel_requests == 3
     assert record.key_id in out
+    assert record.metadata == {}  # no fair-share fields: the key is its own flow, weight 1
 
     assert main([*cli_store, "create", "--alias", "cli-b", "--json"]) == 0
     created = json.loads(capsys.readouterr().out)
@@ -794,3 +795,40 @@ async def test_a_busy_pool_is_503_busy_not_an_outage(
     finally:
         set_authenticator(previous)
         await authenticator.aclose()
+
+
+def test_cli_create_with_a_tenant_weight_and_queue_bound(
+    cli_store: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The fair-share fields land in the key's metadata, where the admission gate reads them
+    (``identity.flow_of``): keys of one tenant are one flow."""
+    create = ["create", "--alias", "cli-t", "--tenant", "acme corp", "--weight", "2.5"]
+    assert main([*create, "--max-queued", "4", *cli_store]) == 0
+    plaintext = capsys.readouterr().out.splitlines()[0]
+    record = lookup(cli_store[1], cli_store[3], plaintext)
+    assert record.metadata == {"tenant": "acme corp", "weight": 2.5, "max_queued": 4}
+    flow = flow_of(UserAPIKeyAuth(api_key=record.key_hash, metadata={
+        **record.metadata, "key_id": record.key_id,
+    }))  # fmt: skip
+    assert flow == Flow("tenant:acme_corp", 2.5, 4)
+    with pytest.raises(SystemExit):
+        main(["create", "--alias", "cli-w", "--weight", "0", *cli_store])
+
+
+def test_the_flow_of_a_key() -> None:
+    """Tenant (key, then team metadata), else team id, else key id; bad fields ignored."""
+    key = UserAPIKeyAuth(api_key="a" * 64, metadata={"key_id": "k1"})
+    assert flow_of(key) == Flow("key:k1", 1.0, None)
+    team = UserAPIKeyAuth(api_key="a" * 64, metadata={"key_id": "k1"}, team_id="t 9")
+    assert flow_of(team).name == "team:t_9"
+    tenant = UserAPIKeyAuth(
+        api_key="a" * 64,
+        metadata={"key_id": "k1", "weight": "3"},
+        team_id="t9",
+        team_metadata={"tenant": "acme", "weight": 0.5, "max_queued": 2},
+    )
+    assert flow_of(tenant) == Flow("tenant:acme", 3.0, 2)  # the key's weight first
+    bad = UserAPIKeyAuth(
+        api_key="a" * 64, metadata={"key_id": "k2", "weight": -1, "max_queued": "x"}
+    )
+    assert flow_of(bad) == Flow("key:k2", 1.0, None)

@@ -439,6 +439,8 @@ class AdmissionController:
         the key's flow (``identity.flow_of``), whose memo it is judged by."""
         if not self.outage.should_try():
             return None  # per-process fallback: the hook bounds it
+        if not self.settings.fair_share:
+            flow = ""  # the hook enters every request as one flow
         started = time.perf_counter()
         now = time.monotonic()
         limit = self.ahead_limit(model, now)
@@ -470,6 +472,8 @@ class AdmissionController:
         key's own bound on the flow's places in the queue (over it: 429)."""
         started = time.perf_counter()
         self.arrived(ticket, model)
+        if not self.settings.fair_share:
+            flow, own_limit = NO_FLOW, None  # one flow: first come, first served in a tier
         if not self.outage.should_try():
             self._admit_locally(model, replica_ids, ticket, started)
             return
@@ -481,7 +485,7 @@ class AdmissionController:
             raise memo_shed
         granted = self.grants.expect(ticket)  # before entering: a grant may come at once
         entering = self.entering.setdefault((model, priority, flow.flow), set())
-        flow_limit = self.settings.flow_limit(own_limit)
+        flow_limit = self.settings.flow_limit(own_limit) if self.settings.fair_share else None
         try:
             entering.add(ticket)  # may queue ahead of the next arrival
             try:

@@ -41,6 +41,12 @@ class AdmissionSettings(BaseSettings):
         description="queue depth limit per priority tier, e.g. {2: 16}: tier 2 may hold at "
         "most 16 places (tiers not listed: max_queue)",
     )
+    fair_share: bool = Field(
+        default=True,
+        description="within a priority tier, serve flows (keys, teams, tenants) by the tokens "
+        "they have received, weighted (metadata weight); false: first come, first served "
+        "within a tier (as before; no per-flow cap, no push-out)",
+    )
     flow_max_queue: int | None = Field(
         default=None,
         ge=0,

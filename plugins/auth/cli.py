@@ -75,6 +75,24 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument(
         "--max-parallel", type=int, default=None, help="concurrent requests; default unlimited"
     )
+    create.add_argument(
+        "--tenant",
+        default=None,
+        help="the flow the admission gate serves the key's requests as (keys of one tenant "
+        "share its fair share); default the key itself",
+    )
+    create.add_argument(
+        "--weight",
+        type=float,
+        default=None,
+        help="the flow's share relative to the others of its tier (> 0); default 1",
+    )
+    create.add_argument(
+        "--max-queued",
+        type=int,
+        default=None,
+        help="the most requests of the flow waiting in a model's queue (over it: 429)",
+    )
     create.add_argument("--json", action="store_true", help="print one JSON object")
 
     listing = commands.add_parser("list", help="the live keys (never the keys themselves)")
@@ -169,7 +187,11 @@ async def _run(args: argparse.Namespace, settings: KeysSettings) -> int:
             models = [m.strip() for m in args.models.split(",") if m.strip()]
             try:
                 plaintext, record = await store.create(
-                    args.alias, models, args.priority, args.max_parallel
+                    args.alias,
+                    models,
+                    args.priority,
+                    args.max_parallel,
+                    metadata=_flow_metadata(args),
                 )
             except ValidationError as exc:
                 hints = {"max_parallel_requests": "--max-parallel"}
@@ -235,3 +257,14 @@ def main(argv: list[str]) -> int:
         print(_invalid(exc, hints), file=sys.stderr)
         return 2
     return asyncio.run(_run(args, settings))
+
+
+def _flow_metadata(args: argparse.Namespace) -> dict[str, object] | None:
+    """The admission gate's fair-share fields of a new key (``identity.flow_of`` reads them)."""
+    if args.weight is not None and not args.weight > 0:
+        raise SystemExit("--weight must be > 0")
+    if args.max_queued is not None and args.max_queued < 0:
+        raise SystemExit("--max-queued must be >= 0")
+    fields = {"tenant": args.tenant, "weight": args.weight, "max_queued": args.max_queued}
+    metadata = {k: v for k, v in fields.items() if v is not None}
+    return metadata or None
