@@ -84,6 +84,12 @@ class Admission:
     replica_ids: tuple[str, ...]
     local: bool
     """A per-process slot (Redis was out), not a ticket in the fleet-wide gate."""
+    priority: int = 0
+    flow: str = ""
+    """The fair share's flow the request was admitted as, its weight, and the tokens it was
+    charged (its prompt and ``max_tokens``): corrected by its usage at the release."""
+    weight: float = 1.0
+    cost: float = 1.0
 
 
 @dataclass
@@ -109,6 +115,8 @@ class RequestTicket:
     attempt_ids: list[str] = field(default_factory=list)
     """Other call ids of this request (stream restarts)."""
     ended: bool = False
+    usage_tokens: int | None = None
+    """Prompt + completion tokens the response reported (None: not reported)."""
 
     def take_reservation(self, replica_id: str | None) -> Held | None:
         """Out of the ticket: the latest reservation on ``replica_id`` (any, if None)."""

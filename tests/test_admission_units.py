@@ -116,3 +116,24 @@ def test_retry_promises_spread_a_burst_at_the_drain_rate() -> None:
     assert promises.pending(102.0, 2.0) == pytest.approx(1.0)
     assert promises.pending(200.0, 2.0) == 0.0
     assert promises.pending(100.0, None) == 0.0  # no rate, nothing counted
+
+
+def test_the_hook_notes_the_tokens_a_response_used_on_its_ticket() -> None:
+    """Non-stream responses and a stream's last chunk carry ``usage.total_tokens``: the
+    admission's fair share is corrected by them at the release."""
+    from litellm.types.utils import ModelResponse, Usage
+
+    from plugins.admission.hook import AdmissionHook
+    from plugins.admission.settings import AdmissionSettings
+    from plugins.request_ticket import TicketBook
+
+    book = TicketBook()
+    hook = AdmissionHook(AdmissionSettings(redis_url="redis://127.0.0.1:1"), book)
+    ticket = book.open("c1")
+    response = ModelResponse(usage=Usage(prompt_tokens=12, completion_tokens=30, total_tokens=42))
+    hook._note_usage("c1", response)
+    assert ticket.usage_tokens == 42
+    hook._note_usage("c1", {"usage": {"total_tokens": 7}})
+    assert ticket.usage_tokens == 7
+    hook._note_usage("c1", {"usage": None})  # nothing reported: the last count stays
+    assert ticket.usage_tokens == 7

@@ -254,3 +254,32 @@ def test_backlogged_flows_get_their_weighted_share_of_tokens(
             break
         normalized = list(served.values())
         assert max(normalized) - min(normalized) <= bound + 1e-6, (served, bound)
+
+
+def test_a_release_corrects_the_charge_by_the_tokens_used() -> None:
+    """Charged its max_tokens (1000) at entry, a request that used 100 gives its flow back the
+    difference: the flow's next request is not held back for tokens it never received."""
+    view = busy_view()
+    enter(view, "a-0", "key:a", cost=1000.0)
+    enter(view, "b-0", "key:b", cost=1000.0)
+    view.admitted.add("a-0")
+    view.queue = [q for q in view.queue if q.ticket != "a-0"]
+    assert view.fair.finish[(1, "key:a")] == 1000.0
+    rules.gate_call(
+        view,
+        "release",
+        "a-0",
+        1,
+        full_fleet(),
+        params(),
+        NOW,
+        FlowCall("key:a", 2.0, 1000.0),
+        100.0,
+    )
+    assert view.fair.finish[(1, "key:a")] == 1000.0 + (100.0 - 1000.0) / 2.0
+    # after the tags restarted there is nothing to correct
+    fresh = busy_view()
+    rules.gate_call(
+        fresh, "release", "x", 1, full_fleet(), params(), NOW, FlowCall("key:a", 1.0, 10.0), 5.0
+    )
+    assert fresh.fair.finish == {}

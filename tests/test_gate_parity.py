@@ -84,6 +84,7 @@ def gate_cases(draw: st.DrawFn) -> dict[str, Any]:
         "weight": draw(st.one_of(st.sampled_from([1.0, 0.5, 3.0]), st.floats(0.01, 100.0))),
         "cost": draw(st.one_of(st.sampled_from([1.0, 300.0]), st.floats(1.0, 1e5))),
         "flow_limit": draw(st.one_of(st.none(), st.integers(0, 4))),
+        "usage": draw(st.one_of(st.none(), st.sampled_from([0.0, 50.0]), st.floats(0.0, 1e5))),
         "op": op,
         "who": draw(st.sampled_from(["new", "admitted", "queued"])),
         "priority": draw(st.integers(0, 2)),
@@ -240,7 +241,8 @@ async def check_case(client: Redis, redis_server: RedisServer, case: dict[str, A
     flow = rules.FlowCall(case["flow"], case["weight"], case["cost"])
     view = rules.GateView(set(admitted), live_queue, fair)
     now = await redis_now_ms(client)
-    expected = rules.gate_call(view, op, ticket, priority, loads, params, now, flow)
+    usage = case["usage"] if op == "release" else None
+    expected = rules.gate_call(view, op, ticket, priority, loads, params, now, flow, usage)
 
     if op == "enter":
         reply = await gate.enter(
@@ -253,7 +255,7 @@ async def check_case(client: Redis, redis_server: RedisServer, case: dict[str, A
     elif op == "leave":
         reply = await gate.leave(model, ids, ticket)
     else:
-        reply = await gate.release(model, ids, ticket, routed)
+        reply = await gate.release(model, ids, ticket, routed, priority, flow, usage)
 
     # -- alike --------------------------------------------------------------------------------
     context = {"case": case, "expected": expected, "reply": reply}

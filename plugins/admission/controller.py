@@ -509,7 +509,7 @@ class AdmissionController:
             outcome = {Status.ADMITTED: "admitted", Status.WAITING: "queued"}
             _decided(model, outcome.get(reply.status, "shed"), "redis", started)
             if reply.status == Status.ADMITTED:
-                self._hold(ticket, model, replica_ids, picker, reply)
+                self._hold(ticket, model, replica_ids, picker, reply, priority, flow)
                 metrics.ADMITTED.labels(model, "direct").inc()
                 annotate(admission__outcome="admitted")
                 return
@@ -539,10 +539,21 @@ class AdmissionController:
         replica_ids: Sequence[str],
         picker: ReplicaPicker | None,
         reply: GateReply,
+        priority: int = 0,
+        flow: FlowCall = NO_FLOW,
     ) -> None:
         """Admitted: the request's ticket holds the admission (and the gate's pick)."""
         ticket = self.book.open(call_id)
-        ticket.admission = Admission(self, model, tuple(replica_ids), local=False)
+        ticket.admission = Admission(
+            self,
+            model,
+            tuple(replica_ids),
+            local=False,
+            priority=priority,
+            flow=flow.flow,
+            weight=flow.weight,
+            cost=flow.cost,
+        )
         self.renewer.wake()
         if picker is not None and reply.reservation is not None:
             picker.adopt(model, ticket, reply.reservation)
@@ -605,7 +616,7 @@ class AdmissionController:
                     raise self.shed(model, ShedReason.QUEUE_FULL, reply.work_ahead)
                 if reply.status == Status.ADMITTED:
                     admitted = True
-                    self._hold(ticket, model, replica_ids, picker, reply)
+                    self._hold(ticket, model, replica_ids, picker, reply, priority, flow)
                     now = time.monotonic()
                     self._observe_wait(model, first_ahead, now - started, now)
                     metrics.ADMITTED.labels(model, "queued").inc()
@@ -675,8 +686,17 @@ class AdmissionController:
         if adopted is not None and not adopted.local and adopted.replica_id in held.replica_ids:
             ticket.take(adopted)  # given back here, not by the router
             routed = (adopted.replica_id, adopted.reservation_id)
+        usage = ticket.usage_tokens
         try:
-            await self.gate.release(held.model, held.replica_ids, ticket.call_id, routed)
+            await self.gate.release(
+                held.model,
+                held.replica_ids,
+                ticket.call_id,
+                routed,
+                held.priority,
+                FlowCall(held.flow, held.weight, held.cost),
+                float(usage) if usage is not None and self.settings.fair_share else None,
+            )
         except RedisError as exc:
             if isinstance(exc, PoolExhausted):
                 self.pool_waits.exhausted(

@@ -30,7 +30,8 @@
 --          reservation, its replica's index in 1..N and its id, released in this same call;
 --          0 and '' for none), flow, weight, cost (the fair order: the caller's flow, its
 --          weight, the request's tokens), flow_limit (the most places its flow may hold; none =
---          no limit of its own),
+--          no limit of its own), usage (release: the tokens the response used; none = not
+--          reported),
 --          then optionally (enter, poll; when the routing plugin routes this model): pick_params
 --          (pick_lib.lua), the N replica ids and the prompt-block hashes: an admitted request (enter, or poll claiming its
 --          grant) also gets its replica picked and reserved, in this same atomic call
@@ -143,6 +144,14 @@ if op == 'release' or op == 'leave' then
     unqueued(ticket)
   end
   redis.call('ZREM', qlease, ticket)
+  if op == 'release' and ARG.usage ~= nil then
+    -- rules.py: Fair.correct: the flow was charged ARG.cost, the response used ARG.usage
+    local field = 'f:' .. priority .. ':' .. ARG.flow
+    local f = redis.call('HGET', fair, field)
+    if f then
+      redis.call('HSET', fair, field, fmt(tonumber(f) + (ARG.usage - ARG.cost) / ARG.weight))
+    end
+  end
   if op == 'release' and ARG.routed_index > 0 then
     -- the request's routing reservation ends with it: its batch slot is granted below at once
     redis.call('ZREM', KEYS[FIRST_REPLICA + n + ARG.routed_index - 1], ARG.routed_reservation)

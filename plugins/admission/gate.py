@@ -51,6 +51,7 @@ GATE = ScriptProtocol(
         ("weight", "float"),
         ("cost", "float"),
         ("flow_limit", "opt_float"),
+        ("usage", "opt_float"),
     ),
     reply=fields(
         ("status", "int"),
@@ -125,6 +126,7 @@ class AdmissionGate:
         routed: tuple[str, str] | None = None,
         flow: FlowCall = NO_FLOW,
         flow_limit: int | None = None,
+        usage: float | None = None,
     ) -> GateReply:
         s = self._settings
         k = self._keys
@@ -160,6 +162,7 @@ class AdmissionGate:
             weight=flow.weight,
             cost=flow.cost,
             flow_limit=flow_limit,
+            usage=usage,
         )
         reply, _ = GATE.decode(await self._script(keys=keys, args=args))
         picked = {f.name: reply.pop(f"picked_{f.name}") for f in PICKED}
@@ -231,11 +234,17 @@ class AdmissionGate:
         replica_ids: Sequence[str],
         ticket: str,
         routed: tuple[str, str] | None = None,
+        priority: int = 0,
+        flow: FlowCall = NO_FLOW,
+        usage: float | None = None,
     ) -> GateReply:
         """An admitted request ended: its slot goes to the queue's head at once. ``routed``
         (replica id, reservation id; the replica one of ``replica_ids``): the request's routing
-        reservation, released in the same call."""
-        return await self._call("release", model, replica_ids, ticket, 0, routed=routed)
+        reservation, released in the same call. ``usage``: the tokens it used, of ``flow`` at
+        ``priority`` (charged ``flow.cost`` when it came in: the fair share is corrected)."""
+        return await self._call(
+            "release", model, replica_ids, ticket, priority, routed=routed, flow=flow, usage=usage
+        )
 
     async def counts(self, model: str) -> tuple[int, int]:
         """(outstanding, queued) after dropping expired entries: for tests and diagnostics."""

@@ -124,9 +124,23 @@ class AdmissionHook(RequestEndHook):
             return None  # a stream ends after its last chunk
         ticket = request_data.get("litellm_call_id")
         if ticket:
+            self._note_usage(str(ticket), response)
             # LiteLLM awaits this hook before it answers: the release runs in a task of its own
             self.spawn(self.book.end(str(ticket)))
         return None
+
+    def _note_usage(self, call_id: str, response: Any) -> None:
+        """The tokens ``response`` reports (``usage.total_tokens``), on the request's ticket:
+        its flow's fair share is corrected by them when the ticket is released."""
+        usage = getattr(response, "usage", None)
+        if usage is None and isinstance(response, Mapping):
+            usage = response.get("usage")
+        total = usage.get("total_tokens") if isinstance(usage, Mapping) else None
+        if total is None:
+            total = getattr(usage, "total_tokens", None)
+        ticket = self.book.get(call_id)
+        if ticket is not None and isinstance(total, int) and total >= 0:
+            ticket.usage_tokens = total
 
     async def async_post_call_failure_hook(
         self,
@@ -167,9 +181,12 @@ class AdmissionHook(RequestEndHook):
         self, response: AsyncIterator[Any], request_data: dict[str, Any]
     ) -> AsyncIterator[Any]:
         started = False
+        call_id = str(request_data.get("litellm_call_id") or "")
         try:
             async for item in response:
                 started = True
+                if call_id and getattr(item, "usage", None) is not None:
+                    self._note_usage(call_id, item)  # the last chunk (stream_options)
                 yield item
         except Exception as exc:
             if started or not is_upstream_overflow(exc):

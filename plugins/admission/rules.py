@@ -260,6 +260,14 @@ class Fair:
         """A request of ``flow`` took its place (admitted or queued) at ``tag``."""
         self.finish[(priority, flow.flow)] = tag + flow.cost / flow.weight
 
+    def correct(self, priority: int, flow: FlowCall, usage: float) -> None:
+        """A request of ``flow`` charged ``flow.cost`` ended having used ``usage`` tokens: its
+        flow's finish tag moves by the difference (while the contention it was charged in
+        lasts: after the tags restarted there is nothing to correct)."""
+        key = (priority, flow.flow)
+        if key in self.finish:
+            self.finish[key] = self.finish[key] + (usage - flow.cost) / flow.weight
+
     def served(self, score: float) -> None:
         """A request left the queue for a batch slot (or went straight in): the virtual time
         of its tier moves up to its tag."""
@@ -318,14 +326,18 @@ def gate_call(
     p: GateParams,
     now_ms: int,
     flow: FlowCall = NO_FLOW,
+    usage: float | None = None,
 ) -> Decision:
     """One gate call on ``view`` (changed in place), as ``gate.lua`` makes it: ``enter``,
     ``poll``, ``peek``, ``leave`` or ``release``. ``replicas`` are read after a release's routing
-    reservation is given back."""
+    reservation is given back. ``usage``: a release's tokens as the response reported them
+    (its flow was charged ``flow.cost``: the difference is made good)."""
     view.sort()
     if op in ("release", "leave"):
         view.admitted.discard(ticket)
         view.queue = [q for q in view.queue if q.ticket != ticket]
+    if op == "release" and usage is not None:
+        view.fair.correct(priority, flow, usage)
     f = fleet(replicas, p, now_ms)
     outstanding = len(view.admitted)
     count = grant_count(f, outstanding, len(view.queue))
