@@ -13,7 +13,7 @@ Keys, all under a prefix (default ``triage:``):
   (member = reservation id, score = lease expiry in ms, renewed by the holding proxy); the count
   is the unexpired members (none while the replica is reported down).
 * ``admitted:{model}``, ``queue:{model}``, ``queuelease:{model}``, ``fair:{model}``,
-  ``queueflow:{model}``, ``flowqueued:{model}``: the admission gate
+  ``queueflow:{model}``, ``flowqueued:{model}``, ``deadlines:{model}``: the admission gate
   (``plugins/admission/gate.lua``).
 * ``apikey:{sha256}`` hash: one virtual key's record (offline key store); ``apikeys`` set of
   the hashes. Keys themselves are never stored.
@@ -80,6 +80,11 @@ class KeySchema:
     def flow_queued(self, model: str) -> str:
         """Hash: each flow -> its places in ``model``'s queue."""
         return f"{self.prefix}flowqueued:{model}"
+
+    def deadlines(self, model: str) -> str:
+        """Sorted set: each queued ticket of ``model`` with a time-to-first-token deadline ->
+        the end of its place (ms)."""
+        return f"{self.prefix}deadlines:{model}"
 
     def grant_seq(self, model: str) -> str:
         """Integer: grants of ``model``'s queue so far (each grant message carries its number)."""

@@ -799,3 +799,68 @@ async def test_a_keys_own_queue_bound_is_a_429_and_the_settings_a_503(
     await ctl.finish("run-0")
     await ctl.finish("run-1")
     await drained(ctl)
+
+
+async def test_a_deadline_sheds_at_arrival_and_no_grant_comes_after_it(
+    client: Redis,
+    redis_server: RedisServer,
+    controllers: Callable[[Redis, AdmissionSettings], AdmissionController],
+) -> None:
+    """A time-to-first-token deadline: a request whose expected wait is past it is answered
+    503 ttft_deadline at once; one that queued within it gives up at it, and the slot that
+    frees after the deadline goes to a waiter without one, never to it."""
+    s = settings(redis_server, max_queue=10, max_wait_ms=5000, stale_after_ms=60_000)
+    await publish(client, s, a={"max_active": 1}, b={"healthy": False})  # 1 + 1 allowance
+    ctl = controllers(client, s)
+    ctl.queue_rate["m"] = QueueRate(rps=2.0, samples=3, at=time.monotonic())
+    await ctl.admit("m", IDS, "run-0", 1)
+    await ctl.admit("m", IDS, "run-1", 1)
+    patient = asyncio.create_task(ctl.admit("m", IDS, "patient", 1))
+    while (await ctl.gate.counts("m"))[1] < 1:
+        await asyncio.sleep(0.01)
+    # 1 ahead at 2 per second: an expected wait of 1 s, past a 0.5 s deadline
+    started = time.monotonic()
+    with pytest.raises(GatewayError) as info:
+        await ctl.admit("m", IDS, "hurried", 1, deadline_s=0.5)
+    assert time.monotonic() - started < 0.3  # at once
+    assert info.value.to_dict()["code"] == "ttft_deadline"
+    assert int((info.value.headers or {})["Retry-After"]) >= 1
+    # within its deadline it queues (1.5 s), then gives up at it; its place is gone in Redis
+    ctl.queue_rate["m"] = QueueRate(rps=2.0, samples=3, at=time.monotonic())
+    started = time.monotonic()
+    with pytest.raises(GatewayError) as info:
+        await ctl.admit("m", IDS, "late", 1, deadline_s=1.5)
+    waited = time.monotonic() - started
+    assert 1.4 <= waited < 2.5, waited
+    assert info.value.to_dict()["code"] == "ttft_deadline"
+    keys = KeySchema(s.key_prefix)
+    assert await client.zscore(keys.queue("m"), "late") is None
+    await ctl.finish("run-0")  # the slot goes to the waiter without a deadline
+    await ctl.finish("run-1")
+    await asyncio.wait_for(patient, 2.0)
+    assert await client.zscore(keys.admitted("m"), "late") is None
+    await ctl.finish("patient")
+    await drained(ctl)
+
+
+async def test_the_gate_drops_a_place_at_its_deadline_whatever_its_waiter_does(
+    client: Redis, redis_server: RedisServer
+) -> None:
+    """The deadline lives in Redis too: a place past it is gone before any grant (a waiter
+    that is slow to give up, or dead, gets no slot after its deadline)."""
+    s = settings(redis_server, stale_after_ms=60_000, queue_lease_ms=20_000, poll_ms=5000)
+    gate = AdmissionGate(client, s)
+    await publish(client, s, a={"max_active": 1}, b={"healthy": False})
+    for t in ("r0", "r1"):
+        assert (await gate.enter("m", IDS, t, 1)).status == Status.ADMITTED
+    assert (await gate.enter("m", IDS, "d", 1, deadline_ms=100.0)).status == Status.WAITING
+    assert (await gate.enter("m", IDS, "n", 1)).status == Status.WAITING
+    await asyncio.sleep(0.2)
+    await gate.release("m", IDS, "r0")
+    await gate.release("m", IDS, "r1")
+    keys = KeySchema(s.key_prefix)
+    admitted = {t.decode() for t in await client.zrange(keys.admitted("m"), 0, -1)}
+    assert admitted == {"n"}
+    assert (await gate.poll("m", IDS, "d", 1)).status == Status.LOST
+    await gate.release("m", IDS, "n")
+    assert await gate.counts("m") == (0, 0)

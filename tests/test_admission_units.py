@@ -137,3 +137,24 @@ def test_the_hook_notes_the_tokens_a_response_used_on_its_ticket() -> None:
     assert ticket.usage_tokens == 7
     hook._note_usage("c1", {"usage": None})  # nothing reported: the last count stays
     assert ticket.usage_tokens == 7
+
+
+def test_a_requests_deadline_comes_from_its_header_else_its_tier() -> None:
+    import pytest
+
+    from plugins.admission.errors import GatewayError
+    from plugins.admission.hook import request_deadline_ms
+
+    def data(**headers: str) -> dict[str, object]:
+        return {"proxy_server_request": {"headers": headers}}
+
+    assert request_deadline_ms(data(), None) is None
+    assert request_deadline_ms(data(), 2000) == 2000.0
+    assert request_deadline_ms(data(**{"X-Triage-TTFT-Deadline-Ms": "750"}), 2000) == 750.0
+    assert request_deadline_ms({}, 100) == 100.0  # no proxy_server_request (direct calls)
+    for bad in ("soon", "0", "-5", "nan", "inf"):
+        with pytest.raises(GatewayError) as info:
+            request_deadline_ms(data(**{"x-triage-ttft-deadline-ms": bad}), None)
+        assert info.value.status_code == 400
+        body = info.value.to_dict()
+        assert body["param"] == "x-triage-ttft-deadline-ms" and body["code"] == "invalid_header"

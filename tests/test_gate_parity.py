@@ -65,7 +65,13 @@ def gate_cases(draw: st.DrawFn) -> dict[str, Any]:
     queue = draw(
         st.lists(
             # mostly one flow: a full queue held by one flow's flood (push-out) is common
-            st.tuples(st.integers(0, 2), st.booleans(), st.sampled_from(["a", *FLOWS]), TAGS),
+            st.tuples(
+                st.integers(0, 2),
+                st.booleans(),
+                st.sampled_from(["a", *FLOWS]),
+                TAGS,
+                st.sampled_from([None, None, "past", "future"]),  # its deadline
+            ),
             max_size=8,
         )
     )
@@ -84,6 +90,7 @@ def gate_cases(draw: st.DrawFn) -> dict[str, Any]:
         "weight": draw(st.one_of(st.sampled_from([1.0, 0.5, 3.0]), st.floats(0.01, 100.0))),
         "cost": draw(st.one_of(st.sampled_from([1.0, 300.0]), st.floats(1.0, 1e5))),
         "flow_limit": draw(st.one_of(st.none(), st.integers(0, 4))),
+        "deadline_ms": draw(st.one_of(st.none(), st.sampled_from([1.0, 5000.0]))),
         "usage": draw(st.one_of(st.none(), st.sampled_from([0.0, 50.0]), st.floats(0.0, 1e5))),
         "op": op,
         "who": draw(st.sampled_from(["new", "admitted", "queued"])),
@@ -127,12 +134,16 @@ def full_queue_cases(draw: st.DrawFn) -> dict[str, Any]:
     case["admitted"] = 10
     case["op"], case["who"] = "enter", "new"
     flood = st.sampled_from(["a", "a", "a", "a", "b"])
-    case["queue"] = [(p, alive, draw(flood), tag) for p, alive, _, tag in case["queue"]]
+    case["queue"] = [(p, alive, draw(flood), tag, d) for p, alive, _, tag, d in case["queue"]]
     case["flow"] = draw(st.sampled_from(["b", "c", ""]))
-    live = sum(1 for _, alive, _, _ in case["queue"] if alive)
+    live = sum(1 for _, alive, _, _, d in case["queue"] if alive and d != "past")
     case["settings"]["max_queue"] = draw(st.integers(max(0, live - 1), live + 1))
     if draw(st.booleans()):  # or the caller's tier is full, the model's queue not
-        tier = sum(1 for p, alive, _, _ in case["queue"] if alive and p == case["priority"])
+        tier = sum(
+            1
+            for p, alive, _, _, d in case["queue"]
+            if alive and d != "past" and p == case["priority"]
+        )
         case["settings"]["max_queue"] = live + 2
         case["settings"]["priority_max_queue"] = {case["priority"]: tier}
     case["rate"] = draw(st.sampled_from([None, 20.0]))
@@ -156,12 +167,13 @@ async def check_case(client: Redis, redis_server: RedisServer, case: dict[str, A
 
     # -- the state, in Redis ----------------------------------------------------------------
     admitted = [f"adm-{i}" for i in range(case["admitted"])]
+    deadline = {None: None, "past": now - 10_000, "future": now + 10**9}
     queued = [
-        (f"q-{i}", rules.queue_score(p, tag), live, flow)
-        for i, (p, live, flow, tag) in enumerate(case["queue"])
+        (f"q-{i}", rules.queue_score(p, tag), live, flow, deadline[d])
+        for i, (p, live, flow, tag, d) in enumerate(case["queue"])
     ]
     flow_counts: dict[str, int] = {}
-    for *_, flow in queued:
+    for _, _, _, flow, _ in queued:
         flow_counts[flow] = flow_counts.get(flow, 0) + 1
     fair = rules.Fair(dict(case["virtual"]), dict(case["finish"]))
     async with client.pipeline(transaction=False) as pipe:
@@ -188,10 +200,12 @@ async def check_case(client: Redis, redis_server: RedisServer, case: dict[str, A
         tickets |= {f"ended-{i}": ENDED for i in range(case["ended_admitted"])}
         if tickets:
             pipe.zadd(keys.admitted(model), tickets)
-        for ticket, score, live, flow in queued:
+        for ticket, score, live, flow, until in queued:
             pipe.zadd(keys.queue(model), {ticket: score})
             pipe.zadd(keys.queue_lease(model), {ticket: LIVE if live else ENDED})
             pipe.hset(keys.queue_flow(model), ticket, flow)
+            if until is not None:
+                pipe.zadd(keys.deadlines(model), {ticket: until})
         if flow_counts:
             pipe.hset(keys.flow_queued(model), mapping=flow_counts)
         fair_fields = {f"v:{p}": repr(v) for p, v in fair.virtual.items()}
@@ -204,7 +218,9 @@ async def check_case(client: Redis, redis_server: RedisServer, case: dict[str, A
 
     # -- the call -----------------------------------------------------------------------------
     op, priority = case["op"], case["priority"]
-    live_queue = [rules.Queued(t, score, flow) for t, score, live, flow in queued if live]
+    live_queue = [
+        rules.Queued(t, score, flow, until) for t, score, live, flow, until in queued if live
+    ]
     if case["who"] == "admitted" and admitted:
         ticket = admitted[0]
     elif case["who"] == "queued" and queued:
@@ -242,11 +258,14 @@ async def check_case(client: Redis, redis_server: RedisServer, case: dict[str, A
     view = rules.GateView(set(admitted), live_queue, fair)
     now = await redis_now_ms(client)
     usage = case["usage"] if op == "release" else None
-    expected = rules.gate_call(view, op, ticket, priority, loads, params, now, flow, usage)
+    deadline_ms = case["deadline_ms"] if op == "enter" else None
+    expected = rules.gate_call(
+        view, op, ticket, priority, loads, params, now, flow, usage, deadline_ms
+    )
 
     if op == "enter":
         reply = await gate.enter(
-            model, ids, ticket, priority, limit, plan, flow, case["flow_limit"]
+            model, ids, ticket, priority, limit, plan, flow, case["flow_limit"], deadline_ms
         )
     elif op == "poll":
         reply = await gate.poll(model, ids, ticket, priority, plan)
@@ -278,6 +297,14 @@ async def check_case(client: Redis, redis_server: RedisServer, case: dict[str, A
     assert {t.decode(): f.decode() for t, f in flows_after.items()} == {
         q.ticket: q.flow for q in view.queue
     }, context
+    with_deadline = {
+        t.decode(): until
+        for t, until in await client.zrange(keys.deadlines(model), 0, -1, withscores=True)
+    }
+    model_deadlines = {q.ticket: q.deadline_ms for q in view.queue if q.deadline_ms is not None}
+    assert with_deadline.keys() == model_deadlines.keys(), context
+    for t, until in model_deadlines.items():  # Redis's clock ran on a few ms from `now`
+        assert until <= with_deadline[t] <= until + 1000, context
     counts_after = await client.hgetall(keys.flow_queued(model))
     assert {f.decode(): int(n) for f, n in counts_after.items()} == view.flow_counts(), context
     fair_after: dict[str, float] = {

@@ -225,6 +225,13 @@ class AdmissionController:
         s = self.settings
         return ahead_limit(self._rate(model, now), s.max_wait_ms / 1000, s.expected_wait_fraction)
 
+    def deadline_limit(self, model: str, now: float, deadline_s: float | None) -> float | None:
+        """The most requests that may be ahead of one with a time-to-first-token deadline:
+        with more, its expected wait ``(ahead + 1) / rate`` is past the deadline."""
+        if deadline_s is None:
+            return None
+        return ahead_limit(self._rate(model, now), deadline_s, 1.0)
+
     def _remember(
         self, model: str, priority: int, reply: GateReply, now: float, flow: str = ""
     ) -> None:
@@ -256,6 +263,7 @@ class AdmissionController:
         now: float,
         pipeline: int = 0,
         flow: str = "",
+        deadline_s: float | None = None,
     ) -> GatewayError | None:
         """The 503 for a request that Redis's recent answer already says would find the queue
         full or wait too long: for ``shed_memo_ms`` after it, with the grants and the enqueues
@@ -285,11 +293,16 @@ class AdmissionController:
             return None
         if now - memo.at > self.settings.shed_memo_ms / 2000:
             self._refresh_memo(model, replica_ids, priority, flow)
-        return self._early(model, verdict, ahead + 1)
+        return self._early(model, verdict, ahead + 1, deadline_s)
 
-    def _early(self, model: str, verdict: EarlyShed, work_ahead: float) -> GatewayError:
+    def _early(
+        self, model: str, verdict: EarlyShed, work_ahead: float, deadline_s: float | None = None
+    ) -> GatewayError:
+        """``deadline_s``: the limit was the request's deadline's (``ttft_deadline``)."""
         if verdict == "queue_full":
             return self.shed(model, ShedReason.QUEUE_FULL, work_ahead)
+        if deadline_s is not None:
+            return self._shed_deadline(model, work_ahead, deadline_s)
         return self._shed_expected_wait(model, work_ahead)
 
     def _shed_beyond_capacity(
@@ -392,6 +405,13 @@ class AdmissionController:
             self._refreshing.discard(key)
         self.memo[key] = self._memo(now, reply.ahead, reply)
 
+    def _shed_deadline(
+        self, model: str, work_ahead: float, deadline_s: float | None
+    ) -> GatewayError:
+        return self.shed(
+            model, ShedReason.TTFT_DEADLINE, work_ahead, wait=f"{(deadline_s or 0.0):.1f} s"
+        )
+
     def _shed_expected_wait(self, model: str, work_ahead: float) -> GatewayError:
         wait = self.settings.max_wait_ms * self.settings.expected_wait_fraction / 1000
         return self.shed(model, ShedReason.EXPECTED_WAIT, work_ahead, wait=f"{wait:.1f} s")
@@ -465,11 +485,14 @@ class AdmissionController:
         picker: ReplicaPicker | None = None,
         flow: FlowCall = NO_FLOW,
         own_limit: int | None = None,
+        deadline_s: float | None = None,
     ) -> None:
         """Return when admitted; raise the 503 ``ProxyException`` when shed. With ``picker``,
         the call that admits also reserves the request's replica, handed to the picker.
         ``flow``: the request's place in the fair share between flows; ``own_limit``: its
-        key's own bound on the flow's places in the queue (over it: 429)."""
+        key's own bound on the flow's places in the queue (over it: 429); ``deadline_s``: its
+        time-to-first-token deadline (shed at once when its expected wait is past it, never
+        granted after it)."""
         started = time.perf_counter()
         self.arrived(ticket, model)
         if not self.settings.fair_share:
@@ -479,7 +502,21 @@ class AdmissionController:
             return
         now = time.monotonic()
         limit = self.ahead_limit(model, now)
-        memo_shed = self._shed_from_memo(model, replica_ids, priority, limit, now, 0, flow.flow)
+        by_deadline = self.deadline_limit(model, now, deadline_s)
+        if by_deadline is not None and (limit is None or by_deadline < limit):
+            limit = by_deadline  # the deadline is the bound that holds
+        else:
+            by_deadline = None
+        memo_shed = self._shed_from_memo(
+            model,
+            replica_ids,
+            priority,
+            limit,
+            now,
+            0,
+            flow.flow,
+            None if by_deadline is None else deadline_s,
+        )
         if memo_shed is not None:  # no await: the answer does not wait for the event loop
             _decided(model, "shed", "memo", started)
             raise memo_shed
@@ -493,7 +530,15 @@ class AdmissionController:
                 await self.grants.watch(*channels)
                 plan = picker.plan_pick(ticket) if picker is not None else None
                 reply = await self.gate.enter(
-                    model, replica_ids, ticket, priority, limit, plan, flow, flow_limit
+                    model,
+                    replica_ids,
+                    ticket,
+                    priority,
+                    limit,
+                    plan,
+                    flow,
+                    flow_limit,
+                    None if deadline_s is None else deadline_s * 1000.0,
                 )
             except PoolExhausted as exc:
                 raise self._busy(model, exc, started) from exc
@@ -516,6 +561,8 @@ class AdmissionController:
             if reply.status == Status.QUEUE_FULL:
                 raise self.shed(model, ShedReason.QUEUE_FULL, reply.work_ahead)
             if reply.status == Status.WAIT_TOO_LONG:
+                if by_deadline is not None:
+                    raise self._shed_deadline(model, reply.work_ahead, deadline_s)
                 raise self._shed_expected_wait(model, reply.work_ahead)
             if reply.status == Status.NO_CAPACITY:
                 raise self.shed(model, ShedReason.NO_HEALTHY_REPLICA, reply.work_ahead)
@@ -527,7 +574,16 @@ class AdmissionController:
             metrics.QUEUED.labels(model).inc()
             annotate(admission__outcome="queued")
             await self._wait(
-                model, replica_ids, ticket, priority, reply, granted, picker, flow, flow_limit
+                model,
+                replica_ids,
+                ticket,
+                priority,
+                reply,
+                granted,
+                picker,
+                flow,
+                flow_limit,
+                deadline_s,
             )
         finally:
             self.grants.forget(ticket)
@@ -569,13 +625,20 @@ class AdmissionController:
         picker: ReplicaPicker | None,
         flow: FlowCall = NO_FLOW,
         flow_limit: int | None = None,
+        deadline_s: float | None = None,
     ) -> None:
         """Wait for the grant of ``ticket``: woken by its message, or finding it by a poll
-        every ``poll_ms`` (which also keeps the place in the queue alive)."""
+        every ``poll_ms`` (which also keeps the place in the queue alive); until ``max_wait``,
+        or the request's time-to-first-token deadline when that comes first."""
         s = self.settings
         started = time.monotonic()
         first_ahead = reply.ahead
-        deadline = started + s.max_wait_ms / 1000.0
+        wait_s = s.max_wait_ms / 1000.0
+        if deadline_s is not None and deadline_s < wait_s:
+            wait_s = deadline_s
+        else:
+            deadline_s = None  # max_wait ends the wait first
+        deadline = started + wait_s
         admitted = False
         try:
             while True:
@@ -583,6 +646,8 @@ class AdmissionController:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     metrics.QUEUE_WAIT.labels(model, "timeout").observe(time.monotonic() - started)
+                    if deadline_s is not None:
+                        raise self._shed_deadline(model, reply.work_ahead, deadline_s)
                     raise self.shed(
                         model,
                         ShedReason.QUEUE_TIMEOUT,
@@ -596,6 +661,9 @@ class AdmissionController:
                 try:
                     # claims a grant (and then reserves the replica with the plan)
                     reply = await self.gate.poll(model, replica_ids, ticket, priority, plan)
+                    if reply.status == Status.LOST and deadline_s is not None:
+                        # its place ended at its deadline (the gate's clock): not again
+                        raise self._shed_deadline(model, reply.work_ahead, deadline_s)
                     if reply.status == Status.LOST:  # our place expired (a long stall): again
                         reply = await self.gate.enter(
                             model,

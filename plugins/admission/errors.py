@@ -21,6 +21,7 @@ class ShedReason(StrEnum):
     MODEL_LOADING = "model_loading"
     GATEWAY_BUSY = "gateway_busy"
     FLOW_QUEUE_FULL = "flow_queue_full"
+    TTFT_DEADLINE = "ttft_deadline"
 
 
 MESSAGES = {
@@ -36,6 +37,10 @@ MESSAGES = {
     ShedReason.FLOW_QUEUE_FULL: (
         "model {model!r} is at capacity and this key's (or tenant's) requests hold all the "
         "places in its wait queue they may"
+    ),
+    ShedReason.TTFT_DEADLINE: (
+        "model {model!r} is at capacity: this request would wait in its queue past its "
+        "time-to-first-token deadline ({wait})"
     ),
     ShedReason.GATEWAY_BUSY: (
         "the gateway is too busy to admit a {model!r} request right now (no free connection "

@@ -13,6 +13,8 @@
 --                                     'f:<priority>:<flow>' -> the flow's last finish tag
 -- KEY.queue_flow   queueflow:{model}  hash: queued ticket -> its flow
 -- KEY.flow_queued  flowqueued:{model} hash: flow -> its places in the queue
+-- KEY.deadlines    deadlines:{model}  sorted set: queued ticket -> the end of its place (ms): its
+--                                     time-to-first-token deadline; never granted after it
 -- KEY.grant_seq    grantseq:{model}   integer: grants so far (each grant's number is in its
 --                                     message)
 -- KEY.enqueue_seq  enqueueseq:{model} integer: enqueues so far (each enqueue's number is in its
@@ -31,7 +33,8 @@
 --          0 and '' for none), flow, weight, cost (the fair order: the caller's flow, its
 --          weight, the request's tokens), flow_limit (the most places its flow may hold; none =
 --          no limit of its own), usage (release: the tokens the response used; none = not
---          reported),
+--          reported), deadline_ms (enter: the request's time-to-first-token deadline from now;
+--          none = no deadline),
 --          then optionally (enter, poll; when the routing plugin routes this model): pick_params
 --          (pick_lib.lua), the N replica ids and the prompt-block hashes: an admitted request (enter, or poll claiming its
 --          grant) also gets its replica picked and reserved, in this same atomic call
@@ -87,14 +90,16 @@ local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
 local admitted, queue, qlease = KEY.admitted, KEY.queue, KEY.queue_lease
 local fair, queue_flow, flow_queued = KEY.fair, KEY.queue_flow, KEY.flow_queued
+local deadlines = KEY.deadlines
 local FIRST_REPLICA = FIXED_KEYS + 1 -- KEYS[FIRST_REPLICA..]: replica hashes, reservations, indexes
 
 local function fmt(x)
   return string.format('%.17g', x) -- the same double back (tonumber)
 end
 
--- a ticket left the queue: its flow holds one place less
+-- a ticket left the queue: its flow holds one place less, its deadline goes
 local function unqueued(t)
+  redis.call('ZREM', deadlines, t)
   local flow = redis.call('HGET', queue_flow, t)
   if flow then
     redis.call('HDEL', queue_flow, t)
@@ -133,6 +138,13 @@ if #gone > 0 then
   for _, t in ipairs(gone) do
     unqueued(t)
   end
+end
+-- and places past their deadline (rules.py: gate_call)
+local late = redis.call('ZRANGEBYSCORE', deadlines, '-inf', now_ms)
+for _, t in ipairs(late) do
+  redis.call('ZREM', queue, t)
+  redis.call('ZREM', qlease, t)
+  unqueued(t)
 end
 
 local n = (#KEYS - FIXED_KEYS) / 3
@@ -356,7 +368,10 @@ if op == 'enter' then
   redis.call('ZADD', qlease, now_ms + queue_lease_ms, ticket)
   redis.call('HSET', queue_flow, ticket, ARG.flow)
   redis.call('HINCRBY', flow_queued, ARG.flow, 1)
-  for _, key in ipairs({queue, qlease, fair, queue_flow, flow_queued}) do
+  if ARG.deadline_ms ~= nil then
+    redis.call('ZADD', deadlines, now_ms + ARG.deadline_ms, ticket)
+  end
+  for _, key in ipairs({queue, qlease, fair, queue_flow, flow_queued, deadlines}) do
     redis.call('PEXPIRE', key, queue_lease_ms * 10)
   end
   enqueued = redis.call('INCR', KEY.enqueue_seq)

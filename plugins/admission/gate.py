@@ -28,6 +28,7 @@ GATE = ScriptProtocol(
         "fair",
         "queue_flow",
         "flow_queued",
+        "deadlines",
         "grant_seq",
         "enqueue_seq",
     ),
@@ -52,6 +53,7 @@ GATE = ScriptProtocol(
         ("cost", "float"),
         ("flow_limit", "opt_float"),
         ("usage", "opt_float"),
+        ("deadline_ms", "opt_float"),
     ),
     reply=fields(
         ("status", "int"),
@@ -127,6 +129,7 @@ class AdmissionGate:
         flow: FlowCall = NO_FLOW,
         flow_limit: int | None = None,
         usage: float | None = None,
+        deadline_ms: float | None = None,
     ) -> GateReply:
         s = self._settings
         k = self._keys
@@ -138,6 +141,7 @@ class AdmissionGate:
             fair=k.fair(model),
             queue_flow=k.queue_flow(model),
             flow_queued=k.flow_queued(model),
+            deadlines=k.deadlines(model),
             grant_seq=k.grant_seq(model),
             enqueue_seq=k.enqueue_seq(model),
         )
@@ -163,6 +167,7 @@ class AdmissionGate:
             cost=flow.cost,
             flow_limit=flow_limit,
             usage=usage,
+            deadline_ms=deadline_ms,
         )
         reply, _ = GATE.decode(await self._script(keys=keys, args=args))
         picked = {f.name: reply.pop(f"picked_{f.name}") for f in PICKED}
@@ -182,12 +187,14 @@ class AdmissionGate:
         pick: PickPlan | None = None,
         flow: FlowCall = NO_FLOW,
         flow_limit: int | None = None,
+        deadline_ms: float | None = None,
     ) -> GateReply:
         """Admit, queue, or refuse ``ticket``; with ``ahead_limit``, refuse it
         (``WAIT_TOO_LONG``) rather than queue it behind more than that many; with ``pick``,
         an admitted ticket's replica is reserved as well (``GateReply.reservation``). ``flow``:
         its place in the fair order; ``flow_limit``: the most places its flow may hold
-        (``FLOW_FULL`` beyond)."""
+        (``FLOW_FULL`` beyond); ``deadline_ms``: its place ends this long from now (its
+        time-to-first-token deadline: never granted after it)."""
         return await self._call(
             "enter",
             model,
@@ -198,6 +205,7 @@ class AdmissionGate:
             pick=pick,
             flow=flow,
             flow_limit=flow_limit,
+            deadline_ms=deadline_ms,
         )
 
     async def peek(

@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
@@ -31,7 +32,12 @@ from litellm.proxy._types import UserAPIKeyAuth
 
 from core.redis_client import fail_fast_redis
 from plugins.admission.controller import AdmissionController
-from plugins.admission.errors import ShedReason, model_not_found, stream_start_event
+from plugins.admission.errors import (
+    GatewayError,
+    ShedReason,
+    model_not_found,
+    stream_start_event,
+)
 from plugins.admission.gate import AdmissionGate
 from plugins.admission.rules import FlowCall
 from plugins.admission.settings import AdmissionSettings
@@ -102,6 +108,7 @@ class AdmissionHook(RequestEndHook):
         flow = flow_of(user_api_key_dict)
         shape = picker.shape(str(ticket)) if picker is not None else NO_SHAPE
         cost = request_cost(data, shape, self.settings.fair_default_output_tokens)
+        deadline_ms = request_deadline_ms(data, self.settings.ttft_deadline_ms.get(priority))
         parent = user_api_key_dict.parent_otel_span
         with span("triage.admit", parent, model=str(model), priority=priority):
             await self.controller.admit(
@@ -112,6 +119,7 @@ class AdmissionHook(RequestEndHook):
                 picker if picker is not None and picker.installed_on(router) else None,
                 FlowCall(flow.name, flow.weight, cost),
                 flow.max_queued,
+                None if deadline_ms is None else deadline_ms / 1000.0,
             )
             routing = self.book.get(str(ticket))
             annotate(replica=routing.routing.prepicked if routing and routing.routing else None)
@@ -203,6 +211,35 @@ class AdmissionHook(RequestEndHook):
         ticket = data.get("litellm_call_id")
         if ticket:
             await self.book.end(str(ticket))
+
+
+DEADLINE_HEADER = "x-triage-ttft-deadline-ms"
+"""A request's own time-to-first-token deadline (ms), over its tier's (``ttft_deadline_ms``)."""
+
+
+def request_deadline_ms(data: Mapping[str, Any], tier_ms: int | None) -> float | None:
+    """The request's time-to-first-token deadline: its ``x-triage-ttft-deadline-ms`` header,
+    else its tier's; a header that is not a number > 0 is a 400 naming it."""
+    server_request = data.get("proxy_server_request")
+    headers = server_request.get("headers") if isinstance(server_request, Mapping) else None
+    raw = None
+    if isinstance(headers, Mapping):
+        raw = next((v for k, v in headers.items() if str(k).lower() == DEADLINE_HEADER), None)
+    if raw is None:
+        return None if tier_ms is None else float(tier_ms)
+    try:
+        value = float(str(raw).strip())
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise GatewayError(
+            message=f"{DEADLINE_HEADER} must be a number of milliseconds > 0, got {raw!r}",
+            type="invalid_request_error",
+            param=DEADLINE_HEADER,
+            status=400,
+            code="invalid_header",
+        )
+    return value
 
 
 def request_cost(data: Mapping[str, Any], shape: RequestShape, default_output: int) -> float:

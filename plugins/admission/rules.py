@@ -282,6 +282,9 @@ class Queued:
     ticket: str
     score: float
     flow: str
+    deadline_ms: float | None = None
+    """When its place ends, whatever its waiter does (a time-to-first-token deadline): it is
+    never granted after it."""
 
 
 @dataclass
@@ -327,12 +330,15 @@ def gate_call(
     now_ms: int,
     flow: FlowCall = NO_FLOW,
     usage: float | None = None,
+    deadline_ms: float | None = None,
 ) -> Decision:
     """One gate call on ``view`` (changed in place), as ``gate.lua`` makes it: ``enter``,
     ``poll``, ``peek``, ``leave`` or ``release``. ``replicas`` are read after a release's routing
     reservation is given back. ``usage``: a release's tokens as the response reported them
-    (its flow was charged ``flow.cost``: the difference is made good)."""
+    (its flow was charged ``flow.cost``: the difference is made good). ``deadline_ms``: an
+    ``enter``'s time-to-first-token deadline from now; a place past its deadline is gone."""
     view.sort()
+    view.queue = [q for q in view.queue if q.deadline_ms is None or q.deadline_ms > now_ms]
     if op in ("release", "leave"):
         view.admitted.discard(ticket)
         view.queue = [q for q in view.queue if q.ticket != ticket]
@@ -390,7 +396,8 @@ def gate_call(
             return decided(status, out=outstanding + 1, next_score=_next(view, priority, flow))
         if status == Status.WAITING:
             view.fair.charge(priority, flow, tag)
-            view.queue.append(Queued(ticket, score, flow.flow))
+            until = None if deadline_ms is None else now_ms + deadline_ms
+            view.queue.append(Queued(ticket, score, flow.flow, until))
             view.sort()
             return decided(
                 status, waiting=queued + 1, ahead=ahead, next_score=_next(view, priority, flow)

@@ -61,6 +61,13 @@ class AdmissionSettings(BaseSettings):
         description="the output tokens a request without max_tokens counts for in the fair "
         "share between flows (its prompt tokens count too)",
     )
+    ttft_deadline_ms: dict[int, int] = Field(
+        default_factory=dict,
+        description="time-to-first-token deadline per priority tier, e.g. {0: 2000}: a request "
+        "of that tier whose expected wait in the queue exceeds it is answered 503 "
+        "ttft_deadline at once, and none is granted after it (a request may set its own with "
+        "the x-triage-ttft-deadline-ms header)",
+    )
     max_wait_ms: int = Field(default=10_000, ge=0, description="longest wait in the queue")
     expected_wait_fraction: float = Field(
         default=0.8,
@@ -116,6 +123,9 @@ class AdmissionSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _band(self) -> AdmissionSettings:
+        bad = {tier: ms for tier, ms in self.ttft_deadline_ms.items() if ms <= 0}
+        if bad:
+            raise ValueError(f"ttft_deadline_ms: every deadline must be > 0 ms, got {bad}")
         self.band()  # raises ValueError naming the bad bounds
         if self.queue_lease_ms <= 2 * self.poll_ms:
             raise ValueError("queue_lease_ms must exceed 2 x poll_ms")
