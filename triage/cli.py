@@ -140,12 +140,14 @@ def _bench_main(kind: str) -> Callable[[list[str]], int]:
         from loadtests.bench_admission import main
     elif kind == "burst":
         from loadtests.bench_burst import main
+    elif kind == "fairness":
+        from loadtests.bench_fairness import main
     else:
         from loadtests.simulator.__main__ import main
     return main
 
 
-BENCH_KINDS = ("compare", "decisions", "admission", "burst", "simulate")
+BENCH_KINDS = ("compare", "decisions", "admission", "burst", "fairness", "simulate")
 
 
 def cmd_bench(argv: Sequence[str]) -> int:
