@@ -333,7 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["TRIAGE_ADMISSION_MAX_WAIT_MS"] = str(args.max_wait_ms)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="triage-fairness-"))
     stack_settings = args.model_copy(update={"workdir": workdir}).stack_settings(
-        decode_ms_per_token=args.decode_ms_per_token, proxies=1
+        decode_ms_per_token=args.decode_ms_per_token,
+        batch_slowdown=0.0,  # the capacity is then Σ slots x speed / service, at any batch
+        proxies=1,
     )
     stack = Stack(stack_settings).start()
     fifo: LiteLLMProxy | None = None

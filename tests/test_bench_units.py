@@ -8,6 +8,7 @@ import itertools
 import json
 import math
 import random
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -647,3 +648,27 @@ def test_answers_read_alike_for_locust_and_the_bench() -> None:
     empty = StreamReading(200, "r", 0.0)
     assert empty.line("data: [DONE]", 1.0).outcome == "lost"  # type: ignore[union-attr]
     assert StreamReading(200, "r", 0.0).cut_short().detail == "stream truncated"
+
+
+def test_fairness_bench_arrivals_and_figures() -> None:
+    """``triage bench fairness``: the flood sends flood_multiple x a steady tenant's rate, all
+    together load x capacity; the same arrivals without the flood; Jain's index over the
+    steady tenants' goodput / fair share."""
+    from loadtests.bench_fairness import FairnessSettings, Result, arrivals, figures
+
+    s = FairnessSettings(seconds=200.0, replicas=2, speeds=[1.0, 1.0], load=1.2)
+    plan = arrivals(s, 4, flood=True)
+    per = Counter(a.tenant for a in plan)
+    capacity = s.capacity_rps()  # 2 x 4 slots / (20 x 25 ms) = 16 req/s
+    assert capacity == pytest.approx(16.0)
+    steady = 1.2 * capacity / (3 + 5)
+    assert per[0] / 200 == pytest.approx(5 * steady, rel=0.1)
+    assert per[2] / 200 == pytest.approx(steady, rel=0.2)
+    without = arrivals(s, 4, flood=False)
+    assert without == [a for a in plan if a.tenant != 0]
+    results = [Result(a.tenant, 200, 0.5) for a in without] + [Result(0, 503, 0.01, code="x")]
+    run = figures("r", results, 4, s)
+    assert run.jain == pytest.approx(1.0, abs=0.02)
+    assert run.codes == {"503 x": 1}
+    skewed = [r for i, r in enumerate(results) if r.tenant != 1 or i % 2 == 0]  # 1 halved
+    assert figures("r", skewed, 4, s).jain < 0.95

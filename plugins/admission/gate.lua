@@ -55,7 +55,8 @@
 -- slots > 0), never into the allowance: its gateway wait already used its time. A slot counts
 -- per replica: the router may queue a granted request briefly on a fast replica rather than
 -- start it on a slow one (only when that is expected to finish sooner), and the slow one's
--- free slot must not go unused while others queue. Slots go to waiters in order (priority, then arrival; FIFO across all proxies) the
+-- free slot must not go unused while others queue. Slots go to waiters in queue order (priority,
+-- then the fair order between flows, rules.py; across all proxies) the
 -- moment they free: every op first grants (moves queue heads into admitted, with a short
 -- lease until the waiter claims it by polling) and publishes each granted ticket on the
 -- grant channel ("<ticket> <grant number>"), so the waiting proxy wakes at once instead of
