@@ -197,6 +197,10 @@ async def test_higher_priority_keys_are_admitted_first(stack: Stack) -> None:
     try:
         high_key, _ = await store.create(f"high-{time.time_ns()}", priority=0)
         low_key, _ = await store.create(f"low-{time.time_ns()}", priority=3)
+        # another tenant in the high tier: its own flow in the fair share
+        other_key, _ = await store.create(
+            f"other-{time.time_ns()}", priority=0, metadata={"tenant": "acme"}
+        )
     finally:
         await store.aclose()
     url = stack.proxies[0].base_url
@@ -221,7 +225,7 @@ async def test_higher_priority_keys_are_admitted_first(stack: Stack) -> None:
         async with client.stream(
             "POST", f"{url}/v1/chat/completions", json=body(tokens, stream=True), headers=headers
         ) as response:
-            assert response.status_code == 200
+            assert response.status_code == 200, (name, await response.aread())
             async for _ in response.aiter_lines():
                 pass
 
@@ -237,12 +241,13 @@ async def test_higher_priority_keys_are_admitted_first(stack: Stack) -> None:
         await wait_for_state(stack, "replica-1", lambda s: s.active >= 2)
         await asyncio.sleep(0.3)
         waiters = []
-        for i in range(3):  # the low-priority ones arrive first
+        for i in range(2):  # the low-priority ones arrive first (2: the queue holds 6)
             waiters.append(asyncio.create_task(stream(client, low_key, f"low-{i}", 5)))
             await asyncio.sleep(0.05)
         for i in range(3):
             waiters.append(asyncio.create_task(stream(client, high_key, f"high-{i}", 5)))
             await asyncio.sleep(0.05)
+        waiters.append(asyncio.create_task(stream(client, other_key, "other", 5)))
         # all six must be waiting before the first slot frees (a slow proxy can lag arrivals)
         assert stack.redis is not None
         queue_client = Redis.from_url(stack.redis.url)
@@ -260,9 +265,23 @@ async def test_higher_priority_keys_are_admitted_first(stack: Stack) -> None:
     # tickets are the clients' call ids with the front door's random suffix
     admitted_at = {k.removeprefix(f"{tag}-").rsplit(".", 1)[0]: v for k, v in admitted_at.items()}
     high = [admitted_at[f"high-{i}"] for i in range(3)]
-    low = [admitted_at[f"low-{i}"] for i in range(3)]
+    low = [admitted_at[f"low-{i}"] for i in range(2)]
     assert max(high) <= min(low), (high, low)  # two can show up in one 5 ms sample
+    # fair share within the tier: the other tenant's one request, though it came last, is
+    # served before the high key's second and third (its start tag is the tier's virtual time)
+    assert admitted_at["other"] <= high[1] <= high[2], (admitted_at["other"], high)
     await settle(stack)
+
+
+async def test_a_bad_deadline_header_is_a_400_naming_it(stack: Stack) -> None:
+    headers = {"Authorization": f"Bearer {stack.api_key}", "x-triage-ttft-deadline-ms": "soon"}
+    async with httpx.AsyncClient(timeout=30) as client:
+        response = await client.post(
+            f"{stack.proxies[0].base_url}/v1/chat/completions", json=body(2), headers=headers
+        )
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "x-triage-ttft-deadline-ms" and "soon" in error["message"]
 
 
 async def test_client_disconnects_give_everything_back(stack: Stack) -> None:

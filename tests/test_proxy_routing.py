@@ -306,6 +306,9 @@ async def test_a_session_sticks_to_its_replica_when_its_prompts_share_no_block(
         await wait_for_state(stack, replica_id, lambda s: s.active == 0)
 
     async def ask(i: int, **session: Any) -> str:
+        # equal load (the sidecars' view of the last answer caught up): the session decides
+        for replica_id in ("replica-0", "replica-1"):
+            await wait_for_state(stack, replica_id, lambda s: s.active + s.waiting == 0)
         raw = await clients[i % 2].chat.completions.with_raw_response.create(
             model=MODEL, messages=[{"role": "user", "content": f"hi {i}"}], max_tokens=2, **session
         )
