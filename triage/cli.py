@@ -28,6 +28,7 @@ commands:
               decisions  routing decision time and closed-loop proxy load
               admission  how fast the admission gate says yes and no
               burst      bursts of k x capacity through one proxy: 503 latency, Retry-After, RSS
+              fairness   a flooding tenant and steady ones: fair share vs FIFO in a tier, deadlines
               simulate   the fleet simulator (no processes)
   build-engine  plan, build and package a TensorRT-LLM replica (--settings FILE [--dry-run])
   check-replica  what triage will see of a running Triton: models, dialect, queue, metrics (URL)
