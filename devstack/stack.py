@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -93,6 +94,8 @@ class Stack:
     master_key: str = field(default_factory=new_master_key)
     api_key: str | None = None
     """A virtual key created at start (alias ``triage-up``, every model)."""
+    _launch_proxy: Callable[..., LiteLLMProxy] | None = field(default=None, init=False, repr=False)
+    """``start_proxy`` with the stack's proxy config and environment (once they are written)."""
 
     def __post_init__(self) -> None:
         self.workdir = self.settings.workdir or Path(tempfile.mkdtemp(prefix="triage-stack-"))
@@ -283,20 +286,27 @@ class Stack:
         )
         path = write_proxy_config(config, self.workdir / "proxy.yaml")
         env = proxy_env(self.redis_url(PROXY_USER), s.key_prefix, self.master_key, catalogue)
+        self._launch_proxy = partial(
+            start_proxy,
+            config_path=path,
+            env=env,
+            workdir=self.workdir,
+            ready_timeout_s=s.proxy_ready_timeout_s,
+        )
+        launch = self._launch_proxy
         started = start_concurrently(
-            {
-                f"proxy-{index}": partial(
-                    start_proxy,
-                    f"proxy-{index}",
-                    path,
-                    env,
-                    self.workdir,
-                    ready_timeout_s=s.proxy_ready_timeout_s,
-                )
-                for index in range(s.proxies)
-            }
+            {f"proxy-{i}": partial(launch, f"proxy-{i}") for i in range(s.proxies)}
         )
         self.proxies.extend(started.values())
+
+    def start_proxy(self, name: str, extra_env: dict[str, str] | None = None) -> LiteLLMProxy:
+        """One more proxy of the stack's own config (plugins, replicas, key store), with
+        ``extra_env`` over its environment (another plugin setting); stopped with the stack."""
+        if self._launch_proxy is None:
+            raise RuntimeError("the stack starts no proxy (proxies=0): there is no config to share")
+        proxy = self._launch_proxy(name, extra_env=extra_env)
+        self.proxies.append(proxy)
+        return proxy
 
     def _write_catalogue(self) -> Path | None:
         """The catalogue file (``plugins/catalogue/README.md``): every replica's server, each

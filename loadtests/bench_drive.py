@@ -10,7 +10,7 @@ import math
 import os
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -100,15 +100,20 @@ def chat_body(model: str, sequence: ArrivalSequence, index: int) -> dict[str, An
 
 
 async def send(
-    client: httpx.AsyncClient, url: str, key: str, body: dict[str, Any], t: float
+    client: httpx.AsyncClient,
+    url: str,
+    key: str,
+    body: dict[str, Any],
+    t: float,
+    headers: Mapping[str, str] | None = None,
 ) -> Record:
-    """One open-loop request; ``t`` = its scheduled time (kept in the record)."""
+    """One open-loop request; ``t`` = its scheduled time (kept in the record); ``headers``:
+    more request headers than the key's."""
     started = time.perf_counter()
     stream = bool(body.get("stream"))
+    sent = {"Authorization": f"Bearer {key}", **(headers or {})}
     try:
-        async with client.stream(
-            "POST", url, json=body, headers={"Authorization": f"Bearer {key}"}
-        ) as response:
+        async with client.stream("POST", url, json=body, headers=sent) as response:
             status = response.status_code
             replica = response.headers.get("x-litellm-model-id")
             if status != 200:

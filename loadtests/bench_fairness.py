@@ -35,15 +35,14 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from core.settings_errors import settings_from_cli
-from devstack.proxy_launcher import LiteLLMProxy, start_proxy
-from devstack.redis_launcher import PROXY_USER
+from devstack.proxy_launcher import LiteLLMProxy
 from devstack.stack import Stack
+from loadtests.bench_drive import send as send_request
 from loadtests.bench_fleet import wait_idle
 from loadtests.bench_settings import FleetSettings
 from loadtests.measure import percentile
-from plugins.proxy_config import proxy_env
-
-DEADLINE_HEADER = "x-triage-ttft-deadline-ms"
+from loadtests.report import Record
+from plugins.admission.settings import DEADLINE_HEADER
 
 
 class FairnessSettings(FleetSettings):
@@ -87,8 +86,7 @@ class Arrival:
 def arrivals(settings: FairnessSettings, tenants: int, flood: bool) -> list[Arrival]:
     """Poisson arrivals per tenant (tenant 0 floods), seeded: the same list for every gate;
     ``flood=False`` drops tenant 0's."""
-    capacity = settings.capacity_rps()
-    steady_rate = settings.load * capacity / (tenants - 1 + settings.flood_multiple)
+    steady_rate = _steady_rate(settings, tenants)
     out: list[Arrival] = []
     for tenant in range(tenants):
         rng = random.Random(settings.seed * 1000 + tenant)
@@ -105,10 +103,25 @@ def arrivals(settings: FairnessSettings, tenants: int, flood: bool) -> list[Arri
 class Result:
     tenant: int
     status: int
+    """200 for an answer served in full; 599 for a stream that ended with an error event; 0
+    for no answer."""
     latency_s: float
     ttft_s: float | None = None
     stream: bool = False
     code: str = ""
+
+    @classmethod
+    def of(cls, tenant: int, record: Record) -> Result:
+        """A tenant's request as ``bench_drive.send`` recorded it (the one reading of an answer,
+        ``loadtests/traffic.py``)."""
+        if record.outcome == "ok":
+            status, code = 200, ""
+        elif record.outcome == "lost":
+            status, code = 0, record.detail
+        else:  # a refusal ("503 queue_full"), or an error event in a 200 stream
+            status = record.status if record.status != 200 else 599
+            code = record.detail.split(" ", 1)[-1]
+        return cls(tenant, status, record.latency_s, record.ttft_s, record.stream, code)
 
 
 async def send(
@@ -125,36 +138,15 @@ async def send(
         "max_tokens": settings.max_tokens,
         "stream": arrival.stream,
     }
-    headers = {"Authorization": f"Bearer {key}"}
-    if deadline_ms is not None:
-        headers[DEADLINE_HEADER] = f"{deadline_ms:g}"
-    started = time.perf_counter()
-    ttft: float | None = None
-    try:
-        if not arrival.stream:
-            response = await client.post(url, json=body, headers=headers)
-            code = _code(response.json()) if response.status_code != 200 else ""
-            latency = time.perf_counter() - started
-            return Result(arrival.tenant, response.status_code, latency, None, False, code)
-        async with client.stream("POST", url, json=body, headers=headers) as response:
-            if response.status_code != 200:
-                code = _code(json.loads(await response.aread() or b"{}"))
-                latency = time.perf_counter() - started
-                return Result(arrival.tenant, response.status_code, latency, None, True, code)
-            status, code = 200, ""
-            async for line in response.aiter_lines():
-                if ttft is None and line.startswith("data: ") and '"content"' in line:
-                    ttft = time.perf_counter() - started
-                if line.startswith("data: ") and '"error"' in line:
-                    status = 599  # an error event in the stream
-        return Result(arrival.tenant, status, time.perf_counter() - started, ttft, True, code)
-    except httpx.HTTPError:
-        return Result(arrival.tenant, 0, time.perf_counter() - started, ttft, arrival.stream)
+    headers = None if deadline_ms is None else {DEADLINE_HEADER: f"{deadline_ms:g}"}
+    record = await send_request(client, url, key, body, arrival.t, headers)
+    return Result.of(arrival.tenant, record)
 
 
-def _code(doc: object) -> str:
-    error = doc.get("error") if isinstance(doc, dict) else None
-    return str(error.get("code", "")) if isinstance(error, dict) else ""
+def _steady_rate(settings: FairnessSettings, tenants: int) -> float:
+    """Each steady tenant's rate: with the flood at ``flood_multiple`` x it, all together
+    ``load`` x the capacity."""
+    return settings.load * settings.capacity_rps() / (tenants - 1 + settings.flood_multiple)
 
 
 async def replay(
@@ -208,7 +200,7 @@ def figures(
     deadline_ms: float | None = None,
 ) -> RunFigures:
     capacity = settings.capacity_rps()
-    steady_rate = settings.load * capacity / (tenants - 1 + settings.flood_multiple)
+    steady_rate = _steady_rate(settings, tenants)
     rows = []
     codes: dict[str, int] = {}
     for tenant in range(tenants):
@@ -280,20 +272,6 @@ def render(tenants: int, runs: dict[str, RunFigures], settings: FairnessSettings
     return "\n".join(lines)
 
 
-def fifo_proxy(stack: Stack) -> LiteLLMProxy:
-    """A second proxy of the stack's config with first come, first served within a tier."""
-    assert stack.redis is not None
-    env = proxy_env(stack.redis_url(PROXY_USER), stack.settings.key_prefix, stack.master_key)
-    return start_proxy(
-        "proxy-fifo",
-        stack.workdir / "proxy.yaml",
-        env,
-        stack.workdir,
-        ready_timeout_s=stack.settings.proxy_ready_timeout_s,
-        extra_env={"TRIAGE_ADMISSION_FAIR_SHARE": "false"},
-    )
-
-
 async def measure(stack: Stack, fifo: LiteLLMProxy, settings: FairnessSettings) -> list[str]:
     out: list[str] = []
     payload: dict[str, object] = {}
@@ -338,13 +316,11 @@ def main(argv: list[str] | None = None) -> int:
         proxies=1,
     )
     stack = Stack(stack_settings).start()
-    fifo: LiteLLMProxy | None = None
     try:
-        fifo = fifo_proxy(stack)
+        # a second proxy of the stack's config: first come, first served within a tier
+        fifo = stack.start_proxy("proxy-fifo", {"TRIAGE_ADMISSION_FAIR_SHARE": "false"})
         tables = asyncio.run(measure(stack, fifo, args))
     finally:
-        if fifo is not None:
-            fifo.stop()
         stack.stop()
     print("\n".join(tables))
     return 0

@@ -455,23 +455,30 @@ def test_the_oracle_knows_which_replica_holds_the_prefix() -> None:
     assert result.cached == [0, 2000]
 
 
-def test_triage_keeps_tenants_on_the_replicas_its_index_names() -> None:
-    """An even fleet, 8 tenants, room for 2 prefixes per replica: random routing finds few
-    prefixes cached; triage's index (written at each pick, read by the next) finds most, and
-    only the index differs from triage without affinity."""
-    workload = Workload(service_s=0.5, lengths="exponential", **{**PROMPTS, "groups": 8})
-    scenario = Scenario.build(
+PREFILL_PARAMS = routing_policy.PolicyParams(prefill_ms_per_token=0.1)
+"""The policy's prefill cost, as an operator sets it for ``PROMPTS``."""
+
+
+def eight_tenants_on_six_replicas(load: float, **workload: Any) -> Scenario:
+    """An even fleet of 6 (4 slots each), 8 tenants, room for 2 prefixes per replica."""
+    return Scenario.build(
         Fleet((1.0,) * 6, (4,) * 6),
-        workload,
-        load=0.5,
+        Workload(service_s=0.5, **{**PROMPTS, "groups": 8, **workload}),
+        load=load,
         requests=1500,
         proxies=3,
         cache_prefixes=2,
         warmup_s=2.0,
     )
-    params = routing_policy.PolicyParams(prefill_ms_per_token=0.1)
+
+
+def test_triage_keeps_tenants_on_the_replicas_its_index_names() -> None:
+    """An even fleet, 8 tenants, room for 2 prefixes per replica: random routing finds few
+    prefixes cached; triage's index (written at each pick, read by the next) finds most, and
+    only the index differs from triage without affinity."""
+    scenario = eight_tenants_on_six_replicas(0.5, lengths="exponential")
     share = {
-        name: summarize(run(scenario, make_policy(name, params)))["cached_share"]
+        name: summarize(run(scenario, make_policy(name, PREFILL_PARAMS)))["cached_share"]
         for name in ("random", "triage-no-affinity", "triage")
     }
     assert share["triage"] > 0.6 > 0.4 > share["triage-no-affinity"], share
@@ -481,18 +488,8 @@ def test_triage_keeps_tenants_on_the_replicas_its_index_names() -> None:
 def test_one_hot_tenant_is_spread_when_its_replicas_are_busy() -> None:
     """Half the traffic from one tenant at 85 % load: more than its replicas can serve, so load
     wins over affinity and the tenant's prefix ends up cached on most replicas."""
-    workload = Workload(service_s=0.5, hot_share=0.5, **{**PROMPTS, "groups": 8})
-    scenario = Scenario.build(
-        Fleet((1.0,) * 6, (4,) * 6),
-        workload,
-        load=0.85,
-        requests=1500,
-        proxies=3,
-        cache_prefixes=2,
-        warmup_s=2.0,
-    )
-    params = routing_policy.PolicyParams(prefill_ms_per_token=0.1)
-    result = run(scenario, make_policy("triage", params))
+    scenario = eight_tenants_on_six_replicas(0.85, hot_share=0.5)
+    result = run(scenario, make_policy("triage", PREFILL_PARAMS))
     hot = [r for r, g in zip(result.replica_of, scenario.group_of, strict=True) if g == 0]
     assert len(set(hot)) >= 4, sorted(set(hot))
     assert max(summarize(result)["share"]) < 0.3

@@ -102,11 +102,9 @@ class AdmissionController:
         """Per model: clients told to come back (Retry-After) and not back yet, by estimate."""
         self.memo: dict[MemoKey, Memo] = {}
         self.entering: dict[MemoKey, set[str]] = {}
-        self.arriving: dict[str, dict[str, int]] = {}
-        """Per model: tickets (and priorities) the front door let in that have not reached
-        ``admit`` yet: LiteLLM's per-request work lies between the two."""
-        self._arriving_flows: dict[str, str] = {}
-        """Per ticket on its way to ``admit``: its flow."""
+        self.arriving: dict[str, dict[str, tuple[int, str]]] = {}
+        """Per model: tickets (with their priorities and flows) the front door let in that
+        have not reached ``admit`` yet: LiteLLM's per-request work lies between the two."""
         self._reached_gate: dict[str, Callable[[], None]] = {}
         """Per model and priority: tickets of this process's ``enter`` calls awaiting their
         answer."""
@@ -330,22 +328,16 @@ class AdmissionController:
     ) -> None:
         """The front door let ``ticket`` (of ``flow``) in: it is on its way to ``admit``,
         which calls ``reached_gate`` when it gets there."""
-        self.arriving.setdefault(model, {})[ticket] = priority
-        self._arriving_flows[ticket] = flow
+        self.arriving.setdefault(model, {})[ticket] = (priority, flow)
         if reached_gate is not None:
             self._reached_gate[ticket] = reached_gate
 
-    def priority_of(self, model: str, ticket: str) -> int | None:
-        """The priority ``ticket`` arrived with (None: not on its way to the gate)."""
+    def arrival_of(self, model: str, ticket: str) -> tuple[int, str] | None:
+        """The priority and flow ``ticket`` arrived with (None: not on its way to the gate)."""
         return self.arriving.get(model, {}).get(ticket)
-
-    def flow_of(self, ticket: str) -> str:
-        """The flow ``ticket`` arrived with ("" when not on its way to the gate)."""
-        return self._arriving_flows.get(ticket, "")
 
     def arrived(self, ticket: str, model: str | None = None) -> None:
         """``ticket`` reached ``admit`` or ended before it (idempotent)."""
-        self._arriving_flows.pop(ticket, None)
         models = [model] if model is not None else list(self.arriving)
         for name in models:
             waiting = self.arriving.get(name)
@@ -359,7 +351,7 @@ class AdmissionController:
         """Requests the front door let in before ``ticket`` (all of them when None) that have
         not reached the gate, at ``priority`` or better (they are in arrival order)."""
         ahead = 0
-        for other, p in self.arriving.get(model, {}).items():
+        for other, (p, _) in self.arriving.get(model, {}).items():
             if other == ticket:
                 break
             if p <= priority:

@@ -98,8 +98,11 @@ local function fmt(x)
   return string.format('%.17g', x) -- the same double back (tonumber)
 end
 
--- a ticket left the queue: its flow holds one place less, its deadline goes
-local function unqueued(t)
+-- a place in the queue ends (granted, left, expired, past its deadline, pushed out): the
+-- ticket leaves the queue, its lease and its deadline, and its flow holds one place less
+local function drop_place(t)
+  redis.call('ZREM', queue, t)
+  redis.call('ZREM', qlease, t)
   redis.call('ZREM', deadlines, t)
   local flow = redis.call('HGET', queue_flow, t)
   if flow then
@@ -132,20 +135,12 @@ end
 -- heal: ended leases (lease_lib.lua: admissions no proxy renews any more, unclaimed grants)
 -- and abandoned places in the queue
 live_entries(admitted, now_ms)
-local gone = redis.call('ZRANGEBYSCORE', qlease, '-inf', now_ms)
-if #gone > 0 then
-  redis.call('ZREM', queue, unpack(gone))
-  redis.call('ZREM', qlease, unpack(gone))
-  for _, t in ipairs(gone) do
-    unqueued(t)
-  end
+for _, t in ipairs(redis.call('ZRANGEBYSCORE', qlease, '-inf', now_ms)) do
+  drop_place(t)
 end
 -- and places past their deadline (rules.py: gate_call)
-local late = redis.call('ZRANGEBYSCORE', deadlines, '-inf', now_ms)
-for _, t in ipairs(late) do
-  redis.call('ZREM', queue, t)
-  redis.call('ZREM', qlease, t)
-  unqueued(t)
+for _, t in ipairs(redis.call('ZRANGEBYSCORE', deadlines, '-inf', now_ms)) do
+  drop_place(t)
 end
 
 local n = (#KEYS - FIXED_KEYS) / 3
@@ -153,10 +148,7 @@ local n = (#KEYS - FIXED_KEYS) / 3
 if op == 'release' or op == 'leave' then
   -- leave: a waiter gives up (timeout, client gone); a grant it had not claimed goes too
   redis.call('ZREM', admitted, ticket)
-  if redis.call('ZREM', queue, ticket) == 1 then
-    unqueued(ticket)
-  end
-  redis.call('ZREM', qlease, ticket)
+  drop_place(ticket)
   if op == 'release' and ARG.usage ~= nil then
     -- rules.py: Fair.correct: the flow was charged ARG.cost, the response used ARG.usage
     local field = 'f:' .. priority .. ':' .. ARG.flow
@@ -212,9 +204,7 @@ while free > 0 and outstanding < capacity do
   if #head == 0 then
     break
   end
-  redis.call('ZREM', queue, head[1])
-  redis.call('ZREM', qlease, head[1])
-  unqueued(head[1])
+  drop_place(head[1])
   served(tonumber(head[2]))
   redis.call('ZADD', admitted, now_ms + queue_lease_ms, head[1])
   if redis.call('PTTL', admitted) < queue_lease_ms then
@@ -357,9 +347,7 @@ if op == 'enter' then
       return refused(-1)
     end
     -- its waiter finds its place gone at its next poll (LOST)
-    redis.call('ZREM', queue, victim)
-    redis.call('ZREM', qlease, victim)
-    unqueued(victim)
+    drop_place(victim)
     queued = queued - 1
   elseif too_long(ahead) then
     return refused(-4)

@@ -40,7 +40,7 @@ from plugins.admission.errors import (
 )
 from plugins.admission.gate import AdmissionGate
 from plugins.admission.rules import FlowCall
-from plugins.admission.settings import AdmissionSettings
+from plugins.admission.settings import DEADLINE_HEADER, AdmissionSettings
 from plugins.auth.identity import flow_of, priority_of
 from plugins.loop_lag import MONITOR
 from plugins.overflow import is_upstream_overflow
@@ -48,7 +48,7 @@ from plugins.request_end import RequestEndHook
 from plugins.request_ticket import TICKETS, TicketBook
 from plugins.routing.hook import proxy_router
 from plugins.routing.policy import NO_SHAPE, RequestShape
-from plugins.routing.prefix import count_tokens, prompt_text
+from plugins.routing.prefix import shape_of_request
 from plugins.tracing import annotate, span
 
 log = logging.getLogger(__name__)
@@ -106,8 +106,10 @@ class AdmissionHook(RequestEndHook):
             picker.describe(str(ticket), data)  # the request's size and prompt blocks
         priority = priority_of(user_api_key_dict)
         flow = flow_of(user_api_key_dict)
-        shape = picker.shape(str(ticket)) if picker is not None else NO_SHAPE
-        cost = request_cost(data, shape, self.settings.fair_default_output_tokens)
+        cost = 1.0  # without fair share the gate orders by arrival: the prompt is not counted
+        if self.settings.fair_share:
+            shape = picker.shape(str(ticket)) if picker is not None else NO_SHAPE
+            cost = request_cost(data, shape, self.settings.fair_default_output_tokens)
         deadline_ms = request_deadline_ms(data, self.settings.ttft_deadline_ms.get(priority))
         parent = user_api_key_dict.parent_otel_span
         with span("triage.admit", parent, model=str(model), priority=priority):
@@ -213,10 +215,6 @@ class AdmissionHook(RequestEndHook):
             await self.book.end(str(ticket))
 
 
-DEADLINE_HEADER = "x-triage-ttft-deadline-ms"
-"""A request's own time-to-first-token deadline (ms), over its tier's (``ttft_deadline_ms``)."""
-
-
 def request_deadline_ms(data: Mapping[str, Any], tier_ms: int | None) -> float | None:
     """The request's time-to-first-token deadline: its ``x-triage-ttft-deadline-ms`` header,
     else its tier's; a header that is not a number > 0 is a 400 naming it."""
@@ -245,13 +243,8 @@ def request_deadline_ms(data: Mapping[str, Any], tier_ms: int | None) -> float |
 def request_cost(data: Mapping[str, Any], shape: RequestShape, default_output: int) -> float:
     """A request's work for the fair share between flows, in tokens: its prompt and the output
     it may produce (``max_tokens``; ``default_output`` without one). The routing plugin's
-    shape of it when there is one (counted once), else counted here."""
-    if shape is not NO_SHAPE:
-        return float(max(1, shape.prompt_tokens + shape.output_tokens))
-    text = prompt_text(data.get("messages"), data.get("prompt", data.get("input")))
-    output = data.get("max_completion_tokens") or data.get("max_tokens")
-    try:
-        output_tokens = int(output) if output is not None else default_output
-    except (TypeError, ValueError):
-        output_tokens = default_output
-    return float(max(1, count_tokens(text) + max(0, output_tokens)))
+    shape of it when there is one (counted once), else the same reading without its prefix
+    blocks (``prefix.shape_of_request`` with no salt)."""
+    if shape is NO_SHAPE:
+        shape = shape_of_request(data, None, 1, 0, default_output)
+    return float(max(1, shape.prompt_tokens + shape.output_tokens))

@@ -18,6 +18,9 @@ from plugins.routing.leases import (
     check_lease_settings,
 )
 
+DEADLINE_HEADER = "x-triage-ttft-deadline-ms"
+"""A request's own time-to-first-token deadline (ms), over its tier's (``ttft_deadline_ms``)."""
+
 
 class AdmissionSettings(BaseSettings):
     model_config = SettingsConfigDict(

@@ -114,12 +114,11 @@ class LiteLLMSide:
         if gated is None:
             return None
         controller, replica_ids = gated
-        priority = controller.priority_of(model, call_id)
-        if priority is None:
+        arrival = controller.arrival_of(model, call_id)
+        if arrival is None:
             return None
-        shed = controller.shed_early(
-            model, replica_ids, priority, call_id, controller.flow_of(call_id)
-        )
+        priority, flow = arrival
+        shed = controller.shed_early(model, replica_ids, priority, call_id, flow)
         return None if shed is None else _shed_answer(shed)
 
     def _gated(self, model: str) -> tuple[AdmissionController, list[str]] | None:
